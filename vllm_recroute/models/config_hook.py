@@ -1,0 +1,78 @@
+"""Engine-wide settings a routed architecture needs, applied before the engine is built.
+
+Registered in vLLM's per-architecture config hook table (MODELS_CONFIG_MAP, patch record
+P2), so it runs in every process that builds a VllmConfig, including `vllm serve` and
+`LLM(...)`. It also validates `--additional-config '{"recroute": ...}'` there, so a bad
+routing config is a startup error naming the field, never a crash in a worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from vllm_recroute.config import RoutingConfig
+
+logger = logging.getLogger("vllm_recroute")
+
+
+def apply_routing_requirements(vllm_config: Any) -> RoutingConfig:
+    """Validate the routing config and adapt the engine config to what routing needs."""
+    cfg = RoutingConfig.from_additional_config(vllm_config.additional_config)
+    cache = vllm_config.cache_config
+    if cache.enable_prefix_caching:
+        # Routed-stage KV depends on the question (design.md §1): a cached block from one
+        # routing context must not serve another. Until the parked tier keys blocks by
+        # routing context, prefix caching is off for routed architectures.
+        logger.warning("vllm-recroute: prefix caching disabled for routed architectures")
+        cache.enable_prefix_caching = False
+    from vllm.config import CompilationMode
+    from vllm.config.compilation import CUDAGraphMode
+
+    comp = vllm_config.compilation_config
+    # Routing gathers a data-dependent subset of tokens per stage: no graph capture.
+    comp.mode = CompilationMode.NONE
+    comp.cudagraph_mode = CUDAGraphMode.NONE
+    if vllm_config.model_config is not None:
+        vllm_config.model_config.enforce_eager = True
+    sched = vllm_config.scheduler_config
+    if getattr(cfg, "chunked_prefill", "off") == "off" and sched.enable_chunked_prefill:
+        # A question-conditioned score needs the whole prompt in one step; keeping prompts
+        # whole is cheaper than falling back to unrouted for split ones.
+        sched.enable_chunked_prefill = False
+        max_len = vllm_config.model_config.max_model_len if vllm_config.model_config else 0
+        sched.max_num_batched_tokens = max(sched.max_num_batched_tokens, max_len)
+        if sched.max_num_scheduled_tokens is not None:
+            sched.max_num_scheduled_tokens = max(sched.max_num_scheduled_tokens, max_len)
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise ValueError("vllm-recroute: pipeline parallelism is not supported with routing")
+    return cfg
+
+
+def register_config_hooks() -> None:
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
+
+    from vllm_recroute.models import ROUTED_ARCHITECTURES
+
+    class RecrouteConfigHook(VerifyAndUpdateConfig):
+        @staticmethod
+        def verify_and_update_config(vllm_config: Any) -> None:
+            apply_routing_requirements(vllm_config)
+
+    for arch in ROUTED_ARCHITECTURES:
+        MODELS_CONFIG_MAP.setdefault(arch, RecrouteConfigHook)
+
+
+def check_routing_requirements(vllm_config: Any) -> RoutingConfig:
+    """Worker-side check that the config hook ran (it cannot be applied this late)."""
+    from vllm.config import CompilationMode
+
+    cfg = RoutingConfig.from_additional_config(vllm_config.additional_config)
+    if vllm_config.compilation_config.mode != CompilationMode.NONE:
+        raise RuntimeError(
+            "vllm-recroute: routed architectures must run without torch.compile; the config "
+            "hook did not run (is the plugin installed in the engine's environment?)"
+        )
+    if vllm_config.cache_config.enable_prefix_caching:
+        raise RuntimeError("vllm-recroute: prefix caching must be off for routed models")
+    return cfg

@@ -1,0 +1,447 @@
+"""The routed decoder: where routing decisions are applied inside a vLLM model.
+
+The *decision* (scores, top-k) lives in `vllm_recroute.routing`; this module applies it
+to a vLLM decoder stack, generically over decoder layers with the usual vLLM signature
+`layer(positions, hidden_states, residual) -> (hidden_states, residual)`.
+
+One step, three requests (t = text, v = visual, . = deferred at that stage):
+
+    rows of the step:    r0 (prefill)           r1 (decode)   r2 (prefill)
+    stage 0 layers:      t t v v v v v v t t    t             t v v v v t
+    router point 1       scores for r0's and r2's visual tokens, taken at the layer
+                         just before the router point, from the residual stream
+    stage 1 layers:      t t v . v . . v t t    t             t . v v . t
+    stage 2 layers:      t t . v v . v . t t    t             t v . v . t   (reroute:
+                         a token deferred at stage 1 may be active again)
+
+Deferred rows skip the stage's layers: their (hidden, residual) pair is carried
+unchanged. Inside a stage, attention sees only active tokens because each stage's
+layers get their own *compacted* view of the KV cache: a request's active tokens are
+written at positions 0, 1, 2, ... of its (unchanged) block table, so the stage's KV holds
+exactly the active set and `seq_lens` counts only it. Keys are cached after RoPE with
+their original positions, so compaction shifts no position. A request in decode keeps
+writing at `num_computed - deferred[stage]`, where `deferred` is remembered per request
+from its prefill (RouteStore). The stage's attention metadata is rebuilt through the
+layer group's own metadata builder, so any vLLM attention backend works unchanged.
+
+A prompt is routed only if its whole prompt is in the step (question-conditioned scores
+need the question). A prompt split by chunked prefill runs unrouted, counted in
+`RouteCounters.chunked_fallbacks`: never silently routed on partial information.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vllm_recroute.config import RoutingConfig
+from vllm_recroute.patches import apply_patches, current_step, on_requests_gone
+from vllm_recroute.request_options import routing_for_request
+from vllm_recroute.routing import (
+    ScoreInputs,
+    Stage,
+    get_scorer,
+    num_keep,
+    query_indices,
+    resolve_stages,
+    route_request,
+)
+
+logger = logging.getLogger("vllm_recroute")
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass(frozen=True)
+class RouteState:
+    """What a routed request must remember between steps (worker side)."""
+
+    stages: tuple[Stage, ...]
+    deferred: tuple[int, ...]  # per stage: this request's tokens absent from the stage's KV
+
+
+@dataclass
+class RouteCounters:
+    """Cumulative worker-side accounting (exported as metrics)."""
+
+    routed_requests: int = 0
+    chunked_fallbacks: int = 0
+    visual_tokens: int = 0
+    visual_token_layers: int = 0  # sum over routed prompts of visual tokens x layers
+    active_visual_token_layers: int = 0  # ... of those, the ones that ran the layer
+    stage_visual: list[int] = field(default_factory=list)  # per stage index
+    stage_active: list[int] = field(default_factory=list)
+
+
+class RouteStore:
+    """Per-request routing state, forgotten when vLLM says a request finished/preempted."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, RouteState] = {}
+        self.counters = RouteCounters()
+
+    def get(self, req_id: str) -> RouteState | None:
+        return self._states.get(req_id)
+
+    def put(self, req_id: str, state: RouteState) -> None:
+        self._states[req_id] = state
+
+    def forget(self, req_ids: Iterable[str]) -> None:
+        for req_id in req_ids:
+            self._states.pop(req_id, None)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+
+# --------------------------------------------------------------------------- per step
+
+
+@dataclass
+class PrefillRoute:
+    """A request whose whole prompt is in this step and gets routed now."""
+
+    req_id: str
+    row: int  # index in the batch
+    start: int  # first token row of the request in the step
+    prompt_end: int  # row after the last prompt token
+    visual_rows: torch.Tensor  # rows (absolute) of routable visual tokens
+    stages: tuple[Stage, ...]
+    cfg: RoutingConfig
+    masks: list[torch.Tensor] = field(default_factory=list)  # per stage, bool [V]
+
+
+@dataclass
+class Segment:
+    """Layers [start, end) over which every request's active set is constant."""
+
+    start: int
+    end: int
+    active_rows: torch.Tensor | None  # None: every row active
+    attn_metadata: dict[int, Any] = field(default_factory=dict)  # kv group -> metadata
+    slot_mapping: torch.Tensor | None = None  # None: vLLM's own metadata is right
+
+
+class StepRouter:
+    """Routing of one forward pass; built at layer 0 from the step's batch."""
+
+    def __init__(self, decoder: RoutedDecoder, step: Any, num_rows: int) -> None:
+        self.decoder = decoder
+        runner = step.runner
+        batch = runner.input_batch
+        n = batch.num_reqs
+        self.runner = runner
+        self.num_reqs = n
+        self.num_rows = num_rows
+        self.qsl = runner.query_start_loc.cpu[: n + 1].to(torch.long)
+        self.num_computed = torch.as_tensor(batch.num_computed_tokens_cpu[:n], dtype=torch.long)
+        self.prefills: list[PrefillRoute] = []
+        self.decodes: dict[int, RouteState] = {}  # batch row -> state
+        self._segments: dict[int, Segment] = {}
+        token_ids = runner.input_ids.cpu[: int(self.qsl[-1])]
+        prompts = batch.num_prompt_tokens[:n]
+        for row, req_id in enumerate(batch.req_ids[:n]):
+            self._classify(row, req_id, token_ids, int(prompts[row]))
+        starts = {s.start for p in self.prefills for s in p.stages}
+        starts |= {s.start for st in self.decodes.values() for s in st.stages}
+        self.boundaries = sorted(starts | {0, decoder.num_layers})
+        self.active = bool(self.prefills or self.decodes)
+
+    # -- classification -------------------------------------------------------------
+
+    def _classify(self, row: int, req_id: str, token_ids: torch.Tensor, prompt_len: int) -> None:
+        store = self.decoder.store
+        start, end = int(self.qsl[row]), int(self.qsl[row + 1])
+        if int(self.num_computed[row]) > 0:
+            state = store.get(req_id)
+            if state is not None and any(state.deferred):
+                self.decodes[row] = state
+            return
+        store.forget([req_id])  # a new or recomputed (preempted) request starts afresh
+        cfg = routing_for_request(self.decoder.config, self.runner, req_id)
+        if not cfg.enabled:
+            return
+        # The last prompt token is never routed: its logits are sampled.
+        prompt_rows = min(end - start, prompt_len) - 1
+        is_visual = token_ids[start : start + max(prompt_rows, 0)] == self.decoder.image_token_id
+        if not bool(is_visual.any()):
+            return
+        if end - start < prompt_len:
+            store.counters.chunked_fallbacks += 1
+            logger.warning(
+                "vllm-recroute: request %s prompt split by chunked prefill; running it "
+                "unrouted (set recroute.chunked_prefill='off' to keep prompts whole)",
+                req_id,
+            )
+            return
+        visual_rows = torch.nonzero(is_visual).flatten() + start
+        stages = resolve_stages(cfg, self.decoder.num_layers, int(visual_rows.numel()))
+        if not stages:
+            return
+        self.prefills.append(
+            PrefillRoute(req_id, row, start, start + prompt_len, visual_rows, stages, cfg)
+        )
+
+    # -- scoring at the layer before a router point ----------------------------------
+
+    def score_before(
+        self,
+        layer_idx: int,
+        layer: Any,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+    ) -> None:
+        """Decide active sets of stages starting at layer_idx + 1 (run before layer_idx)."""
+        router = layer_idx + 1
+        todo = [(p, k) for p in self.prefills for k, s in enumerate(p.stages) if s.start == router]
+        for route, k in todo:
+            rows = torch.arange(route.start, route.prompt_end)
+            x = hidden[rows] if residual is None else hidden[rows] + residual[rows]
+            q, kk, scale = _query_keys(layer, _take_positions(positions, rows), x)
+            vis = route.visual_rows - route.start
+            inputs = ScoreInputs(
+                q=q,
+                k=kk,
+                visual_idx=vis,
+                query_idx=query_indices(int(rows.numel()), vis, route.cfg.score_query),
+                scale=scale,
+            )
+            scores = get_scorer(route.cfg.scorer).score(inputs)
+            prev = route.masks[k - 1] if k > 0 else None
+            block_ids = None
+            if route.cfg.granularity == "block":
+                block_ids = _take_positions(positions, route.visual_rows)
+                block_ids = block_ids[0] if block_ids.dim() == 2 else block_ids
+                block_ids = block_ids.long() // route.cfg.block_size
+            mask = route_request(
+                scores,
+                num_keep(route.stages[k].keep, int(vis.numel())),
+                route.cfg.mode,
+                prev,
+                block_ids=block_ids,
+                block_reduce=route.cfg.block_reduce,
+            )
+            route.masks.append(mask)
+            if len(route.masks) == len(route.stages):
+                self._remember(route)
+
+    def _remember(self, route: PrefillRoute) -> None:
+        v = int(route.visual_rows.numel())
+        deferred = tuple(v - int(m.sum()) for m in route.masks)
+        self.decoder.store.put(route.req_id, RouteState(route.stages, deferred))
+        c = self.decoder.store.counters
+        c.routed_requests += 1
+        c.visual_tokens += v
+        c.visual_token_layers += v * self.decoder.num_layers
+        first = route.stages[0].start
+        active_layers = v * first
+        for k, (stage, mask) in enumerate(zip(route.stages, route.masks, strict=True)):
+            active_layers += int(mask.sum()) * (stage.end - stage.start)
+            while len(c.stage_visual) <= k:
+                c.stage_visual.append(0)
+                c.stage_active.append(0)
+            c.stage_visual[k] += v
+            c.stage_active[k] += int(mask.sum())
+        c.active_visual_token_layers += active_layers
+
+    # -- segments ---------------------------------------------------------------------
+
+    def segment(self, layer_idx: int) -> Segment | None:
+        """The segment containing layer_idx, built on first use (after its scoring)."""
+        start = max(b for b in self.boundaries if b <= layer_idx)
+        if start == 0:
+            return None  # stage 0: every token, vLLM's own metadata
+        seg = self._segments.get(start)
+        if seg is None:
+            end = min(b for b in self.boundaries if b > layer_idx)
+            seg = self._build_segment(start, end)
+            self._segments[start] = seg
+        return seg
+
+    def _build_segment(self, start: int, end: int) -> Segment:
+        active = torch.ones(self.num_rows, dtype=torch.bool)
+        active[int(self.qsl[-1]) :] = False  # padding rows, if any
+        offsets = torch.zeros(self.num_reqs, dtype=torch.long)
+        for route in self.prefills:
+            k = _stage_at(route.stages, start)
+            if k is not None:
+                active[route.visual_rows[~route.masks[k]]] = False
+        for row, state in self.decodes.items():
+            k = _stage_at(state.stages, start)
+            if k is not None:
+                offsets[row] = state.deferred[k]
+        if bool(active.all()) and not bool(offsets.any()):
+            return Segment(start, end, None)
+        active_rows = None if bool(active.all()) else torch.nonzero(active).flatten()
+        seg = Segment(start, end, active_rows)
+        self._compact_metadata(seg, active, offsets)
+        return seg
+
+    def _compact_metadata(self, seg: Segment, active: torch.Tensor, offsets: torch.Tensor) -> None:
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        n = self.num_reqs
+        counts = torch.stack(
+            [active[int(self.qsl[i]) : int(self.qsl[i + 1])].sum() for i in range(n)]
+        ).long()
+        qsl = torch.zeros(n + 1, dtype=torch.int32)
+        qsl[1:] = torch.cumsum(counts, 0)
+        ctx = self.num_computed - offsets
+        seq_lens = (ctx + counts).to(torch.int32)
+        req_of_row = torch.repeat_interleave(torch.arange(n), counts)
+        rank = torch.arange(int(qsl[-1])) - qsl[:-1].long()[req_of_row]
+        pos = ctx[req_of_row] + rank
+        groups = self.decoder.kv_groups(self.runner)
+        slot_mapping = None
+        for gid, (block_size, attn_group) in groups.items():
+            table = self.runner.input_batch.block_table[gid].get_device_tensor(n)
+            blocks = table[req_of_row, pos // block_size].long()
+            slots = blocks * block_size + pos % block_size
+            cm = CommonAttentionMetadata(
+                query_start_loc=qsl,
+                query_start_loc_cpu=qsl,
+                seq_lens=seq_lens,
+                seq_lens_cpu_upper_bound=seq_lens,
+                num_reqs=n,
+                num_actual_tokens=int(qsl[-1]),
+                max_query_len=int(counts.max()) if n else 0,
+                max_seq_len=int(seq_lens.max()) if n else 0,
+                block_table_tensor=table,
+                slot_mapping=slots,
+                causal=True,
+                is_prefilling=self.num_computed == 0,
+            )
+            seg.attn_metadata[gid] = attn_group.build_metadata(cm)
+            slot_mapping = slots
+        seg.slot_mapping = slot_mapping
+
+
+# --------------------------------------------------------------------------- decoder
+
+
+class RoutedDecoder:
+    """Installs routing on a vLLM decoder stack (`model.layers`), without renaming weights.
+
+    Each decoder layer's `forward` is wrapped on the instance (module names, and so
+    weight loading, are untouched).
+    """
+
+    def __init__(self, text_model: Any, vllm_config: Any, image_token_id: int) -> None:
+        from vllm_recroute.models.config_hook import check_routing_requirements
+
+        apply_patches()
+        self.config = check_routing_requirements(vllm_config)
+        self.image_token_id = int(image_token_id)
+        self.layers = list(text_model.layers)
+        self.num_layers = len(self.layers)
+        self.store = RouteStore()
+        on_requests_gone(self.store.forget)
+        self._step: StepRouter | None = None
+        self._groups: dict[int, tuple[int, Any]] | None = None
+        self._layer_names = [_attn_layer_name(layer) for layer in self.layers]
+        for idx, layer in enumerate(self.layers):
+            layer.forward = self._wrap(idx, layer, layer.forward)
+
+    def kv_groups(self, runner: Any) -> dict[int, tuple[int, Any]]:
+        """KV cache group id -> (block size, attention group) of this decoder's layers."""
+        if self._groups is None:
+            wanted = set(self._layer_names)
+            groups = {}
+            for gid, attn_groups in enumerate(runner.attn_groups):
+                for group in attn_groups:
+                    if wanted & set(group.layer_names):
+                        spec = runner.kv_cache_config.kv_cache_groups[gid].kv_cache_spec
+                        groups[gid] = (spec.block_size, group)
+            if len(groups) != 1:
+                raise RuntimeError(
+                    f"vllm-recroute: decoder layers span {len(groups)} KV cache groups; "
+                    "routing supports models whose decoder layers share one group"
+                )
+            self._groups = groups
+        return self._groups
+
+    def _wrap(self, idx: int, layer: Any, inner: Any) -> Any:
+        name = self._layer_names[idx]
+
+        def forward(positions, hidden_states, residual, *args, **kwargs):
+            if idx == 0:
+                self._step = self._begin_step(hidden_states.shape[0])
+            step = self._step
+            if step is None:
+                return inner(positions, hidden_states, residual, *args, **kwargs)
+            step.score_before(idx, layer, positions, hidden_states, residual)
+            seg = step.segment(idx)
+            if seg is None or seg.slot_mapping is None:
+                return inner(positions, hidden_states, residual, *args, **kwargs)
+            _install(name, seg)
+            rows = seg.active_rows
+            if rows is None:
+                return inner(positions, hidden_states, residual, *args, **kwargs)
+            h, r = inner(
+                _take_positions(positions, rows),
+                hidden_states[rows],
+                residual[rows],
+                *args,
+                **kwargs,
+            )
+            return hidden_states.index_copy(0, rows, h), residual.index_copy(0, rows, r)
+
+        return forward
+
+    def _begin_step(self, num_rows: int) -> StepRouter | None:
+        step = current_step()
+        if step is None:
+            return None  # dummy/profiling run: plain model
+        router = StepRouter(self, step, num_rows)
+        return router if router.active else None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _install(layer_name: str, seg: Segment) -> None:
+    from vllm.forward_context import get_forward_context
+
+    ctx = get_forward_context()
+    if not isinstance(ctx.attn_metadata, dict):
+        raise RuntimeError("vllm-recroute: micro-batched attention metadata is not supported")
+    (metadata,) = seg.attn_metadata.values()
+    ctx.attn_metadata[layer_name] = metadata
+    ctx.slot_mapping[layer_name] = seg.slot_mapping
+
+
+def _attn_layer_name(layer: Any) -> str:
+    return layer.self_attn.attn.layer_name
+
+
+def _stage_at(stages: tuple[Stage, ...], layer_idx: int) -> int | None:
+    for k, stage in enumerate(stages):
+        if stage.start <= layer_idx < stage.end:
+            return k
+    return None
+
+
+def _take_positions(positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    # M-RoPE models (Qwen2.5-VL) carry [3, T] positions through the same gather.
+    return positions[:, rows] if positions.dim() == 2 else positions[rows]
+
+
+def _query_keys(layer: Any, positions: torch.Tensor, x: torch.Tensor):
+    """Post-RoPE q and k the layer would compute for residual-stream rows x."""
+    attn = layer.self_attn
+    normed = layer.input_layernorm(x)
+    qkv, _ = attn.qkv_proj(normed)
+    q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    q, k = attn.rotary_emb(positions, q.contiguous(), k.contiguous())
+    q = q.reshape(x.shape[0], -1, attn.head_dim)
+    k = k.reshape(x.shape[0], -1, attn.head_dim)
+    return q, k, float(attn.scaling)
+
+
+__all__ = ["RouteCounters", "RouteState", "RouteStore", "RoutedDecoder"]

@@ -1,0 +1,42 @@
+"""Pure routing logic (no vLLM import): where to route, how to score, whom to keep.
+
+The routing decision is made in ``decision.py`` from the scores of ``scorers.py`` at the router
+points of ``schedule.py``. The vLLM integration in ``vllm_recroute/models/`` (and the plain
+PyTorch reference implementation) calls these at each router point, so both paths take the
+same decisions.
+"""
+
+from vllm_recroute.routing.decision import route_request, select_active
+from vllm_recroute.routing.schedule import (
+    Stage,
+    average_retention,
+    num_keep,
+    resolve_stages,
+    router_points,
+)
+from vllm_recroute.routing.scorers import (
+    SCORERS,
+    AttentionScorer,
+    KeyNormScorer,
+    ScoreInputs,
+    Scorer,
+    get_scorer,
+    query_indices,
+)
+
+__all__ = [
+    "SCORERS",
+    "AttentionScorer",
+    "KeyNormScorer",
+    "ScoreInputs",
+    "Scorer",
+    "Stage",
+    "average_retention",
+    "get_scorer",
+    "num_keep",
+    "query_indices",
+    "resolve_stages",
+    "route_request",
+    "router_points",
+    "select_active",
+]

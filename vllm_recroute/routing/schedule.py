@@ -1,0 +1,210 @@
+"""Where the router points are and how many visual tokens each stage keeps.
+
+A schedule is resolved per model depth (router points scale with it) and, when the budget is
+given as an average visual-token count, per request (the keep fractions depend on how many
+visual tokens the request has). Stage 0 — the layers before the first router point — is
+implicit: it always sees every token, so it is not listed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vllm_recroute.config import RoutingConfig, RoutingConfigError
+
+__all__ = [
+    "Stage",
+    "average_retention",
+    "num_keep",
+    "resolve_stages",
+    "router_points",
+]
+
+# Defaults from the papers: FastV prunes after layer 2 of 32 keeping 50%; PyramidDrop routes at
+# 1/4, 1/2, 3/4 of depth with ratio 0.5 per stage.
+_FASTV_LAYER = 2
+_DEFAULT_KEEP = 0.5
+_PDROP_FRACTIONS = (0.25, 0.5, 0.75)
+_BISECTION_STEPS = 60  # λ in [0, 1] to ~1e-18: far below any meaningful retention difference
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Decoder layers ``[start, end)`` routed with one active set.
+
+    ``keep`` is a fraction of the request's *total* visual tokens (not of the previous
+    stage's active set), so stages are independent and reroute can grow the active set.
+    """
+
+    start: int
+    end: int
+    keep: float
+
+
+def resolve_stages(
+    cfg: RoutingConfig, num_layers: int, num_visual: int | None = None
+) -> tuple[Stage, ...]:
+    """Routed stages for a model of ``num_layers`` decoder layers; they tile
+    ``[first router point, num_layers)``. ``num_visual`` is required only for
+    ``avg_visual_tokens`` budgets. ``mode="off"`` gives ``()``.
+    """
+    if not cfg.enabled:
+        return ()
+    points, keeps = _points_and_keeps(cfg, num_layers)
+    if cfg.avg_visual_tokens is not None:
+        keeps = _keeps_for_budget(cfg, points, num_layers, num_visual)
+    ends = (*points[1:], num_layers)
+    return tuple(Stage(s, e, k) for s, e, k in zip(points, ends, keeps))
+
+
+def router_points(cfg: RoutingConfig, num_layers: int) -> tuple[int, ...]:
+    """The layers that start a routed stage. They never depend on the request (only the keeps
+    may), so the model wrapper can fix them at load time."""
+    if not cfg.enabled:
+        return ()
+    return _points_and_keeps(cfg, num_layers)[0]
+
+
+def num_keep(keep: float, num_visual: int) -> int:
+    """Number of visual tokens a keep fraction means: at least one (a routed stage always has an
+    active visual token when there are any), at most all. Halves round up (not Python's
+    round-half-to-even) so the count does not depend on the parity of ``num_visual``."""
+    if num_visual <= 0:
+        return 0
+    return min(num_visual, max(1, _round_half_up(keep * num_visual)))
+
+
+def average_retention(stages: Sequence[Stage], num_layers: int) -> float:
+    """Mean over all ``num_layers`` layers of the visual-token fraction active in that layer
+    (layers before the first router point count 1). This is the paper budget divided by the
+    visual-token count: ``avg_visual_tokens / num_visual``."""
+    if num_layers <= 0:
+        raise ValueError(f"num_layers must be > 0, got {num_layers}")
+    first = stages[0].start if stages else num_layers
+    total = first + sum((s.end - s.start) * s.keep for s in stages)
+    return total / num_layers
+
+
+# ---------------------------------------------------------------------- named schedules
+
+
+def _points_and_keeps(
+    cfg: RoutingConfig, num_layers: int
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    lam = cfg.keep if cfg.keep is not None else _DEFAULT_KEEP
+    if cfg.schedule == "custom":
+        assert cfg.custom is not None  # guaranteed by RoutingConfig validation
+        points = tuple(layer for layer, _ in cfg.custom)
+        _check_in_range("custom", points, num_layers)
+        return points, tuple(keep for _, keep in cfg.custom)
+    if cfg.schedule == "fastv":
+        return _fastv_points(cfg, num_layers), (lam,)
+    points, exponents = _pdrop_layout(cfg, num_layers)
+    return points, tuple(lam**e for e in exponents)
+
+
+def _fastv_points(cfg: RoutingConfig, num_layers: int) -> tuple[int, ...]:
+    if cfg.router_layers is not None:
+        _check_in_range("router_layers", cfg.router_layers, num_layers)
+        return cfg.router_layers
+    point = max(1, _round_half_up(_FASTV_LAYER * num_layers / cfg.reference_layers))
+    _check_in_range("schedule", (point,), num_layers)
+    return (point,)
+
+
+def _pdrop_layout(cfg: RoutingConfig, num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Router points and the power of λ each stage keeps (stage i keeps λ^(i+1)).
+
+    On shallow models the default points collide (L=2: 1, 1, 2): a stage whose range is empty
+    is dropped and the *later* exponent wins at that layer, which is exactly what reading the
+    schedule layer by layer gives.
+    """
+    if cfg.router_layers is not None:
+        _check_in_range("router_layers", cfg.router_layers, num_layers)
+        return cfg.router_layers, tuple(range(1, len(cfg.router_layers) + 1))
+    by_point: dict[int, int] = {}
+    for i, frac in enumerate(_PDROP_FRACTIONS):
+        point = max(1, _round_half_up(frac * num_layers))
+        if point < num_layers:
+            by_point[point] = i + 1
+    if not by_point:
+        raise RoutingConfigError(
+            "recroute.schedule",
+            f"pdrop needs a model with at least 2 decoder layers (got {num_layers})",
+        )
+    points = tuple(sorted(by_point))
+    return points, tuple(by_point[p] for p in points)
+
+
+def _check_in_range(name: str, points: tuple[int, ...], num_layers: int) -> None:
+    # A router point at num_layers would route no layer; silently ignoring it would hide a
+    # config written for a deeper model.
+    bad = [p for p in points if not 1 <= p < num_layers]
+    if bad:
+        raise RoutingConfigError(
+            f"recroute.{name}",
+            f"router layer(s) {bad} out of range for a model with {num_layers} decoder layers; "
+            f"must be in [1, {num_layers - 1}]",
+        )
+
+
+# ---------------------------------------------------------------------- average budgets
+
+
+def _keeps_for_budget(
+    cfg: RoutingConfig, points: tuple[int, ...], num_layers: int, num_visual: int | None
+) -> tuple[float, ...]:
+    """Keeps whose average retention is ``min(1, avg_visual_tokens / num_visual)``.
+
+    If the target is below what the schedule can reach (the layers before the first router
+    point always see every token), every stage keeps one token: the cheapest valid schedule.
+    """
+    assert cfg.avg_visual_tokens is not None
+    if num_visual is None:
+        raise ValueError("avg_visual_tokens budgets need the request's num_visual")
+    if num_visual <= 0:  # nothing to route; any keep means zero tokens
+        return tuple(1.0 for _ in points)
+    target = min(1.0, cfg.avg_visual_tokens / num_visual)
+    floor = 1.0 / num_visual  # one token: num_keep never goes below it either
+    lengths = [e - s for s, e in zip(points, (*points[1:], num_layers))]
+    if cfg.schedule == "fastv":
+        # r·L = p + (L - p)·k  =>  k = (r·L - p) / (L - p)
+        keep = (target * num_layers - points[0]) / lengths[0]
+        return (min(1.0, max(floor, keep)),)
+    _, exponents = _pdrop_layout(cfg, num_layers)
+    return _solve_pdrop(points[0], lengths, exponents, num_layers, target, floor)
+
+
+def _solve_pdrop(
+    first: int,
+    lengths: list[int],
+    exponents: tuple[int, ...],
+    num_layers: int,
+    target: float,
+    floor: float,
+) -> tuple[float, ...]:
+    """Bisection on λ (a stage keeps max(λ^e, one token)). Retention is continuous and
+    non-decreasing in λ, and a fixed step count keeps the result deterministic."""
+
+    def keeps(lam: float) -> tuple[float, ...]:
+        return tuple(max(floor, lam**e) for e in exponents)
+
+    def retention(lam: float) -> float:
+        return (first + sum(n * k for n, k in zip(lengths, keeps(lam)))) / num_layers
+
+    lo, hi = 0.0, 1.0
+    if retention(lo) >= target:
+        return keeps(lo)
+    for _ in range(_BISECTION_STEPS):
+        mid = (lo + hi) / 2
+        if retention(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return keeps(hi)
+
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
