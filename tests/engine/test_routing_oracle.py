@@ -20,15 +20,22 @@ CONFIGS = {
     "pdrop-reroute": {"mode": "reroute", "schedule": "pdrop"},
     "pdrop-remove": {"mode": "remove", "schedule": "pdrop"},
     "pdrop-reroute-keynorm-block": {
-        "mode": "reroute", "schedule": "pdrop", "scorer": "key_norm", "granularity": "block",
+        "mode": "reroute",
+        "schedule": "pdrop",
+        "scorer": "key_norm",
+        "granularity": "block",
         "block_reduce": "mean",
     },
     "custom-reroute-question": {
-        "mode": "reroute", "schedule": "custom", "custom": [[1, 0.25], [2, 0.75]],
+        "mode": "reroute",
+        "schedule": "custom",
+        "custom": [[1, 0.25], [2, 0.75]],
         "score_query": "question",
     },
     "custom-remove-question": {
-        "mode": "remove", "schedule": "custom", "custom": [[1, 0.25], [2, 0.75]],
+        "mode": "remove",
+        "schedule": "custom",
+        "custom": [[1, 0.25], [2, 0.75]],
         "score_query": "question",
     },
     "pdrop-avg-tokens": {"mode": "reroute", "schedule": "pdrop", "avg_visual_tokens": 30},
@@ -58,7 +65,10 @@ def _generate(llm, model_dir, cfgs: list[dict]):
         prompts.append({"prompt": prompt, "multi_modal_data": {"image": images}})
         params.append(
             SamplingParams(
-                temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1,
+                temperature=0,
+                max_tokens=MAX_TOKENS,
+                ignore_eos=True,
+                logprobs=1,
                 extra_args=_xargs(cfg),
             )
         )
