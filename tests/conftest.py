@@ -9,8 +9,11 @@ import pytest
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests read worker-side routing counters with LLM.collective_rpc(callable).
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 ROUTED_IDEFICS3 = "RecrouteIdefics3ForConditionalGeneration"
+ROUTED_PALIGEMMA = "RecroutePaliGemmaForConditionalGeneration"
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +65,22 @@ def routed_llm(tiny_idefics3):
     llm = make_llm(tiny_idefics3, routed_arch=ROUTED_IDEFICS3, recroute={"mode": "reroute"})
     yield llm
     shutdown(llm)
+
+
+@pytest.fixture(scope="session")
+def plain_llm(tiny_idefics3):
+    """Unmodified vLLM (registry architecture), the reference for keep=1.0."""
+    llm = make_llm(tiny_idefics3, routed_arch=None)
+    yield llm
+    shutdown(llm)
+
+
+def route_counters(llm) -> dict:
+    """Worker-side routing accounting of a routed engine (RouteCounters as a dict)."""
+
+    def read(worker):
+        from dataclasses import asdict
+
+        return asdict(worker.model_runner.model.recroute.store.counters)
+
+    return llm.collective_rpc(read)[0]

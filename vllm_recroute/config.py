@@ -65,6 +65,10 @@ class RoutingConfig(pydantic.BaseModel):
     block_size: StrictInt = 16
     block_reduce: Literal["max", "mean"] = "max"
     reference_layers: StrictInt = 32
+    # Engine-wide, not per request: "off" keeps every prompt in one prefill step (chunked
+    # prefill disabled) so question-conditioned scores always see the question; "fallback"
+    # keeps vLLM's chunked prefill and runs a split prompt unrouted (counted, logged).
+    chunked_prefill: Literal["off", "fallback"] = "off"
 
     # Constructing directly (``RoutingConfig(mode="x")``) raises RoutingConfigError as well, so
     # callers never have to handle pydantic's ValidationError.

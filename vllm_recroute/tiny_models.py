@@ -29,7 +29,7 @@ Arch = Literal["idefics3", "paligemma"]
 Preset = Literal["tiny", "smolvlm-256m"]
 ARCHS: tuple[str, ...] = ("idefics3", "paligemma")
 PRESETS: tuple[str, ...] = ("tiny", "smolvlm-256m")
-_FORMAT_VERSION = 2  # bump when the builder's output changes, so caches are rebuilt
+_FORMAT_VERSION = 4  # bump when the builder's output changes, so caches are rebuilt
 
 SMOLVLM_CHAT_TEMPLATE = (
     "<|im_start|>{% for message in messages %}"
@@ -284,6 +284,11 @@ def _paligemma(out: Path, preset: str) -> None:
         raise ValueError("paligemma: only the 'tiny' preset is provided")
     tok = build_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>", "<image>"])
     tok.pad_token, tok.eos_token, tok.bos_token, tok.unk_token = "<pad>", "<eos>", "<bos>", "<unk>"
+    # PaliGemma prompts end in "\n" and vLLM looks that token up by its literal text (as in
+    # Gemma's SentencePiece vocabulary), which byte-level BPE spells differently.
+    from tokenizers import AddedToken
+
+    tok.add_tokens([AddedToken("\n", normalized=False)])
     vis = _VISION[preset]
     image_proc = SiglipImageProcessorPil(
         size={"height": vis["image_size"], "width": vis["image_size"]},
@@ -328,6 +333,24 @@ def _paligemma(out: Path, preset: str) -> None:
     config.is_mm_prefix_lm = False
     model = PaliGemmaForConditionalGeneration(config)
     _save(model, proc, out)
+    _paligemma_hub_layout(out / "model.safetensors")
+
+
+def _paligemma_hub_layout(path: Path) -> None:
+    # transformers 5 saves the SigLIP tower without its `vision_model.` level; published
+    # PaliGemma checkpoints (and so vLLM's weight mapper) have it. HF loads either.
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    renamed = {
+        (
+            "vision_tower.vision_model." + k.removeprefix("vision_tower.")
+            if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.")
+            else k
+        ): v
+        for k, v in tensors.items()
+    }
+    save_file(renamed, path, metadata={"format": "pt"})
 
 
 def _save(model: Any, proc: Any, out: Path) -> None:
@@ -359,14 +382,14 @@ def build_tiny_model(
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("VLLM_RECROUTE_CACHE")
+    root = os.environ.get("RECROUTE_CACHE_DIR")
     return Path(root) if root else Path.home() / ".cache" / "vllm-recroute" / "models"
 
 
 def cached_tiny_model(
     arch: str = "idefics3", seed: int = 0, preset: str = "tiny", root: str | None = None
 ) -> Path:
-    """Build once into the cache (``$VLLM_RECROUTE_CACHE``) and return the directory."""
+    """Build once into the cache (``$RECROUTE_CACHE_DIR``) and return the directory."""
     key = hashlib.sha1(f"{arch}-{seed}-{preset}-{_FORMAT_VERSION}".encode()).hexdigest()[:10]
     out = (Path(root) if root else cache_dir()) / f"{arch}-{preset}-s{seed}-{key}"
     if (out / "recroute_tiny.json").exists():

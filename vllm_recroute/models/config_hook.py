@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from vllm_recroute.config import RoutingConfig
+from vllm_recroute.config import RoutingConfig, RoutingConfigError
 
 logger = logging.getLogger("vllm_recroute")
 
@@ -19,6 +19,7 @@ logger = logging.getLogger("vllm_recroute")
 def apply_routing_requirements(vllm_config: Any) -> RoutingConfig:
     """Validate the routing config and adapt the engine config to what routing needs."""
     cfg = RoutingConfig.from_additional_config(vllm_config.additional_config)
+    _refuse_unsupported(vllm_config, cfg)
     cache = vllm_config.cache_config
     if cache.enable_prefix_caching:
         # Routed-stage KV depends on the question (design.md §1): a cached block from one
@@ -36,7 +37,7 @@ def apply_routing_requirements(vllm_config: Any) -> RoutingConfig:
     if vllm_config.model_config is not None:
         vllm_config.model_config.enforce_eager = True
     sched = vllm_config.scheduler_config
-    if getattr(cfg, "chunked_prefill", "off") == "off" and sched.enable_chunked_prefill:
+    if cfg.chunked_prefill == "off" and sched.enable_chunked_prefill:
         # A question-conditioned score needs the whole prompt in one step; keeping prompts
         # whole is cheaper than falling back to unrouted for split ones.
         sched.enable_chunked_prefill = False
@@ -44,9 +45,23 @@ def apply_routing_requirements(vllm_config: Any) -> RoutingConfig:
         sched.max_num_batched_tokens = max(sched.max_num_batched_tokens, max_len)
         if sched.max_num_scheduled_tokens is not None:
             sched.max_num_scheduled_tokens = max(sched.max_num_scheduled_tokens, max_len)
+    return cfg
+
+
+def _refuse_unsupported(vllm_config: Any, cfg: RoutingConfig) -> None:
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise ValueError("vllm-recroute: pipeline parallelism is not supported with routing")
-    return cfg
+    model = vllm_config.model_config
+    if cfg.enabled and model is not None and model.is_mm_prefix_lm:
+        # Bidirectional attention over the image prefix (PaliGemma, Gemma 3) needs per-request
+        # prefix ranges in the attention metadata; the routed stages' compacted metadata does
+        # not carry them yet, so routing would silently change the model's attention.
+        raise RoutingConfigError(
+            "recroute.mode",
+            f"routing is not supported for models with bidirectional multimodal-prefix "
+            f"attention (model_type {model.hf_config.model_type!r}); use mode 'off', or a "
+            "checkpoint with is_mm_prefix_lm=false",
+        )
 
 
 def register_config_hooks() -> None:

@@ -166,18 +166,21 @@ class StepRouter:
         cfg = routing_for_request(self.decoder.config, self.runner, req_id)
         if not cfg.enabled:
             return
-        # The last prompt token is never routed: its logits are sampled.
-        prompt_rows = min(end - start, prompt_len) - 1
-        is_visual = token_ids[start : start + max(prompt_rows, 0)] == self.decoder.image_token_id
-        if not bool(is_visual.any()):
-            return
         if end - start < prompt_len:
+            # The chunk may not even reach the image yet; the request's multimodal
+            # features say whether the prompt has one.
+            if not getattr(self.runner.requests.get(req_id), "mm_features", None):
+                return
             store.counters.chunked_fallbacks += 1
             logger.warning(
                 "vllm-recroute: request %s prompt split by chunked prefill; running it "
                 "unrouted (set recroute.chunked_prefill='off' to keep prompts whole)",
                 req_id,
             )
+            return
+        # The last prompt token is never routed: its logits are sampled.
+        is_visual = token_ids[start : start + prompt_len - 1] == self.decoder.image_token_id
+        if not bool(is_visual.any()):
             return
         visual_rows = torch.nonzero(is_visual).flatten() + start
         stages = resolve_stages(cfg, self.decoder.num_layers, int(visual_rows.numel()))

@@ -1,0 +1,83 @@
+"""The config hook: what a routed architecture changes in vLLM's engine config, and what
+it refuses at startup. Builds VllmConfig in-process (no engine, a few seconds each)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import ROUTED_IDEFICS3
+
+
+def _engine_config(model, arch: str | None, recroute=None, **kwargs):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = dict(model=str(model), max_model_len=1024, enable_prefix_caching=True, **kwargs)
+    if arch:
+        args["hf_overrides"] = {"architectures": [arch]}
+    if recroute is not None:
+        args["additional_config"] = {"recroute": recroute}
+    return EngineArgs(**args).create_engine_config()
+
+
+def test_routed_arch_turns_off_prefix_caching_chunking_and_compile(tiny_idefics3):
+    cfg = _engine_config(tiny_idefics3, ROUTED_IDEFICS3, {"schedule": "pdrop"})
+    from vllm.config import CompilationMode
+
+    assert cfg.cache_config.enable_prefix_caching is False
+    assert cfg.scheduler_config.enable_chunked_prefill is False
+    assert cfg.scheduler_config.max_num_batched_tokens >= 1024
+    assert cfg.compilation_config.mode == CompilationMode.NONE
+
+
+def test_chunked_prefill_fallback_keeps_chunking(tiny_idefics3):
+    cfg = _engine_config(
+        tiny_idefics3,
+        ROUTED_IDEFICS3,
+        {"chunked_prefill": "fallback"},
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=64,
+    )
+    assert cfg.scheduler_config.enable_chunked_prefill is True
+    assert cfg.scheduler_config.max_num_batched_tokens == 64
+
+
+def test_plain_architecture_untouched_by_plugin(tiny_idefics3):
+    cfg = _engine_config(tiny_idefics3, None)
+    assert cfg.cache_config.enable_prefix_caching is True
+
+
+@pytest.mark.parametrize(
+    ("recroute", "field", "words"),
+    [
+        ({"mode": "on"}, "recroute.mode", "off, reroute, remove"),
+        ({"schedule": "fastv", "keep": 1.5}, "recroute.keep", "(0, 1]"),
+        ({"schedule": "sparse"}, "recroute.schedule", "fastv, pdrop, custom"),
+        ({"chunked_prefill": "on"}, "recroute.chunked_prefill", "off, fallback"),
+        ({"kep": 0.5}, "recroute.kep", "keep"),
+    ],
+)
+def test_invalid_config_is_a_startup_error_naming_the_field(tiny_idefics3, recroute, field, words):
+    # vLLM's pydantic VllmConfig wraps the hook's error; the message must survive intact.
+    with pytest.raises(ValueError) as info:
+        _engine_config(tiny_idefics3, ROUTED_IDEFICS3, recroute)
+    assert f"{field}: " in str(info.value)
+    assert words in str(info.value)
+
+
+def test_mm_prefix_models_refuse_routing(tiny_paligemma):
+    from tests.conftest import ROUTED_PALIGEMMA
+
+    with pytest.raises(ValueError, match=r"recroute\.mode: .*multimodal-prefix"):
+        _engine_config(
+            tiny_paligemma,
+            None,
+            {"mode": "reroute"},
+            hf_overrides={"architectures": [ROUTED_PALIGEMMA], "is_mm_prefix_lm": True},
+        )
+    # Off stays possible (plain model behaviour).
+    _engine_config(
+        tiny_paligemma,
+        None,
+        {"mode": "off"},
+        hf_overrides={"architectures": [ROUTED_PALIGEMMA], "is_mm_prefix_lm": True},
+    )
