@@ -20,6 +20,7 @@ def apply_routing_requirements(vllm_config: Any) -> RoutingConfig:
     """Validate the routing config and adapt the engine config to what routing needs."""
     cfg = RoutingConfig.from_additional_config(vllm_config.additional_config)
     _refuse_unsupported(vllm_config, cfg)
+    _install_request_validator(vllm_config, cfg)
     cache = vllm_config.cache_config
     if cache.enable_prefix_caching:
         # Routed-stage KV depends on the question (design.md §1): a cached block from one
@@ -46,6 +47,15 @@ def apply_routing_requirements(vllm_config: Any) -> RoutingConfig:
         if sched.max_num_scheduled_tokens is not None:
             sched.max_num_scheduled_tokens = max(sched.max_num_scheduled_tokens, max_len)
     return cfg
+
+
+def _install_request_validator(vllm_config: Any, cfg: RoutingConfig) -> None:
+    from vllm_recroute.request_validation import FQCN, set_server_config
+
+    set_server_config(cfg)
+    model = vllm_config.model_config
+    if model is not None and FQCN not in (model.logits_processors or []):
+        model.logits_processors = [*(model.logits_processors or []), FQCN]
 
 
 def _refuse_unsupported(vllm_config: Any, cfg: RoutingConfig) -> None:

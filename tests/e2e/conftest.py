@@ -1,0 +1,78 @@
+"""One `vllm-recroute serve` process per session, driven through the official openai client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+API_KEY = "test-key"
+STARTUP_TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def image_data_url(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_idefics3, tmp_path_factory):
+    port = _free_port()
+    log = Path(tmp_path_factory.mktemp("server")) / "server.log"
+    cmd = [
+        sys.executable, "-m", "vllm_recroute.cli", "serve", str(tiny_idefics3),
+        "--routing", "pdrop",
+        "--port", str(port), "--host", "127.0.0.1",
+        "--api-key", API_KEY,
+        "--served-model-name", "tiny",
+        "--dtype", "float32", "--max-model-len", "1024",
+        "--kv-cache-memory-bytes", str(64 << 20), "--max-num-seqs", "8",
+    ]  # fmt: skip
+    env = dict(os.environ, VLLM_LOGGING_LEVEL="INFO")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + STARTUP_TIMEOUT_S
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if requests.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(
+                    f"server not up in {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-4000:]}"
+                )
+            time.sleep(1)
+        yield {"base": base, "log": log, "proc": proc}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server["base"] + "/v1", api_key=API_KEY, max_retries=0)
