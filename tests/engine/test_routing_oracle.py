@@ -110,3 +110,20 @@ def test_remove_differs_from_reroute_when_tokens_come_back(routed_llm, tiny_idef
     rem = _generate(routed_llm, tiny_idefics3, [CONFIGS["custom-remove-question"]] * 3)
     for a, b in zip(rer, rem, strict=True):
         assert _logprobs(a) != pytest.approx(_logprobs(b), abs=1e-4)
+
+
+def test_finished_requests_leave_no_routing_state(routed_llm, tiny_idefics3):
+    from tests.conftest import route_counters
+
+    before = route_counters(routed_llm)["routed_requests"]
+    _generate(routed_llm, tiny_idefics3, [CONFIGS["pdrop-reroute"]] * 3)
+    assert route_counters(routed_llm)["routed_requests"] == before + 3
+
+    def stored(worker):
+        return len(worker.model_runner.model.recroute.store)
+
+    # vLLM reports finished ids with the next step; run one more (text-only) request.
+    from vllm import SamplingParams
+
+    routed_llm.generate(["hello"], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert routed_llm.collective_rpc(stored) == [0]

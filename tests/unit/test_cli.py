@@ -1,0 +1,81 @@
+"""CLI and launcher: argv given to vLLM's server, errors for bad input, make-tiny-model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from vllm_recroute.cli import main
+from vllm_recroute.config import RoutingConfig
+from vllm_recroute_server.launcher import LaunchError, routed_architecture, server_argv
+
+
+def _model_dir(tmp_path: Path, archs: list[str]) -> Path:
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": archs}))
+    return tmp_path
+
+
+def test_server_argv_selects_routed_arch_and_routing(tmp_path):
+    model = _model_dir(tmp_path, ["Idefics3ForConditionalGeneration"])
+    cfg = RoutingConfig(schedule="pdrop", keep=0.4)
+    argv = server_argv(str(model), cfg, ["--port", "9000"], on_cpu=True)
+    assert argv[:4] == ["-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    overrides = json.loads(argv[argv.index("--hf-overrides") + 1])
+    assert overrides == {"architectures": ["RecrouteIdefics3ForConditionalGeneration"]}
+    extra = json.loads(argv[argv.index("--additional-config") + 1])
+    assert RoutingConfig.from_additional_config(extra) == cfg
+    assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(1 << 30)
+    assert argv[-2:] == ["--port", "9000"]
+
+
+def test_user_kv_bytes_wins_and_gpu_gets_none(tmp_path):
+    model = _model_dir(tmp_path, ["PaliGemmaForConditionalGeneration"])
+    argv = server_argv(str(model), RoutingConfig(), ["--kv-cache-memory-bytes=5"], on_cpu=True)
+    assert argv.count("--kv-cache-memory-bytes") == 0 and "--kv-cache-memory-bytes=5" in argv
+    assert "--kv-cache-memory-bytes" not in server_argv(str(model), RoutingConfig(), on_cpu=False)
+
+
+def test_launcher_errors(tmp_path):
+    with pytest.raises(LaunchError, match="no config.json"):
+        routed_architecture(tmp_path)
+    model = _model_dir(tmp_path, ["GPT2LMHeadModel"])
+    with pytest.raises(LaunchError, match="not routable; supported: Idefics3"):
+        routed_architecture(model)
+    model = _model_dir(tmp_path, ["Idefics3ForConditionalGeneration"])
+    with pytest.raises(LaunchError, match="--hf-overrides is set by vllm-recroute"):
+        server_argv(str(model), RoutingConfig(), ["--hf-overrides", "{}"], on_cpu=False)
+
+
+def test_serve_bad_routing_exits_2_with_field(capsys, tmp_path):
+    model = _model_dir(tmp_path, ["Idefics3ForConditionalGeneration"])
+    assert main(["serve", str(model), "--routing", "fastv", "--keep", "3"]) == 2
+    assert "recroute.keep" in capsys.readouterr().err
+    assert main(["serve", str(model), "--routing", "sometimes"]) == 2
+    assert "--routing" in capsys.readouterr().err
+
+
+def test_show_config(capsys):
+    assert main(["show-config", "--routing", "fastv", "--keep", "0.25"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["schedule"], shown["keep"], shown["mode"]) == ("fastv", 0.25, "reroute")
+
+
+def _digest(d: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(d.iterdir())
+        if p.is_file()
+    }
+
+
+def test_make_tiny_model_is_deterministic(tmp_path, capsys):
+    assert main(["make-tiny-model", str(tmp_path / "a"), "--seed", "3"]) == 0
+    assert main(["make-tiny-model", str(tmp_path / "b"), "--seed", "3"]) == 0
+    assert main(["make-tiny-model", str(tmp_path / "c"), "--seed", "4"]) == 0
+    a, b, c = (_digest(tmp_path / x) for x in "abc")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= set(a)
+    assert a == b
+    assert a["model.safetensors"] != c["model.safetensors"]
