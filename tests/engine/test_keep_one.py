@@ -10,7 +10,8 @@ pytestmark = pytest.mark.engine
 
 
 def _logprobs(out) -> list[float]:
-    return [lp[t].logprob for t, lp in zip(out.outputs[0].token_ids, out.outputs[0].logprobs)]
+    o = out.outputs[0]
+    return [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs, strict=True)]
 
 
 @pytest.mark.parametrize(

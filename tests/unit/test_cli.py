@@ -39,7 +39,7 @@ def test_user_kv_bytes_wins_and_gpu_gets_none(tmp_path):
 
 
 def test_launcher_errors(tmp_path):
-    with pytest.raises(LaunchError, match="no config.json"):
+    with pytest.raises(LaunchError, match=r"no config\.json"):
         routed_architecture(tmp_path)
     model = _model_dir(tmp_path, ["GPT2LMHeadModel"])
     with pytest.raises(LaunchError, match="not routable; supported: Idefics3"):

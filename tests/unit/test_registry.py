@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -19,9 +20,10 @@ def test_entry_point_is_declared():
 
 
 def test_register_is_idempotent_and_registers_every_arch():
-    import vllm_recroute
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    import vllm_recroute
 
     vllm_recroute.register()
     vllm_recroute.register()
@@ -49,7 +51,7 @@ def test_routed_class_source(arch):
     assert cls_name == arch
     spec = importlib.util.find_spec(module)
     assert spec is not None and spec.origin
-    tree = ast.parse(open(spec.origin).read())
+    tree = ast.parse(Path(spec.origin).read_text())
     classes = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
     node = classes[arch]
     base = arch.removeprefix("Recroute")
@@ -66,4 +68,4 @@ def test_routed_class_source(arch):
     assert ROUTED_FOR_HF_ARCH[base] == arch
     # the vLLM base class exists in the installed vLLM's source (without importing it)
     vllm_spec = importlib.util.find_spec(imports[base])
-    assert f"class {base}(" in open(vllm_spec.origin).read()
+    assert f"class {base}(" in Path(vllm_spec.origin).read_text()
