@@ -81,9 +81,22 @@ def server_argv(
     return argv + extra
 
 
+def plugins_env(current: str | None) -> str:
+    """VLLM_PLUGINS enabling this plugin's endpoints (vLLM loads endpoint plugins only when
+    named there). Unset means "every general plugin", so name all installed ones."""
+    from importlib.metadata import entry_points
+
+    if current is None:
+        names = {ep.name for ep in entry_points(group="vllm.general_plugins")}
+    else:
+        names = {n for n in current.split(",") if n}
+    return ",".join(sorted(names | {"recroute"}))
+
+
 def serve(model: str, routing: str, keep: float | None, extra_args: Sequence[str]) -> None:
     """Replace this process with vLLM's server (signals and exit code go straight to it)."""
     cfg = parse_routing_arg(routing, keep)
     argv = server_argv(model, cfg, extra_args)
+    os.environ["VLLM_PLUGINS"] = plugins_env(os.environ.get("VLLM_PLUGINS"))
     print("vllm-recroute: exec", sys.executable, " ".join(argv), flush=True)
     os.execv(sys.executable, [sys.executable, *argv])

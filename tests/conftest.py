@@ -62,7 +62,12 @@ def shutdown(llm) -> None:
 @pytest.fixture(scope="session")
 def routed_llm(tiny_idefics3):
     """Routed Idefics3 engine; routing config per request (vllm_xargs / extra_args)."""
-    llm = make_llm(tiny_idefics3, routed_arch=ROUTED_IDEFICS3, recroute={"mode": "reroute"})
+    llm = make_llm(
+        tiny_idefics3,
+        routed_arch=ROUTED_IDEFICS3,
+        recroute={"mode": "reroute"},
+        disable_log_stats=False,  # Prometheus stat logger on: tests/engine/test_metrics.py
+    )
     yield llm
     shutdown(llm)
 
@@ -76,11 +81,15 @@ def plain_llm(tiny_idefics3):
 
 
 def route_counters(llm) -> dict:
-    """Worker-side routing accounting of a routed engine (RouteCounters as a dict)."""
+    """Worker-side routing totals of a routed engine (metrics/accounting.py layout), with
+    `routed_requests` summed over mode/schedule and the mapping kept as `routed_by`."""
 
     def read(worker):
-        from dataclasses import asdict
+        import copy
 
-        return asdict(worker.model_runner.model.recroute.store.counters)
+        return copy.deepcopy(worker.model_runner.model.recroute.store.totals)
 
-    return llm.collective_rpc(read)[0]
+    totals = llm.collective_rpc(read)[0]
+    totals["routed_by"] = totals["routed_requests"]
+    totals["routed_requests"] = sum(totals["routed_by"].values())
+    return totals

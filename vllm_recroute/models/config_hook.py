@@ -21,6 +21,7 @@ def apply_routing_requirements(vllm_config: Any) -> RoutingConfig:
     cfg = RoutingConfig.from_additional_config(vllm_config.additional_config)
     _refuse_unsupported(vllm_config, cfg)
     _install_request_validator(vllm_config, cfg)
+    _install_stats_connector(vllm_config)
     cache = vllm_config.cache_config
     if cache.enable_prefix_caching:
         # Routed-stage KV depends on the question (design.md §1): a cached block from one
@@ -56,6 +57,25 @@ def _install_request_validator(vllm_config: Any, cfg: RoutingConfig) -> None:
     model = vllm_config.model_config
     if model is not None and FQCN not in (model.logits_processors or []):
         model.logits_processors = [*(model.logits_processors or []), FQCN]
+
+
+def _install_stats_connector(vllm_config: Any) -> None:
+    """Routing metrics travel as KV-connector stats (metrics/connector.py)."""
+    from vllm.config import KVTransferConfig
+
+    from vllm_recroute.metrics.connector import CONNECTOR_NAME, MODULE_PATH
+
+    kv = vllm_config.kv_transfer_config
+    if kv is None or kv.kv_connector is None:
+        vllm_config.kv_transfer_config = KVTransferConfig(
+            kv_connector=CONNECTOR_NAME, kv_connector_module_path=MODULE_PATH, kv_role="kv_both"
+        )
+    elif kv.kv_connector != CONNECTOR_NAME:
+        logger.warning(
+            "vllm-recroute: KV connector %s is configured; routing metrics (recroute:*) "
+            "are not exported (they travel through the plugin's own stats connector)",
+            kv.kv_connector,
+        )
 
 
 def _refuse_unsupported(vllm_config: Any, cfg: RoutingConfig) -> None:

@@ -26,7 +26,7 @@ layer group's own metadata builder, so any vLLM attention backend works unchange
 
 A prompt is routed only if its whole prompt is in the step (question-conditioned scores
 need the question). A prompt split by chunked prefill runs unrouted, counted in
-`RouteCounters.chunked_fallbacks`: never silently routed on partial information.
+the `chunked_fallbacks` counter: never silently routed on partial information.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from vllm_recroute.config import RoutingConfig
+from vllm_recroute.metrics.accounting import add_into, empty_data
 from vllm_recroute.patches import apply_patches, current_step, on_requests_gone
 from vllm_recroute.request_options import routing_for_request
 from vllm_recroute.routing import (
@@ -65,25 +66,20 @@ class RouteState:
     deferred: tuple[int, ...]  # per stage: this request's tokens absent from the stage's KV
 
 
-@dataclass
-class RouteCounters:
-    """Cumulative worker-side accounting (exported as metrics)."""
-
-    routed_requests: int = 0
-    chunked_fallbacks: int = 0
-    visual_tokens: int = 0
-    visual_token_layers: int = 0  # sum over routed prompts of visual tokens x layers
-    active_visual_token_layers: int = 0  # ... of those, the ones that ran the layer
-    stage_visual: list[int] = field(default_factory=list)  # per stage index
-    stage_active: list[int] = field(default_factory=list)
-
-
 class RouteStore:
-    """Per-request routing state, forgotten when vLLM says a request finished/preempted."""
+    """Per-request routing state and the worker's routing accounting.
+
+    State is forgotten when vLLM says a request finished or was preempted. Accounting
+    (metrics/accounting.py) is kept twice: `totals` since start (tests, /stats) and
+    `pending`, the delta not yet reported to the front end (drained by the stats
+    connector, metrics/connector.py).
+    """
 
     def __init__(self) -> None:
         self._states: dict[str, RouteState] = {}
-        self.counters = RouteCounters()
+        self.totals = empty_data()
+        self._pending = empty_data()
+        _STORES.append(self)
 
     def get(self, req_id: str) -> RouteState | None:
         return self._states.get(req_id)
@@ -95,8 +91,29 @@ class RouteStore:
         for req_id in req_ids:
             self._states.pop(req_id, None)
 
+    def record(self, delta: dict[str, Any]) -> None:
+        add_into(self.totals, delta)
+        add_into(self._pending, delta)
+
+    def drain(self) -> dict[str, Any]:
+        out, self._pending = self._pending, empty_data()
+        return out
+
     def __len__(self) -> int:
         return len(self._states)
+
+
+# Stores of the routed models in this process (one per model; the stats connector drains
+# them without a reference to the model).
+_STORES: list[RouteStore] = []
+
+
+def drain_route_stats() -> dict[str, Any]:
+    """Accounting not yet reported, summed over this process's routed models."""
+    out = empty_data()
+    for store in _STORES:
+        add_into(out, store.drain())
+    return out
 
 
 # --------------------------------------------------------------------------- per step
@@ -171,7 +188,7 @@ class StepRouter:
             # features say whether the prompt has one.
             if not getattr(self.runner.requests.get(req_id), "mm_features", None):
                 return
-            store.counters.chunked_fallbacks += 1
+            store.record({"chunked_fallbacks": 1})
             logger.warning(
                 "vllm-recroute: request %s prompt split by chunked prefill; running it "
                 "unrouted (set recroute.chunked_prefill='off' to keep prompts whole)",
@@ -238,20 +255,22 @@ class StepRouter:
         v = int(route.visual_rows.numel())
         deferred = tuple(v - int(m.sum()) for m in route.masks)
         self.decoder.store.put(route.req_id, RouteState(route.stages, deferred))
-        c = self.decoder.store.counters
-        c.routed_requests += 1
-        c.visual_tokens += v
-        c.visual_token_layers += v * self.decoder.num_layers
-        first = route.stages[0].start
-        active_layers = v * first
-        for k, (stage, mask) in enumerate(zip(route.stages, route.masks, strict=True)):
-            active_layers += int(mask.sum()) * (stage.end - stage.start)
-            while len(c.stage_visual) <= k:
-                c.stage_visual.append(0)
-                c.stage_active.append(0)
-            c.stage_visual[k] += v
-            c.stage_active[k] += int(mask.sum())
-        c.active_visual_token_layers += active_layers
+        deferred_layers = sum(
+            d * (s.end - s.start) for s, d in zip(route.stages, deferred, strict=True)
+        )
+        cost = self.decoder.cost
+        self.decoder.store.record(
+            {
+                "routed_requests": {f"{route.cfg.mode}/{route.cfg.schedule}": 1},
+                "visual_tokens": v,
+                "visual_token_layers": v * self.decoder.num_layers,
+                "deferred_visual_token_layers": deferred_layers,
+                "decoder_flops_saved": cost.flops_per_token_layer * deferred_layers,
+                "kv_bytes_saved": cost.kv_bytes_per_token_layer * deferred_layers,
+                "stage_visual_tokens": {str(k + 1): v for k in range(len(deferred))},
+                "stage_active_visual_tokens": {str(k + 1): v - d for k, d in enumerate(deferred)},
+            }
+        )
 
     # -- segments ---------------------------------------------------------------------
 
@@ -328,6 +347,22 @@ class StepRouter:
 # --------------------------------------------------------------------------- decoder
 
 
+@dataclass(frozen=True)
+class LayerCost:
+    """Per token and decoder layer: what a deferred token does not spend (estimates)."""
+
+    flops_per_token_layer: int  # 2 x weights of one decoder layer (matmul FLOPs)
+    kv_bytes_per_token_layer: int  # K and V of one token in one layer
+
+    @classmethod
+    def of(cls, layer: Any, vllm_config: Any) -> LayerCost:
+        tp = vllm_config.parallel_config.tensor_parallel_size  # weights are sharded by tp
+        params = sum(p.numel() for p in layer.parameters()) * tp
+        attn = layer.self_attn
+        itemsize = torch.empty((), dtype=vllm_config.model_config.dtype).element_size()
+        return cls(2 * params, 2 * attn.kv_size * tp * itemsize)
+
+
 class RoutedDecoder:
     """Installs routing on a vLLM decoder stack (`model.layers`), without renaming weights.
 
@@ -344,6 +379,7 @@ class RoutedDecoder:
         self.layers = list(text_model.layers)
         self.num_layers = len(self.layers)
         self.store = RouteStore()
+        self.cost = LayerCost.of(self.layers[0], vllm_config)
         on_requests_gone(self.store.forget)
         self._step: StepRouter | None = None
         self._groups: dict[int, tuple[int, Any]] | None = None
@@ -447,4 +483,4 @@ def _query_keys(layer: Any, positions: torch.Tensor, x: torch.Tensor):
     return q, k, float(attn.scaling)
 
 
-__all__ = ["RouteCounters", "RouteState", "RouteStore", "RoutedDecoder"]
+__all__ = ["LayerCost", "RouteState", "RouteStore", "RoutedDecoder", "drain_route_stats"]

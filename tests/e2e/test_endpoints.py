@@ -1,0 +1,69 @@
+"""Plugin endpoints and /metrics on the served model: auth, config, stats = metrics."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from tests.e2e.conftest import API_KEY
+from tests.e2e.test_openai_api import _chat
+
+pytestmark = pytest.mark.e2e
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.mark.parametrize("path", ["/v1/recroute/config", "/v1/recroute/stats"])
+def test_plugin_endpoints_require_the_api_key(server, path):
+    assert requests.get(server["base"] + path, timeout=10).status_code == 401
+    bad = {"Authorization": "Bearer wrong"}
+    assert requests.get(server["base"] + path, headers=bad, timeout=10).status_code == 401
+    assert requests.get(server["base"] + path, headers=AUTH, timeout=10).status_code == 200
+
+
+def test_config_endpoint_shows_effective_routing(server):
+    body = requests.get(server["base"] + "/v1/recroute/config", headers=AUTH, timeout=10).json()
+    assert body["routing"]["schedule"] == "pdrop" and body["routing"]["mode"] == "reroute"
+    assert body["architecture"] == "RecrouteIdefics3ForConditionalGeneration"
+    assert body["num_layers"] == 4
+    assert body["stages"] == [
+        {"start": 1, "end": 2, "keep": 0.5},
+        {"start": 2, "end": 3, "keep": 0.25},
+        {"start": 3, "end": 4, "keep": 0.125},
+    ]
+    assert "recroute_keep" in body["per_request_options"]
+
+
+def _metric_values(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("recroute:") and "_total" in line:
+            name = line.split("{", 1)[0]
+            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _stats(server) -> dict:
+    return requests.get(server["base"] + "/v1/recroute/stats", headers=AUTH, timeout=10).json()
+
+
+def test_stats_count_routed_requests_and_match_metrics(server, client):
+    before = _stats(server)
+    _chat(client)  # server default: pdrop, 80 visual tokens
+    _chat(client, {"recroute_schedule": "fastv", "recroute_mode": "remove"})
+    _chat(client, {"recroute_mode": "off"})
+    _chat(client)  # a later step flushes the last step's stats
+    after = _stats(server)
+    assert after["routed_requests"] - before["routed_requests"] == 3
+    by = after["routed_requests_by_mode_schedule"]
+    assert (
+        by.get("remove/fastv", 0)
+        - before["routed_requests_by_mode_schedule"].get("remove/fastv", 0)
+        == 1
+    )
+    assert after["visual_tokens"] - before["visual_tokens"] == 3 * 80
+    assert 0 < after["visual_token_retention"] < 1
+    metrics = _metric_values(requests.get(server["base"] + "/metrics", timeout=10).text)
+    assert metrics["recroute:visual_tokens_total"] == after["visual_tokens"]
+    assert metrics["recroute:routed_requests_total"] == after["routed_requests"]
+    assert metrics["recroute:kv_bytes_saved_total"] == after["kv_bytes_saved"]

@@ -1,0 +1,93 @@
+"""`RecrouteStatsConnector`: carries routing accounting from workers to `/metrics`.
+
+vLLM routes a KV connector's stats worker -> scheduler -> front end on every step (the
+path its own connectors use for transfer metrics):
+
+    worker   execute_model -> connector.get_kv_connector_stats()  (drains RouteStore deltas)
+             -> ModelRunnerOutput.kv_connector_output.kv_connector_stats
+    engine   Scheduler.update_from_output -> SchedulerStats.kv_connector_stats (dict)
+    front    PrometheusStatLogger -> RecrouteStatsConnector.build_prom_metrics(...)
+             -> RecroutePromMetrics.observe(data, engine_idx)     -> /metrics
+
+This connector moves no KV: every load/save hook is a no-op and it reports no external
+cache hits. The config hook installs it for routed architectures when no other KV
+connector is configured. The parked-block tier will live here too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from vllm_recroute.metrics.accounting import add_into, empty_data, is_empty
+from vllm_recroute.metrics.stats import RouteStats
+
+CONNECTOR_NAME = "RecrouteStatsConnector"
+MODULE_PATH = "vllm_recroute.metrics.connector"
+
+
+class _NoMetadata(KVConnectorMetadata):
+    pass
+
+
+class RecrouteStatsConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        self._reports = self._reporting_rank()
+
+    @staticmethod
+    def _reporting_rank() -> bool:
+        # Tensor-parallel ranks route identically; only rank 0 reports, so nothing doubles.
+        try:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            return get_tensor_model_parallel_rank() == 0
+        except (AssertionError, RuntimeError):
+            return True
+
+    # -- worker side ----------------------------------------------------------------
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        pass
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kw) -> None:
+        pass
+
+    def wait_for_save(self) -> None:
+        pass
+
+    def get_kv_connector_stats(self) -> RouteStats | None:
+        if self._role != KVConnectorRole.WORKER or not self._reports:
+            return None
+        from vllm_recroute.models.routed import drain_route_stats
+
+        data = drain_route_stats()
+        return None if is_empty(data) else RouteStats(data=data)
+
+    # -- scheduler side -------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int):
+        return 0, False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int):
+        pass
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        return _NoMetadata()
+
+    # -- front end ------------------------------------------------------------------
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> RouteStats:
+        return RouteStats(data=add_into(empty_data(), data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        from vllm_recroute.metrics.prom import RecroutePromMetrics
+
+        return RecroutePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)

@@ -1,0 +1,76 @@
+"""Metric names, types, labels and help: the one list docs/metrics.md and deploy/ follow.
+
+Every metric also carries vLLM's own labels `model_name` and `engine`. Names use the
+`recroute:` namespace next to vLLM's `vllm:` (Prometheus allows ':' in metric names).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    kind: str  # "counter" | "gauge"
+    help: str
+    labels: tuple[str, ...] = ()
+
+
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "recroute:routed_requests",
+        "counter",
+        "Prompts routed (whole prompt in one step, routing on), by mode and schedule.",
+        ("mode", "schedule"),
+    ),
+    MetricSpec(
+        "recroute:chunked_fallbacks",
+        "counter",
+        "Prompts with images split by chunked prefill and run unrouted "
+        "(recroute.chunked_prefill='fallback').",
+    ),
+    MetricSpec(
+        "recroute:visual_tokens",
+        "counter",
+        "Visual tokens received in routed prompts.",
+    ),
+    MetricSpec(
+        "recroute:stage_visual_tokens",
+        "counter",
+        "Visual tokens entering a routing stage (routed prompts), by stage index (1 = first "
+        "router point).",
+        ("stage",),
+    ),
+    MetricSpec(
+        "recroute:stage_active_visual_tokens",
+        "counter",
+        "Visual tokens active in a routing stage, by stage index; active ratio = this / "
+        "recroute:stage_visual_tokens.",
+        ("stage",),
+    ),
+    MetricSpec(
+        "recroute:visual_token_layers",
+        "counter",
+        "Visual-token x decoder-layer pairs of routed prompts (what an unrouted model runs).",
+    ),
+    MetricSpec(
+        "recroute:deferred_visual_token_layers",
+        "counter",
+        "Visual-token x decoder-layer pairs skipped because the token was deferred.",
+    ),
+    MetricSpec(
+        "recroute:decoder_flops_saved",
+        "counter",
+        "Estimated prefill decoder FLOPs not spent: 2 x (decoder-layer weights) per deferred "
+        "token-layer (attention-score FLOPs not included).",
+    ),
+    MetricSpec(
+        "recroute:kv_bytes_saved",
+        "counter",
+        "Bytes of K/V not written to routed stages' active KV (deferred token-layers x K/V "
+        "bytes per token-layer). Pages stay allocated until the parked-block tier frees them.",
+    ),
+)
+
+BY_NAME = {m.name: m for m in METRICS}

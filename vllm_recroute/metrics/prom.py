@@ -1,0 +1,55 @@
+"""Prometheus export of routing accounting (front-end process), names from names.py."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics
+from vllm.v1.metrics.utils import create_metric_per_engine
+
+from vllm_recroute.metrics.accounting import MAPPINGS, SCALARS, add_into, empty_data
+from vllm_recroute.metrics.names import BY_NAME
+
+_PREFIX = "recroute:"
+# Totals observed by this front end, per engine index (GET /v1/recroute/stats).
+_totals: dict[int, dict[str, Any]] = {}
+_lock = threading.Lock()
+
+
+def observed_totals() -> dict[int, dict[str, Any]]:
+    with _lock:
+        return {idx: add_into(empty_data(), data) for idx, data in _totals.items()}
+
+
+class RecroutePromMetrics(KVConnectorPromMetrics):
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._scalars = {
+            key: create_metric_per_engine(self._make(key, labelnames), per_engine_labelvalues)
+            for key in SCALARS
+        }
+        self._mapped = {key: self._make(key, labelnames) for key in MAPPINGS}
+
+    def _make(self, key: str, labelnames: list[str]) -> Any:
+        spec = BY_NAME[_PREFIX + key]
+        return self._counter_cls(
+            name=spec.name,
+            documentation=spec.help,
+            labelnames=[*labelnames, *spec.labels],
+        )
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        data = transfer_stats_data or {}
+        base = self.per_engine_labelvalues[engine_idx]
+        for key, children in self._scalars.items():
+            if data.get(key):
+                children[engine_idx].inc(data[key])
+        for key, counter in self._mapped.items():
+            for label, value in (data.get(key) or {}).items():
+                counter.labels(*base, *str(label).split("/")).inc(value)
+        with _lock:
+            add_into(_totals.setdefault(engine_idx, empty_data()), data)
+
+
+__all__ = ["RecroutePromMetrics", "observed_totals"]
