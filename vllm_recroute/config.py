@@ -69,6 +69,11 @@ class RoutingConfig(pydantic.BaseModel):
     # prefill disabled) so question-conditioned scores always see the question; "fallback"
     # keeps vLLM's chunked prefill and runs a split prompt unrouted (counted, logged).
     chunked_prefill: Literal["off", "fallback"] = "off"
+    # Operator limits on per-request options (vllm_xargs); server-side only, not overridable.
+    request_overrides: bool = True  # False: requests may not change routing at all
+    request_min_keep: _Float | None = None  # lowest keep (or custom keep) a request may ask
+    request_min_avg_visual_tokens: StrictInt | None = None  # lowest avg_visual_tokens
+    request_modes: tuple[Literal["off", "reroute", "remove"], ...] | None = None  # None: all
 
     # Constructing directly (``RoutingConfig(mode="x")``) raises RoutingConfigError as well, so
     # callers never have to handle pydantic's ValidationError.
@@ -86,7 +91,18 @@ class RoutingConfig(pydantic.BaseModel):
             raise RoutingConfigError(_field("keep"), f"got {v!r}; {_HELP['keep']}")
         return v
 
-    @field_validator("avg_visual_tokens", "block_size", "reference_layers")
+    @field_validator("request_min_keep")
+    @classmethod
+    def _check_min_keep(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 < v <= 1.0:
+            raise RoutingConfigError(
+                _field("request_min_keep"), f"got {v!r}; {_HELP['request_min_keep']}"
+            )
+        return v
+
+    @field_validator(
+        "avg_visual_tokens", "block_size", "reference_layers", "request_min_avg_visual_tokens"
+    )
     @classmethod
     def _check_positive(cls, v: int | None, info: pydantic.ValidationInfo) -> int | None:
         if v is not None and v <= 0:
@@ -246,6 +262,10 @@ _HELP: dict[str, str] = {
     "custom": "must be a non-empty list of [layer, keep] pairs with strictly increasing "
     "integer layers >= 1 and keep in (0, 1]",
     "block_size": "must be an integer > 0",
+    "request_min_keep": "must be a number in (0, 1]",
+    "request_min_avg_visual_tokens": "must be an integer > 0",
+    "request_modes": "must be a list of modes among off, reroute, remove",
+    "request_overrides": "must be true or false",
     "reference_layers": "must be an integer > 0",
 }
 

@@ -55,8 +55,43 @@ def overrides_from_extra_args(extra_args: Mapping[str, Any] | None) -> dict[str,
 def config_for_extra_args(
     base: RoutingConfig, extra_args: Mapping[str, Any] | None
 ) -> RoutingConfig:
+    """The request's routing config: the server's, overridden and within its limits."""
     overrides = overrides_from_extra_args(extra_args)
-    return base.with_overrides(overrides) if overrides else base
+    if not overrides:
+        return base
+    check_request_limits(base, overrides)
+    return base.with_overrides(overrides)
+
+
+def check_request_limits(base: RoutingConfig, overrides: Mapping[str, Any]) -> None:
+    """Refuse overrides outside the operator's limits (RoutingConfig.request_*)."""
+
+    def refuse(name: str, message: str) -> None:
+        raise RoutingConfigError(f"vllm_xargs.{PREFIX}{name}", message)
+
+    if not base.request_overrides:
+        refuse(next(iter(overrides)), "per-request routing options are disabled on this server")
+    mode = overrides.get("mode")
+    if base.request_modes is not None and mode is not None and mode not in base.request_modes:
+        refuse("mode", f"got {mode!r}; this server allows {', '.join(base.request_modes)}")
+    low = base.request_min_keep
+    keep = overrides.get("keep")
+    if low is not None and isinstance(keep, int | float) and keep < low:
+        refuse("keep", f"got {keep!r}; this server's minimum is {low}")
+    custom = overrides.get("custom")
+    if low is not None and isinstance(custom, list):
+        for pair in custom:
+            if (
+                isinstance(pair, list | tuple)
+                and len(pair) == 2
+                and isinstance(pair[1], int | float)
+                and pair[1] < low
+            ):
+                refuse("custom", f"keep {pair[1]!r} below this server's minimum {low}")
+    low_avg = base.request_min_avg_visual_tokens
+    avg = overrides.get("avg_visual_tokens")
+    if low_avg is not None and isinstance(avg, int) and avg < low_avg:
+        refuse("avg_visual_tokens", f"got {avg!r}; this server's minimum is {low_avg}")
 
 
 def routing_for_request(base: RoutingConfig, runner: Any, req_id: str) -> RoutingConfig:

@@ -36,7 +36,7 @@ def server(tiny_idefics3, tmp_path_factory):
     log = Path(tmp_path_factory.mktemp("server")) / "server.log"
     cmd = [
         sys.executable, "-m", "vllm_recroute.cli", "serve", str(tiny_idefics3),
-        "--routing", "pdrop",
+        "--routing", '{"schedule": "pdrop", "request_min_keep": 0.1}',
         "--port", str(port), "--host", "127.0.0.1",
         "--api-key", API_KEY,
         "--served-model-name", "tiny",

@@ -67,6 +67,7 @@ def test_routing_is_on_and_per_request_options_apply(client):
         ({"recroute_mode": "sometimes"}, "recroute.mode"),
         ({"recroute_kep": 0.5}, "vllm_xargs.recroute_kep"),
         ({"recroute_custom": "[[1, 0.5"}, "vllm_xargs.recroute_custom"),
+        ({"recroute_keep": 0.05}, "vllm_xargs.recroute_keep: got 0.05; this server's minimum"),
     ],
 )
 def test_bad_per_request_option_is_400_naming_the_field(client, xargs, words):

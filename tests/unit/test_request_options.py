@@ -1,0 +1,78 @@
+"""Per-request routing options (vllm_xargs): parsing, validation, operator limits."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_recroute.config import RoutingConfig, RoutingConfigError
+from vllm_recroute.request_options import config_for_extra_args, overrides_from_extra_args
+
+
+def test_flat_keys_and_json_fields():
+    ov = overrides_from_extra_args(
+        {"recroute_keep": 0.3, "recroute_custom": "[[1, 0.5]]", "other_plugin_key": 1}
+    )
+    assert ov == {"keep": 0.3, "custom": [[1, 0.5]]}
+
+
+def test_no_options_returns_server_config_itself():
+    base = RoutingConfig(schedule="pdrop")
+    assert config_for_extra_args(base, None) is base
+    assert config_for_extra_args(base, {"unrelated": 1}) is base
+
+
+def test_override_applies_and_is_validated():
+    base = RoutingConfig(schedule="pdrop", keep=0.5)
+    cfg = config_for_extra_args(base, {"recroute_schedule": "fastv", "recroute_keep": 0.25})
+    assert (cfg.schedule, cfg.keep) == ("fastv", 0.25)
+    with pytest.raises(RoutingConfigError) as info:
+        config_for_extra_args(base, {"recroute_keep": 0})
+    assert info.value.field == "recroute.keep"
+
+
+@pytest.mark.parametrize(
+    ("xargs", "field"),
+    [
+        ({"recroute_kep": 0.5}, "vllm_xargs.recroute_kep"),
+        ({"recroute_chunked_prefill": "fallback"}, "vllm_xargs.recroute_chunked_prefill"),
+        ({"recroute_request_min_keep": 0.01}, "vllm_xargs.recroute_request_min_keep"),
+        ({"recroute_router_layers": "[1,"}, "vllm_xargs.recroute_router_layers"),
+    ],
+)
+def test_unknown_server_only_or_malformed_options_name_the_key(xargs, field):
+    with pytest.raises(RoutingConfigError) as info:
+        config_for_extra_args(RoutingConfig(), xargs)
+    assert info.value.field == field
+
+
+def test_operator_limits():
+    base = RoutingConfig(
+        request_min_keep=0.2, request_min_avg_visual_tokens=64, request_modes=("reroute", "off")
+    )
+    assert config_for_extra_args(base, {"recroute_keep": 0.2}).keep == 0.2
+    with pytest.raises(RoutingConfigError, match=r"minimum is 0\.2") as info:
+        config_for_extra_args(base, {"recroute_keep": 0.1})
+    assert info.value.field == "vllm_xargs.recroute_keep"
+    with pytest.raises(RoutingConfigError, match="allows reroute, off"):
+        config_for_extra_args(base, {"recroute_mode": "remove"})
+    with pytest.raises(RoutingConfigError, match="minimum is 64"):
+        config_for_extra_args(base, {"recroute_avg_visual_tokens": 32})
+    with pytest.raises(RoutingConfigError, match=r"keep 0\.1 below"):
+        config_for_extra_args(
+            base, {"recroute_schedule": "custom", "recroute_custom": "[[1, 0.1]]"}
+        )
+
+
+def test_operator_can_disable_overrides():
+    base = RoutingConfig(request_overrides=False)
+    with pytest.raises(RoutingConfigError, match="disabled on this server"):
+        config_for_extra_args(base, {"recroute_keep": 0.5})
+
+
+def test_limit_fields_validated_at_startup():
+    with pytest.raises(RoutingConfigError) as info:
+        RoutingConfig(request_min_keep=1.5)
+    assert info.value.field == "recroute.request_min_keep"
+    with pytest.raises(RoutingConfigError) as info:
+        RoutingConfig.from_dict({"request_modes": ["sometimes"]})
+    assert info.value.field == "recroute.request_modes"
