@@ -33,6 +33,13 @@ class RecroutePromMetrics(KVConnectorPromMetrics):
 
     def _make(self, key: str, labelnames: list[str]) -> Any:
         spec = BY_NAME[_PREFIX + key]
+        # A process that builds a second engine (tests, LLM re-creation) reuses the
+        # registered counter: counters are per process, as Prometheus expects.
+        from prometheus_client import REGISTRY
+
+        existing = REGISTRY._names_to_collectors.get(spec.name)
+        if existing is not None:
+            return existing
         return self._counter_cls(
             name=spec.name,
             documentation=spec.help,
