@@ -90,20 +90,32 @@ def apply_patches() -> None:
         check_vllm_version()
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-        original = GPUModelRunner.execute_model
-
-        @functools.wraps(original)
-        def execute_model(self, scheduler_output, *args, **kwargs):
-            _notify_gone(scheduler_output)
-            token = _STEP.set(StepContext(runner=self, scheduler_output=scheduler_output))
-            try:
-                return original(self, scheduler_output, *args, **kwargs)
-            finally:
-                _STEP.reset(token)
-
-        execute_model.__recroute_patched__ = True  # type: ignore[attr-defined]
-        GPUModelRunner.execute_model = execute_model
+        GPUModelRunner.execute_model = _wrap_execute_model(GPUModelRunner.execute_model)
         _applied = True
+    for runner_cls in _known_runner_subclasses():
+        check_runner_patched(runner_cls)
+
+
+def _wrap_execute_model(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        _notify_gone(scheduler_output)
+        token = _STEP.set(StepContext(runner=self, scheduler_output=scheduler_output))
+        try:
+            return original(self, scheduler_output, *args, **kwargs)
+        finally:
+            _STEP.reset(token)
+
+    execute_model.__recroute_patched__ = True  # type: ignore[attr-defined]
+    return execute_model
+
+
+def _known_runner_subclasses() -> list[type]:
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except ImportError:  # GPU-only installs
+        return []
+    return [CPUModelRunner]
 
 
 def check_runner_patched(runner_cls: type) -> None:
