@@ -45,8 +45,19 @@ QTYPES: tuple[str, ...] = ("color_of_shape", "relation", "count", "exists", "row
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 ROW_NAMES: tuple[str, ...] = ("top", "middle", "bottom")
 NUMBER_WORDS: tuple[str, ...] = (
-    "zero", "one", "two", "three", "four", "five", "six",
-    "seven", "eight", "nine", "ten", "eleven", "twelve",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
 )
 
 IMAGE_SIZE = 256  # pixels, square; equals the vision tower's tile so nothing is resized
@@ -273,9 +284,7 @@ def heldout_seeds(n: int, seed: int = HELDOUT_SEED_BASE) -> list[int]:
 
 def make_heldout_examples(n: int, seed: int = HELDOUT_SEED_BASE) -> list[Example]:
     """`n` held-out examples, question types balanced (round-robin over QTYPES)."""
-    return [
-        make_example(s, QTYPES[i % len(QTYPES)]) for i, s in enumerate(heldout_seeds(n, seed))
-    ]
+    return [make_example(s, QTYPES[i % len(QTYPES)]) for i, s in enumerate(heldout_seeds(n, seed))]
 
 
 def vocabulary_corpus() -> list[str]:
