@@ -27,9 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "serve",
         help="start vLLM's OpenAI-compatible server with routing on",
-        description="Unknown flags are passed to vLLM's server unchanged.",
+        usage="vllm-recroute serve [MODEL] [--routing R] [--keep X] [vLLM server flags...]",
+        description="MODEL (first argument, optional): a local HF model directory; default: "
+        "the embedded demo model. Unknown flags are passed to vLLM's server unchanged.",
     )
-    s.add_argument("model", nargs="?", help="local HF model dir (default: embedded demo model)")
     s.add_argument("--routing", default="pdrop", help="off | fastv | pdrop | JSON RoutingConfig")
     s.add_argument("--keep", type=float, default=None, help="keep fraction (fastv) / ratio (pdrop)")
 
@@ -45,8 +46,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _split_serve_model(argv: list[str]) -> tuple[list[str], str | None]:
+    # With unknown vLLM flags allowed, argparse would take the value of `--port 8000` as
+    # MODEL; MODEL is therefore only the token right after `serve`, if it is not a flag.
+    if len(argv) >= 2 and argv[0] == "serve" and not argv[1].startswith("-"):
+        return [argv[0], *argv[2:]], argv[1]
+    return argv, None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, model = _split_serve_model(argv)
     args, rest = _parser().parse_known_args(argv)
+    if args.command == "serve":
+        args.model = model
     if args.command != "serve" and rest:
         _parser().error(f"unrecognized arguments: {' '.join(rest)}")
     try:

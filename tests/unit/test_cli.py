@@ -79,3 +79,17 @@ def test_make_tiny_model_is_deterministic(tmp_path, capsys):
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= set(a)
     assert a == b
     assert a["model.safetensors"] != c["model.safetensors"]
+
+
+def test_serve_model_is_only_the_first_token(monkeypatch, tmp_path):
+    """`--port 8000` must reach vLLM, not be taken as MODEL (argparse would)."""
+    import vllm_recroute_server.launcher as launcher
+
+    calls = []
+    monkeypatch.setattr(launcher, "serve", lambda *a: calls.append(a))
+    model = _model_dir(tmp_path, ["Idefics3ForConditionalGeneration"])
+    assert main(["serve", "--port", "8011", "--routing", "fastv"]) == 0
+    assert main(["serve", str(model), "--port", "8011"]) == 0
+    (m1, r1, _, rest1), (m2, _, _, rest2) = calls
+    assert rest1 == ["--port", "8011"] and r1 == "fastv" and m1 != "8011"
+    assert m2 == str(model) and rest2 == ["--port", "8011"]
