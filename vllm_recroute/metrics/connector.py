@@ -22,6 +22,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    SupportsHMA,
 )
 
 from vllm_recroute.metrics.accounting import add_into, empty_data, is_empty
@@ -35,7 +36,10 @@ class _NoMetadata(KVConnectorMetadata):
     pass
 
 
-class RecrouteStatsConnector(KVConnectorBase_V1):
+class RecrouteStatsConnector(KVConnectorBase_V1, SupportsHMA):
+    # SupportsHMA: with a connector that lacks it, vLLM turns the hybrid KV-cache manager
+    # off for the whole engine (sliding-window models, and per-stage KV groups, need it).
+
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None):
         super().__init__(vllm_config, role, kv_cache_config)
         self._reports = self._reporting_rank()
@@ -80,6 +84,9 @@ class RecrouteStatsConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         return _NoMetadata()
+
+    def request_finished_all_groups(self, request: Any, block_ids: Any):
+        return False, None  # nothing held: vLLM frees the blocks now
 
     # -- front end ------------------------------------------------------------------
     @classmethod

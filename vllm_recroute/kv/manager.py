@@ -1,0 +1,233 @@
+"""Scheduler-side block manager of one routing-stage KV-cache group.
+
+A request's active tokens at a stage are written *compacted*: compacted position ``c``
+lives in slot ``c % block_size`` of the request's ``c // block_size``-th *live* block.
+This manager allocates live blocks for ``num_tokens - deferred`` tokens (like full
+attention, just shorter) and, when a request's deferred count at the stage grows after
+its blocks were allocated (it is only known once the prefill has routed), returns the
+surplus tail blocks to the shared ``BlockPool`` at once.
+
+Row alignment with the worker. vLLM's worker block table is append-only for a running
+request (`vllm/v1/core/sched/output.py:CachedRequestData.new_block_ids`: appended unless
+the request is resumed). So a released block is replaced by ``null_block`` *in place*
+(as `SlidingWindowManager` does, `single_type_kv_cache_manager.py:_remove_blocks_in_range`)
+and later blocks are appended after it: ``req_to_blocks[r][i]`` is always the block the
+worker holds at row index ``i``. The live (non-null) entries in row order are the
+compacted table. Each release is recorded as a :class:`ReleasedBlocks` event; the
+scheduler-side connector forwards the events to the worker, which drops the same row
+indices from its compacted view (:class:`~vllm_recroute.kv.table_view.CompactedRow`).
+
+In-flight safety. A release never touches a block an already-scheduled step may write:
+the manager keeps ``cdiv(max_tokens - deferred, block_size)`` live blocks where
+``max_tokens`` is the largest ``num_tokens`` it was asked to give slots for (that bound
+includes every scheduled, possibly still running, step and its lookahead tokens).
+
+Prefix caching: never. Stage KV depends on the routing decision, which depends on the
+question; a hit across routing contexts would be silent garbage. ``cache_blocks`` is a
+no-op and ``find_longest_cache_hit`` reports no hit; the spec stays ``prefix_cacheable``
+so that `kv_cache_coordinator.py:HybridKVCacheCoordinator.find_longest_cache_hit` takes
+our zero-length hit into its minimum (a non-cacheable group would be *skipped* and the
+other groups' hits would be used without stage KV).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from vllm.utils.math_utils import cdiv
+from vllm.v1.core.block_pool import BlockPool
+from vllm.v1.core.kv_cache_utils import KVCacheBlock
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import KVCacheSpec
+
+from vllm_recroute.kv.spec import RoutedStageSpec
+
+__all__ = ["ReleasedBlocks", "RoutedStageManager"]
+
+
+@dataclass(frozen=True)
+class ReleasedBlocks:
+    """Blocks of one request returned to the pool by one stage group (scheduler -> worker).
+
+    ``row_indices[i]`` is the index in the worker's block-table row that held
+    ``block_ids[i]``; the worker must not read or write those entries again.
+    """
+
+    request_id: str
+    kv_cache_group_id: int
+    stage: int
+    row_indices: tuple[int, ...]
+    block_ids: tuple[int, ...]
+
+
+class RoutedStageManager(FullAttentionManager):
+    """Full attention over the compacted sequence; tail pages of deferred tokens freed."""
+
+    supports_fine_grained_hash_lookup: ClassVar[bool] = False
+
+    def __init__(self, kv_cache_spec: RoutedStageSpec, **kwargs: Any) -> None:
+        if not isinstance(kv_cache_spec, RoutedStageSpec):
+            raise TypeError(f"RoutedStageManager needs a RoutedStageSpec, got {kv_cache_spec}")
+        super().__init__(kv_cache_spec, **kwargs)
+        self.stage = kv_cache_spec.stage
+        self._deferred: dict[str, int] = {}
+        self._max_tokens: dict[str, int] = {}
+        self._released: list[ReleasedBlocks] = []
+        self.num_released_blocks = 0  # lifetime counter (metrics)
+
+    # ------------------------------------------------------------------ deferred counts
+
+    def set_deferred(self, request_id: str, num_deferred: int) -> bool:
+        """Record how many of the request's tokens have no KV at this stage.
+
+        Comes from the worker's routing decision. Ignored (returns False) for a request
+        that holds no blocks here (finished, aborted or preempted since the report was
+        produced): a recomputed prefill reports again. A decrease (restored blocks) is
+        allowed; blocks for it are allocated by the next ``allocate_new_blocks``.
+        """
+        if num_deferred < 0:
+            raise ValueError(f"num_deferred must be >= 0, got {num_deferred}")
+        if request_id not in self.req_to_blocks:
+            return False
+        self._deferred[request_id] = num_deferred
+        return True
+
+    def get_deferred(self, request_id: str) -> int:
+        return self._deferred.get(request_id, 0)
+
+    def num_live_blocks(self, request_id: str) -> int:
+        return sum(not b.is_null for b in self.req_to_blocks.get(request_id, ()))
+
+    def live_block_ids(self, request_id: str) -> list[int]:
+        """The compacted block table of the request (row order, holes removed)."""
+        return [b.block_id for b in self.req_to_blocks.get(request_id, ()) if not b.is_null]
+
+    def _compacted(self, request_id: str, num_tokens: int) -> int:
+        return max(num_tokens - self._deferred.get(request_id, 0), 0)
+
+    # ------------------------------------------------------------------ release (pair)
+
+    def _keep(self, request_id: str) -> int:
+        max_tokens = self._max_tokens.get(request_id, 0)
+        return cdiv(self._compacted(request_id, max_tokens), self.block_size)
+
+    def can_release(self, request_id: str) -> int:
+        """Number of live blocks ``release`` would return to the pool now."""
+        if request_id not in self._max_tokens:  # nothing allocated through us yet
+            return 0
+        return max(self.num_live_blocks(request_id) - self._keep(request_id), 0)
+
+    def release(self, request_id: str) -> list[int]:
+        """Free the live blocks beyond what the request's compacted length (including
+        in-flight tokens) needs; they become ``null_block`` in the row. Returns their IDs
+        (tail first: the order they were handed to ``BlockPool.free_blocks``)."""
+        if self.can_release(request_id) == 0:
+            return []
+        blocks = self.req_to_blocks[request_id]
+        keep = self._keep(request_id)
+        live_rows = [i for i, b in enumerate(blocks) if not b.is_null]
+        rows = live_rows[keep:][::-1]
+        freed = [blocks[i] for i in rows]
+        for i in rows:
+            blocks[i] = self._null_block
+        self.block_pool.free_blocks(freed)
+        self.num_released_blocks += len(freed)
+        self._released.append(
+            ReleasedBlocks(
+                request_id=request_id,
+                kv_cache_group_id=self.kv_cache_group_id,
+                stage=self.stage,
+                row_indices=tuple(rows),
+                block_ids=tuple(b.block_id for b in freed),
+            )
+        )
+        return [b.block_id for b in freed]
+
+    def take_released(self) -> list[ReleasedBlocks]:
+        """Drain release events (for the scheduler -> worker connector metadata)."""
+        out, self._released = self._released, []
+        return out
+
+    # ------------------------------------------------------------------ vLLM hooks
+
+    def remove_skipped_blocks(
+        self,
+        request_id: str,
+        processed_computed_tokens: int,
+        num_prompt_tokens: int | None = None,
+    ) -> None:
+        """Called by `KVCacheManager.allocate_slots` before every allocation of a
+        scheduled request: the natural place to release (like sliding window)."""
+        del processed_computed_tokens, num_prompt_tokens
+        if request_id in self.req_to_blocks:
+            self.release(request_id)
+
+    def get_num_blocks_to_allocate(
+        self,
+        request_id: str,
+        num_tokens: int,
+        new_computed_blocks: Sequence[KVCacheBlock],
+        total_computed_tokens: int,
+        num_local_computed_tokens: int,
+        num_tokens_main_model: int,
+        apply_admission_cap: bool = False,
+        prefill_end: int = 0,
+    ) -> int:
+        assert not new_computed_blocks, "routed stage groups never have prefix-cache hits"
+        required = cdiv(self._compacted(request_id, num_tokens), self.block_size)
+        return max(required - self.num_live_blocks(request_id), 0)
+
+    def allocate_new_blocks(
+        self, request_id: str, num_tokens: int, num_tokens_main_model: int
+    ) -> list[KVCacheBlock]:
+        self._max_tokens[request_id] = max(self._max_tokens.get(request_id, 0), num_tokens)
+        req_blocks = self.req_to_blocks[request_id]
+        required = cdiv(self._compacted(request_id, num_tokens), self.block_size)
+        num_new = required - self.num_live_blocks(request_id)
+        if num_new <= 0:
+            return []
+        new_blocks = self.block_pool.get_new_blocks(num_new)
+        req_blocks.extend(new_blocks)
+        if self._record_new_block_ids:
+            self.new_block_ids.extend(b.block_id for b in new_blocks)
+        return new_blocks
+
+    def allocate_external_computed_blocks(
+        self,
+        request_id: str,
+        num_local_computed_tokens: int,
+        num_external_computed_tokens: int,
+        record_for_zeroing: bool = True,
+    ) -> None:
+        if num_external_computed_tokens > 0:
+            raise RuntimeError(
+                "vllm-recroute: a KV connector offered external KV for a routed stage "
+                "group; stage KV depends on the routing decision and cannot be imported"
+            )
+
+    def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
+        """Finish / abort / preemption: every live block, no ``null_block`` entries."""
+        self._deferred.pop(request_id, None)
+        self._max_tokens.pop(request_id, None)
+        blocks = super().pop_blocks_for_free(request_id)
+        return [b for b in blocks if not b.is_null]
+
+    def cache_blocks(self, request: Any, num_tokens: int, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    @classmethod
+    def find_longest_cache_hit(
+        cls,
+        block_hashes: Any,
+        max_length: int,
+        kv_cache_group_ids: list[int],
+        block_pool: BlockPool,
+        kv_cache_spec: KVCacheSpec,
+        drop_eagle_block: bool,
+        alignment_tokens: int,
+        dcp_world_size: int = 1,
+        pcp_world_size: int = 1,
+    ) -> tuple[tuple[list[KVCacheBlock], ...], int]:
+        return tuple([] for _ in kv_cache_group_ids), 0
