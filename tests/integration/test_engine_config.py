@@ -81,3 +81,9 @@ def test_mm_prefix_models_refuse_routing(tiny_paligemma):
         {"mode": "off"},
         hf_overrides={"architectures": [ROUTED_PALIGEMMA], "is_mm_prefix_lm": True},
     )
+
+
+def test_speculative_decoding_refused_with_routing(tiny_idefics3):
+    spec = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}
+    with pytest.raises(ValueError, match=r"recroute\.mode: .*speculative"):
+        _engine_config(tiny_idefics3, ROUTED_IDEFICS3, {"mode": "reroute"}, speculative_config=spec)

@@ -81,6 +81,14 @@ def _install_stats_connector(vllm_config: Any) -> None:
 def _refuse_unsupported(vllm_config: Any, cfg: RoutingConfig) -> None:
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise ValueError("vllm-recroute: pipeline parallelism is not supported with routing")
+    if cfg.enabled and vllm_config.speculative_config is not None:
+        # Draft tokens would need routing decisions replayed by the drafter and the
+        # verifier; untested, so refused rather than silently wrong.
+        raise RoutingConfigError(
+            "recroute.mode",
+            "routing is not supported with speculative decoding; use mode 'off' or drop "
+            "--speculative-config",
+        )
     model = vllm_config.model_config
     if cfg.enabled and model is not None and model.is_mm_prefix_lm:
         # Bidirectional attention over the image prefix (PaliGemma, Gemma 3) needs per-request
