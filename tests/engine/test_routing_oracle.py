@@ -127,3 +127,28 @@ def test_finished_requests_leave_no_routing_state(routed_llm, tiny_idefics3):
 
     routed_llm.generate(["hello"], SamplingParams(max_tokens=2), use_tqdm=False)
     assert routed_llm.collective_rpc(stored) == [0]
+
+
+def test_aborted_requests_leave_no_routing_state(routed_llm, tiny_idefics3):
+    from vllm import SamplingParams
+
+    engine = routed_llm.llm_engine
+    prompt, images = request_inputs(str(tiny_idefics3), REQUESTS[0])
+    params = SamplingParams(
+        max_tokens=200, ignore_eos=True, extra_args=_xargs(CONFIGS["pdrop-reroute"])
+    )
+    engine.add_request(
+        "abort-me", {"prompt": prompt, "multi_modal_data": {"image": images}}, params
+    )
+    for _ in range(4):  # prefill (routed) and a few decode steps
+        engine.step()
+
+    def stored(worker):
+        return sorted(worker.model_runner.model.recroute.store._states)
+
+    # state exists mid-request (vLLM suffixes the external id internally)
+    [[held]] = routed_llm.collective_rpc(stored)
+    assert held.startswith("abort-me")
+    engine.abort_request(["abort-me"])
+    routed_llm.generate(["hello"], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert routed_llm.collective_rpc(stored) == [[]]
