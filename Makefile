@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 EXTRA ?= cpu
 ARGS ?=
 
-.PHONY: setup serve test test-unit test-engine lint format bench clean
+.PHONY: setup serve test test-unit test-engine lint format bench bench-quality clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -36,8 +36,11 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: setup
+bench: setup  ## TTFT of routing off/fastv/pdrop vs plain vLLM (docs/benchmarks.md)
 	$(PY) bench/ttft.py
+
+bench-quality: setup  ## accuracy of the demo model: full vs remove vs reroute (docs/benchmarks.md)
+	$(PY) bench/quality.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
