@@ -26,7 +26,7 @@ test-unit: setup
 	$(PY) -m pytest -q tests/unit $(ARGS)
 
 test-engine: setup
-	$(PY) -m pytest -q tests/engine tests/e2e $(ARGS)
+	$(PY) -m pytest -q tests/integration tests/engine tests/e2e $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
