@@ -26,9 +26,9 @@ import pytest
 import requests
 import yaml
 
-from tests.e2e.conftest import API_KEY, _free_port, image_data_url
+from tests.e2e.conftest import API_KEY, _free_port
+from tests.e2e.test_openai_api import _messages
 from vllm_recroute.metrics.names import METRICS
-from vllm_recroute.tiny_models import make_test_image
 
 pytestmark = pytest.mark.e2e
 
@@ -224,19 +224,6 @@ def _wait_for(prom: dict, expr: str, ok, what: str) -> list:
             return result
         assert time.time() < deadline, f"{what}: `{expr}` gave {result}\n{prom['log']}"
         time.sleep(0.5)
-
-
-def _messages(seed: int = 1, question: str = "what is in the picture?") -> list[dict]:
-    url = image_data_url(make_test_image(seed, size=128))
-    return [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": url}},
-                {"type": "text", "text": question},
-            ],
-        }
-    ]
 
 
 PER_REQUEST = [None, {"recroute_schedule": "fastv"}, {"recroute_mode": "reroute"}]
