@@ -309,9 +309,11 @@ class StepRouter:
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
         n = self.num_reqs
-        counts = torch.stack(
-            [active[int(self.qsl[i]) : int(self.qsl[i + 1])].sum() for i in range(n)]
-        ).long()
+        rows = int(self.qsl[-1])
+        req_of_step_row = torch.repeat_interleave(torch.arange(n), self.qsl.diff())
+        counts = torch.zeros(n, dtype=torch.long).index_add_(
+            0, req_of_step_row, active[:rows].long()
+        )
         qsl = torch.zeros(n + 1, dtype=torch.int32)
         qsl[1:] = torch.cumsum(counts, 0)
         ctx = self.num_computed - offsets
