@@ -31,4 +31,9 @@ def register() -> None:
         if arch not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(arch, dotted)
     register_config_hooks()
+    from vllm_recroute.kv.spec import register_stage_spec
+
+    # The engine core needs the stage manager class, the worker the spec class; both only
+    # matter with recroute.kv_release, but registering is cheap and idempotent.
+    register_stage_spec()
     _registered = True

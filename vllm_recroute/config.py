@@ -69,6 +69,10 @@ class RoutingConfig(pydantic.BaseModel):
     # prefill disabled) so question-conditioned scores always see the question; "fallback"
     # keeps vLLM's chunked prefill and runs a split prompt unrouted (counted, logged).
     chunked_prefill: Literal["off", "fallback"] = "off"
+    # Engine-wide: give each routing stage its own KV-cache group(s) and return the pages of
+    # deferred tokens to vLLM's block pool (the scheduler sees the savings). Router points
+    # are then fixed at startup: per-request schedule/router_layers/custom are refused.
+    kv_release: bool = False
     # Operator limits on per-request options (vllm_xargs); server-side only, not overridable.
     request_overrides: bool = True  # False: requests may not change routing at all
     request_min_keep: _Float | None = None  # lowest keep (or custom keep) a request may ask
@@ -266,6 +270,7 @@ _HELP: dict[str, str] = {
     "request_min_avg_visual_tokens": "must be an integer > 0",
     "request_modes": "must be a list of modes among off, reroute, remove",
     "request_overrides": "must be true or false",
+    "kv_release": "must be true or false",
     "reference_layers": "must be an integer > 0",
 }
 

@@ -63,6 +63,11 @@ def config_for_extra_args(
     return base.with_overrides(overrides)
 
 
+def _same(requested: Any, current: Any) -> bool:
+    as_list = lambda v: [as_list(x) for x in v] if isinstance(v, list | tuple) else v  # noqa: E731
+    return as_list(requested) == as_list(current)
+
+
 def check_request_limits(base: RoutingConfig, overrides: Mapping[str, Any]) -> None:
     """Refuse overrides outside the operator's limits (RoutingConfig.request_*)."""
 
@@ -71,6 +76,12 @@ def check_request_limits(base: RoutingConfig, overrides: Mapping[str, Any]) -> N
 
     if not base.request_overrides:
         refuse(next(iter(overrides)), "per-request routing options are disabled on this server")
+    if base.kv_release:
+        for name in ("schedule", "router_layers", "custom"):
+            if name in overrides and not _same(overrides[name], getattr(base, name)):
+                refuse(
+                    name, "fixed on this server: kv_release builds per-stage KV groups at startup"
+                )
     mode = overrides.get("mode")
     if base.request_modes is not None and mode is not None and mode not in base.request_modes:
         refuse("mode", f"got {mode!r}; this server allows {', '.join(base.request_modes)}")

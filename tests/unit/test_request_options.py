@@ -76,3 +76,19 @@ def test_limit_fields_validated_at_startup():
     with pytest.raises(RoutingConfigError) as info:
         RoutingConfig.from_dict({"request_modes": ["sometimes"]})
     assert info.value.field == "recroute.request_modes"
+
+
+def test_kv_release_fixes_router_points_per_request():
+    base = RoutingConfig(schedule="pdrop", kv_release=True)
+    # same schedule, other budget or mode: fine (router points do not move)
+    cfg = config_for_extra_args(
+        base, {"recroute_schedule": "pdrop", "recroute_keep": 0.3, "recroute_mode": "remove"}
+    )
+    assert (cfg.keep, cfg.mode) == (0.3, "remove")
+    for xargs in (
+        {"recroute_schedule": "fastv"},
+        {"recroute_router_layers": "[1, 2, 3]"},
+        {"recroute_schedule": "custom", "recroute_custom": "[[1, 0.5]]"},
+    ):
+        with pytest.raises(RoutingConfigError, match="fixed on this server"):
+            config_for_extra_args(base, xargs)

@@ -15,6 +15,7 @@ SCALARS = (
     "deferred_visual_token_layers",
     "decoder_flops_saved",
     "kv_bytes_saved",
+    "kv_blocks_released",
 )
 MAPPINGS = ("routed_requests", "stage_visual_tokens", "stage_active_visual_tokens")
 

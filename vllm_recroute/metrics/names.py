@@ -71,6 +71,12 @@ METRICS: tuple[MetricSpec, ...] = (
         "Bytes of K/V not written to routed stages' active KV (deferred token-layers x K/V "
         "bytes per token-layer). Pages stay allocated until the parked-block tier frees them.",
     ),
+    MetricSpec(
+        "recroute:kv_blocks_released",
+        "counter",
+        "KV-cache blocks of deferred tokens returned to vLLM's block pool by routed-stage "
+        "groups (recroute.kv_release); free for any request.",
+    ),
 )
 
 BY_NAME = {m.name: m for m in METRICS}

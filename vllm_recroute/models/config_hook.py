@@ -51,12 +51,12 @@ def apply_routing_requirements(vllm_config: Any) -> RoutingConfig:
 
 
 def _install_request_validator(vllm_config: Any, cfg: RoutingConfig) -> None:
-    from vllm_recroute.request_validation import FQCN, set_server_config
+    from vllm_recroute.request_validation import is_validator, validator_for
 
-    set_server_config(cfg)
     model = vllm_config.model_config
-    if model is not None and FQCN not in (model.logits_processors or []):
-        model.logits_processors = [*(model.logits_processors or []), FQCN]
+    if model is not None:
+        others = [p for p in (model.logits_processors or []) if not is_validator(p)]
+        model.logits_processors = [*others, validator_for(cfg)]
 
 
 def _install_stats_connector(vllm_config: Any) -> None:

@@ -79,6 +79,11 @@ class RouteStore:
         self._states: dict[str, RouteState] = {}
         self.totals = empty_data()
         self._pending = empty_data()
+        # kv_release: per (request, KV group), block-table row indices whose pages the
+        # scheduler released (vllm_recroute/kv/manager.py); and deferred counts per stage
+        # not yet reported to the scheduler.
+        self.dead_rows: dict[tuple[str, int], set[int]] = {}
+        self._deferred_reports: dict[str, dict[int, int]] = {}
         _STORES.append(self)
 
     def get(self, req_id: str) -> RouteState | None:
@@ -88,8 +93,24 @@ class RouteStore:
         self._states[req_id] = state
 
     def forget(self, req_ids: Iterable[str]) -> None:
-        for req_id in req_ids:
+        gone = set(req_ids)
+        for req_id in gone:
             self._states.pop(req_id, None)
+            self._deferred_reports.pop(req_id, None)
+        if self.dead_rows:
+            for key in [k for k in self.dead_rows if k[0] in gone]:
+                del self.dead_rows[key]
+
+    def report_deferred(self, req_id: str, per_stage: dict[int, int]) -> None:
+        self._deferred_reports[req_id] = dict(per_stage)
+
+    def drain_deferred(self) -> dict[str, dict[int, int]]:
+        out, self._deferred_reports = self._deferred_reports, {}
+        return out
+
+    def apply_released(self, req_id: str, gid: int, row_indices: Iterable[int]) -> None:
+        if req_id in self._states:  # else finished/preempted meanwhile: nothing to mirror
+            self.dead_rows.setdefault((req_id, gid), set()).update(row_indices)
 
     def record(self, delta: dict[str, Any]) -> None:
         add_into(self.totals, delta)
@@ -106,6 +127,21 @@ class RouteStore:
 # Stores of the routed models in this process (one per model; the stats connector drains
 # them without a reference to the model).
 _STORES: list[RouteStore] = []
+
+
+def drain_deferred_reports() -> dict[str, dict[int, int]]:
+    """kv_release: request -> {stage: deferred tokens} decided since the last call."""
+    out: dict[str, dict[int, int]] = {}
+    for store in _STORES:
+        out.update(store.drain_deferred())
+    return out
+
+
+def apply_released_blocks(events: Iterable[Any]) -> None:
+    """kv_release: mirror the scheduler's page releases (kv/manager.ReleasedBlocks)."""
+    for event in events:
+        for store in _STORES:
+            store.apply_released(event.request_id, event.kv_cache_group_id, event.row_indices)
 
 
 def drain_route_stats() -> dict[str, Any]:
@@ -141,7 +177,7 @@ class Segment:
     end: int
     active_rows: torch.Tensor | None  # None: every row active
     attn_metadata: dict[int, Any] = field(default_factory=dict)  # kv group -> metadata
-    slot_mapping: torch.Tensor | None = None  # None: vLLM's own metadata is right
+    slot_mapping: dict[int, torch.Tensor] = field(default_factory=dict)  # empty: vLLM's own
 
 
 class StepRouter:
@@ -255,6 +291,10 @@ class StepRouter:
         v = int(route.visual_rows.numel())
         deferred = tuple(v - int(m.sum()) for m in route.masks)
         self.decoder.store.put(route.req_id, RouteState(route.stages, deferred))
+        if self.decoder.kv_release:  # spec stage k+1 = this request's k-th routed stage
+            self.decoder.store.report_deferred(
+                route.req_id, {k + 1: d for k, d in enumerate(deferred)}
+            )
         deferred_layers = sum(
             d * (s.end - s.start) for s, d in zip(route.stages, deferred, strict=True)
         )
@@ -321,29 +361,45 @@ class StepRouter:
         req_of_row = torch.repeat_interleave(torch.arange(n), counts)
         rank = torch.arange(int(qsl[-1])) - qsl[:-1].long()[req_of_row]
         pos = ctx[req_of_row] + rank
-        groups = self.decoder.kv_groups(self.runner)
-        slot_mapping = None
-        for gid, (block_size, attn_group) in groups.items():
-            table = self.runner.input_batch.block_table[gid].get_device_tensor(n)
+        for gid in self.decoder.groups_of_layers(self.runner, seg.start, seg.end):
+            block_size, attn_group = self.decoder.group_info[gid]
+            table = self._block_table(gid, n)
             blocks = table[req_of_row, pos // block_size].long()
             slots = blocks * block_size + pos % block_size
+            device = self.runner.input_batch.block_table[gid].get_device_tensor(n).device
             cm = CommonAttentionMetadata(
-                query_start_loc=qsl,
+                query_start_loc=qsl.to(device),
                 query_start_loc_cpu=qsl,
-                seq_lens=seq_lens,
+                seq_lens=seq_lens.to(device),
                 seq_lens_cpu_upper_bound=seq_lens,
                 num_reqs=n,
                 num_actual_tokens=int(qsl[-1]),
                 max_query_len=int(counts.max()) if n else 0,
                 max_seq_len=int(seq_lens.max()) if n else 0,
-                block_table_tensor=table,
-                slot_mapping=slots,
+                block_table_tensor=table.to(device),
+                slot_mapping=slots.to(device),
                 causal=True,
                 is_prefilling=self.num_computed == 0,
             )
             seg.attn_metadata[gid] = attn_group.build_metadata(cm)
-            slot_mapping = slots
-        seg.slot_mapping = slot_mapping
+            seg.slot_mapping[gid] = cm.slot_mapping
+
+    def _block_table(self, gid: int, n: int) -> torch.Tensor:
+        """The group's block table (CPU), with released pages removed from each row when
+        kv_release is on: a row's live entries, in order, hold compacted positions."""
+        bt = self.runner.input_batch.block_table[gid]
+        table = bt.get_cpu_tensor()[:n].clone()
+        dead = self.decoder.store.dead_rows
+        if not dead:
+            return table
+        for r, req_id in enumerate(self.runner.input_batch.req_ids[:n]):
+            rows = dead.get((req_id, gid))
+            if rows:
+                width = int(bt.num_blocks_per_row[r])
+                live = [i for i in range(width) if i not in rows]
+                table[r].zero_()
+                table[r, : len(live)] = bt.get_cpu_tensor()[r, live]
+        return table
 
 
 # --------------------------------------------------------------------------- decoder
@@ -384,28 +440,53 @@ class RoutedDecoder:
         self.cost = LayerCost.of(self.layers[0], vllm_config)
         on_requests_gone(self.store.forget)
         self._step: StepRouter | None = None
-        self._groups: dict[int, tuple[int, Any]] | None = None
+        self.group_of_layer: dict[str, int] = {}
+        self.group_info: dict[int, tuple[int, Any]] = {}
         self._layer_names = [_attn_layer_name(layer) for layer in self.layers]
+        self.kv_release = self.config.kv_release
+        if self.kv_release:
+            self._report_stage_specs()
         for idx, layer in enumerate(self.layers):
             layer.forward = self._wrap(idx, layer, layer.forward)
 
-    def kv_groups(self, runner: Any) -> dict[int, tuple[int, Any]]:
-        """KV cache group id -> (block size, attention group) of this decoder's layers."""
-        if self._groups is None:
-            wanted = set(self._layer_names)
-            groups = {}
-            for gid, attn_groups in enumerate(runner.attn_groups):
-                for group in attn_groups:
-                    if wanted & set(group.layer_names):
-                        spec = runner.kv_cache_config.kv_cache_groups[gid].kv_cache_spec
-                        groups[gid] = (spec.block_size, group)
-            if len(groups) != 1:
-                raise RuntimeError(
-                    f"vllm-recroute: decoder layers span {len(groups)} KV cache groups; "
-                    "routing supports models whose decoder layers share one group"
-                )
-            self._groups = groups
-        return self._groups
+    def _report_stage_specs(self) -> None:
+        """kv_release: each layer reports its routing stage in its KV-cache spec, so vLLM
+        gives every stage its own group(s) and RoutedStageManager (kv/spec.py)."""
+        from vllm_recroute.kv.spec import stage_spec_from
+        from vllm_recroute.routing import router_points
+
+        points = router_points(self.config, self.num_layers)
+        for idx, layer in enumerate(self.layers):
+            stage = sum(1 for p in points if p <= idx)
+            attn = layer.self_attn.attn
+            inner = attn.get_kv_cache_spec
+
+            def get_kv_cache_spec(vllm_config, _inner=inner, _stage=stage):
+                spec = _inner(vllm_config)
+                return None if spec is None else stage_spec_from(spec, _stage)
+
+            attn.get_kv_cache_spec = get_kv_cache_spec
+
+    def _bind_groups(self, runner: Any) -> None:
+        """Which KV-cache group each decoder layer writes (one with kv_release off, one or
+        more per routing stage with it on), with the group's block size and attention
+        group (its metadata builder)."""
+        wanted = set(self._layer_names)
+        for gid, attn_groups in enumerate(runner.attn_groups):
+            for group in attn_groups:
+                for name in wanted & set(group.layer_names):
+                    self.group_of_layer[name] = gid
+                    spec = runner.kv_cache_config.kv_cache_groups[gid].kv_cache_spec
+                    self.group_info[gid] = (spec.block_size, group)
+        missing = wanted - set(self.group_of_layer)
+        if missing:
+            raise RuntimeError(f"vllm-recroute: no KV cache group for layers {sorted(missing)}")
+
+    def groups_of_layers(self, runner: Any, start: int, end: int) -> list[int]:
+        if not self.group_of_layer:
+            self._bind_groups(runner)
+        names = self._layer_names[start:end]
+        return sorted({self.group_of_layer[n] for n in names})
 
     def _wrap(self, idx: int, layer: Any, inner: Any) -> Any:
         name = self._layer_names[idx]
@@ -418,9 +499,9 @@ class RoutedDecoder:
                 return inner(positions, hidden_states, residual, *args, **kwargs)
             step.score_before(idx, layer, positions, hidden_states, residual)
             seg = step.segment(idx)
-            if seg is None or seg.slot_mapping is None:
+            if seg is None or not seg.slot_mapping:
                 return inner(positions, hidden_states, residual, *args, **kwargs)
-            _install(name, seg)
+            _install(name, self.group_of_layer[name], seg)
             rows = seg.active_rows
             if rows is None:
                 return inner(positions, hidden_states, residual, *args, **kwargs)
@@ -446,15 +527,14 @@ class RoutedDecoder:
 # --------------------------------------------------------------------------- helpers
 
 
-def _install(layer_name: str, seg: Segment) -> None:
+def _install(layer_name: str, gid: int, seg: Segment) -> None:
     from vllm.forward_context import get_forward_context
 
     ctx = get_forward_context()
     if not isinstance(ctx.attn_metadata, dict):
         raise RuntimeError("vllm-recroute: micro-batched attention metadata is not supported")
-    (metadata,) = seg.attn_metadata.values()
-    ctx.attn_metadata[layer_name] = metadata
-    ctx.slot_mapping[layer_name] = seg.slot_mapping
+    ctx.attn_metadata[layer_name] = seg.attn_metadata[gid]
+    ctx.slot_mapping[layer_name] = seg.slot_mapping[gid]
 
 
 def _attn_layer_name(layer: Any) -> str:

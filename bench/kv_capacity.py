@@ -1,0 +1,141 @@
+"""Concurrency at a fixed KV budget: plain vLLM vs pdrop routing with kv_release.
+
+Many image requests at once on the random-weight SmolVLM-256M-shaped model, same
+`kv_cache_memory_bytes` for both engines. Measured per engine step (LLMEngine.step loop,
+vLLM's own gauges): peak running requests, KV blocks in use per running request (from
+`vllm:kv_cache_usage_perc`), preemptions, and generated tokens/s. Next to them, the
+analytic ideal of the KV ratio from the schedule: per request, the stage-weighted share
+of tokens that keep KV pages, at the final length.
+
+    python bench/kv_capacity.py [--requests 16] [--max-tokens 48] [--kv-mib 160]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ROUTED = "RecrouteIdefics3ForConditionalGeneration"
+
+
+def _engine(model: str, routed: bool, kv_bytes: int, max_seqs: int):
+    from vllm import LLM
+
+    kw = dict(
+        model=model, dtype="float32", max_model_len=2048, kv_cache_memory_bytes=kv_bytes,
+        max_num_seqs=max_seqs, enforce_eager=True, seed=0, enable_prefix_caching=False,
+        disable_log_stats=False,
+    )  # fmt: skip
+    if routed:
+        kw |= dict(
+            hf_overrides={"architectures": [ROUTED]},
+            additional_config={"recroute": {"schedule": "pdrop", "kv_release": True}},
+        )
+    return LLM(**kw)
+
+
+def _run(llm, requests, max_tokens: int) -> dict:
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    for i, req in enumerate(requests):
+        engine.add_request(f"r{i}", req, params)
+    peak, usage_per_req, generated = 0, [], 0
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                generated += len(out.outputs[0].token_ids)
+        m = {x.name: x for x in llm.get_metrics()}
+        running = int(m["vllm:num_requests_running"].value)
+        peak = max(peak, running)
+        if running:
+            usage_per_req.append(m["vllm:kv_cache_usage_perc"].value / running)
+    wall = time.perf_counter() - t0
+    m = {x.name: x for x in llm.get_metrics()}
+    return {
+        "peak_running": peak,
+        "kv_usage_per_running_req": sum(usage_per_req) / max(1, len(usage_per_req)),
+        "preemptions": int(m["vllm:num_preemptions"].value),
+        "tokens_per_s": generated / wall,
+        "wall_s": wall,
+        "final_usage": m["vllm:kv_cache_usage_perc"].value,
+    }
+
+
+def _ideal_ratio(num_layers: int, num_visual: int, total_tokens: int) -> float:
+    from vllm_recroute.config import RoutingConfig
+    from vllm_recroute.routing import num_keep, resolve_stages
+
+    stages = resolve_stages(RoutingConfig(schedule="pdrop"), num_layers, num_visual)
+    kept = stages[0].start * total_tokens
+    for s in stages:
+        deferred = num_visual - num_keep(s.keep, num_visual)
+        kept += (s.end - s.start) * (total_tokens - deferred)
+    return kept / (num_layers * total_tokens)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="default: cached smolvlm-256m preset")
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--kv-mib", type=int, default=160)
+    ap.add_argument("--image-size", type=int, default=1536)
+    args = ap.parse_args()
+
+    from transformers import AutoConfig, AutoProcessor
+
+    from vllm_recroute.tiny_models import cached_tiny_model, make_test_image
+
+    model = args.model or str(cached_tiny_model("idefics3", preset="smolvlm-256m"))
+    proc = AutoProcessor.from_pretrained(model)
+    requests = []
+    for i in range(args.requests):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                    "text": f"Describe object number {i} please."}]}]  # fmt: skip
+        prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
+        image = make_test_image(100 + i, args.image_size)
+        requests.append({"prompt": prompt, "multi_modal_data": {"image": image}})
+    ids = proc(text=[requests[0]["prompt"]], images=[[requests[0]["multi_modal_data"]["image"]]])
+    prompt_len = len(ids["input_ids"][0])
+    num_visual = ids["input_ids"][0].count(proc.tokenizer.convert_tokens_to_ids("<image>"))
+    layers = AutoConfig.from_pretrained(model).text_config.num_hidden_layers
+
+    results = {}
+    for name, routed in (("plain vLLM", False), ("pdrop + kv_release", True)):
+        llm = _engine(model, routed, args.kv_mib << 20, max_seqs=args.requests)
+        results[name] = _run(llm, requests, args.max_tokens)
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    base = results["plain vLLM"]
+    ideal = _ideal_ratio(layers, num_visual, prompt_len + args.max_tokens)
+    print(
+        f"{args.requests} requests at once, each {prompt_len} prompt tokens ({num_visual} "
+        f"visual) + {args.max_tokens} generated; kv_cache_memory_bytes {args.kv_mib} MiB; "
+        f"{layers} layers.\n"
+    )
+    print("| engine | peak running | KV use per running request | preemptions | tokens/s |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r in results.items():
+        print(
+            f"| {name} | {r['peak_running']} ({r['peak_running'] / base['peak_running']:.2f}x) "
+            f"| {100 * r['kv_usage_per_running_req']:.2f}% "
+            f"({r['kv_usage_per_running_req'] / base['kv_usage_per_running_req']:.2f}x) "
+            f"| {r['preemptions']} | {r['tokens_per_s']:.1f} "
+            f"({r['tokens_per_s'] / base['tokens_per_s']:.2f}x) |"
+        )
+    print(
+        f"\nAnalytic ideal KV ratio (pdrop, final length, token granularity): {ideal:.3f}; "
+        f"KV usage after the run: "
+        + ", ".join(f"{n} {100 * r['final_usage']:.1f}%" for n, r in results.items())
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""recroute.kv_release: per-stage KV groups give deferred tokens' pages back to vLLM's
+block pool. Same tokens as the oracle (and so as kv_release off), pages really released,
+and every block back in the pool at the end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import ROUTED_IDEFICS3, make_llm, shutdown
+from tests.engine.test_routing_oracle import CONFIGS, _generate, _oracle
+from tests.helpers import REQUESTS
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def release_llm(tiny_idefics3):
+    llm = make_llm(
+        tiny_idefics3,
+        routed_arch=ROUTED_IDEFICS3,
+        recroute={"mode": "reroute", "schedule": "pdrop", "kv_release": True},
+        block_size=32,
+        disable_log_stats=False,
+    )
+    yield llm
+    shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_idefics3):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(tiny_idefics3), dtype=torch.float32)
+    return model.eval()
+
+
+def _released() -> float:
+    from prometheus_client import REGISTRY
+
+    return sum(
+        s.value
+        for fam in REGISTRY.collect()
+        for s in fam.samples
+        if s.name == "recroute:kv_blocks_released_total"
+    )
+
+
+@pytest.mark.parametrize("name", ["pdrop-reroute", "pdrop-remove", "off"])
+def test_kv_release_matches_oracle(release_llm, hf_model, tiny_idefics3, name):
+    before = _released()
+    outs = _generate(release_llm, tiny_idefics3, [CONFIGS[name]] * len(REQUESTS))
+    for spec, out in zip(REQUESTS, outs, strict=True):
+        _, expected = _oracle(hf_model, tiny_idefics3, spec, CONFIGS[name])
+        assert list(out.outputs[0].token_ids) == expected, (name, spec)
+    from vllm import SamplingParams
+
+    release_llm.generate(["x"], SamplingParams(max_tokens=1), use_tqdm=False)  # flush stats
+    if name == "off":
+        assert _released() == before
+    else:
+        assert _released() > before  # pages of deferred tokens went back to the pool
+
+
+def test_all_blocks_return_to_the_pool(release_llm, tiny_idefics3):
+    from vllm import SamplingParams
+
+    _generate(release_llm, tiny_idefics3, [CONFIGS["pdrop-reroute"]] * len(REQUESTS))
+    release_llm.generate(["x"], SamplingParams(max_tokens=1), use_tqdm=False)
+    usage = {m.name: m for m in release_llm.get_metrics()}["vllm:kv_cache_usage_perc"]
+    assert usage.value == 0.0
+
+
+def test_schedule_override_refused_with_kv_release(release_llm, tiny_idefics3):
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match=r"recroute_schedule: fixed on this server"):
+        _generate(release_llm, tiny_idefics3, [CONFIGS["fastv-reroute"]] * len(REQUESTS))
+
+
+def test_released_pages_reused_under_pressure_stay_correct(tiny_idefics3, hf_model):
+    """A KV budget too small for all requests at full length: released pages are handed to
+    other requests (and preemption may happen) while the routed ones keep decoding."""
+    from vllm import SamplingParams
+
+    from tests.helpers import chat_prompt, hf_inputs
+    from tests.oracle import oracle_generate
+    from vllm_recroute.config import RoutingConfig
+    from vllm_recroute.tiny_models import make_test_image
+
+    cfg = {"mode": "reroute", "schedule": "pdrop", "kv_release": True}
+    llm = make_llm(
+        tiny_idefics3, routed_arch=ROUTED_IDEFICS3, recroute=cfg, max_model_len=256,
+        block_size=32, kv_cache_memory_bytes=16 * 32 * 4096, disable_log_stats=False,
+    )  # fmt: skip
+    questions = ["where?", "what color is the big one?", "count them", "left or right?"]
+    prompts = [
+        {"prompt": chat_prompt(str(tiny_idefics3), q),
+         "multi_modal_data": {"image": [make_test_image(20 + i, size=128)]}}
+        for i, q in enumerate(questions)
+    ]  # fmt: skip
+    try:
+        before = _released()
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+                            use_tqdm=False)  # fmt: skip
+        llm.generate(["x"], SamplingParams(max_tokens=1), use_tqdm=False)
+        usage = {m.name: m for m in llm.get_metrics()}["vllm:kv_cache_usage_perc"].value
+        released = _released() - before
+    finally:
+        shutdown(llm)
+    oracle_cfg = RoutingConfig.from_dict({"mode": "reroute", "schedule": "pdrop"})
+    for p, out in zip(prompts, outs, strict=True):
+        inputs = hf_inputs(str(tiny_idefics3), p["prompt"], p["multi_modal_data"]["image"])
+        assert list(out.outputs[0].token_ids) == oracle_generate(hf_model, inputs, oracle_cfg, 40)
+    assert released > 0
+    assert usage == 0.0
