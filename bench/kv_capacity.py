@@ -7,7 +7,7 @@ vLLM's own gauges): peak running requests, KV blocks in use per running request 
 analytic ideal of the KV ratio from the schedule: per request, the stage-weighted share
 of tokens that keep KV pages, at the final length.
 
-    python bench/kv_capacity.py [--requests 16] [--max-tokens 48] [--kv-mib 160]
+    python bench/kv_capacity.py [--requests 12] [--max-tokens 32] [--kv-mib 96]
 """
 
 from __future__ import annotations
@@ -22,13 +22,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 ROUTED = "RecrouteIdefics3ForConditionalGeneration"
 
 
-def _engine(model: str, routed: bool, kv_bytes: int, max_seqs: int):
+def _engine(model: str, routed: bool, kv_bytes: int, max_seqs: int, block_size: int):
     from vllm import LLM
 
     kw = dict(
-        model=model, dtype="float32", max_model_len=2048, kv_cache_memory_bytes=kv_bytes,
+        model=model, dtype="float32", max_model_len=1024, kv_cache_memory_bytes=kv_bytes,
         max_num_seqs=max_seqs, enforce_eager=True, seed=0, enable_prefix_caching=False,
-        disable_log_stats=False,
+        disable_log_stats=False, block_size=block_size,
+        # Both engines keep prompts whole (routing requires it; the same for plain vLLM
+        # keeps the comparison about KV pages, not scheduling policy).
+        enable_chunked_prefill=False, max_num_batched_tokens=2048,
     )  # fmt: skip
     if routed:
         kw |= dict(
@@ -83,10 +86,11 @@ def _ideal_ratio(num_layers: int, num_visual: int, total_tokens: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="default: cached smolvlm-256m preset")
-    ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--kv-mib", type=int, default=160)
-    ap.add_argument("--image-size", type=int, default=1536)
+    ap.add_argument("--requests", type=int, default=12)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--kv-mib", type=int, default=96)
+    ap.add_argument("--image-size", type=int, default=1024)
+    ap.add_argument("--block-size", type=int, default=32)
     args = ap.parse_args()
 
     from transformers import AutoConfig, AutoProcessor
@@ -109,7 +113,7 @@ def main() -> None:
 
     results = {}
     for name, routed in (("plain vLLM", False), ("pdrop + kv_release", True)):
-        llm = _engine(model, routed, args.kv_mib << 20, max_seqs=args.requests)
+        llm = _engine(model, routed, args.kv_mib << 20, args.requests, args.block_size)
         results[name] = _run(llm, requests, args.max_tokens)
         llm.llm_engine.engine_core.shutdown()
         del llm
@@ -117,8 +121,8 @@ def main() -> None:
     ideal = _ideal_ratio(layers, num_visual, prompt_len + args.max_tokens)
     print(
         f"{args.requests} requests at once, each {prompt_len} prompt tokens ({num_visual} "
-        f"visual) + {args.max_tokens} generated; kv_cache_memory_bytes {args.kv_mib} MiB; "
-        f"{layers} layers.\n"
+        f"visual) + {args.max_tokens} generated; kv_cache_memory_bytes {args.kv_mib} MiB, "
+        f"block size {args.block_size}; {layers} layers.\n"
     )
     print("| engine | peak running | KV use per running request | preemptions | tokens/s |")
     print("|---|---:|---:|---:|---:|")
