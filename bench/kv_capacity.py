@@ -42,12 +42,21 @@ def _engine(model: str, routed: bool, kv_bytes: int, max_seqs: int, block_size: 
 
 
 def _run(llm, requests, max_tokens: int) -> dict:
+    # vLLM's CPU path pays a large one-time cost per new tensor shape (eager mode, no JIT
+    # warm-up: the first 680-token prefill takes ~25 s, the next ~3 s here), so the same
+    # workload runs once unmeasured and the second, identical pass is measured.
+    _pass(llm, requests, max_tokens, "warm")
+    return _pass(llm, requests, max_tokens, "run")
+
+
+def _pass(llm, requests, max_tokens: int, tag: str) -> dict:
     from vllm import SamplingParams
 
     engine = llm.llm_engine
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    preempt0 = int({x.name: x for x in llm.get_metrics()}["vllm:num_preemptions"].value)
     for i, req in enumerate(requests):
-        engine.add_request(f"r{i}", req, params)
+        engine.add_request(f"{tag}{i}", req, params)
     peak, usage_per_req, generated = 0, [], 0
     t0 = time.perf_counter()
     while engine.has_unfinished_requests():
@@ -64,7 +73,7 @@ def _run(llm, requests, max_tokens: int) -> dict:
     return {
         "peak_running": peak,
         "kv_usage_per_running_req": sum(usage_per_req) / max(1, len(usage_per_req)),
-        "preemptions": int(m["vllm:num_preemptions"].value),
+        "preemptions": int(m["vllm:num_preemptions"].value) - preempt0,
         "tokens_per_s": generated / wall,
         "wall_s": wall,
         "final_usage": m["vllm:kv_cache_usage_perc"].value,
