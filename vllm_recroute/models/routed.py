@@ -388,10 +388,10 @@ class StepRouter:
         """The group's block table (CPU), with released pages removed from each row when
         kv_release is on: a row's live entries, in order, hold compacted positions."""
         bt = self.runner.input_batch.block_table[gid]
-        table = bt.get_cpu_tensor()[:n].clone()
         dead = self.decoder.store.dead_rows
         if not dead:
-            return table
+            return bt.get_cpu_tensor()[:n]
+        table = bt.get_cpu_tensor()[:n].clone()
         for r, req_id in enumerate(self.runner.input_batch.req_ids[:n]):
             rows = dead.get((req_id, gid))
             if rows:
@@ -444,6 +444,7 @@ class RoutedDecoder:
         self.group_info: dict[int, tuple[int, Any]] = {}
         self._layer_names = [_attn_layer_name(layer) for layer in self.layers]
         self.kv_release = self.config.kv_release
+        self.stage_of_layer: dict[str, int] = {}
         if self.kv_release:
             self._report_stage_specs()
         for idx, layer in enumerate(self.layers):
@@ -458,6 +459,7 @@ class RoutedDecoder:
         points = router_points(self.config, self.num_layers)
         for idx, layer in enumerate(self.layers):
             stage = sum(1 for p in points if p <= idx)
+            self.stage_of_layer[self._layer_names[idx]] = stage
             attn = layer.self_attn.attn
             inner = attn.get_kv_cache_spec
 
@@ -481,6 +483,11 @@ class RoutedDecoder:
         missing = wanted - set(self.group_of_layer)
         if missing:
             raise RuntimeError(f"vllm-recroute: no KV cache group for layers {sorted(missing)}")
+        if self.kv_release:
+            from vllm_recroute.kv.spec import check_stage_groups
+
+            # A group mixing stages would put compacted and uncompacted KV in one table.
+            check_stage_groups(runner.kv_cache_config.kv_cache_groups, self.stage_of_layer)
 
     def groups_of_layers(self, runner: Any, start: int, end: int) -> list[int]:
         if not self.group_of_layer:
