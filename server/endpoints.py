@@ -80,8 +80,23 @@ def _stats_payload() -> dict[str, Any]:
         "stage_active_ratio": stage_ratio,
         "decoder_flops_saved": total["decoder_flops_saved"],
         "kv_bytes_saved": total["kv_bytes_saved"],
+        "kv_blocks_released": total["kv_blocks_released"],
+        "parked": _parked_payload(total, per_engine),
         "per_engine": per_engine,
     }
+
+
+def _parked_payload(total: dict[str, Any], per_engine: dict[int, dict[str, Any]]) -> dict:
+    """Parked tier: counters summed; pool fill summed over engines' latest levels."""
+    out = {
+        "parked_blocks": total["parked_blocks"],
+        "restored_blocks": total["restored_blocks"],
+        "dropped_blocks": total["parked_blocks_dropped"],
+        "freed_blocks": total["parked_blocks_freed"],
+    }
+    out["pool_blocks"] = sum(d.get("parked_pool_blocks", 0) for d in per_engine.values())
+    out["pool_bytes"] = sum(d.get("parked_pool_bytes", 0) for d in per_engine.values())
+    return out
 
 
 @router.get("/v1/recroute/config")

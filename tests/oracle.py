@@ -172,3 +172,143 @@ def oracle_generate(
         new = dec.embed_tokens(torch.tensor([token])) * lm.embed_scale
         x = torch.cat([x, new.to(x.dtype)], 0)
     return out
+
+
+# --------------------------------------------------------------------------- parked tier
+
+
+def _key_values(layer, x: torch.Tensor, pos: torch.Tensor, rotary):
+    """Post-RoPE K and V ``[n, kv_heads, dim]`` the layer computes for inputs x."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    d = attn.head_dim
+    h = layer.input_layernorm(x[None])
+    k = attn.k_proj(h).view(1, x.shape[0], -1, d).transpose(1, 2)
+    v = attn.v_proj(h).view(1, x.shape[0], -1, d).transpose(1, 2)
+    cos, sin = rotary(x[None], pos[None])
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    return k[0].transpose(0, 1), v[0].transpose(0, 1)
+
+
+def _query(layer, x: torch.Tensor, pos: torch.Tensor, rotary) -> torch.Tensor:
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    d = attn.head_dim
+    h = layer.input_layernorm(x[None])
+    q = attn.q_proj(h).view(1, x.shape[0], -1, d).transpose(1, 2)
+    cos, sin = rotary(x[None], pos[None])
+    q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    return q[0].transpose(0, 1)  # [n, heads, dim]
+
+
+def _decode_layer(layer, x, pos, rotary, keys, values) -> torch.Tensor:
+    """One Llama decoder layer for one new token attending to explicit K/V ``[n, kv, d]``."""
+    attn = layer.self_attn
+    q = _query(layer, x, pos, rotary)[0]  # [heads, dim]
+    group = q.shape[0] // keys.shape[1]
+    k = keys.repeat_interleave(group, dim=1)
+    v = values.repeat_interleave(group, dim=1)
+    weights = torch.softmax(torch.einsum("hd,nhd->hn", q, k) * attn.scaling, dim=-1)
+    out = attn.o_proj(torch.einsum("hn,nhd->hd", weights, v).reshape(1, -1))
+    x = x + out
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+@torch.no_grad()
+def oracle_generate_parked(
+    hf_model: torch.nn.Module, inputs: dict, cfg: RoutingConfig, max_tokens: int
+) -> tuple[list[int], int]:
+    """Greedy tokens with the parked tier and decode-time re-routing, nothing ever dropped.
+
+    Everything stays in memory: the K/V of every prompt row at every layer is kept (active
+    rows: what the layer computed; deferred rows: from their carried hidden state), and a
+    per-stage ``present`` mask says which rows the stage's attention sees. Re-routing
+    flips whole units in that mask with the project's pure policy
+    (`vllm_recroute.routing.rerouting`). This is the "blocks that never left" reference
+    for the vLLM path, which moves the same bytes between pages and the host pool.
+    Returns the tokens and the number of units restored.
+    """
+    from vllm_recroute.routing.rerouting import chunk_units, plan_swaps, unit_scores
+
+    lm = language_model(hf_model)
+    dec = lm.decoder
+    rotary = dec.rotary_emb
+    ids = inputs["input_ids"][0]
+    x = merged_embeddings(hf_model, inputs) * lm.embed_scale
+    n = ids.shape[0]
+    is_visual = ids == lm.image_token_id
+    is_visual[-1] = False
+    visual = torch.nonzero(is_visual).flatten()
+    stages = resolve_stages(cfg, len(dec.layers), int(visual.numel())) if visual.numel() else ()
+    pos = torch.arange(n)
+    masks: list[torch.Tensor] = []
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+    # prefill: the routed forward of oracle_generate, keeping every row's K/V per layer
+    for idx, layer in enumerate(dec.layers):
+        for k, s in enumerate(stages):
+            if s.start == idx + 1:
+                query = query_indices(n, visual, cfg.score_query)
+                sc = _scores(layer, x, pos, rotary, visual, query, cfg.scorer)
+                block_ids = visual // cfg.block_size if cfg.granularity == "block" else None
+                keep = num_keep(s.keep, int(visual.numel()))
+                prev = masks[k - 1] if k else None
+                masks.append(
+                    route_request(
+                        sc, keep, cfg.mode, prev, block_ids=block_ids, block_reduce=cfg.block_reduce
+                    )
+                )
+        kv.append(_key_values(layer, x, pos, rotary))
+        k = next((k for k, s in enumerate(stages) if s.start <= idx < s.end), None)
+        active = torch.ones(n, dtype=torch.bool)
+        if k is not None:
+            active[visual[~masks[k]]] = False
+        rows = torch.nonzero(active).flatten()
+        x = x.index_copy(0, rows, _run_layer(layer, x[rows], pos[rows], rotary))
+    out = [int(torch.argmax(lm.lm_head(dec.norm(x[-1:]))[0]))]
+    # units per stage: active chunks first, then deferred chunks (models/parking.py)
+    u = cfg.park_block_tokens
+    units, active_units, present = [], [], []
+    for k in range(len(stages)):
+        act = chunk_units(torch.nonzero(masks[k]).flatten(), u)
+        dfr = chunk_units(torch.nonzero(~masks[k]).flatten(), u) if cfg.mode == "reroute" else []
+        units.append(act + dfr)
+        active_units.append(set(range(len(act))))
+        p = torch.ones(n, dtype=torch.bool)
+        p[visual[~masks[k]]] = False
+        present.append(p)
+    restored = 0
+    dec_k: list[list[torch.Tensor]] = [[] for _ in dec.layers]
+    dec_v: list[list[torch.Tensor]] = [[] for _ in dec.layers]
+    for i in range(1, max_tokens):
+        x = dec.embed_tokens(torch.tensor([out[-1]])) * lm.embed_scale
+        p = torch.tensor([n + i - 1])
+        for idx, layer in enumerate(dec.layers):
+            k = next((k for k, s in enumerate(stages) if s.start <= idx < s.end), None)
+            due = cfg.reroute_every > 0 and i % cfg.reroute_every == 0
+            if k is not None and idx == stages[k].start and due and cfg.mode == "reroute":
+                q = _query(layer, x, p, rotary)[0]
+                full = [j for j, m in enumerate(units[k]) if m.numel() == u]
+                digests = torch.stack([kv[idx][0][visual[units[k][j]]].mean(0) for j in full])
+                scores = unit_scores(q, digests, layer.self_attn.scaling).tolist()
+                score = dict(zip(full, scores, strict=True))
+                plan = plan_swaps(
+                    {j: score[j] for j in full if j in active_units[k]},
+                    {j: score[j] for j in full if j not in active_units[k]},
+                )
+                for swap in plan:
+                    active_units[k].discard(swap.evict)
+                    active_units[k].add(swap.restore)
+                    present[k][visual[units[k][swap.evict]]] = False
+                    present[k][visual[units[k][swap.restore]]] = True
+                    restored += 1
+            kk, vv = _key_values(layer, x, p, rotary)
+            dec_k[idx].append(kk)
+            dec_v[idx].append(vv)
+            sel = present[k] if k is not None else torch.ones(n, dtype=torch.bool)
+            keys = torch.cat([kv[idx][0][sel], *dec_k[idx]])
+            values = torch.cat([kv[idx][1][sel], *dec_v[idx]])
+            x = _decode_layer(layer, x, p, rotary, keys, values)
+        out.append(int(torch.argmax(lm.lm_head(dec.norm(x))[0])))
+    return out, restored

@@ -73,6 +73,16 @@ class RoutingConfig(pydantic.BaseModel):
     # deferred tokens to vLLM's block pool (the scheduler sees the savings). Router points
     # are then fixed at startup: per-request schedule/router_layers/custom are refused.
     kv_release: bool = False
+    # Engine-wide parked tier (docs/architecture.md, "Parked tier"): the K/V of deferred
+    # visual tokens (reroute mode) is kept in a bounded host pool of this many bytes (0 = off)
+    # in units of ``park_block_tokens`` tokens, as ``park_format`` ("none" = bit-exact copy,
+    # "int8" = per-channel int8). Every ``reroute_every`` decode steps (0 = never) each stage
+    # re-scores its parked and active units against the current query and swaps them, keeping
+    # the stage's active budget (and so its pages) constant.
+    parked_bytes: StrictInt = 0
+    park_format: Literal["none", "int8"] = "none"
+    park_block_tokens: StrictInt = 16
+    reroute_every: StrictInt = 0
     # Operator limits on per-request options (vllm_xargs); server-side only, not overridable.
     request_overrides: bool = True  # False: requests may not change routing at all
     request_min_keep: _Float | None = None  # lowest keep (or custom keep) a request may ask
@@ -105,7 +115,11 @@ class RoutingConfig(pydantic.BaseModel):
         return v
 
     @field_validator(
-        "avg_visual_tokens", "block_size", "reference_layers", "request_min_avg_visual_tokens"
+        "avg_visual_tokens",
+        "block_size",
+        "reference_layers",
+        "request_min_avg_visual_tokens",
+        "park_block_tokens",
     )
     @classmethod
     def _check_positive(cls, v: int | None, info: pydantic.ValidationInfo) -> int | None:
@@ -137,9 +151,22 @@ class RoutingConfig(pydantic.BaseModel):
                 )
         return v
 
+    @field_validator("parked_bytes", "reroute_every")
+    @classmethod
+    def _check_non_negative(cls, v: int, info: pydantic.ValidationInfo) -> int:
+        if v < 0:
+            name = info.field_name or ""
+            raise RoutingConfigError(_field(name), f"got {v!r}; {_HELP[name]}")
+        return v
+
     # ------------------------------------------------------------------ cross-field checks
     @model_validator(mode="after")
     def _check_combination(self) -> RoutingConfig:
+        if self.reroute_every > 0 and self.parked_bytes == 0:
+            raise RoutingConfigError(
+                _field("reroute_every"),
+                "decode-time re-routing restores parked blocks; set parked_bytes > 0 as well",
+            )
         if self.keep is not None and self.avg_visual_tokens is not None:
             raise RoutingConfigError(
                 _field("keep"),
@@ -272,6 +299,9 @@ _HELP: dict[str, str] = {
     "request_overrides": "must be true or false",
     "kv_release": "must be true or false",
     "reference_layers": "must be an integer > 0",
+    "parked_bytes": "must be an integer >= 0 (bytes of host memory for parked K/V; 0 = off)",
+    "park_block_tokens": "must be an integer > 0",
+    "reroute_every": "must be an integer >= 0 (decode steps between re-routings; 0 = off)",
 }
 
 

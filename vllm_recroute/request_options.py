@@ -28,6 +28,7 @@ REQUEST_FIELDS = (
     "block_reduce",
     "custom",
     "router_layers",
+    "reroute_every",
 )
 # Non-scalar fields travel as JSON strings through vllm_xargs.
 _JSON_FIELDS = ("custom", "router_layers")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import socket
 import subprocess
@@ -30,13 +31,22 @@ def image_data_url(img) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+# pdrop with the parked tier on (32 MiB host pool, re-routing every 2 decode steps)
+ROUTING = {
+    "schedule": "pdrop",
+    "request_min_keep": 0.1,
+    "parked_bytes": 32 << 20,
+    "reroute_every": 2,
+}
+
+
 @pytest.fixture(scope="session")
 def server(tiny_idefics3, tmp_path_factory):
     port = _free_port()
     log = Path(tmp_path_factory.mktemp("server")) / "server.log"
     cmd = [
         sys.executable, "-m", "vllm_recroute.cli", "serve", str(tiny_idefics3),
-        "--routing", '{"schedule": "pdrop", "request_min_keep": 0.1}',
+        "--routing", json.dumps(ROUTING),
         "--port", str(port), "--host", "127.0.0.1",
         "--api-key", API_KEY,
         "--served-model-name", "tiny",

@@ -37,7 +37,7 @@ def test_config_endpoint_shows_effective_routing(server):
 def _metric_values(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith("recroute:") and "_total" in line:
+        if line.startswith("recroute:"):
             name = line.split("{", 1)[0]
             out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
@@ -67,3 +67,11 @@ def test_stats_count_routed_requests_and_match_metrics(server, client):
     assert metrics["recroute:visual_tokens_total"] == after["visual_tokens"]
     assert metrics["recroute:routed_requests_total"] == after["routed_requests"]
     assert metrics["recroute:kv_bytes_saved_total"] == after["kv_bytes_saved"]
+    # the session server parks deferred K/V (parked_bytes) and re-routes every 2 steps
+    parked = after["parked"]
+    assert parked["parked_blocks"] > before["parked"]["parked_blocks"]
+    assert metrics["recroute:parked_blocks_total"] == parked["parked_blocks"]
+    assert metrics["recroute:restored_blocks_total"] == parked["restored_blocks"]
+    assert metrics["recroute:parked_blocks_freed_total"] == parked["freed_blocks"]
+    assert metrics["recroute:parked_pool_bytes"] == parked["pool_bytes"]
+    assert parked["dropped_blocks"] == 0 and parked["pool_blocks"] >= 0

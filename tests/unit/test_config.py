@@ -14,6 +14,12 @@ from vllm_recroute.config import RoutingConfig, RoutingConfigError, parse_routin
     ("data", "field", "expected"),
     [
         ({"mode": "foo"}, "mode", "allowed values: off, reroute, remove"),
+        ({"parked_bytes": -1}, "parked_bytes", ">= 0"),
+        ({"parked_bytes": "1G"}, "parked_bytes", ">= 0"),
+        ({"park_block_tokens": 0}, "park_block_tokens", "> 0"),
+        ({"park_format": "fp4"}, "park_format", "allowed values: none, int8"),
+        ({"reroute_every": -2}, "reroute_every", ">= 0"),
+        ({"reroute_every": 4}, "reroute_every", "set parked_bytes > 0"),
         ({"schedule": "linear"}, "schedule", "allowed values: fastv, pdrop, custom"),
         ({"scorer": "magic"}, "scorer", "allowed values: attention, key_norm"),
         ({"score_query": "first"}, "score_query", "allowed values: last, question"),

@@ -37,6 +37,8 @@ def test_override_applies_and_is_validated():
         ({"recroute_chunked_prefill": "fallback"}, "vllm_xargs.recroute_chunked_prefill"),
         ({"recroute_request_min_keep": 0.01}, "vllm_xargs.recroute_request_min_keep"),
         ({"recroute_router_layers": "[1,"}, "vllm_xargs.recroute_router_layers"),
+        ({"recroute_parked_bytes": 1 << 30}, "vllm_xargs.recroute_parked_bytes"),
+        ({"recroute_park_format": "int8"}, "vllm_xargs.recroute_park_format"),
     ],
 )
 def test_unknown_server_only_or_malformed_options_name_the_key(xargs, field):
@@ -92,3 +94,13 @@ def test_kv_release_fixes_router_points_per_request():
     ):
         with pytest.raises(RoutingConfigError, match="fixed on this server"):
             config_for_extra_args(base, xargs)
+
+
+def test_reroute_every_per_request_needs_the_servers_parked_tier():
+    parked = RoutingConfig(parked_bytes=1 << 20, reroute_every=4)
+    assert config_for_extra_args(parked, {"recroute_reroute_every": 0}).reroute_every == 0
+    assert config_for_extra_args(parked, {"recroute_reroute_every": 1}).reroute_every == 1
+    with pytest.raises(RoutingConfigError) as info:
+        config_for_extra_args(RoutingConfig(), {"recroute_reroute_every": 2})
+    assert info.value.field == "recroute.reroute_every"
+    assert "parked_bytes" in str(info.value)

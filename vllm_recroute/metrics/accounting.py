@@ -1,7 +1,8 @@
 """Routing counters as a plain dict (no vLLM import): totals and per-step deltas share it.
 
-Scalars are sums; mappings are sums per label key (``"mode/schedule"``, stage index as a
-string). The dict is what travels as `KVConnectorStats.data` (see stats.py).
+Scalars are sums; gauges are levels (latest wins); mappings are sums per label key
+(``"mode/schedule"``, stage index as a string). The dict is what travels as
+`KVConnectorStats.data` (see stats.py).
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ SCALARS = (
     "decoder_flops_saved",
     "kv_bytes_saved",
     "kv_blocks_released",
+    "parked_blocks",
+    "restored_blocks",
+    "parked_blocks_dropped",
+    "parked_blocks_freed",
 )
 MAPPINGS = ("routed_requests", "stage_visual_tokens", "stage_active_visual_tokens")
+# Levels, not sums: the latest value wins (the parked pool's fill, per worker).
+GAUGES = ("parked_pool_blocks", "parked_pool_bytes")
 
 
 def empty_data() -> dict[str, Any]:
@@ -32,8 +39,13 @@ def add_into(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
         out = dst.setdefault(k, {})
         for key, v in (src.get(k) or {}).items():
             out[str(key)] = out.get(str(key), 0) + v
+    for k in GAUGES:
+        if k in src:
+            dst[k] = src[k]
     return dst
 
 
 def is_empty(data: dict[str, Any]) -> bool:
-    return not any(data.get(k) for k in (*SCALARS, *MAPPINGS))
+    return not any(data.get(k) for k in (*SCALARS, *MAPPINGS)) and not any(
+        k in data for k in GAUGES
+    )

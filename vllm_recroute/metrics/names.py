@@ -77,6 +77,38 @@ METRICS: tuple[MetricSpec, ...] = (
         "KV-cache blocks of deferred tokens returned to vLLM's block pool by routed-stage "
         "groups (recroute.kv_release); free for any request.",
     ),
+    MetricSpec(
+        "recroute:parked_blocks",
+        "counter",
+        "Units of deferred visual K/V (recroute.park_block_tokens tokens, all layers of a "
+        "routing stage) stored in the parked host pool (recroute.parked_bytes).",
+    ),
+    MetricSpec(
+        "recroute:restored_blocks",
+        "counter",
+        "Parked units brought back into active KV pages by decode-time re-routing.",
+    ),
+    MetricSpec(
+        "recroute:parked_blocks_dropped",
+        "counter",
+        "Parked units lost because the pool was full (least useful first); they become "
+        "removed tokens. Not an error.",
+    ),
+    MetricSpec(
+        "recroute:parked_blocks_freed",
+        "counter",
+        "Parked units discarded with their request (finished, aborted or preempted).",
+    ),
+    MetricSpec(
+        "recroute:parked_pool_blocks",
+        "gauge",
+        "Units currently held in the parked host pool.",
+    ),
+    MetricSpec(
+        "recroute:parked_pool_bytes",
+        "gauge",
+        "Bytes currently held in the parked host pool (payload, int8 scales and digests).",
+    ),
 )
 
 BY_NAME = {m.name: m for m in METRICS}

@@ -8,7 +8,7 @@ from typing import Any
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics
 from vllm.v1.metrics.utils import create_metric_per_engine
 
-from vllm_recroute.metrics.accounting import MAPPINGS, SCALARS, add_into, empty_data
+from vllm_recroute.metrics.accounting import GAUGES, MAPPINGS, SCALARS, add_into, empty_data
 from vllm_recroute.metrics.names import BY_NAME
 
 _PREFIX = "recroute:"
@@ -30,6 +30,10 @@ class RecroutePromMetrics(KVConnectorPromMetrics):
             for key in SCALARS
         }
         self._mapped = {key: self._make(key, labelnames) for key in MAPPINGS}
+        self._gauges = {
+            key: create_metric_per_engine(self._make(key, labelnames), per_engine_labelvalues)
+            for key in GAUGES
+        }
 
     def _make(self, key: str, labelnames: list[str]) -> Any:
         spec = BY_NAME[_PREFIX + key]
@@ -40,7 +44,10 @@ class RecroutePromMetrics(KVConnectorPromMetrics):
         existing = REGISTRY._names_to_collectors.get(spec.name)
         if existing is not None:
             return existing
-        return self._counter_cls(
+        cls = self._gauge_cls if spec.kind == "gauge" else self._counter_cls
+        extra = {"multiprocess_mode": "mostrecent"} if spec.kind == "gauge" else {}
+        return cls(
+            **extra,
             name=spec.name,
             documentation=spec.help,
             labelnames=[*labelnames, *spec.labels],
@@ -52,6 +59,9 @@ class RecroutePromMetrics(KVConnectorPromMetrics):
         for key, children in self._scalars.items():
             if data.get(key):
                 children[engine_idx].inc(data[key])
+        for key, children in self._gauges.items():
+            if key in data:
+                children[engine_idx].set(data[key])
         for key, counter in self._mapped.items():
             for label, value in (data.get(key) or {}).items():
                 counter.labels(*base, *str(label).split("/")).inc(value)

@@ -89,6 +89,8 @@ def _refuse_unsupported(vllm_config: Any, cfg: RoutingConfig) -> None:
             "routing is not supported with speculative decoding; use mode 'off' or drop "
             "--speculative-config",
         )
+    if cfg.parked_bytes > 0:
+        _refuse_unsupported_parking(vllm_config)
     model = vllm_config.model_config
     if cfg.enabled and model is not None and model.is_mm_prefix_lm:
         # Bidirectional attention over the image prefix (PaliGemma, Gemma 3) needs per-request
@@ -99,6 +101,24 @@ def _refuse_unsupported(vllm_config: Any, cfg: RoutingConfig) -> None:
             f"routing is not supported for models with bidirectional multimodal-prefix "
             f"attention (model_type {model.hf_config.model_type!r}); use mode 'off', or a "
             "checkpoint with is_mm_prefix_lm=false",
+        )
+
+
+def _refuse_unsupported_parking(vllm_config: Any) -> None:
+    if vllm_config.parallel_config.tensor_parallel_size > 1:
+        # Each rank would score its own KV-head shard of the digests and could swap
+        # different units; an all-reduce of the scores is not built.
+        raise RoutingConfigError(
+            "recroute.parked_bytes",
+            "the parked tier is not supported with tensor parallelism yet; set parked_bytes "
+            "to 0 or --tensor-parallel-size 1",
+        )
+    dtype = vllm_config.cache_config.cache_dtype
+    if dtype not in ("auto", None):
+        # Quantized KV pages would need their scales parked with the payload.
+        raise RoutingConfigError(
+            "recroute.parked_bytes",
+            f"the parked tier needs an unquantized KV cache (--kv-cache-dtype auto), got {dtype!r}",
         )
 
 

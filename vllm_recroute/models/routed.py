@@ -64,6 +64,7 @@ class RouteState:
 
     stages: tuple[Stage, ...]
     deferred: tuple[int, ...]  # per stage: this request's tokens absent from the stage's KV
+    reroute_every: int = 0  # parked tier: decode steps between re-routings (0 = never)
 
 
 class RouteStore:
@@ -84,6 +85,7 @@ class RouteStore:
         # not yet reported to the scheduler.
         self.dead_rows: dict[tuple[str, int], set[int]] = {}
         self._deferred_reports: dict[str, dict[int, int]] = {}
+        self.forget_hooks: list[Any] = []  # called with the forgotten ids (parked tier)
         _STORES.append(self)
 
     def get(self, req_id: str) -> RouteState | None:
@@ -100,6 +102,8 @@ class RouteStore:
         if self.dead_rows:
             for key in [k for k in self.dead_rows if k[0] in gone]:
                 del self.dead_rows[key]
+        for hook in self.forget_hooks:
+            hook(gone)
 
     def report_deferred(self, req_id: str, per_stage: dict[int, int]) -> None:
         self._deferred_reports[req_id] = dict(per_stage)
@@ -167,6 +171,7 @@ class PrefillRoute:
     stages: tuple[Stage, ...]
     cfg: RoutingConfig
     masks: list[torch.Tensor] = field(default_factory=list)  # per stage, bool [V]
+    scores: list[torch.Tensor] = field(default_factory=list)  # per stage, float [V]
 
 
 @dataclass
@@ -193,6 +198,8 @@ class StepRouter:
         self.num_rows = num_rows
         self.qsl = runner.query_start_loc.cpu[: n + 1].to(torch.long)
         self.num_computed = torch.as_tensor(batch.num_computed_tokens_cpu[:n], dtype=torch.long)
+        self.req_ids = list(batch.req_ids[:n])
+        self.prompt_lens = [int(p) for p in batch.num_prompt_tokens[:n]]
         self.prefills: list[PrefillRoute] = []
         self.decodes: dict[int, RouteState] = {}  # batch row -> state
         self._segments: dict[int, Segment] = {}
@@ -203,6 +210,7 @@ class StepRouter:
         starts = {s.start for p in self.prefills for s in p.stages}
         starts |= {s.start for st in self.decodes.values() for s in st.stages}
         self.boundaries = sorted(starts | {0, decoder.num_layers})
+        self.stage_starts = starts
         self.active = bool(self.prefills or self.decodes)
 
     # -- classification -------------------------------------------------------------
@@ -284,13 +292,15 @@ class StepRouter:
                 block_reduce=route.cfg.block_reduce,
             )
             route.masks.append(mask)
+            route.scores.append(scores)
             if len(route.masks) == len(route.stages):
                 self._remember(route)
 
     def _remember(self, route: PrefillRoute) -> None:
         v = int(route.visual_rows.numel())
         deferred = tuple(v - int(m.sum()) for m in route.masks)
-        self.decoder.store.put(route.req_id, RouteState(route.stages, deferred))
+        every = route.cfg.reroute_every if route.cfg.mode == "reroute" else 0
+        self.decoder.store.put(route.req_id, RouteState(route.stages, deferred, every))
         if self.decoder.kv_release:  # spec stage k+1 = this request's k-th routed stage
             self.decoder.store.report_deferred(
                 route.req_id, {k + 1: d for k, d in enumerate(deferred)}
@@ -311,6 +321,61 @@ class StepRouter:
                 "stage_active_visual_tokens": {str(k + 1): v - d for k, d in enumerate(deferred)},
             }
         )
+
+    # -- parked tier (models/parking.py) ------------------------------------------------
+
+    def tier_before(
+        self, layer_idx: int, positions: torch.Tensor, hidden: torch.Tensor, residual: Any
+    ) -> None:
+        """At a stage's first layer: park its deferred units (prefill), or re-route a
+        decoding request's units when due. Runs before the layer writes any KV."""
+        tier = self.decoder.tier
+        for route in self.prefills:
+            for k, stage in enumerate(route.stages):
+                if stage.start == layer_idx and route.cfg.mode == "reroute":
+                    self._park(tier, route, k, positions, hidden, residual)
+        for row, state in self.decodes.items():
+            output_index = int(self.num_computed[row]) - self.prompt_lens[row] + 1
+            for k, stage in enumerate(state.stages):
+                if stage.start == layer_idx and tier.due(output_index, state.reroute_every):
+                    self._reroute(tier, row, k, stage, positions, hidden, residual)
+
+    def _park(self, tier, route: PrefillRoute, k: int, positions, hidden, residual) -> None:
+        vis = route.visual_rows
+        mask = route.masks[k]
+        # Compacted position of each prompt row at this stage: its rank among active rows.
+        active = torch.ones(route.prompt_end - route.start, dtype=torch.bool)
+        active[(vis - route.start)[~mask]] = False
+        cpos = (torch.cumsum(active.long(), 0) - 1)[vis - route.start]
+        stage = route.stages[k]
+        delta = tier.park_prefill(
+            route.req_id,
+            k,
+            stage.start,
+            stage.end,
+            _take_positions(positions, vis),
+            hidden[vis] + residual[vis],
+            mask,
+            cpos,
+            route.scores[k],
+        )
+        self.decoder.store.record({**delta, **tier.gauges()})
+
+    def _reroute(self, tier, row: int, k: int, stage: Stage, positions, hidden, residual) -> None:
+        from vllm_recroute.models.parking import PageRow
+
+        r = torch.tensor([int(self.qsl[row])])
+        x = hidden[r] + residual[r]
+        layer = self.decoder.layers[stage.start]
+        q, _, scale = _query_keys(layer, _take_positions(positions, r), x)
+        self.decoder.groups_of_layers(self.runner, stage.start, stage.end)  # binds groups
+        pages = []
+        for i in range(stage.start, stage.end):
+            gid = self.decoder.group_of_layer[self.decoder._layer_names[i]]
+            block_size, _ = self.decoder.group_info[gid]
+            pages.append(PageRow(self._block_table(gid, self.num_reqs)[row], block_size))
+        delta = tier.reroute(self.req_ids[row], k, q[0], scale, pages)
+        self.decoder.store.record({**delta, **tier.gauges()})
 
     # -- segments ---------------------------------------------------------------------
 
@@ -447,8 +512,19 @@ class RoutedDecoder:
         self.stage_of_layer: dict[str, int] = {}
         if self.kv_release:
             self._report_stage_specs()
+        self.tier = None
+        if self.config.parked_bytes > 0:
+            from vllm_recroute.models.parking import ParkingTier
+
+            self.tier = ParkingTier(self.config, self.layers)
+            self.store.forget_hooks.append(self._forget_parked)
         for idx, layer in enumerate(self.layers):
             layer.forward = self._wrap(idx, layer, layer.forward)
+
+    def _forget_parked(self, req_ids: set[str]) -> None:
+        delta = self.tier.forget(sorted(req_ids))
+        if delta:
+            self.store.record({**delta, **self.tier.gauges()})
 
     def _report_stage_specs(self) -> None:
         """kv_release: each layer reports its routing stage in its KV-cache spec, so vLLM
@@ -506,6 +582,8 @@ class RoutedDecoder:
                 return inner(positions, hidden_states, residual, *args, **kwargs)
             step.score_before(idx, layer, positions, hidden_states, residual)
             seg = step.segment(idx)
+            if self.tier is not None and idx in step.stage_starts:
+                step.tier_before(idx, positions, hidden_states, residual)
             if seg is None or not seg.slot_mapping:
                 return inner(positions, hidden_states, residual, *args, **kwargs)
             _install(name, self.group_of_layer[name], seg)

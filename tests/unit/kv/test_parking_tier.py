@@ -1,0 +1,249 @@
+"""Worker side of the parked tier on fake decoder layers and real paged caches.
+
+KVPageIO: slot reads/writes through the backend's own writer, including vLLM's CPU
+kernel (which packs keys inside a block). ParkingTier: what lands in the pool at prefill,
+what a decode-time swap moves between pages and pool (bit-exact uncompressed, bounded
+error int8), drops when the pool is full, and nothing left after forget.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_recroute.config import RoutingConfig
+from vllm_recroute.kv.pages import KVPageIO
+from vllm_recroute.kv.parked_pool import ParkedKey
+from vllm_recroute.models.parking import PageRow, ParkingTier, _key_values
+
+pytestmark = pytest.mark.usefixtures("no_grad")
+
+
+@pytest.fixture
+def no_grad():
+    with torch.no_grad():
+        yield
+
+
+HEADS, KV_HEADS, DIM, HIDDEN, BLOCK = 2, 2, 32, 16, 32
+
+
+# ------------------------------------------------------------------ fake vLLM pieces
+
+
+class PlainImpl:
+    """FlashAttention-like layout [2, blocks, block_size, heads, dim]."""
+
+    def do_kv_cache_update(self, layer, k, v, cache, slots):
+        b = cache.shape[2]
+        cache[0, slots // b, slots % b] = k
+        cache[1, slots // b, slots % b] = v
+
+
+class CpuImpl:
+    """vLLM's CPU kernel ([blocks, heads, block_size, 2 * dim], keys packed)."""
+
+    def do_kv_cache_update(self, layer, k, v, cache, slots):
+        import vllm._custom_ops as ops
+
+        nb, h, b, _ = cache.shape
+        kc, vc = cache.view(nb, h, b * 2, -1).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, "vec")
+
+
+class ScaledImpl(PlainImpl):
+    """Not a permutation of the written values (like a quantized cache)."""
+
+    def do_kv_cache_update(self, layer, k, v, cache, slots):
+        super().do_kv_cache_update(layer, k * 0.5, v, cache, slots)
+
+
+def make_attn(impl, num_blocks: int = 4, dtype=torch.float32, layout: str = "plain"):
+    if layout == "plain":
+        cache = torch.zeros(2, num_blocks, BLOCK, KV_HEADS, DIM, dtype=dtype)
+    else:
+        cache = torch.zeros(num_blocks, KV_HEADS, BLOCK, 2 * DIM, dtype=dtype)
+    return SimpleNamespace(impl=impl, kv_cache=cache)
+
+
+class Rotary:
+    def __call__(self, positions, q, k):
+        return q, k * (1.0 + 0.01 * positions.float()[:, None])
+
+
+def make_layer(seed: int, layout: str = "plain"):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.nn.Linear(HIDDEN, (HEADS + 2 * KV_HEADS) * DIM, bias=False)
+    with torch.no_grad():
+        qkv.weight.copy_(torch.randn(qkv.weight.shape, generator=g) * 0.3)
+    impl = CpuImpl() if layout == "cpu" else PlainImpl()
+    self_attn = SimpleNamespace(
+        qkv_proj=lambda x, _m=qkv: (_m(x), None),
+        rotary_emb=Rotary(),
+        q_size=HEADS * DIM,
+        kv_size=KV_HEADS * DIM,
+        head_dim=DIM,
+        num_kv_heads=KV_HEADS,
+        attn=make_attn(impl, layout=layout),
+    )
+    return SimpleNamespace(self_attn=self_attn, input_layernorm=lambda x: x)
+
+
+# ------------------------------------------------------------------ KVPageIO
+
+
+@pytest.mark.parametrize(
+    ("layout", "dtype"),
+    [("plain", torch.float16), ("cpu", torch.float32), ("cpu", torch.bfloat16)],
+)
+def test_page_io_reads_back_exactly_what_the_backend_wrote(layout, dtype):
+    impl = CpuImpl() if layout == "cpu" else PlainImpl()
+    attn = make_attn(impl, dtype=dtype, layout=layout)
+    io = KVPageIO(attn, KV_HEADS, DIM)
+    slots = torch.tensor([33, 34, 70, 0, 95, 127])
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(6, KV_HEADS, DIM, generator=g).to(dtype)
+    v = torch.randn(6, KV_HEADS, DIM, generator=g).to(dtype)
+    io.write(k, v, slots)
+    rk, rv = io.read(slots, BLOCK)
+    assert torch.equal(rk, k) and torch.equal(rv, v)
+    if layout == "cpu":  # the CPU kernel packs keys: a naive view would not read them back
+        naive = attn.kv_cache.view(4, KV_HEADS, 2 * BLOCK, DIM)[:, :, :BLOCK]
+        assert not torch.equal(naive[slots // BLOCK, :, slots % BLOCK], k)
+
+
+def test_page_io_refuses_a_layout_it_cannot_map():
+    io = KVPageIO(make_attn(ScaledImpl()), KV_HEADS, DIM)
+    with pytest.raises(RuntimeError, match="not a plain permutation"):
+        io.read(torch.tensor([0]), BLOCK)
+
+
+# ------------------------------------------------------------------ ParkingTier
+
+V = 12  # visual tokens; units of 2 tokens; stage = layers [1, 3) of a 3-layer model
+
+
+def tier_setup(fmt: str = "none", parked_bytes: int = 1 << 20, layout: str = "plain"):
+    cfg = RoutingConfig(
+        mode="reroute",
+        parked_bytes=parked_bytes,
+        park_format=fmt,
+        park_block_tokens=2,
+        reroute_every=1,
+    )
+    layers = [make_layer(i, layout) for i in range(3)]
+    tier = ParkingTier(cfg, layers)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(V, HIDDEN, generator=g)
+    positions = torch.arange(5, 5 + V)
+    mask = torch.zeros(V, dtype=torch.bool)
+    mask[[0, 1, 6, 7]] = True  # active units: tokens (0,1) and (6,7)
+    cpos = torch.cumsum(mask.long(), 0) - 1 + 5  # 5 text rows come first
+    scores = torch.arange(V, dtype=torch.float32)
+    # what the stage's attention wrote for the active tokens (their "processed" K/V)
+    pages = PageRow(torch.tensor([2, 0]), BLOCK)
+    for layer in layers[1:]:
+        k, v = torch.randn(2, 4, KV_HEADS, DIM, generator=g)
+        KVPageIO(layer.self_attn.attn, KV_HEADS, DIM).write(k, v, pages.slots(cpos[mask]))
+    return tier, layers, x, positions, mask, cpos, scores, pages
+
+
+@torch.no_grad()
+def parked_truth(layers, positions, x, idx):
+    # projected over all visual rows, as the tier does (a matmul over a subset may round
+    # differently)
+    kv = [_key_values(layers[i], positions, x) for i in (1, 2)]
+    return torch.stack([k[idx] for k, _ in kv]), torch.stack([v[idx] for _, v in kv])
+
+
+def query_towards(tier, req, uid) -> torch.Tensor:
+    """A query whose best unit is ``uid`` (its digest, scaled up)."""
+    units = tier.units[(req, 0)]
+    d = units.digests[uid] if uid in units.active else tier.pool.digest(ParkedKey(req, 0, uid))[0]
+    return d.repeat_interleave(HEADS // KV_HEADS, 0) * 50
+
+
+def test_prefill_parks_deferred_units_from_the_carried_hidden_state():
+    tier, layers, x, positions, mask, cpos, scores, _ = tier_setup()
+    delta = tier.park_prefill("r", 0, 1, 3, positions, x, mask, cpos, scores)
+    units = tier.units[("r", 0)]
+    assert sorted(units.active) == [0, 1] and sorted(units.parked) == [2, 3, 4, 5]
+    assert delta == {"parked_blocks": 4, "parked_blocks_dropped": 0}
+    deferred = torch.nonzero(~mask).flatten()
+    for uid, idx in zip([2, 3, 4, 5], deferred.split(2), strict=True):
+        k, v = tier.pool.restore(ParkedKey("r", 0, uid))
+        tk, tv = parked_truth(layers, positions, x, idx)
+        assert torch.equal(k, tk) and torch.equal(v, tv)
+    assert torch.equal(units.active[1], cpos[[6, 7]])
+
+
+@pytest.mark.parametrize("layout", ["plain", "cpu"])
+def test_swap_moves_bytes_exactly_and_back(layout):
+    tier, layers, x, positions, mask, cpos, scores, pages = tier_setup(layout=layout)
+    tier.park_prefill("r", 0, 1, 3, positions, x, mask, cpos, scores)
+    ios = tier.io[1:3]
+    before = [io.read(pages.slots(cpos[[0, 1]]), BLOCK) for io in ios]
+    # query favouring parked unit 4 (tokens 8, 9): it takes the slots of the weaker active unit
+    q = query_towards(tier, "r", 4)
+    units = tier.units[("r", 0)]
+    weaker = min(units.active, key=lambda u: float((q * units.digests[u]).sum()))
+    slots = pages.slots(units.active[weaker])
+    delta = tier.reroute("r", 0, q, 1.0, [pages, pages])
+    assert delta["restored_blocks"] >= 1 and 4 in units.active and weaker in units.parked
+    tk, tv = parked_truth(layers, positions, x, torch.tensor([8, 9]))
+    target = pages.slots(units.active[4])
+    assert torch.equal(target, slots)
+    for i, io in enumerate(ios):
+        k, v = io.read(target, BLOCK)
+        assert torch.equal(k, tk[i]) and torch.equal(v, tv[i])
+    # the evicted unit's page bytes are in the pool, bit for bit
+    if weaker == 0:
+        k, v = tier.pool.restore(ParkedKey("r", 0, 0))
+        tier.pool.park(ParkedKey("r", 0, 0), k, v, 0.0)
+        for i in range(2):
+            assert torch.equal(k[i], before[i][0]) and torch.equal(v[i], before[i][1])
+    # and a query favouring it brings exactly those bytes back
+    tier.reroute("r", 0, query_towards(tier, "r", weaker), 1.0, [pages, pages])
+    assert weaker in units.active
+
+
+def test_int8_swap_is_within_half_a_step():
+    tier, layers, x, positions, mask, cpos, scores, pages = tier_setup("int8")
+    tier.park_prefill("r", 0, 1, 3, positions, x, mask, cpos, scores)
+    tier.reroute("r", 0, query_towards(tier, "r", 3), 1.0, [pages, pages])
+    units = tier.units[("r", 0)]
+    assert 3 in units.active
+    tk, tv = parked_truth(layers, positions, x, torch.tensor([4, 5]))
+    for i, io in enumerate(tier.io[1:3]):
+        k, v = io.read(pages.slots(units.active[3]), BLOCK)
+        step_k = tk[i].abs().amax(0, keepdim=True) / 127
+        assert bool(((k - tk[i]).abs() <= step_k / 2 + 1e-6).all())
+        assert not torch.equal(k, tk[i]) or not torch.equal(v, tv[i])  # really compressed
+
+
+def test_full_pool_drops_least_useful_units_and_never_restores_them():
+    tier, layers, x, positions, mask, cpos, scores, pages = tier_setup()
+    k, v = parked_truth(layers, positions, x, torch.tensor([2, 3]))
+    tier.pool.capacity_bytes = 2 * tier.pool.entry_bytes(k, v)  # room for two units
+    delta = tier.park_prefill("r", 0, 1, 3, positions, x, mask, cpos, scores)
+    assert delta == {"parked_blocks": 4, "parked_blocks_dropped": 2}
+    units = tier.units[("r", 0)]
+    # scores rise with the token index: units 2 (tokens 2,3) and 3 (4,5) were the weakest
+    assert sorted(units.parked) == [4, 5]
+    assert tier.pool.keys("r") == [ParkedKey("r", 0, 4), ParkedKey("r", 0, 5)]
+    tier.reroute("r", 0, query_towards(tier, "r", 4) * 0, 1.0, [pages, pages])
+    assert 2 not in units.active and 3 not in units.active
+
+
+def test_forget_empties_the_pool():
+    tier, _, x, positions, mask, cpos, scores, pages = tier_setup()
+    tier.park_prefill("r", 0, 1, 3, positions, x, mask, cpos, scores)
+    tier.park_prefill("s", 0, 1, 3, positions, x, mask, cpos, scores)
+    tier.reroute("r", 0, query_towards(tier, "r", 5), 1.0, [pages, pages])
+    assert tier.gauges()["parked_pool_blocks"] == 8
+    assert tier.forget(["r", "s"]) == {"parked_blocks_freed": 8}
+    assert len(tier.pool) == 0 and tier.pool.used_bytes == 0 and not tier.units
+    assert tier.gauges() == {"parked_pool_blocks": 0, "parked_pool_bytes": 0}
+    assert tier.forget(["r"]) == {}

@@ -1,0 +1,231 @@
+"""Parked tier, worker side: deferred visual K/V in a host pool, swapped back at decode.
+
+Where this sits in a routed prefill and in the decode steps after it (one request, one
+routing stage with layers [s, e), unit = ``park_block_tokens`` visual tokens):
+
+    prefill, at layer s (before it runs)
+      active visual tokens ──► stage pages (compacted positions), as without the tier;
+                               one digest per active unit (mean post-RoPE key at layer s)
+      deferred visual tokens ─► K/V for layers s..e-1 from their carried hidden state
+                               (input norm + K/V projections + RoPE only) ──► ParkedPool
+    decode step i with i % reroute_every == 0, at layer s (before it runs)
+      score q_i against every unit's digest (routing/rerouting.py)
+      for each swap (evict active A, restore parked R):
+          pages[A's slots] ──read──► pool (A parked)      pool (R) ──write──► pages[A's slots]
+
+The stage's active count never changes, so no page is allocated or freed and the
+scheduler is not involved: the swap happens inside the pages the request already holds.
+Keys are cached after RoPE at their original positions, so a restored unit attends
+correctly from any slot. Ownership: the pool's bytes belong to this worker process; a
+unit is either in the pool or in pages, never both. A unit the full pool drops is a
+removed token from then on (counted). Finish / abort / preemption free every pool entry of
+the request (``forget``); a preempted request re-routes and re-parks when it runs again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vllm_recroute.config import RoutingConfig
+from vllm_recroute.kv.pages import KVPageIO
+from vllm_recroute.kv.parked_pool import ParkedKey, ParkedPool
+from vllm_recroute.routing.rerouting import chunk_units, plan_swaps, unit_scores
+
+
+@dataclass
+class StageUnits:
+    """One request's units at one routing stage (index ``k`` of its stages)."""
+
+    start: int  # first layer of the stage
+    end: int
+    active: dict[int, torch.Tensor] = field(default_factory=dict)  # uid -> compacted positions
+    digests: dict[int, torch.Tensor] = field(default_factory=dict)  # uid -> [kv_heads, dim]
+    sizes: dict[int, int] = field(default_factory=dict)  # uid -> tokens (all units)
+    parked: set[int] = field(default_factory=set)  # uids stored in the pool
+
+
+@dataclass(frozen=True)
+class PageRow:
+    """Where compacted position c of a request lives for one layer: block table + size."""
+
+    table: torch.Tensor  # live block ids of the request's row in the layer's group
+    block_size: int
+
+    def slots(self, positions: torch.Tensor) -> torch.Tensor:
+        b = self.block_size
+        return self.table[positions // b].long() * b + positions % b
+
+
+class ParkingTier:
+    """The pool, the units of every request, and the park / swap operations."""
+
+    def __init__(self, cfg: RoutingConfig, layers: list[Any]) -> None:
+        self.cfg = cfg
+        self.layers = layers
+        self.pool = ParkedPool(cfg.parked_bytes, cfg.park_format)
+        self.units: dict[tuple[str, int], StageUnits] = {}
+        self.io = [
+            KVPageIO(layer.self_attn.attn, layer.self_attn.num_kv_heads, layer.self_attn.head_dim)
+            for layer in layers
+        ]
+        self._reported = (-1, -1)
+
+    # -- prefill ------------------------------------------------------------------------
+
+    def park_prefill(
+        self,
+        req_id: str,
+        k: int,
+        start: int,
+        end: int,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        cpos: torch.Tensor,
+        scores: torch.Tensor,
+    ) -> dict[str, int]:
+        """Park the stage's deferred units and remember its active ones.
+
+        ``positions``/``x``: the request's visual tokens (original positions, residual
+        stream at the stage's first layer); ``mask``: active at this stage; ``cpos``:
+        compacted positions of the visual tokens (meaningful for active ones); ``scores``:
+        the router's scores (order in which a full pool drops units).
+        """
+        u = self.cfg.park_block_tokens
+        units = StageUnits(start, end)
+        self.units[(req_id, k)] = units  # before parking: a full pool may drop our own units
+        keys = _keys(self.layers[start], positions, x)
+        active_idx = torch.nonzero(mask).flatten()
+        for uid, idx in enumerate(chunk_units(active_idx, u)):
+            units.active[uid] = cpos[idx]
+            units.digests[uid] = keys[idx].float().mean(0)
+            units.sizes[uid] = int(idx.numel())
+        first = len(units.active)
+        deferred = chunk_units(torch.nonzero(~mask).flatten(), u)
+        kv = [_key_values(self.layers[i], positions, x) for i in range(start, end)]
+        delta = {"parked_blocks": 0, "parked_blocks_dropped": 0}
+        for uid, idx in enumerate(deferred, start=first):
+            units.sizes[uid] = int(idx.numel())
+            ks = torch.stack([k_[idx] for k_, _ in kv])
+            vs = torch.stack([v_[idx] for _, v_ in kv])
+            key = ParkedKey(req_id, k, uid)
+            dropped = self.pool.park(key, ks, vs, float(scores[idx].float().mean()))
+            self._apply_drops(dropped, delta)
+            if key not in dropped:
+                units.parked.add(uid)
+                delta["parked_blocks"] += 1
+        return delta
+
+    # -- decode -------------------------------------------------------------------------
+
+    def due(self, output_index: int, every: int) -> bool:
+        """Whether the decode step producing output ``output_index`` re-routes (the
+        request's own ``reroute_every``; 0 = never)."""
+        return every > 0 and output_index > 0 and output_index % every == 0
+
+    def reroute(
+        self,
+        req_id: str,
+        k: int,
+        q: torch.Tensor,
+        scale: float,
+        pages: list[PageRow],
+    ) -> dict[str, int]:
+        """Swap units so the stage's active set is the best for query ``q``.
+
+        ``pages``: per layer of the stage (in order), where the request's compacted
+        positions live.
+        """
+        units = self.units.get((req_id, k))
+        delta = {"restored_blocks": 0, "parked_blocks": 0, "parked_blocks_dropped": 0}
+        if units is None or not units.parked:
+            return delta
+        full = self.cfg.park_block_tokens
+        act = [uid for uid in units.active if units.sizes[uid] == full]
+        par = [uid for uid in sorted(units.parked) if units.sizes[uid] == full]
+        if not act or not par:
+            return delta
+        digests = [units.digests[uid] for uid in act]
+        digests += [self.pool.digest(ParkedKey(req_id, k, uid))[0] for uid in par]
+        score = dict(
+            zip(act + par, unit_scores(q, torch.stack(digests), scale).tolist(), strict=True)
+        )
+        plan = plan_swaps({u: score[u] for u in act}, {u: score[u] for u in par})
+        for swap in plan:
+            self._swap(req_id, k, units, swap.evict, swap.restore, score, pages, delta)
+        return delta
+
+    def _swap(self, req_id, k, units, evict, restore, score, pages, delta) -> None:
+        positions = units.active.pop(evict)
+        slots = [p.slots(positions) for p in pages]
+        ios = self._stage_io(units)
+        old = [io.read(sl, p.block_size) for io, sl, p in zip(ios, slots, pages, strict=True)]
+        rkey = ParkedKey(req_id, k, restore)
+        digest = self.pool.digest(rkey)[0]
+        rk, rv = self.pool.restore(rkey)
+        for i, (io, sl) in enumerate(zip(ios, slots, strict=True)):
+            io.write(rk[i], rv[i], sl)
+        units.parked.discard(restore)
+        units.active[restore] = positions
+        units.digests[restore] = digest
+        delta["restored_blocks"] += 1
+        del units.digests[evict]
+        ekey = ParkedKey(req_id, k, evict)
+        ks = torch.stack([kk for kk, _ in old])
+        vs = torch.stack([vv for _, vv in old])
+        dropped = self.pool.park(ekey, ks, vs, score[evict])
+        self._apply_drops(dropped, delta)
+        if ekey not in dropped:
+            units.parked.add(evict)
+            delta["parked_blocks"] += 1
+
+    def _stage_io(self, units: StageUnits) -> list[KVPageIO]:
+        return self.io[units.start : units.end]
+
+    def _apply_drops(self, dropped: list[ParkedKey], delta: dict[str, int]) -> None:
+        for key in dropped:
+            units = self.units.get((key.request_id, key.stage))
+            if units is not None:
+                units.parked.discard(key.block_index)
+            delta["parked_blocks_dropped"] += 1
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def forget(self, req_ids: list[str]) -> dict[str, int]:
+        freed = 0
+        for req_id in req_ids:
+            freed += len(self.pool.free_request(req_id))
+        if self.units:
+            gone = set(req_ids)
+            for key in [key for key in self.units if key[0] in gone]:
+                del self.units[key]
+        return {"parked_blocks_freed": freed} if freed else {}
+
+    def gauges(self) -> dict[str, int]:
+        """Pool fill, only when it changed since the last call (keeps stats sparse)."""
+        now = (len(self.pool), self.pool.used_bytes)
+        if now == self._reported:
+            return {}
+        self._reported = now
+        return {"parked_pool_blocks": now[0], "parked_pool_bytes": now[1]}
+
+
+def _keys(layer: Any, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return _key_values(layer, positions, x)[0]
+
+
+def _key_values(layer: Any, positions: torch.Tensor, x: torch.Tensor):
+    """Post-RoPE K and V ``[n, kv_heads, dim]`` the layer would cache for rows ``x``."""
+    attn = layer.self_attn
+    normed = layer.input_layernorm(x)
+    qkv, _ = attn.qkv_proj(normed)
+    q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    _, k = attn.rotary_emb(positions, q.contiguous(), k.contiguous())
+    shape = (x.shape[0], -1, attn.head_dim)
+    return k.reshape(shape), v.reshape(shape)
+
+
+__all__ = ["PageRow", "ParkingTier", "StageUnits"]
