@@ -1,4 +1,5 @@
-"""Concurrency at a fixed KV budget: plain vLLM vs pdrop routing with kv_release.
+"""Concurrency at a fixed KV budget: plain vLLM vs pdrop routing with kv_release, without
+and with the parked host tier (decode-time re-routing every 4 steps).
 
 Many image requests at once on the random-weight SmolVLM-256M-shaped model, same
 `kv_cache_memory_bytes` for both engines. Measured per engine step (LLMEngine.step loop,
@@ -7,7 +8,7 @@ vLLM's own gauges): peak running requests, KV blocks in use per running request 
 analytic ideal of the KV ratio from the schedule: per request, the stage-weighted share
 of tokens that keep KV pages, at the final length.
 
-    python bench/kv_capacity.py [--requests 12] [--max-tokens 32] [--kv-mib 96]
+    python bench/kv_capacity.py [--requests 12] [--max-tokens 32] [--kv-mib 96] [--parked-mib 256]
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 ROUTED = "RecrouteIdefics3ForConditionalGeneration"
 
 
-def _engine(model: str, routed: bool, kv_bytes: int, max_seqs: int, block_size: int):
+def _engine(model: str, routing: dict | None, kv_bytes: int, max_seqs: int, block_size: int):
     from vllm import LLM
 
     kw = dict(
@@ -33,10 +34,9 @@ def _engine(model: str, routed: bool, kv_bytes: int, max_seqs: int, block_size: 
         # keeps the comparison about KV pages, not scheduling policy).
         enable_chunked_prefill=False, max_num_batched_tokens=2048,
     )  # fmt: skip
-    if routed:
+    if routing is not None:
         kw |= dict(
-            hf_overrides={"architectures": [ROUTED]},
-            additional_config={"recroute": {"schedule": "pdrop", "kv_release": True}},
+            hf_overrides={"architectures": [ROUTED]}, additional_config={"recroute": routing}
         )
     return LLM(**kw)
 
@@ -57,7 +57,8 @@ def _pass(llm, requests, max_tokens: int, tag: str) -> dict:
     preempt0 = int({x.name: x for x in llm.get_metrics()}["vllm:num_preemptions"].value)
     for i, req in enumerate(requests):
         engine.add_request(f"{tag}{i}", req, params)
-    peak, usage_per_req, generated = 0, [], 0
+    restored0 = _metric(llm, "recroute:restored_blocks")
+    peak, usage_per_req, generated, parked_peak = 0, [], 0, 0
     t0 = time.perf_counter()
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -68,6 +69,7 @@ def _pass(llm, requests, max_tokens: int, tag: str) -> dict:
         peak = max(peak, running)
         if running:
             usage_per_req.append(m["vllm:kv_cache_usage_perc"].value / running)
+        parked_peak = max(parked_peak, _metric(llm, "recroute:parked_pool_bytes"))
     wall = time.perf_counter() - t0
     m = {x.name: x for x in llm.get_metrics()}
     return {
@@ -77,7 +79,22 @@ def _pass(llm, requests, max_tokens: int, tag: str) -> dict:
         "tokens_per_s": generated / wall,
         "wall_s": wall,
         "final_usage": m["vllm:kv_cache_usage_perc"].value,
+        "parked_peak_mib": parked_peak / (1 << 20),
+        "restored": _metric(llm, "recroute:restored_blocks") - restored0,
+        "parked_after": _metric(llm, "recroute:parked_pool_bytes"),
     }
+
+
+def _metric(llm, name: str) -> float:
+    """A plugin metric from the in-process registry (0 if the engine has none)."""
+    from prometheus_client import REGISTRY
+
+    return sum(
+        s.value
+        for fam in REGISTRY.collect()
+        for s in fam.samples
+        if s.name in (name, name + "_total")
+    )
 
 
 def _ideal_ratio(num_layers: int, num_visual: int, total_tokens: int) -> float:
@@ -100,6 +117,7 @@ def main() -> None:
     ap.add_argument("--kv-mib", type=int, default=96)
     ap.add_argument("--image-size", type=int, default=1024)
     ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--parked-mib", type=int, default=256, help="parked host pool size")
     args = ap.parse_args()
 
     from transformers import AutoConfig, AutoProcessor
@@ -121,8 +139,15 @@ def main() -> None:
     layers = AutoConfig.from_pretrained(model).text_config.num_hidden_layers
 
     results = {}
-    for name, routed in (("plain vLLM", False), ("pdrop + kv_release", True)):
-        llm = _engine(model, routed, args.kv_mib << 20, args.requests, args.block_size)
+    release = {"schedule": "pdrop", "kv_release": True}
+    parked = {**release, "parked_bytes": args.parked_mib << 20, "reroute_every": 4}
+    engines = (
+        ("plain vLLM", None),
+        ("pdrop + kv_release", release),
+        ("pdrop + kv_release + parked tier", parked),
+    )
+    for name, routing in engines:
+        llm = _engine(model, routing, args.kv_mib << 20, args.requests, args.block_size)
         results[name] = _run(llm, requests, args.max_tokens)
         llm.llm_engine.engine_core.shutdown()
         del llm
@@ -133,20 +158,25 @@ def main() -> None:
         f"visual) + {args.max_tokens} generated; kv_cache_memory_bytes {args.kv_mib} MiB, "
         f"block size {args.block_size}; {layers} layers.\n"
     )
-    print("| engine | peak running | KV use per running request | preemptions | tokens/s |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "| engine | peak running | KV use per running request | preemptions | tokens/s "
+        "| parked pool peak | units restored |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         print(
             f"| {name} | {r['peak_running']} ({r['peak_running'] / base['peak_running']:.2f}x) "
             f"| {100 * r['kv_usage_per_running_req']:.2f}% "
             f"({r['kv_usage_per_running_req'] / base['kv_usage_per_running_req']:.2f}x) "
             f"| {r['preemptions']} | {r['tokens_per_s']:.1f} "
-            f"({r['tokens_per_s'] / base['tokens_per_s']:.2f}x) |"
+            f"({r['tokens_per_s'] / base['tokens_per_s']:.2f}x) "
+            f"| {r['parked_peak_mib']:.1f} MiB | {int(r['restored'])} |"
         )
     print(
         f"\nAnalytic ideal KV ratio (pdrop, final length, token granularity): {ideal:.3f}; "
         f"KV usage after the run: "
         + ", ".join(f"{n} {100 * r['final_usage']:.1f}%" for n, r in results.items())
+        + f"; parked pool after the run: {int(results[engines[2][0]]['parked_after'])} bytes"
     )
 
 

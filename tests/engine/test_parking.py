@@ -147,3 +147,41 @@ def test_rerouting_changes_what_decode_attends_to(parked_llm, tiny_idefics3):
     swapping = logprobs({**CONFIGS["pdrop-reroute"], "reroute_every": 1})
     fixed = logprobs({**CONFIGS["pdrop-reroute"], "reroute_every": 0})
     assert [x.logprob for x in swapping] != pytest.approx([x.logprob for x in fixed], abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def released_parked_llm(tiny_idefics3):
+    llm = make_llm(
+        tiny_idefics3,
+        routed_arch=ROUTED_IDEFICS3,
+        recroute={"mode": "reroute", "schedule": "pdrop", "kv_release": True, **PARKING},
+        block_size=32,
+        disable_log_stats=False,
+    )
+    yield llm
+    shutdown(llm)
+
+
+def test_parking_with_released_pages(released_parked_llm, hf_model, tiny_idefics3):
+    """kv_release + parked tier: deferred pages go back to vLLM's pool, their K/V lives in
+    the host pool, swaps happen inside the compacted rows; same tokens and restores as the
+    reference, and every page and pool entry back at the end."""
+    llm = released_parked_llm
+    cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 1}
+    released0 = _counter("recroute:kv_blocks_released")
+    restored0 = _counter("recroute:restored_blocks")
+    outs = _generate(llm, tiny_idefics3, [cfg] * len(REQUESTS))
+    restored = 0
+    for spec, out in zip(REQUESTS, outs, strict=True):
+        prompt, images = request_inputs(str(tiny_idefics3), spec)
+        inputs = hf_inputs(str(tiny_idefics3), prompt, images)
+        full = RoutingConfig.from_dict({**cfg, **PARKING})
+        expected, n = oracle_generate_parked(hf_model, inputs, full, MAX_TOKENS)
+        assert list(out.outputs[0].token_ids) == expected, spec
+        restored += n
+    _flush(llm)
+    assert restored > 0
+    assert _counter("recroute:restored_blocks") - restored0 == restored
+    assert _counter("recroute:kv_blocks_released") > released0
+    assert llm.collective_rpc(_pool) == [(0, 0, 0)]
+    assert _kv_usage(llm) == 0.0
