@@ -60,7 +60,8 @@ def test_preempted_requests_recompute_the_same_routing(tiny_idefics3, hf_idefics
     llm = make_llm(
         tiny_idefics3,
         routed_arch=ROUTED_IDEFICS3,
-        recroute={"mode": "reroute", "schedule": "pdrop"},
+        # parked tier on (no re-routing): preemption must free the pool like an abort
+        recroute={"mode": "reroute", "schedule": "pdrop", "parked_bytes": 1 << 20},
         max_model_len=256,
         kv_cache_memory_bytes=12 * 32 * 4096,
         block_size=32,
@@ -77,6 +78,8 @@ def test_preempted_requests_recompute_the_same_routing(tiny_idefics3, hf_idefics
         outs = llm.generate(prompts, params, use_tqdm=False)
         metrics = {m.name: m for m in llm.get_metrics()}
         counters = route_counters(llm)
+        llm.generate(["x"], SamplingParams(max_tokens=1), use_tqdm=False)  # delivers finishes
+        pool = llm.collective_rpc(_parked_pool)
     finally:
         shutdown(llm)
     assert metrics["vllm:num_preemptions"].value > 0, "workload did not preempt"
@@ -87,6 +90,14 @@ def test_preempted_requests_recompute_the_same_routing(tiny_idefics3, hf_idefics
         assert list(out.outputs[0].token_ids) == expected
     # every preempted request was routed again on recompute
     assert counters["routed_requests"] >= 3 + 1
+    [(entries, used, parks, freed)] = pool
+    assert (entries, used) == (0, 0)
+    assert parks > 0 and freed == parks  # preempted and finished requests' units all freed
+
+
+def _parked_pool(worker):
+    pool = worker.model_runner.model.recroute.tier.pool
+    return len(pool), pool.used_bytes, pool.parks, pool.discards
 
 
 @pytest.fixture(scope="module")
