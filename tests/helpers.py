@@ -14,8 +14,10 @@ def processor_for(model_dir: str):
     return AutoProcessor.from_pretrained(model_dir)
 
 
-def chat_prompt(model_dir: str, question: str, num_images: int = 1) -> str:
-    content = [{"type": "image"} for _ in range(num_images)]
+def chat_prompt(model_dir: str, question: str, num_images: int = 1, before: str = "") -> str:
+    """User turn: optional text ``before`` the images, the images, the question."""
+    content = [{"type": "text", "text": before}] if before else []
+    content += [{"type": "image"} for _ in range(num_images)]
     content.append({"type": "text", "text": question})
     messages = [{"role": "user", "content": content}]
     return processor_for(model_dir).apply_chat_template(messages, add_generation_prompt=True)

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from tests.conftest import ROUTED_IDEFICS3, make_llm, shutdown
-from tests.engine.test_routing_oracle import CONFIGS, _generate, _oracle
+from tests.engine.test_routing_oracle import CONFIGS, _generate, _oracle, _xargs
 from tests.helpers import REQUESTS, hf_inputs, request_inputs
 from tests.oracle import oracle_generate_parked
 from vllm_recroute.config import RoutingConfig
+from vllm_recroute.tiny_models import make_test_image
 
 pytestmark = pytest.mark.engine
 
@@ -157,6 +158,7 @@ def released_parked_llm(tiny_idefics3):
         recroute={"mode": "reroute", "schedule": "pdrop", "kv_release": True, **PARKING},
         block_size=32,
         disable_log_stats=False,
+        enable_prefix_caching=True,  # kv_release keeps it: routed stages cache text only
     )
     yield llm
     shutdown(llm)
@@ -185,3 +187,56 @@ def test_parking_with_released_pages(released_parked_llm, hf_model, tiny_idefics
     assert _counter("recroute:kv_blocks_released") > released0
     assert llm.collective_rpc(_pool) == [(0, 0, 0)]
     assert _kv_usage(llm) == 0.0
+
+
+SYSTEM = (
+    "you are a careful assistant that looks at pictures of shapes and colors and answers "
+    "short questions about them with one word, the shapes are circles squares triangles "
+    "and stars in red green blue yellow purple and orange on a light background"
+)
+
+
+def test_prefix_cache_serves_text_never_routed_image_blocks(
+    released_parked_llm, hf_model, tiny_idefics3
+):
+    """Same text prefix and image, two questions: the second request hits the cached text
+    blocks in every group, recomputes the image under its own routing, and equals the
+    reference; a request identical to the first gets no more than the text either."""
+    from vllm import SamplingParams
+
+    from tests.conftest import route_counters
+    from tests.helpers import chat_prompt, processor_for
+
+    llm = released_parked_llm
+    cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 1}
+    images = [make_test_image(5, size=128)]
+    routed0 = route_counters(llm)["routed_requests"]
+    outs = []
+    for question in (
+        "what is in the picture?",
+        "where is the red square?",
+        "what is in the picture?",
+    ):
+        prompt = chat_prompt(str(tiny_idefics3), question, before=SYSTEM)
+        params = SamplingParams(
+            temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=_xargs(cfg)
+        )
+        [out] = llm.generate(
+            [{"prompt": prompt, "multi_modal_data": {"image": images}}], params, use_tqdm=False
+        )
+        inputs = hf_inputs(str(tiny_idefics3), prompt, images)
+        expected, _ = oracle_generate_parked(
+            hf_model, inputs, RoutingConfig.from_dict({**cfg, **PARKING}), MAX_TOKENS
+        )
+        assert list(out.outputs[0].token_ids) == expected, question
+        outs.append((out, inputs))
+    ids = outs[0][1]["input_ids"][0].tolist()
+    image_token = processor_for(str(tiny_idefics3)).tokenizer.convert_tokens_to_ids("<image>")
+    first_image = ids.index(image_token)
+    text_blocks = (first_image // 32) * 32
+    assert text_blocks >= 32, "test prompt must have at least one whole text block"
+    assert outs[0][0].num_cached_tokens == 0
+    # a hit, but never past the text before the image (its image tokens are recomputed)
+    assert 0 < outs[1][0].num_cached_tokens <= first_image
+    assert 0 < outs[2][0].num_cached_tokens <= first_image
+    assert route_counters(llm)["routed_requests"] == routed0 + 3  # hits were routed too

@@ -29,6 +29,19 @@ def test_routed_arch_turns_off_prefix_caching_chunking_and_compile(tiny_idefics3
     assert cfg.compilation_config.mode == CompilationMode.NONE
 
 
+def test_kv_release_keeps_prefix_caching(tiny_idefics3):
+    # per-stage groups let routed stages cache only text before the first image
+    cfg = _engine_config(tiny_idefics3, ROUTED_IDEFICS3, {"schedule": "pdrop", "kv_release": True})
+    assert cfg.cache_config.enable_prefix_caching is True
+
+
+def test_parked_tier_refuses_quantized_kv_cache(tiny_idefics3):
+    with pytest.raises(ValueError, match=r"recroute\.parked_bytes: .*unquantized KV cache"):
+        _engine_config(
+            tiny_idefics3, ROUTED_IDEFICS3, {"parked_bytes": 1 << 20}, kv_cache_dtype="fp8"
+        )
+
+
 def test_chunked_prefill_fallback_keeps_chunking(tiny_idefics3):
     cfg = _engine_config(
         tiny_idefics3,

@@ -22,12 +22,17 @@ the manager keeps ``cdiv(max_tokens - deferred, block_size)`` live blocks where
 ``max_tokens`` is the largest ``num_tokens`` it was asked to give slots for (that bound
 includes every scheduled, possibly still running, step and its lookahead tokens).
 
-Prefix caching: never. Stage KV depends on the routing decision, which depends on the
-question; a hit across routing contexts would be silent garbage. ``cache_blocks`` is a
-no-op and ``find_longest_cache_hit`` reports no hit; the spec stays ``prefix_cacheable``
-so that `kv_cache_coordinator.py:HybridKVCacheCoordinator.find_longest_cache_hit` takes
-our zero-length hit into its minimum (a non-cacheable group would be *skipped* and the
-other groups' hits would be used without stage KV).
+Prefix caching, by routing context. Stage 0 holds every token's KV computed from the
+prefix alone, so it caches like full attention. A routed stage's KV after a request's first
+image depends on the routing decision, which depends on the question (and mode, budget):
+a routed stage caches only the whole blocks *before the request's first image*, which no
+routing decision touches (text-only requests: every block). So a routed-stage block
+computed under one routing context is never served to another, and a later request
+sharing a text prefix (system prompt, earlier text) hits it in every group. vLLM keeps
+one hit length per request (the minimum over groups,
+`kv_cache_coordinator.py:HybridKVCacheCoordinator.find_longest_cache_hit`), so stage 0's
+image blocks are cached but cannot be hit while the routed stages miss them. The spec
+stays ``prefix_cacheable``: a non-cacheable group would be *skipped* by that minimum.
 """
 
 from __future__ import annotations
@@ -37,14 +42,19 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from vllm.utils.math_utils import cdiv
-from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
-from vllm.v1.kv_cache_interface import KVCacheSpec
 
 from vllm_recroute.kv.spec import RoutedStageSpec
 
-__all__ = ["ReleasedBlocks", "RoutedStageManager"]
+__all__ = ["ReleasedBlocks", "RoutedStageManager", "routing_free_prefix"]
+
+
+def routing_free_prefix(request: Any, num_tokens: int) -> int:
+    """Tokens of ``request`` before its first multimodal item (all, for text only): the
+    prefix whose KV is the same under every routing decision."""
+    offsets = [f.mm_position.offset for f in getattr(request, "mm_features", None) or ()]
+    return min([num_tokens, *offsets])
 
 
 @dataclass(frozen=True)
@@ -175,13 +185,31 @@ class RoutedStageManager(FullAttentionManager):
         apply_admission_cap: bool = False,
         prefill_end: int = 0,
     ) -> int:
-        assert not new_computed_blocks, "routed stage groups never have prefix-cache hits"
+        blocks = self.req_to_blocks.get(request_id, ())
+        if self._deferred.get(request_id, 0) == 0 and not any(b.is_null for b in blocks):
+            # Uncompacted so far (a new request, possibly with prefix-cache hits): exactly
+            # full attention, including its accounting of hit and evictable blocks.
+            return super().get_num_blocks_to_allocate(
+                request_id,
+                num_tokens,
+                new_computed_blocks,
+                total_computed_tokens,
+                num_local_computed_tokens,
+                num_tokens_main_model,
+                apply_admission_cap,
+                prefill_end,
+            )
+        assert not new_computed_blocks, "a running request gets no new prefix-cache hits"
         required = cdiv(self._compacted(request_id, num_tokens), self.block_size)
         return max(required - self.num_live_blocks(request_id), 0)
 
     def allocate_new_blocks(
         self, request_id: str, num_tokens: int, num_tokens_main_model: int
     ) -> list[KVCacheBlock]:
+        if self._partial_hit_reqs:
+            raise RuntimeError(
+                "vllm-recroute: partial-block prefix hits are not supported by routed stages"
+            )
         self._max_tokens[request_id] = max(self._max_tokens.get(request_id, 0), num_tokens)
         req_blocks = self.req_to_blocks[request_id]
         required = cdiv(self._compacted(request_id, num_tokens), self.block_size)
@@ -215,19 +243,9 @@ class RoutedStageManager(FullAttentionManager):
         return [b for b in blocks if not b.is_null]
 
     def cache_blocks(self, request: Any, num_tokens: int, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    @classmethod
-    def find_longest_cache_hit(
-        cls,
-        block_hashes: Any,
-        max_length: int,
-        kv_cache_group_ids: list[int],
-        block_pool: BlockPool,
-        kv_cache_spec: KVCacheSpec,
-        drop_eagle_block: bool,
-        alignment_tokens: int,
-        dcp_world_size: int = 1,
-        pcp_world_size: int = 1,
-    ) -> tuple[tuple[list[KVCacheBlock], ...], int]:
-        return tuple([] for _ in kv_cache_group_ids), 0
+        """Stage 0: as full attention. Routed stages: only whole blocks before the first
+        image (their content does not depend on any routing decision); the lookup
+        (`FullAttentionManager.find_longest_cache_hit`) then stops there by itself."""
+        if self.stage > 0:
+            num_tokens = routing_free_prefix(request, num_tokens)
+        super().cache_blocks(request, num_tokens, *args, **kwargs)

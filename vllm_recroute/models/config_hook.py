@@ -23,11 +23,15 @@ def apply_routing_requirements(vllm_config: Any) -> RoutingConfig:
     _install_request_validator(vllm_config, cfg)
     _install_stats_connector(vllm_config)
     cache = vllm_config.cache_config
-    if cache.enable_prefix_caching:
+    if cache.enable_prefix_caching and not cfg.kv_release:
         # Routed-stage KV depends on the question (design.md §1): a cached block from one
-        # routing context must not serve another. Until the parked tier keys blocks by
-        # routing context, prefix caching is off for routed architectures.
-        logger.warning("vllm-recroute: prefix caching disabled for routed architectures")
+        # routing context must not serve another. Only the per-stage groups of kv_release
+        # can tell stage blocks apart (kv/manager.py caches routed stages before the first
+        # image only); with a single KV group, prefix caching is off.
+        logger.warning(
+            "vllm-recroute: prefix caching disabled for routed architectures (it stays on "
+            "with recroute.kv_release: routed stages then cache text before the first image)"
+        )
         cache.enable_prefix_caching = False
     from vllm.config import CompilationMode
     from vllm.config.compilation import CUDAGraphMode
@@ -146,6 +150,8 @@ def check_routing_requirements(vllm_config: Any) -> RoutingConfig:
             "vllm-recroute: routed architectures must run without torch.compile; the config "
             "hook did not run (is the plugin installed in the engine's environment?)"
         )
-    if vllm_config.cache_config.enable_prefix_caching:
-        raise RuntimeError("vllm-recroute: prefix caching must be off for routed models")
+    if vllm_config.cache_config.enable_prefix_caching and not cfg.kv_release:
+        raise RuntimeError(
+            "vllm-recroute: prefix caching must be off for routed models without kv_release"
+        )
     return cfg

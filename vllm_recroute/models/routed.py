@@ -218,15 +218,20 @@ class StepRouter:
     def _classify(self, row: int, req_id: str, token_ids: torch.Tensor, prompt_len: int) -> None:
         store = self.decoder.store
         start, end = int(self.qsl[row]), int(self.qsl[row + 1])
-        if int(self.num_computed[row]) > 0:
+        computed = int(self.num_computed[row])
+        if computed > 0:
             state = store.get(req_id)
-            if state is not None and any(state.deferred):
-                self.decodes[row] = state
-            return
+            if state is not None:
+                if any(state.deferred):
+                    self.decodes[row] = state
+                return
+            if not self._prompt_after_cached_text(req_id, computed, prompt_len):
+                return  # an unrouted request's decode, or a later chunk of a split prompt
         store.forget([req_id])  # a new or recomputed (preempted) request starts afresh
         cfg = routing_for_request(self.decoder.config, self.runner, req_id)
         if not cfg.enabled:
             return
+        prompt_len -= computed  # the prompt rows in this step (after a prefix-cache hit)
         if end - start < prompt_len:
             # The chunk may not even reach the image yet; the request's multimodal
             # features say whether the prompt has one.
@@ -250,6 +255,16 @@ class StepRouter:
         self.prefills.append(
             PrefillRoute(req_id, row, start, start + prompt_len, visual_rows, stages, cfg)
         )
+
+    def _prompt_after_cached_text(self, req_id: str, computed: int, prompt_len: int) -> bool:
+        """A prompt whose first ``computed`` tokens came from the prefix cache: routable
+        if its images all lie in what is left (kv/manager.py caches routed stages only
+        before the first image, so a hit never reaches one)."""
+        if computed >= prompt_len:
+            return False
+        feats = getattr(self.runner.requests.get(req_id), "mm_features", None) or ()
+        offsets = [f.mm_position.offset for f in feats]
+        return bool(offsets) and min(offsets) >= computed
 
     # -- scoring at the layer before a router point ----------------------------------
 
@@ -343,10 +358,12 @@ class StepRouter:
     def _park(self, tier, route: PrefillRoute, k: int, positions, hidden, residual) -> None:
         vis = route.visual_rows
         mask = route.masks[k]
-        # Compacted position of each prompt row at this stage: its rank among active rows.
+        # Compacted position of each prompt row at this stage: the cached prefix (never
+        # deferred) plus its rank among the step's active rows.
         active = torch.ones(route.prompt_end - route.start, dtype=torch.bool)
         active[(vis - route.start)[~mask]] = False
-        cpos = (torch.cumsum(active.long(), 0) - 1)[vis - route.start]
+        ctx = int(self.num_computed[route.row])
+        cpos = (ctx + torch.cumsum(active.long(), 0) - 1)[vis - route.start]
         stage = route.stages[k]
         delta = tier.park_prefill(
             route.req_id,

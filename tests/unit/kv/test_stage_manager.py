@@ -157,25 +157,6 @@ def test_free_returns_every_live_block_and_never_the_null_block():
     assert m.get_deferred("a") == 0
 
 
-def test_never_caches_and_never_hits():
-    pool = make_pool(enable_caching=True)
-    m = make_manager(pool, enable_caching=True)
-    m.allocate_new_blocks("a", 16, 16)
-    m.cache_blocks(object(), 16, replay_boundaries=[])
-    assert all(b.block_hash is None for b in m.req_to_blocks["a"])
-    hashes = [BlockHash(str(i).encode()) for i in range(4)]
-    blocks, hit = RoutedStageManager.find_longest_cache_hit(
-        block_hashes=hashes,
-        max_length=16,
-        kv_cache_group_ids=[1, 2],
-        block_pool=pool,
-        kv_cache_spec=m.kv_cache_spec,
-        drop_eagle_block=False,
-        alignment_tokens=BLOCK,
-    )
-    assert blocks == ([], []) and hit == 0
-
-
 def test_external_kv_is_refused():
     m = make_manager(make_pool())
     m.allocate_external_computed_blocks("a", 0, 0)  # nothing external: fine
@@ -238,7 +219,7 @@ def test_coordinator_builds_our_managers_on_one_pool(enable_caching):
     assert all(m.block_pool is coord.block_pool for m in managers)
     start = coord.block_pool.get_num_free_blocks()
 
-    if enable_caching:  # hybrid coordinator: zero hits for routed models, never garbage
+    if enable_caching:  # hybrid coordinator, empty cache: no hit
         hashes = [BlockHash(str(i).encode()) for i in range(4)]
         blocks, hit, _ = coord.find_longest_cache_hit(hashes, 16)
         assert hit == 0 and blocks == ([], [], [])
@@ -328,3 +309,84 @@ def test_mixed_sequence_returns_the_pool_to_its_start_and_mirrors_the_worker():
     drop("c")
     assert pool.get_num_free_blocks() == start
     assert all(not m.req_to_blocks for m in managers)
+
+
+# ------------------------------------------------------------------ prefix caching
+
+
+class FakeRequest:
+    """What the managers read from a vLLM Request: id, block hashes, image offsets."""
+
+    def __init__(self, rid: str, num_tokens: int, image_at: int | None, prefix: str = "p"):
+        from types import SimpleNamespace
+
+        self.request_id = rid
+        self.num_prompt_tokens = num_tokens
+        self.shared_prefix_boundary = 0
+        # the same hashes for the same prefix string: block i of "p" matches across requests
+        self.block_hashes = [BlockHash(f"{prefix}{i}".encode()) for i in range(num_tokens // BLOCK)]
+        pos = SimpleNamespace(offset=image_at)
+        self.mm_features = [] if image_at is None else [SimpleNamespace(mm_position=pos)]
+
+
+def run_prompt(coord, req: FakeRequest) -> tuple[int, list[list[int]]]:
+    """Schedule a whole prompt like the scheduler: lookup, hits, allocate, cache."""
+    n = req.num_prompt_tokens
+    hit_blocks, hit, _ = coord.find_longest_cache_hit(req.block_hashes, n - 1)
+    assert (
+        coord.get_num_blocks_to_allocate(req.request_id, n, hit_blocks, hit, hit, 0, n)
+        <= coord.block_pool.get_num_free_blocks()
+    )
+    coord.allocate_new_computed_blocks(req.request_id, hit_blocks, hit, 0)
+    coord.allocate_new_blocks(req.request_id, n, n)
+    coord.cache_blocks(req, n)
+    rows = [
+        [b.block_id for b in m.req_to_blocks[req.request_id]] for m in coord.single_type_managers
+    ]
+    return hit, rows
+
+
+def test_routed_stages_cache_only_before_the_first_image():
+    coord = make_coordinator(enable_caching=True)
+    start = coord.block_pool.get_num_free_blocks()
+    # 17 tokens: blocks 0-3 full; the image starts at token 9 (inside block 2)
+    hit, rows = run_prompt(coord, FakeRequest("a", 17, image_at=9))
+    assert hit == 0
+    assert rows == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15]]
+    cached = [[b.block_id for b in m.req_to_blocks["a"] if b.block_hash is not None]
+              for m in coord.single_type_managers]  # fmt: skip
+    # stage 0: every full block; routed stages: the two blocks before the image only
+    assert cached == [[1, 2, 3, 4], [6, 7], [11, 12]]
+    # same text prefix, same image, another question: hits the text blocks in every group
+    hit, rows = run_prompt(coord, FakeRequest("b", 17, image_at=9))
+    assert hit == 2 * BLOCK
+    assert [r[:2] for r in rows] == [[1, 2], [6, 7], [11, 12]]
+    assert all(r[2] not in (3, 8, 13) for r in rows)  # image blocks are never shared
+    coord.free("a")
+    coord.free("b")
+    assert coord.block_pool.get_num_free_blocks() == start
+
+
+def test_text_only_prompts_cache_every_block_in_every_stage():
+    coord = make_coordinator(enable_caching=True)
+    run_prompt(coord, FakeRequest("a", 16, image_at=None))
+    hit, rows = run_prompt(coord, FakeRequest("b", 16, image_at=None))
+    assert hit == 12  # the last token is always recomputed: 3 of 4 blocks
+    assert [r[:3] for r in rows] == [[1, 2, 3], [5, 6, 7], [9, 10, 11]]
+
+
+def test_a_hit_then_routing_releases_only_uncached_tail_blocks():
+    coord = make_coordinator(enable_caching=True)
+    run_prompt(coord, FakeRequest("a", 17, image_at=9))
+    coord.free("a")
+    hit, rows = run_prompt(coord, FakeRequest("b", 17, image_at=9))
+    assert hit == 8 and [len(r) for r in rows] == [5, 5, 5]
+    managers = coord.single_type_managers
+    managers[1].set_deferred("b", 6)  # 11 active at stage 1 -> 3 blocks
+    managers[2].set_deferred("b", 8)  # 9 active at stage 2 -> 3 blocks
+    coord.remove_skipped_blocks("b", 17)
+    events = [e for m in managers for e in m.take_released()]
+    assert [(e.stage, e.row_indices) for e in events] == [(1, (4, 3)), (2, (4, 3))]
+    # the cached text blocks (rows 0, 1) stay, still cached for the next request
+    assert [m.live_block_ids("b")[:2] for m in managers] == [rows[0][:2], rows[1][:2], rows[2][:2]]
+    assert all(b.block_hash is not None for m in managers[1:] for b in m.req_to_blocks["b"][:2])
