@@ -8,6 +8,13 @@ same bytes into a preallocated buffer (the floor any host tier pays) and `clone(
 CPU only here (device = host), so this measures the pool's own overhead: copying,
 digests, int8 quantisation, bookkeeping.
 
+The "swap" rows run the engine's decode-time data path on real paged caches in vLLM's CPU
+kernel layout (`cpu_attn_reshape_and_cache`, keys packed per block): per unit and layer,
+read the evicted unit's slots (`KVPageIO.read`), park it, restore another unit and write
+it into the same slots with the backend's own writer, `--swaps-per-step` units per
+re-routing step batched as `ParkingTier` does (one read and one write per layer). A swap
+moves the unit's bytes both ways; GB/s are per direction, like the copy rows.
+
     python bench/park_bandwidth.py [--blocks 2000] [--layers 8] [--dtype float32]
 """
 
@@ -23,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from vllm_recroute.kv.pages import KVPageIO
 from vllm_recroute.kv.parked_pool import ParkedKey, ParkedPool
 
 
@@ -49,6 +57,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (blocks are small)")
+    ap.add_argument("--swaps-per-step", type=int, default=8)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -92,6 +101,7 @@ def main() -> None:
             (f"ParkedPool {compress}", statistics.median(park_t), statistics.median(restore_t))
         )
 
+    rows += _swap_rows(args, dtype, ks, vs, t_copy)
     print(
         f"{args.blocks} blocks of K+V [{args.layers} layers, {args.tokens} tokens, "
         f"{args.heads} heads, {args.dim}] {args.dtype}: {nbytes / 1e6:.1f} MB per pass; "
@@ -102,6 +112,66 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name, tp, tr in rows:
         print(f"| {name} | {_gbps(nbytes, tp):.2f} | {_gbps(nbytes, tr):.2f} | {tp / t_copy:.2f} |")
+
+
+class _CpuKernelWriter:
+    """The write of vLLM's CPU attention backend (its `do_kv_cache_update`)."""
+
+    def do_kv_cache_update(self, layer, k, v, cache, slots):
+        import vllm._custom_ops as ops
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        nb, h, b, _ = cache.shape
+        kc, vc = cache.view(nb, h, b * 2, -1).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, _get_attn_isa(k.dtype, b, k.shape[-1]))
+
+
+def _swap_rows(args, dtype, ks, vs, t_copy) -> list[tuple[str, float, float]]:
+    """Decode-time swaps through paged caches: time per pass of ``--blocks`` swaps."""
+    from types import SimpleNamespace
+
+    page = 32  # vLLM CPU block size
+    n = args.blocks
+    slots_per_unit = args.tokens
+    num_pages = (n * slots_per_unit) // page + 1
+    ios = []
+    for _ in range(args.layers):
+        attn = SimpleNamespace(
+            impl=_CpuKernelWriter(),
+            kv_cache=torch.zeros(num_pages, args.heads, page, 2 * args.dim, dtype=dtype),
+        )
+        ios.append(KVPageIO(attn, args.heads, args.dim))
+    unit_slots = [torch.arange(i * slots_per_unit, (i + 1) * slots_per_unit) for i in range(n)]
+    for layer, io in enumerate(ios):  # fill pages with the "active" units
+        for i in range(n):
+            io.write(ks[i][layer], vs[i][layer], unit_slots[i])
+    out = []
+    for compress in ("none", "int8"):
+        times = []
+        for _ in range(args.repeats):
+            pool = ParkedPool(capacity_bytes=1 << 40, compress=compress)
+            for i in range(n):  # the parked units
+                pool.park(ParkedKey("r", 1, n + i), ks[(i + 1) % n], vs[(i + 1) % n], 1.0)
+            t0 = time.perf_counter()
+            step = args.swaps_per_step
+            for first in range(0, n, step):
+                units = range(first, min(first + step, n))
+                slots = torch.cat([unit_slots[i] for i in units])
+                old = [io.read(slots, page) for io in ios]
+                back = [pool.restore(ParkedKey("r", 1, n + i)) for i in units]
+                k = torch.cat([a for a, _ in back], dim=1)
+                v = torch.cat([b for _, b in back], dim=1)
+                for layer, io in enumerate(ios):
+                    io.write(k[layer], v[layer], slots)
+                old_k = torch.stack([a for a, _ in old]).split(args.tokens, dim=1)
+                old_v = torch.stack([b for _, b in old]).split(args.tokens, dim=1)
+                for i, ek, ev in zip(units, old_k, old_v, strict=True):
+                    pool.park(ParkedKey("r", 1, i), ek, ev, 1.0)
+            times.append(time.perf_counter() - t0)
+        t = statistics.median(times) / 2  # two directions: GB/s per direction, like copy_
+        name = f"swap via pages (CPU kernel layout, {args.swaps_per_step}/step), {compress}"
+        out.append((name, t, t))
+    return out
 
 
 if __name__ == "__main__":

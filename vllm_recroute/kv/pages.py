@@ -62,14 +62,17 @@ class KVPageIO:
         """K and V ``[n, heads, dim]`` held at flat slots ``[n]``."""
         cache = self.cache
         layout = self.layout(block_size)
-        blocks = (slots // block_size).to(cache.device)
+        n = len(slots)
+        per_block = cache.movedim(layout.block_dim, 0)  # a view when the block dim is first
+        flat = per_block.reshape(-1)
+        # element index = block * (elements per block) + in-block position of (slot, h, d):
+        # gathers exactly the slots' elements, never whole blocks
+        base = (slots // block_size).to(cache.device) * (flat.numel() // per_block.shape[0])
         offsets = (slots % block_size).to(cache.device)
-        per_block = cache.movedim(layout.block_dim, 0).reshape(cache.shape[layout.block_dim], -1)
-        rows = per_block[blocks]  # [n, block elements]
-        kidx = layout.key_index.to(cache.device)[offsets].reshape(len(slots), -1)
-        vidx = layout.value_index.to(cache.device)[offsets].reshape(len(slots), -1)
-        shape = (len(slots), self.heads, self.dim)
-        return rows.gather(1, kidx).reshape(shape), rows.gather(1, vidx).reshape(shape)
+        kidx = base[:, None] + layout.key_index.to(cache.device)[offsets].reshape(n, -1)
+        vidx = base[:, None] + layout.value_index.to(cache.device)[offsets].reshape(n, -1)
+        shape = (n, self.heads, self.dim)
+        return flat[kidx].reshape(shape), flat[vidx].reshape(shape)
 
     def layout(self, block_size: int) -> BlockLayout:
         cache = self.cache

@@ -154,33 +154,41 @@ class ParkingTier:
             zip(act + par, unit_scores(q, torch.stack(digests), scale).tolist(), strict=True)
         )
         plan = plan_swaps({u: score[u] for u in act}, {u: score[u] for u in par})
-        for swap in plan:
-            self._swap(req_id, k, units, swap.evict, swap.restore, score, pages, delta)
+        if plan:
+            self._swap_all(req_id, k, units, plan, score, pages, delta)
         return delta
 
-    def _swap(self, req_id, k, units, evict, restore, score, pages, delta) -> None:
-        positions = units.active.pop(evict)
-        slots = [p.slots(positions) for p in pages]
+    def _swap_all(self, req_id, k, units, plan, score, pages, delta) -> None:
+        """Every swap of one re-routing at once (one slot read and one backend write per
+        layer: per-unit small copies would be dominated by per-op overhead). Restores run
+        before parks, so the pool has the restored units' room for the evicted ones."""
+        positions = [units.active.pop(swap.evict) for swap in plan]
+        sizes = [int(pos.numel()) for pos in positions]
         ios = self._stage_io(units)
+        slots = [p.slots(torch.cat(positions)) for p in pages]
         old = [io.read(sl, p.block_size) for io, sl, p in zip(ios, slots, pages, strict=True)]
-        rkey = ParkedKey(req_id, k, restore)
-        digest = self.pool.digest(rkey)[0]
-        rk, rv = self.pool.restore(rkey)
+        back = []
+        for swap in plan:
+            rkey = ParkedKey(req_id, k, swap.restore)
+            units.digests[swap.restore] = self.pool.digest(rkey)[0]
+            back.append(self.pool.restore(rkey))
+        new_k = torch.cat([kk for kk, _ in back], dim=1)
+        new_v = torch.cat([vv for _, vv in back], dim=1)
         for i, (io, sl) in enumerate(zip(ios, slots, strict=True)):
-            io.write(rk[i], rv[i], sl)
-        units.parked.discard(restore)
-        units.active[restore] = positions
-        units.digests[restore] = digest
-        delta["restored_blocks"] += 1
-        del units.digests[evict]
-        ekey = ParkedKey(req_id, k, evict)
-        ks = torch.stack([kk for kk, _ in old])
-        vs = torch.stack([vv for _, vv in old])
-        dropped = self.pool.park(ekey, ks, vs, score[evict])
-        self._apply_drops(dropped, delta)
-        if ekey not in dropped:
-            units.parked.add(evict)
-            delta["parked_blocks"] += 1
+            io.write(new_k[i], new_v[i], sl)
+        old_k = torch.stack([kk for kk, _ in old]).split(sizes, dim=1)
+        old_v = torch.stack([vv for _, vv in old]).split(sizes, dim=1)
+        for swap, pos, ek, ev in zip(plan, positions, old_k, old_v, strict=True):
+            units.parked.discard(swap.restore)
+            units.active[swap.restore] = pos
+            del units.digests[swap.evict]
+            delta["restored_blocks"] += 1
+            ekey = ParkedKey(req_id, k, swap.evict)
+            dropped = self.pool.park(ekey, ek, ev, score[swap.evict])
+            self._apply_drops(dropped, delta)
+            if ekey not in dropped:
+                units.parked.add(swap.evict)
+                delta["parked_blocks"] += 1
 
     def _stage_io(self, units: StageUnits) -> list[KVPageIO]:
         return self.io[units.start : units.end]
