@@ -24,9 +24,9 @@ The routed architectures also add entries to vLLM's MODELS_CONFIG_MAP (see
 models/config_hook.py); that is the documented per-architecture config hook, not a
 patch of vLLM code, but it is a write into a vLLM module-level dict, so it is listed:
 P2  vllm.model_executor.models.config.MODELS_CONFIG_MAP[<Recroute arch>]
-    Why: routed models must run eager (data-dependent token gathers) and without
-         prefix caching (routed-stage KV depends on the question), keep prompts whole
-         (chunked prefill off unless recroute.chunked_prefill='fallback'), and validate
+    Why: routed models must run eager (data-dependent token gathers), without prefix
+         caching unless kv_release (routed-stage KV depends on the question), keep prompts
+         whole (chunked prefill off unless recroute.chunked_prefill='fallback'), and validate
          per-request options at admission (adds the no-op RequestOptionsValidator to
          ModelConfig.logits_processors, whose validate_params vLLM turns into HTTP 400);
          the hook sets that before the engine is built, in every process that builds a
