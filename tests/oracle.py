@@ -88,21 +88,12 @@ def _run_layer(layer, x: torch.Tensor, pos: torch.Tensor, rotary) -> torch.Tenso
 
 
 def _scores(layer, x, pos, rotary, visual, query, scorer) -> torch.Tensor:
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    attn = layer.self_attn
-    d = attn.head_dim
-    h = layer.input_layernorm(x[None])
-    q = attn.q_proj(h).view(1, x.shape[0], -1, d).transpose(1, 2)
-    k = attn.k_proj(h).view(1, x.shape[0], -1, d).transpose(1, 2)
-    cos, sin = rotary(x[None], pos[None])
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
     inputs = ScoreInputs(
-        q=q[0].transpose(0, 1),
-        k=k[0].transpose(0, 1),
+        q=_query(layer, x, pos, rotary),
+        k=_key_values(layer, x, pos, rotary)[0],
         visual_idx=visual,
         query_idx=query,
-        scale=d**-0.5,
+        scale=layer.self_attn.head_dim**-0.5,
     )
     return get_scorer(scorer).score(inputs)
 

@@ -65,6 +65,20 @@ def _pool(worker):
     return len(tier.pool), tier.pool.used_bytes, len(tier.units)
 
 
+def _generate_as_reference(llm, hf_model, model_dir, cfg: dict) -> int:
+    """Run REQUESTS with ``cfg``; assert the reference's tokens; return its restores."""
+    outs = _generate(llm, model_dir, [cfg] * len(REQUESTS))
+    full = RoutingConfig.from_dict({**cfg, **PARKING})
+    restored = 0
+    for spec, out in zip(REQUESTS, outs, strict=True):
+        prompt, images = request_inputs(str(model_dir), spec)
+        inputs = hf_inputs(str(model_dir), prompt, images)
+        expected, n = oracle_generate_parked(hf_model, inputs, full, MAX_TOKENS)
+        assert list(out.outputs[0].token_ids) == expected, (cfg, spec)
+        restored += n
+    return restored
+
+
 SWAPPING = {
     "fastv-reroute": CONFIGS["fastv-reroute"],
     "pdrop-reroute": CONFIGS["pdrop-reroute"],
@@ -76,15 +90,7 @@ SWAPPING = {
 def test_rerouting_matches_the_never_parked_reference(parked_llm, hf_model, tiny_idefics3, name):
     cfg = {**SWAPPING[name], "reroute_every": 1}
     before = _counter("recroute:restored_blocks")
-    outs = _generate(parked_llm, tiny_idefics3, [cfg] * len(REQUESTS))
-    restored = 0
-    for spec, out in zip(REQUESTS, outs, strict=True):
-        prompt, images = request_inputs(str(tiny_idefics3), spec)
-        inputs = hf_inputs(str(tiny_idefics3), prompt, images)
-        full = RoutingConfig.from_dict({**cfg, **PARKING})
-        expected, n = oracle_generate_parked(hf_model, inputs, full, MAX_TOKENS)
-        assert list(out.outputs[0].token_ids) == expected, (name, spec)
-        restored += n
+    restored = _generate_as_reference(parked_llm, hf_model, tiny_idefics3, cfg)
     _flush(parked_llm)
     assert restored > 0  # the reference swapped units: the test exercises restores
     assert _counter("recroute:restored_blocks") - before == restored
@@ -172,15 +178,7 @@ def test_parking_with_released_pages(released_parked_llm, hf_model, tiny_idefics
     cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 1}
     released0 = _counter("recroute:kv_blocks_released")
     restored0 = _counter("recroute:restored_blocks")
-    outs = _generate(llm, tiny_idefics3, [cfg] * len(REQUESTS))
-    restored = 0
-    for spec, out in zip(REQUESTS, outs, strict=True):
-        prompt, images = request_inputs(str(tiny_idefics3), spec)
-        inputs = hf_inputs(str(tiny_idefics3), prompt, images)
-        full = RoutingConfig.from_dict({**cfg, **PARKING})
-        expected, n = oracle_generate_parked(hf_model, inputs, full, MAX_TOKENS)
-        assert list(out.outputs[0].token_ids) == expected, spec
-        restored += n
+    restored = _generate_as_reference(llm, hf_model, tiny_idefics3, cfg)
     _flush(llm)
     assert restored > 0
     assert _counter("recroute:restored_blocks") - restored0 == restored

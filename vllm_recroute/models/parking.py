@@ -32,6 +32,7 @@ import torch
 from vllm_recroute.config import RoutingConfig
 from vllm_recroute.kv.pages import KVPageIO
 from vllm_recroute.kv.parked_pool import ParkedKey, ParkedPool
+from vllm_recroute.models.projections import project_qkv
 from vllm_recroute.routing.rerouting import chunk_units, plan_swaps, unit_scores
 
 
@@ -222,18 +223,13 @@ class ParkingTier:
 
 
 def _keys(layer: Any, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return _key_values(layer, positions, x)[0]
+    return project_qkv(layer, positions, x)[1]
 
 
 def _key_values(layer: Any, positions: torch.Tensor, x: torch.Tensor):
     """Post-RoPE K and V ``[n, kv_heads, dim]`` the layer would cache for rows ``x``."""
-    attn = layer.self_attn
-    normed = layer.input_layernorm(x)
-    qkv, _ = attn.qkv_proj(normed)
-    q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-    _, k = attn.rotary_emb(positions, q.contiguous(), k.contiguous())
-    shape = (x.shape[0], -1, attn.head_dim)
-    return k.reshape(shape), v.reshape(shape)
+    _, k, v, _ = project_qkv(layer, positions, x)
+    return k, v
 
 
 __all__ = ["PageRow", "ParkingTier", "StageUnits"]

@@ -40,6 +40,7 @@ import torch
 
 from vllm_recroute.config import RoutingConfig
 from vllm_recroute.metrics.accounting import add_into, empty_data
+from vllm_recroute.models.projections import project_qkv
 from vllm_recroute.patches import apply_patches, current_step, on_requests_gone
 from vllm_recroute.request_options import routing_for_request
 from vllm_recroute.routing import (
@@ -657,14 +658,8 @@ def _take_positions(positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor
 
 def _query_keys(layer: Any, positions: torch.Tensor, x: torch.Tensor):
     """Post-RoPE q and k the layer would compute for residual-stream rows x."""
-    attn = layer.self_attn
-    normed = layer.input_layernorm(x)
-    qkv, _ = attn.qkv_proj(normed)
-    q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-    q, k = attn.rotary_emb(positions, q.contiguous(), k.contiguous())
-    q = q.reshape(x.shape[0], -1, attn.head_dim)
-    k = k.reshape(x.shape[0], -1, attn.head_dim)
-    return q, k, float(attn.scaling)
+    q, k, _, scale = project_qkv(layer, positions, x)
+    return q, k, scale
 
 
 __all__ = ["LayerCost", "RouteState", "RouteStore", "RoutedDecoder", "drain_route_stats"]

@@ -86,6 +86,7 @@ def make_layer(seed: int, layout: str = "plain"):
         kv_size=KV_HEADS * DIM,
         head_dim=DIM,
         num_kv_heads=KV_HEADS,
+        scaling=DIM**-0.5,
         attn=make_attn(impl, layout=layout),
     )
     return SimpleNamespace(self_attn=self_attn, input_layernorm=lambda x: x)

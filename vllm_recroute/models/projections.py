@@ -1,0 +1,21 @@
+"""The one place that projects residual-stream rows through a decoder layer's attention
+input path (input norm -> qkv_proj -> RoPE), as the layer itself would. Used for routing
+scores (`routed.py`) and for parking deferred tokens' K/V (`parking.py`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def project_qkv(layer: Any, positions: torch.Tensor, x: torch.Tensor):
+    """Post-RoPE q ``[n, heads, dim]``, k and v ``[n, kv_heads, dim]`` and the attention
+    scale the layer would compute for rows ``x`` at ``positions``."""
+    attn = layer.self_attn
+    normed = layer.input_layernorm(x)
+    qkv, _ = attn.qkv_proj(normed)
+    q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    q, k = attn.rotary_emb(positions, q.contiguous(), k.contiguous())
+    shape = (x.shape[0], -1, attn.head_dim)
+    return q.reshape(shape), k.reshape(shape), v.reshape(shape), float(attn.scaling)
