@@ -60,8 +60,9 @@ def test_preempted_requests_recompute_the_same_routing(tiny_idefics3, hf_idefics
     llm = make_llm(
         tiny_idefics3,
         routed_arch=ROUTED_IDEFICS3,
-        # parked tier on (no re-routing): preemption must free the pool like an abort
-        recroute={"mode": "reroute", "schedule": "pdrop", "parked_bytes": 1 << 20},
+        # parked tier on (no re-routing) with a pool of about two units: parking drops most
+        # units (never an error), and preemption must free the pool like an abort
+        recroute={"mode": "reroute", "schedule": "pdrop", "parked_bytes": 40_000},
         max_model_len=256,
         kv_cache_memory_bytes=12 * 32 * 4096,
         block_size=32,
@@ -90,14 +91,14 @@ def test_preempted_requests_recompute_the_same_routing(tiny_idefics3, hf_idefics
         assert list(out.outputs[0].token_ids) == expected
     # every preempted request was routed again on recompute
     assert counters["routed_requests"] >= 3 + 1
-    [(entries, used, parks, freed)] = pool
-    assert (entries, used) == (0, 0)
-    assert parks > 0 and freed == parks  # preempted and finished requests' units all freed
+    [(entries, used, parks, drops, freed)] = pool
+    assert (entries, used) == (0, 0)  # preempted and finished requests' units all freed
+    assert parks > 0 and drops > 0 and freed > 0
 
 
 def _parked_pool(worker):
     pool = worker.model_runner.model.recroute.tier.pool
-    return len(pool), pool.used_bytes, pool.parks, pool.discards
+    return len(pool), pool.used_bytes, pool.parks, pool.drops, pool.discards
 
 
 @pytest.fixture(scope="module")
