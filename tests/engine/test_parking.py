@@ -90,11 +90,12 @@ SWAPPING = {
 def test_rerouting_matches_the_never_parked_reference(parked_llm, hf_model, tiny_idefics3, name):
     cfg = {**SWAPPING[name], "reroute_every": 1}
     before = _counter("recroute:restored_blocks")
+    dropped = _counter("recroute:parked_blocks_dropped")  # (the registry is per process)
     restored = _generate_as_reference(parked_llm, hf_model, tiny_idefics3, cfg)
     _flush(parked_llm)
     assert restored > 0  # the reference swapped units: the test exercises restores
     assert _counter("recroute:restored_blocks") - before == restored
-    assert _counter("recroute:parked_blocks_dropped") == 0  # reference assumes no drops
+    assert _counter("recroute:parked_blocks_dropped") == dropped  # reference: no drops
 
 
 @pytest.mark.parametrize("name", ["pdrop-reroute", "fastv-reroute", "pdrop-remove"])

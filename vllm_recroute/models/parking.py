@@ -98,20 +98,26 @@ class ParkingTier:
         u = self.cfg.park_block_tokens
         units = StageUnits(start, end)
         self.units[(req_id, k)] = units  # before parking: a full pool may drop our own units
-        keys = _keys(self.layers[start], positions, x)
         active_idx = torch.nonzero(mask).flatten()
-        for uid, idx in enumerate(chunk_units(active_idx, u)):
-            units.active[uid] = cpos[idx]
-            units.digests[uid] = keys[idx].float().mean(0)
-            units.sizes[uid] = int(idx.numel())
+        if active_idx.numel():  # digests of active units: their keys at layer `start`
+            keys = _keys(self.layers[start], positions[active_idx], x[active_idx])
+            for uid, idx in enumerate(chunk_units(torch.arange(len(active_idx)), u)):
+                units.active[uid] = cpos[active_idx[idx]]
+                units.digests[uid] = keys[idx].float().mean(0)
+                units.sizes[uid] = int(idx.numel())
         first = len(units.active)
-        deferred = chunk_units(torch.nonzero(~mask).flatten(), u)
-        kv = [_key_values(self.layers[i], positions, x) for i in range(start, end)]
+        deferred_idx = torch.nonzero(~mask).flatten()
+        # K/V of the deferred rows only, for every layer of the stage
+        kv = [
+            _key_values(self.layers[i], positions[deferred_idx], x[deferred_idx])
+            for i in range(start, end)
+        ]
         delta = {"parked_blocks": 0, "parked_blocks_dropped": 0}
-        for uid, idx in enumerate(deferred, start=first):
+        for uid, idx in enumerate(chunk_units(torch.arange(len(deferred_idx)), u), start=first):
             units.sizes[uid] = int(idx.numel())
             ks = torch.stack([k_[idx] for k_, _ in kv])
             vs = torch.stack([v_[idx] for _, v_ in kv])
+            idx = deferred_idx[idx]
             key = ParkedKey(req_id, k, uid)
             dropped = self.pool.park(key, ks, vs, float(scores[idx].float().mean()))
             self._apply_drops(dropped, delta)

@@ -204,6 +204,7 @@ class StepRouter:
         self.prefills: list[PrefillRoute] = []
         self.decodes: dict[int, RouteState] = {}  # batch row -> state
         self._segments: dict[int, Segment] = {}
+        self._tables: dict[int, torch.Tensor] = {}  # kv group -> this step's block table
         token_ids = runner.input_ids.cpu[: int(self.qsl[-1])]
         prompts = batch.num_prompt_tokens[:n]
         for row, req_id in enumerate(batch.req_ids[:n]):
@@ -220,30 +221,33 @@ class StepRouter:
         store = self.decoder.store
         start, end = int(self.qsl[row]), int(self.qsl[row + 1])
         computed = int(self.num_computed[row])
+        first_image = self._first_image(req_id)
         if computed > 0:
             state = store.get(req_id)
             if state is not None:
                 if any(state.deferred):
                     self.decodes[row] = state
                 return
-            if not self._prompt_after_cached_text(req_id, computed, prompt_len):
-                return  # an unrouted request's decode, or a later chunk of a split prompt
+            # No state: an unrouted request's decode, a later chunk of a split prompt, or a
+            # prompt after a prefix-cache hit. Only a prompt whose images all lie ahead can
+            # still be routed (kv/manager.py caches routed stages before the first image
+            # only, so a hit never reaches one).
+            if computed >= prompt_len or first_image is None or first_image < computed:
+                return
         store.forget([req_id])  # a new or recomputed (preempted) request starts afresh
         cfg = routing_for_request(self.decoder.config, self.runner, req_id)
         if not cfg.enabled:
             return
         prompt_len -= computed  # the prompt rows in this step (after a prefix-cache hit)
         if end - start < prompt_len:
-            # The chunk may not even reach the image yet; the request's multimodal
-            # features say whether the prompt has one.
-            if not getattr(self.runner.requests.get(req_id), "mm_features", None):
-                return
-            store.record({"chunked_fallbacks": 1})
-            logger.warning(
-                "vllm-recroute: request %s prompt split by chunked prefill; running it "
-                "unrouted (set recroute.chunked_prefill='off' to keep prompts whole)",
-                req_id,
-            )
+            # Counted once per prompt: by the chunk that holds its first image.
+            if first_image is not None and first_image < computed + end - start:
+                store.record({"chunked_fallbacks": 1})
+                logger.warning(
+                    "vllm-recroute: request %s prompt split by chunked prefill; running it "
+                    "unrouted (set recroute.chunked_prefill='off' to keep prompts whole)",
+                    req_id,
+                )
             return
         # The last prompt token is never routed: its logits are sampled.
         is_visual = token_ids[start : start + prompt_len - 1] == self.decoder.image_token_id
@@ -257,15 +261,11 @@ class StepRouter:
             PrefillRoute(req_id, row, start, start + prompt_len, visual_rows, stages, cfg)
         )
 
-    def _prompt_after_cached_text(self, req_id: str, computed: int, prompt_len: int) -> bool:
-        """A prompt whose first ``computed`` tokens came from the prefix cache: routable
-        if its images all lie in what is left (kv/manager.py caches routed stages only
-        before the first image, so a hit never reaches one)."""
-        if computed >= prompt_len:
-            return False
+    def _first_image(self, req_id: str) -> int | None:
+        """Prompt position where the request's first multimodal item starts (None: none)."""
         feats = getattr(self.runner.requests.get(req_id), "mm_features", None) or ()
         offsets = [f.mm_position.offset for f in feats]
-        return bool(offsets) and min(offsets) >= computed
+        return min(offsets) if offsets else None
 
     # -- scoring at the layer before a router point ----------------------------------
 
@@ -469,7 +469,14 @@ class StepRouter:
 
     def _block_table(self, gid: int, n: int) -> torch.Tensor:
         """The group's block table (CPU), with released pages removed from each row when
-        kv_release is on: a row's live entries, in order, hold compacted positions."""
+        kv_release is on: a row's live entries, in order, hold compacted positions.
+        Built once per group and step."""
+        table = self._tables.get(gid)
+        if table is None:
+            table = self._tables[gid] = self._live_table(gid, n)
+        return table
+
+    def _live_table(self, gid: int, n: int) -> torch.Tensor:
         bt = self.runner.input_batch.block_table[gid]
         dead = self.decoder.store.dead_rows
         if not dead:

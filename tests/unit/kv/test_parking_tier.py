@@ -153,10 +153,12 @@ def tier_setup(fmt: str = "none", parked_bytes: int = 1 << 20, layout: str = "pl
 
 @torch.no_grad()
 def parked_truth(layers, positions, x, idx):
-    # projected over all visual rows, as the tier does (a matmul over a subset may round
-    # differently)
-    kv = [_key_values(layers[i], positions, x) for i in (1, 2)]
-    return torch.stack([k[idx] for k, _ in kv]), torch.stack([v[idx] for _, v in kv])
+    # projected over all deferred rows, as the tier does (a matmul over another subset may
+    # round differently)
+    deferred = torch.tensor([2, 3, 4, 5, 8, 9, 10, 11])  # ~mask of tier_setup
+    kv = [_key_values(layers[i], positions[deferred], x[deferred]) for i in (1, 2)]
+    pick = torch.tensor([int((deferred == i).nonzero()) for i in idx.tolist()])
+    return torch.stack([k[pick] for k, _ in kv]), torch.stack([v[pick] for _, v in kv])
 
 
 def query_towards(tier, req, uid) -> torch.Tensor:
