@@ -239,3 +239,16 @@ def test_prefix_cache_serves_text_never_routed_image_blocks(
     assert 0 < outs[1][0].num_cached_tokens <= first_image
     assert 0 < outs[2][0].num_cached_tokens <= first_image
     assert route_counters(llm)["routed_requests"] == routed0 + 3  # hits were routed too
+
+
+def test_a_stage_with_nothing_deferred_parks_nothing(parked_llm, hf_model, tiny_idefics3):
+    """keep = 1.0 (every visual token active): nothing to park or swap, the oracle's tokens
+    (regression: an empty deferred set once crashed the engine)."""
+    cfg = {"mode": "reroute", "schedule": "fastv", "keep": 1.0}
+    parked0 = _counter("recroute:parked_blocks")
+    outs = _generate(parked_llm, tiny_idefics3, [{**cfg, "reroute_every": 1}] * len(REQUESTS))
+    for spec, out in zip(REQUESTS, outs, strict=True):
+        _, expected = _oracle(hf_model, tiny_idefics3, spec, cfg)
+        assert list(out.outputs[0].token_ids) == expected, spec
+    _flush(parked_llm)
+    assert _counter("recroute:parked_blocks") == parked0

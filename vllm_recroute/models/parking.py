@@ -107,12 +107,14 @@ class ParkingTier:
                 units.sizes[uid] = int(idx.numel())
         first = len(units.active)
         deferred_idx = torch.nonzero(~mask).flatten()
+        delta = {"parked_blocks": 0, "parked_blocks_dropped": 0}
+        if deferred_idx.numel() == 0:  # e.g. keep = 1.0: nothing to park
+            return delta
         # K/V of the deferred rows only, for every layer of the stage
         kv = [
             _key_values(self.layers[i], positions[deferred_idx], x[deferred_idx])
             for i in range(start, end)
         ]
-        delta = {"parked_blocks": 0, "parked_blocks_dropped": 0}
         for uid, idx in enumerate(chunk_units(torch.arange(len(deferred_idx)), u), start=first):
             units.sizes[uid] = int(idx.numel())
             ks = torch.stack([k_[idx] for k_, _ in kv])

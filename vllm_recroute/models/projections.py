@@ -17,5 +17,10 @@ def project_qkv(layer: Any, positions: torch.Tensor, x: torch.Tensor):
     qkv, _ = attn.qkv_proj(normed)
     q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
     q, k = attn.rotary_emb(positions, q.contiguous(), k.contiguous())
-    shape = (x.shape[0], -1, attn.head_dim)
-    return q.reshape(shape), k.reshape(shape), v.reshape(shape), float(attn.scaling)
+    n, d = x.shape[0], attn.head_dim  # explicit head counts: n may be 0
+    return (
+        q.reshape(n, attn.q_size // d, d),
+        k.reshape(n, attn.kv_size // d, d),
+        v.reshape(n, attn.kv_size // d, d),
+        float(attn.scaling),
+    )

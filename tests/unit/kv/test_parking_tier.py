@@ -250,3 +250,18 @@ def test_forget_empties_the_pool():
     assert len(tier.pool) == 0 and tier.pool.used_bytes == 0 and not tier.units
     assert tier.gauges() == {"parked_pool_blocks": 0, "parked_pool_bytes": 0}
     assert tier.forget(["r"]) == {}
+
+
+@pytest.mark.parametrize("active", [V, 0])
+def test_a_stage_with_nothing_deferred_or_nothing_active(active):
+    tier, _, x, positions, _, _, scores, pages = tier_setup()
+    mask = torch.zeros(V, dtype=torch.bool)
+    mask[:active] = True
+    cpos = torch.cumsum(mask.long(), 0) - 1
+    delta = tier.park_prefill("r", 0, 1, 3, positions, x, mask, cpos, scores)
+    units = tier.units[("r", 0)]
+    assert delta["parked_blocks"] == (0 if active else V // 2)
+    assert len(units.active) == (V // 2 if active else 0)
+    # re-routing has nothing to swap either way, and says so without error
+    q = torch.ones(HEADS, DIM)
+    assert tier.reroute("r", 0, q, 1.0, [pages, pages])["restored_blocks"] == 0
