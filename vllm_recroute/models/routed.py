@@ -221,7 +221,6 @@ class StepRouter:
         store = self.decoder.store
         start, end = int(self.qsl[row]), int(self.qsl[row + 1])
         computed = int(self.num_computed[row])
-        first_image = self._first_image(req_id)
         if computed > 0:
             state = store.get(req_id)
             if state is not None:
@@ -232,7 +231,10 @@ class StepRouter:
             # prompt after a prefix-cache hit. Only a prompt whose images all lie ahead can
             # still be routed (kv/manager.py caches routed stages before the first image
             # only, so a hit never reaches one).
-            if computed >= prompt_len or first_image is None or first_image < computed:
+            if computed >= prompt_len:
+                return
+            first_image = self._first_image(req_id)
+            if first_image is None or first_image < computed:
                 return
         store.forget([req_id])  # a new or recomputed (preempted) request starts afresh
         cfg = routing_for_request(self.decoder.config, self.runner, req_id)
@@ -241,6 +243,7 @@ class StepRouter:
         prompt_len -= computed  # the prompt rows in this step (after a prefix-cache hit)
         if end - start < prompt_len:
             # Counted once per prompt: by the chunk that holds its first image.
+            first_image = self._first_image(req_id)
             if first_image is not None and first_image < computed + end - start:
                 store.record({"chunked_fallbacks": 1})
                 logger.warning(
@@ -386,10 +389,9 @@ class StepRouter:
         x = hidden[r] + residual[r]
         layer = self.decoder.layers[stage.start]
         q, _, scale = _query_keys(layer, _take_positions(positions, r), x)
-        self.decoder.groups_of_layers(self.runner, stage.start, stage.end)  # binds groups
         pages = []
         for i in range(stage.start, stage.end):
-            gid = self.decoder.group_of_layer[self.decoder._layer_names[i]]
+            gid = self.decoder.group_of(self.runner, i)
             block_size, _ = self.decoder.group_info[gid]
             pages.append(PageRow(self._block_table(gid, self.num_reqs)[row], block_size))
         delta = tier.reroute(self.req_ids[row], k, q[0], scale, pages)
@@ -589,6 +591,12 @@ class RoutedDecoder:
 
             # A group mixing stages would put compacted and uncompacted KV in one table.
             check_stage_groups(runner.kv_cache_config.kv_cache_groups, self.stage_of_layer)
+
+    def group_of(self, runner: Any, layer_idx: int) -> int:
+        """The KV-cache group that decoder layer ``layer_idx`` writes."""
+        if not self.group_of_layer:
+            self._bind_groups(runner)
+        return self.group_of_layer[self._layer_names[layer_idx]]
 
     def groups_of_layers(self, runner: Any, start: int, end: int) -> list[int]:
         if not self.group_of_layer:
