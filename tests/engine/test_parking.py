@@ -252,3 +252,55 @@ def test_a_stage_with_nothing_deferred_parks_nothing(parked_llm, hf_model, tiny_
         assert list(out.outputs[0].token_ids) == expected, spec
     _flush(parked_llm)
     assert _counter("recroute:parked_blocks") == parked0
+
+
+@pytest.fixture(scope="module")
+def int8_parked_llm(tiny_idefics3):
+    llm = make_llm(
+        tiny_idefics3,
+        routed_arch=ROUTED_IDEFICS3,
+        recroute={"mode": "reroute", "schedule": "pdrop", **PARKING, "park_format": "int8"},
+        block_size=32,
+        disable_log_stats=False,
+    )
+    yield llm
+    shutdown(llm)
+
+
+def test_int8_parking_holds_fewer_bytes_and_restores(
+    int8_parked_llm, parked_llm, hf_model, tiny_idefics3
+):
+    """park_format int8 reaches the pool: the same units in about half the bytes of this
+    fp32 model's (payload a quarter, plus scales and digests); without re-routing the
+    tokens are the oracle's, with it units come back."""
+    cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 0}
+    for name, llm in (("none", parked_llm), ("int8", int8_parked_llm)):
+        outs = _generate(llm, tiny_idefics3, [cfg] * len(REQUESTS))
+        for spec, out in zip(REQUESTS, outs, strict=True):
+            _, expected = _oracle(hf_model, tiny_idefics3, spec, CONFIGS["pdrop-reroute"])
+            assert list(out.outputs[0].token_ids) == expected, (name, spec)
+    held = {name: _held_mid_request(llm, tiny_idefics3) for name, llm in
+            (("none", parked_llm), ("int8", int8_parked_llm))}  # fmt: skip
+    assert held["int8"][0] == held["none"][0] > 0  # the same units parked
+    assert held["int8"][1] < 0.6 * held["none"][1]
+    restored0 = _counter("recroute:restored_blocks")
+    _generate(int8_parked_llm, tiny_idefics3, [{**cfg, "reroute_every": 1}] * len(REQUESTS))
+    _flush(int8_parked_llm)
+    assert _counter("recroute:restored_blocks") > restored0
+    assert int8_parked_llm.collective_rpc(_pool) == [(0, 0, 0)]
+
+
+def _held_mid_request(llm, model_dir) -> tuple[int, int, int]:
+    """Pool (units, bytes, stages) while one routed request is decoding; then abort it."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    prompt, images = request_inputs(str(model_dir), REQUESTS[0])
+    params = SamplingParams(max_tokens=100, ignore_eos=True)
+    engine.add_request("held", {"prompt": prompt, "multi_modal_data": {"image": images}}, params)
+    for _ in range(3):
+        engine.step()
+    [held] = llm.collective_rpc(_pool)
+    engine.abort_request(["held"])
+    _flush(llm)
+    return held
