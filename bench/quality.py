@@ -1,7 +1,8 @@
 """Answer quality under a visual-token budget: full vs remove vs reroute (vLLM engine).
 
 The trained demo VLM (vllm_recroute/demo/checkpoint) on held-out synthetic grounding
-questions (seeds never used in training), greedy, through one routed vLLM engine with the
+questions (seeds never used in training; prompt in the demo model's format, question before
+the image, `model.prompt_text`), greedy, through one routed vLLM engine with the
 routing config per request. Budgets are average visual-token retentions 33%, 22% and 11%
 (the literature's 192/128/64 of 576), expressed as `avg_visual_tokens`, for the FastV
 and PyramidDrop schedules in both modes. Writes the table into docs/benchmarks.md
@@ -148,7 +149,8 @@ def main() -> None:
         f"Command: `{cmd}` ({wall / 60:.1f} min on this machine). Model: "
         f"`{Path(args.model).name}` ({num_visual} visual tokens per image), "
         f"{args.n} held-out examples (seeds {BENCH_SEED}..{BENCH_SEED + args.n - 1}, "
-        f"{args.n // len(qtypes)} per type), greedy, accuracy in %. Budgets are "
+        f"{args.n // len(qtypes)} per type), prompt `User: {{question}}<image>` (the demo "
+        f"model's format: question before the image), greedy, accuracy in %. Budgets are "
         f"`avg_visual_tokens` = retention x {num_visual}. Scorer: attention from the last "
         f"prompt token (the default).\n\n{table}\n\n![accuracy vs retention](quality.png)"
     )

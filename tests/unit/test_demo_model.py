@@ -31,8 +31,16 @@ def test_tokenizer_covers_task_without_unk(processor):
 
 
 def test_chat_template_smolvlm_style(processor):
+    # the demo model's prompt format puts the question before the image (TRAINING.md)
     text = M.prompt_text(processor, "What color is the star?")
-    assert text == "<|im_start|>User:<image>What color is the star?<end_of_utterance>\nAssistant:"
+    assert text == "<|im_start|>User: What color is the star?<image><end_of_utterance>\nAssistant:"
+    # the template puts the text first even when a (OpenAI-style) message has the image first
+    image_first = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is it?"}]}
+    ]
+    assert processor.apply_chat_template(image_first, add_generation_prompt=True) == (
+        "<|im_start|>User: Is it?<image><end_of_utterance>\nAssistant:"
+    )
     full = processor.apply_chat_template(
         [
             *M.chat_messages("Is there a red star?"),
@@ -68,18 +76,50 @@ def test_config_image_seq_len_and_head_dim(processor):
 
 
 def test_training_batch_labels_only_answers(processor):
-    from vllm_recroute.demo.train import make_batch
+    from vllm_recroute.demo.train import make_batch, relevant_objects, sample_rows
 
-    batch = make_batch(processor, [1, 2], extra=1)
+    seeds = [1, 2]
+    batch = make_batch(processor, seeds, qper=3, grid=16)
     tok = processor.tokenizer
     eou = tok.convert_tokens_to_ids(M.EOU)
-    for b, seed in enumerate([1, 2]):
-        _, qas = shapes.make_multi_qa(seed, extra=1)
-        lab = [t for t in batch["labels"][b].tolist() if t != -100]
-        want = []
-        for _, a, _ in qas:
-            want += tok(a, add_special_tokens=False)["input_ids"] + [eou]
-        assert lab == want
+    img = tok.convert_tokens_to_ids(M.IMAGE)
+    rows = [(s, *qa) for s in seeds for qa in sample_rows(s, 3)[1]]
+    assert batch["rows_per_scene"].tolist() == [len(sample_rows(s, 3)[1]) for s in seeds]
+    assert batch["input_ids"].shape[0] == len(rows) == 6
+    assert batch["pixel_values"].shape[0] == len(seeds)  # one image per scene
+    for b, (seed, q, a, t) in enumerate(rows):
+        ids = batch["input_ids"][b].tolist()
+        lab = [x for x in batch["labels"][b].tolist() if x != -100]
+        assert lab == tok(a, add_special_tokens=False)["input_ids"] + [eou]
+        # question first, then <fake_token_around_image><global-img> and the 256 visual tokens
+        q_ids = tok(q, add_special_tokens=False)["input_ids"]
+        first_img = ids.index(img)
+        assert ids[first_img - len(q_ids) - 2 : first_img - 2] == q_ids
+        assert ids.count(img) == 256
+        assert batch["image_pos"][b].tolist() == [k for k, x in enumerate(ids) if x == img]
+        # the answer position is the ':' after 'Assistant', which predicts the first answer token
+        pos = int(batch["answer_pos"][b])
+        assert tok.convert_ids_to_tokens(ids[pos - 1 : pos + 1]) == ["Assistant", ":"]
+        assert batch["labels"][b, pos + 1] == lab[0]
+        scene = sample_rows(seed, 3)[0]
+        assert int(batch["relevant"][b].sum()) == len(relevant_objects(scene, t, q))
+    assert tuple(batch["aux_labels"].shape[:2]) == (len(seeds), 9)
+
+
+def test_patch_labels_match_scene():
+    from vllm_recroute.demo.train import AUX_LABELS, centre_patch, patch_labels
+
+    scene = shapes.make_example(5).scene
+    lab = dict(zip(AUX_LABELS, patch_labels(scene, 16), strict=True))
+    for o in scene.objects:
+        k = centre_patch(o, scene.image_size, 16)
+        assert lab["centre"][k] == 1
+        assert lab["color"][k] == 1 + shapes.COLOR_NAMES.index(o.color)
+        assert lab["shape"][k] == 1 + shapes.SHAPES.index(o.shape)
+        assert (lab["row"][k], lab["col"][k]) == (1 + o.row, 1 + o.col)
+        nb = shapes.neighbour(scene, o, "left of")
+        assert lab["left of"][k] == (1 if nb is None else 2 + shapes.SHAPES.index(nb.shape))
+    assert sum(lab["centre"]) == len(scene.objects)
 
 
 def test_accuracy_by_type():

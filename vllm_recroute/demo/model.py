@@ -28,7 +28,10 @@ ROW_COL = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOU, IMAGE, FAKE, GLOBAL_IMG, *ROW_COL]
 
 # SmolVLM's chat template (User:/Assistant: turns closed by <end_of_utterance>), extended to
-# accept plain-string message contents.
+# accept plain-string message contents. The demo model's prompt format puts a turn's text
+# BEFORE its image(s) whatever their order in the message ("User: {question}<image>"), so
+# that the visual tokens can read the question causally (see checkpoint/TRAINING.md); the
+# template enforces that order, so OpenAI-style requests with the image first get it too.
 CHAT_TEMPLATE = (
     "<|im_start|>"
     "{% for message in messages %}"
@@ -36,10 +39,12 @@ CHAT_TEMPLATE = (
     "{% if message['content'] is string %}"
     "{{ ': ' + message['content'] }}"
     "{% else %}"
-    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{{ ': ' }}"
     "{% for line in message['content'] %}"
-    "{% if line['type'] == 'text' %}{{ line['text'] }}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}"
+    "{% if line['type'] == 'text' %}{{ line['text'] }}{% endif %}"
+    "{% endfor %}"
+    "{% for line in message['content'] %}"
+    "{% if line['type'] == 'image' %}{{ '<image>' }}{% endif %}"
     "{% endfor %}"
     "{% endif %}"
     "<end_of_utterance>\n"
@@ -194,7 +199,10 @@ def build_model(processor, size: DemoModelSize = DemoModelSize(), seed: int = 0)
 
 
 def chat_messages(question: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    """The demo model's prompt format: the question BEFORE the image, so that (causally) the
+    visual tokens can read the question and mark which of them are relevant to it; the
+    answer position then only has to gather from the marked tokens (TRAINING.md)."""
+    return [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image"}]}]
 
 
 def prompt_text(processor, question: str) -> str:

@@ -2,14 +2,19 @@
 
     python -m vllm_recroute.demo.train --out vllm_recroute/demo/checkpoint --steps 3000 --seed 0
 
-Each training sample is one scene (from a training seed, always < shapes.HELDOUT_SEED_BASE)
-with several question/answer turns about it (``shapes.make_multi_qa``): the image is
-encoded once and every answer is supervised, which is what makes CPU training affordable.
-The loss is on answer tokens and their ``<end_of_utterance>`` only. Held-out accuracy is
-measured with real greedy decoding (``evaluate.hf_greedy_predictor``) on held-out seeds.
-The checkpoint (model + processor, HF format) is saved at every evaluation, so an
-interrupted run still leaves a usable model, and ``TRAINING.md`` records the command,
-seeds, steps, wall time and accuracy per question type.
+Each training row is one single-turn question about a scene (from a training seed, always
+< shapes.HELDOUT_SEED_BASE), in the demo model's prompt format: the question BEFORE the
+image (``model.chat_messages``), so that the visual tokens can read the question causally.
+Several rows (``--qper``, different question types) share one scene and its vision-tower
+pass. The loss is on answer tokens and their ``<end_of_utterance>``, plus training-only
+auxiliary losses (heads not saved): a dense per-visual-token loss on the connector output
+(colour / shape / object centre / grid row / grid column / neighbour shapes of the object
+under the patch), a relevance loss on the text model's visual tokens (is this the centre of
+an object the question is about), and optionally attention supervision at the answer
+position. Held-out accuracy is measured with real greedy decoding
+(``evaluate.hf_greedy_predictor``) on held-out seeds. The checkpoint (model + processor, HF
+format) is saved at every evaluation, so an interrupted run still leaves a usable model, and
+``TRAINING.md`` records the command, seeds, steps, wall time and accuracy per question type.
 """
 
 from __future__ import annotations
@@ -27,7 +32,13 @@ from dataclasses import asdict
 
 from vllm_recroute.demo import shapes
 from vllm_recroute.demo.evaluate import accuracy_by_type, format_table, hf_greedy_predictor
-from vllm_recroute.demo.model import EOU, DemoModelSize, build_model, build_processor
+from vllm_recroute.demo.model import (
+    EOU,
+    DemoModelSize,
+    build_model,
+    build_processor,
+    chat_messages,
+)
 
 
 def training_seeds(seed: int):
@@ -37,55 +48,73 @@ def training_seeds(seed: int):
         yield rng.randrange(0, shapes.HELDOUT_SEED_BASE)
 
 
-def sample_conversation(scene_seed: int, extra: int) -> tuple[object, list[dict], shapes.Scene]:
+def sample_rows(scene_seed: int, qper: int, extra: int = 2):
+    """One scene and up to `qper` single-turn (question, answer, qtype) rows about it (question
+    types in the random order of ``shapes.make_multi_qa``, so they differ within a scene)."""
     scene, qas = shapes.make_multi_qa(scene_seed, extra=extra)
-    msgs: list[dict] = []
-    for i, (q, a, _t) in enumerate(qas):
-        content = [{"type": "text", "text": q}]
-        if i == 0:
-            content.insert(0, {"type": "image"})
-        msgs.append({"role": "user", "content": content})
-        msgs.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
-    return scene.render(), msgs, scene
+    return scene, qas[:qper]
 
 
-def patch_labels(scene: shapes.Scene, grid: int) -> tuple[list[int], list[int], list[int]]:
-    """Per visual token (row-major ``grid`` x ``grid`` patches): colour class, shape class
-    (0 = background, else 1 + index) of the object whose box holds the patch centre, and
-    1 for the patch holding an object's centre. Used only by the auxiliary training loss."""
-    step = scene.image_size / grid
-    color = [0] * (grid * grid)
-    shape = [0] * (grid * grid)
-    centre = [0] * (grid * grid)
+def conversation(question: str, answer: str) -> list[dict]:
+    """One training row in the demo model's prompt format (question, then image; see
+    ``model.chat_messages``) with its answer turn."""
+    return [
+        *chat_messages(question),
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]
+
+
+# auxiliary per-visual-token labels (training only): name -> number of classes
+AUX_LABELS: dict[str, int] = {
+    "color": 1 + len(shapes.COLOR_NAMES),  # 0 = background
+    "shape": 1 + len(shapes.SHAPES),
+    "centre": 2,
+    "row": 1 + shapes.GRID_ROWS,
+    "col": 1 + shapes.GRID_COLS,
+    # shape of the object's nearest neighbour on that side (0 = background, 1 = none)
+    "left of": 2 + len(shapes.SHAPES),
+    "right of": 2 + len(shapes.SHAPES),
+    "above": 2 + len(shapes.SHAPES),
+    "below": 2 + len(shapes.SHAPES),
+}
+
+
+def patch_labels(scene: shapes.Scene, grid: int) -> list[list[int]]:
+    """Per visual token (row-major ``grid`` x ``grid`` patches), one class per ``AUX_LABELS``
+    entry: colour / shape / grid row / grid column / neighbour shapes of the object whose box
+    holds the patch centre, and 1 for the patch holding an object's centre. Used only by the
+    auxiliary training loss."""
+    n = grid * grid
+    lab = {k: [0] * n for k in AUX_LABELS}
     for o in scene.objects:
-        half = o.size / 2
-        for i in range(grid):
-            py = (i + 0.5) * step
-            if abs(py - o.cy) > half:
-                continue
-            for j in range(grid):
-                px = (j + 0.5) * step
-                if abs(px - o.cx) <= half:
-                    color[i * grid + j] = 1 + shapes.COLOR_NAMES.index(o.color)
-                    shape[i * grid + j] = 1 + shapes.SHAPES.index(o.shape)
-        ci = min(grid - 1, int(o.cy // step))
-        cj = min(grid - 1, int(o.cx // step))
-        centre[ci * grid + cj] = 1
-    return color, shape, centre
+        for k in object_patches(o, scene.image_size, grid):
+            lab["color"][k] = 1 + shapes.COLOR_NAMES.index(o.color)
+            lab["shape"][k] = 1 + shapes.SHAPES.index(o.shape)
+            lab["row"][k] = 1 + o.row
+            lab["col"][k] = 1 + o.col
+            for rel in shapes.RELATIONS:
+                nb = shapes.neighbour(scene, o, rel)
+                lab[rel][k] = 1 if nb is None else 2 + shapes.SHAPES.index(nb.shape)
+        lab["centre"][centre_patch(o, scene.image_size, grid)] = 1
+    return [lab[k] for k in AUX_LABELS]
+
+
+def centre_patch(o: shapes.Obj, image_size: int, grid: int) -> int:
+    step = image_size / grid
+    return min(grid - 1, int(o.cy // step)) * grid + min(grid - 1, int(o.cx // step))
 
 
 def relevant_objects(scene: shapes.Scene, qtype: str, question: str) -> list[shapes.Obj]:
-    """The objects a question is about (for the attention-supervision training loss)."""
+    """The objects a question is about (for the relevance / attention training losses): the
+    referent (``relation``: the named object, whose neighbour labels hold the answer), all
+    objects of the colour (``count``), the matching objects (``exists``: possibly none)."""
     import re
 
     words = re.findall(r"\w+", question)
     if qtype == "color_of_shape":
         return scene.find(shape=words[-1])
     if qtype == "relation":
-        rel = "left of" if "left" in words else "right of" if "right" in words else words[3]
-        (ref,) = scene.find(color=words[-2], shape=words[-1])
-        nb = shapes.neighbour(scene, ref, rel)
-        return [ref] + ([nb] if nb is not None else [])
+        return scene.find(color=words[-2], shape=words[-1])
     if qtype == "count":
         return scene.find(color=words[2])
     if qtype in ("exists", "row"):
@@ -105,42 +134,51 @@ def object_patches(o: shapes.Obj, image_size: int, grid: int) -> list[int]:
     ]
 
 
-def make_batch(processor, seeds: list[int], extra: int, aux_grid: int = 0, attn_grid: int = 0):
-    """Tokenised batch with labels = -100 except answer tokens + <end_of_utterance>."""
+def make_batch(processor, seeds: list[int], qper: int = 3, grid: int = 0, extra: int = 2):
+    """Tokenised batch: for each scene seed up to `qper` single-turn rows (question, image,
+    answer). ``pixel_values`` holds one image per scene and ``rows_per_scene`` says how many
+    consecutive rows use it. Labels are -100 except the answer tokens + <end_of_utterance>.
+    With ``grid`` > 0 also the auxiliary targets: ``aux_labels`` (scenes, len(AUX_LABELS),
+    grid*grid), ``relevant`` (rows, grid*grid; 1 on the centre patch of each object the
+    question is about), ``image_pos`` (rows, grid*grid; sequence positions of the visual
+    tokens) and ``answer_pos`` (rows; the position whose logits predict the first answer
+    token)."""
     import torch
 
     tok = processor.tokenizer
     eou = tok.convert_tokens_to_ids(EOU)
     asst = tok.convert_tokens_to_ids("Assistant")
     colon = tok.convert_tokens_to_ids(":")
-    images, texts, scenes, targets = [], [], [], []
+    img_id = tok.convert_tokens_to_ids("<image>")
+    images, texts, counts, scenes, rel_rows = [], [], [], [], []
     for s in seeds:
-        img, msgs, scene = sample_conversation(s, extra)
+        scene, qas = sample_rows(s, qper, extra)
+        img = scene.render()
         scenes.append(scene)
-        if attn_grid:
-            _, qas = shapes.make_multi_qa(s, extra=extra)
-            targets.append(
-                [
-                    sorted(
-                        {
-                            k
-                            for o in relevant_objects(scene, t, q)
-                            for k in object_patches(o, scene.image_size, attn_grid)
-                        }
-                    )
-                    for q, _a, t in qas
-                ]
-            )
-        images.append([img])
-        texts.append(processor.apply_chat_template(msgs, add_generation_prompt=False))
+        counts.append(len(qas))
+        for q, a, t in qas:
+            images.append([img])
+            texts.append(processor.apply_chat_template(conversation(q, a)))
+            if grid:
+                rel = [0] * (grid * grid)
+                for o in relevant_objects(scene, t, q):
+                    rel[centre_patch(o, scene.image_size, grid)] = 1
+                rel_rows.append(rel)
     batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    first = [sum(counts[:i]) for i in range(len(counts))]
+    batch["pixel_values"] = batch["pixel_values"][first]
+    if "pixel_attention_mask" in batch:
+        batch["pixel_attention_mask"] = batch["pixel_attention_mask"][first]
+    batch["rows_per_scene"] = torch.tensor(counts)
     ids = batch["input_ids"]
     labels = torch.full_like(ids, -100)
+    answer_pos = []
     for b in range(ids.shape[0]):
         row = ids[b].tolist()
         j = 0
         while j < len(row) - 1:
             if row[j] == asst and row[j + 1] == colon:
+                answer_pos.append(j + 1)
                 k = j + 2
                 while k < len(row) and row[k] != eou:
                     labels[b, k] = row[k]
@@ -150,22 +188,39 @@ def make_batch(processor, seeds: list[int], extra: int, aux_grid: int = 0, attn_
                 j = k
             j += 1
     batch["labels"] = labels
-    if attn_grid:
-        # (batch, position predicting the first answer token, visual-token indices it should read)
-        img_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-        sup = []
-        for b in range(ids.shape[0]):
-            row = ids[b].tolist()
-            img_pos = [k for k, t in enumerate(row) if t == img_id]
-            ans_pos = [k + 1 for k in range(len(row) - 1) if row[k] == asst and row[k + 1] == colon]
-            for pos, tgt in zip(ans_pos, targets[b], strict=True):
-                if tgt:
-                    sup.append((b, pos, [img_pos[k] for k in tgt]))
-        batch["attn_sup"] = sup
-    if aux_grid:
-        lab = [patch_labels(sc, aux_grid) for sc in scenes]
-        batch["aux_labels"] = torch.tensor(lab, dtype=torch.long)  # (B, 3, grid*grid)
+    if grid:
+        batch["aux_labels"] = torch.tensor([patch_labels(sc, grid) for sc in scenes])
+        batch["relevant"] = torch.tensor(rel_rows, dtype=torch.float32)
+        batch["image_pos"] = torch.stack(
+            [(ids[b] == img_id).nonzero()[:, 0] for b in range(ids.shape[0])]
+        )
+        batch["answer_pos"] = torch.tensor(answer_pos)
     return batch
+
+
+def forward(model, batch, output_attentions: bool = False):
+    """The HF model's forward, written out so that one image's visual features serve all of
+    its rows (``rows_per_scene``). Returns (logits, connector output per scene, text-model
+    output with hidden states)."""
+    import torch
+
+    inner = model.model
+    feats = inner.get_image_features(
+        batch["pixel_values"], batch.get("pixel_attention_mask"), return_dict=True
+    ).pooler_output
+    rows = torch.repeat_interleave(feats, batch["rows_per_scene"], dim=0)
+    ids = batch["input_ids"]
+    emb = inner.text_model.get_input_embeddings()(ids)
+    mask = (ids == model.config.image_token_id).unsqueeze(-1)
+    emb = emb.masked_scatter(mask, rows.to(emb.dtype))
+    out = inner.text_model(
+        inputs_embeds=emb,
+        attention_mask=batch["attention_mask"],
+        output_hidden_states=True,
+        output_attentions=output_attentions,
+        use_cache=False,
+    )
+    return model.lm_head(out.last_hidden_state), feats, out
 
 
 def lr_at(step: int, total: int, base: float, warmup: int, final_frac: float) -> float:
@@ -200,8 +255,8 @@ def write_notes(out: str, info: dict) -> None:
         "```",
         "",
         f"- status: {info['status']}",
-        f"- steps: {info['step']} / {info['steps']} (batch {info['batch_size']} scenes, "
-        f"{info['extra']} extra questions per scene)",
+        f"- steps: {info['step']} / {info['steps']} (batch {info['batch_size']} scenes x "
+        f"{info.get('qper', 1)} single-turn question rows per scene)",
         f"- training data seed: {info['seed']} (scene seeds drawn from `random.Random(seed)` in "
         f"[0, {shapes.HELDOUT_SEED_BASE}))",
         f"- held-out set: {info['eval_n']} examples from seeds "
@@ -214,12 +269,18 @@ def write_notes(out: str, info: dict) -> None:
         f"- optimiser: AdamW lr {info['lr']} (warmup {info['warmup']}, cosine), "
         f"weight decay {info['weight_decay']}, bf16 autocast {info['bf16_autocast']} "
         "(weights are stored in float32)",
+        "- prompt format: question before the image "
+        "(`User: {question}<image><end_of_utterance>\\nAssistant:`)",
         f"- auxiliary dense visual loss (training only, head not saved): weight "
         f"{info['aux_weight']} for the first {info['aux_until']:.0%} of steps (per visual token: "
-        "colour / shape of the object under it and whether it holds an object's centre)",
+        "colour / shape / grid row / grid column / neighbour shapes of the object under it and "
+        "whether it holds an object's centre)",
+        f"- relevance loss (training only, probe not saved): weight {info.get('rel_weight')}, "
+        f"visual-token hidden states after text layer {info.get('rel_layer')} must say whether "
+        "the token is the centre of an object the question is about",
         f"- attention supervision (training only): weight {info['attn_sup_weight']}, head 0 of "
         f"text layers {info['attn_sup_layers']} at each answer position is trained to put its "
-        "attention on the visual tokens of the objects the question is about",
+        "attention on the centre tokens of the objects the question is about",
         f"- last training loss on answer tokens (EMA): {info.get('loss_ema', float('nan')):.4f}",
         "",
     ]
@@ -253,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="vllm_recroute/demo/checkpoint")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0, help="training data + init seed")
-    ap.add_argument("--batch-size", type=int, default=16, help="scenes per step")
+    ap.add_argument("--batch-size", type=int, default=8, help="scenes per step")
+    ap.add_argument("--qper", type=int, default=3, help="question rows per scene (image shared)")
     ap.add_argument("--extra", type=int, default=2, help="extra random questions per scene")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
@@ -268,18 +330,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--aux-weight",
         type=float,
-        default=0.0,
-        help="weight of the auxiliary dense loss on the visual tokens (per-patch colour/shape/"
-        "object-centre classification from the connector output; training only, the head is "
-        "not saved)",
+        default=1.0,
+        help="weight of the auxiliary dense loss on the visual tokens (per-patch colour / shape /"
+        " object centre / grid row / grid column / neighbour shapes, from the connector output;"
+        " training only, the head is not saved)",
     )
-    ap.add_argument("--aux-until", type=float, default=1.0, help="fraction of steps using it")
+    ap.add_argument(
+        "--rel-weight",
+        type=float,
+        default=1.0,
+        help="weight of the relevance loss: a linear probe on the text model's visual-token "
+        "hidden states after --rel-layer must say whether the token is the centre of an object "
+        "the question is about (training only, the probe is not saved)",
+    )
+    ap.add_argument("--rel-layer", type=int, default=1, help="text layer (0-based) for it")
+    ap.add_argument("--aux-until", type=float, default=1.0, help="fraction of steps using them")
     ap.add_argument(
         "--attn-sup-weight",
         type=float,
         default=0.0,
         help="weight of the attention-supervision loss: at each answer position, head 0 of the "
-        "--attn-sup-layers must put its attention mass on the visual tokens of the objects the "
+        "--attn-sup-layers must put its attention mass on the centre tokens of the objects the "
         "question is about (-log mass); training only; needs eager attention",
     )
     ap.add_argument("--attn-sup-layers", default="2,3")
@@ -319,17 +390,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.attn_sup_weight > 0:
         model.set_attn_implementation("eager")
     sup_layers = [int(x) for x in args.attn_sup_layers.split(",") if x]
-    aux_head = None
-    aux_feats: list = []
     grid = size.image_size // size.patch_size // size.scale_factor
-    if args.aux_weight > 0:
-        aux_head = torch.nn.Linear(
-            size.text_hidden, 1 + len(shapes.COLOR_NAMES) + 1 + len(shapes.SHAPES) + 2
-        )
-        opt.add_param_group({"params": list(aux_head.parameters()), "weight_decay": 0.0})
-        model.model.connector.register_forward_hook(
-            lambda _m, _i, out: aux_feats.append(out) if model.training else None
-        )
+    aux_head = torch.nn.Linear(size.text_hidden, sum(AUX_LABELS.values()))
+    rel_head = torch.nn.Linear(size.text_hidden, 1)
+    opt.add_param_group(
+        {"params": [*aux_head.parameters(), *rel_head.parameters()], "weight_decay": 0.0}
+    )
     cmd = "python -m vllm_recroute.demo.train " + " ".join(
         shlex.quote(a) for a in (argv or sys.argv[1:])
     )
@@ -340,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         "step": 0,
         "seed": args.seed,
         "batch_size": args.batch_size,
+        "qper": args.qper,
         "extra": args.extra,
         "lr": args.lr,
         "warmup": args.warmup,
@@ -347,6 +414,8 @@ def main(argv: list[str] | None = None) -> None:
         "bf16_autocast": bool(args.bf16_autocast),
         "aux_weight": args.aux_weight,
         "aux_until": args.aux_until,
+        "rel_weight": args.rel_weight,
+        "rel_layer": args.rel_layer,
         "attn_sup_weight": args.attn_sup_weight,
         "attn_sup_layers": args.attn_sup_layers,
         "eval_n": args.eval_n,
@@ -393,52 +462,60 @@ def main(argv: list[str] | None = None) -> None:
             save_checkpoint(model, processor, args.out)
             write_notes(args.out, info)
 
+    ce = torch.nn.functional.cross_entropy
     stop_reason = "completed"
     while step < args.steps:
-        use_aux = aux_head is not None and step < args.aux_until * args.steps
-        use_attn = args.attn_sup_weight > 0 and step < args.aux_until * args.steps
+        use_aux = step < args.aux_until * args.steps
+        use_attn = args.attn_sup_weight > 0 and use_aux
         batch = make_batch(
             processor,
             [next(seeds) for _ in range(args.batch_size)],
-            args.extra,
+            args.qper,
             grid if use_aux else 0,
-            grid if use_attn else 0,
+            args.extra,
         )
-        attn_sup = batch.pop("attn_sup", None)
         labels = batch.pop("labels")
-        aux_labels = batch.pop("aux_labels", None)
-        aux_feats.clear()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup, args.final_lr_frac)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16_autocast)):
-            fwd = model(**batch, output_attentions=bool(use_attn))
-            logits = fwd.logits.float()
+            logits, feats, out = forward(model, batch, output_attentions=use_attn)
+        logits = logits.float()
         shift_logits = logits[:, :-1]
         shift_labels = labels[:, 1:]
         mask = shift_labels != -100
-        loss = torch.nn.functional.cross_entropy(shift_logits[mask], shift_labels[mask])
-        aux_loss = None
+        loss = ce(shift_logits[mask], shift_labels[mask])
+        total = loss
+        aux_loss = rel_loss = attn_loss = None
         if use_aux:
-            nc, ns = 1 + len(shapes.COLOR_NAMES), 1 + len(shapes.SHAPES)
-            z = aux_head(aux_feats[-1].float())  # (B, grid*grid, nc + ns + 2)
-            ce = torch.nn.functional.cross_entropy
-            aux_loss = (
-                ce(z[..., :nc].reshape(-1, nc), aux_labels[:, 0].reshape(-1))
-                + ce(z[..., nc : nc + ns].reshape(-1, ns), aux_labels[:, 1].reshape(-1))
-                + ce(z[..., nc + ns :].reshape(-1, 2), aux_labels[:, 2].reshape(-1))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16_autocast)):
+                z = aux_head(feats).float()  # (scenes, grid*grid, sum of classes)
+            aux_labels = batch["aux_labels"]
+            terms, o = [], 0
+            for i, nc in enumerate(AUX_LABELS.values()):
+                terms.append(ce(z[..., o : o + nc].reshape(-1, nc), aux_labels[:, i].reshape(-1)))
+                o += nc
+            aux_loss = torch.stack(terms).sum()
+            hs = out.hidden_states[args.rel_layer + 1]  # output of text layer rel_layer
+            rows = torch.arange(hs.shape[0]).unsqueeze(1)
+            vis = hs[rows, batch["image_pos"]]  # (rows, grid*grid, hidden)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16_autocast)):
+                r = rel_head(vis).float().squeeze(-1)
+            rel_loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                r, batch["relevant"], pos_weight=torch.tensor(10.0)
             )
-            total = loss + args.aux_weight * aux_loss
-        else:
-            total = loss
-        attn_loss = None
-        if use_attn and attn_sup:
+            total = total + args.aux_weight * aux_loss + args.rel_weight * rel_loss
+        if use_attn:
             terms = []
             for layer in sup_layers:
-                att = fwd.attentions[layer]
-                for b, pos, tgt in attn_sup:
-                    terms.append(-torch.log(att[b, 0, pos, tgt].float().sum() + 1e-6))
-            attn_loss = torch.stack(terms).mean()
-            total = total + args.attn_sup_weight * attn_loss
+                att = out.attentions[layer]
+                for b in range(att.shape[0]):
+                    tgt = batch["image_pos"][b][batch["relevant"][b] > 0]
+                    if len(tgt):
+                        pos = batch["answer_pos"][b]
+                        terms.append(-torch.log(att[b, 0, pos, tgt].float().sum() + 1e-6))
+            if terms:
+                attn_loss = torch.stack(terms).mean()
+                total = total + args.attn_sup_weight * attn_loss
         opt.zero_grad(set_to_none=True)
         total.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -450,6 +527,7 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"step {step} loss {loss.item():.4f} ema {loss_ema:.4f} gnorm {gn:.2f} "
                 + (f"aux {aux_loss.item():.3f} " if aux_loss is not None else "")
+                + (f"rel {rel_loss.item():.3f} " if rel_loss is not None else "")
                 + (f"attn {attn_loss.item():.3f} " if attn_loss is not None else "")
                 + f"lr {opt.param_groups[0]['lr']:.2e} elapsed {el / 60:.1f}m "
                 + f"({el / step:.2f}s/step)",
