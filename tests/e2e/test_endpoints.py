@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import requests
 
@@ -47,13 +49,26 @@ def _stats(server) -> dict:
     return requests.get(server["base"] + "/v1/recroute/stats", headers=AUTH, timeout=10).json()
 
 
+def _settled_stats(server) -> dict:
+    """Stats once the engine is idle: the worker learns of finished requests (and frees
+    their parked units) in a step after the response, so wait until two reads agree."""
+    prev = _stats(server)
+    for _ in range(40):
+        time.sleep(0.25)
+        cur = _stats(server)
+        if cur == prev:
+            return cur
+        prev = cur
+    raise AssertionError("recroute stats did not settle")
+
+
 def test_stats_count_routed_requests_and_match_metrics(server, client):
     before = _stats(server)
     _chat(client)  # server default: pdrop, 80 visual tokens
     _chat(client, {"recroute_schedule": "fastv", "recroute_mode": "remove"})
     _chat(client, {"recroute_mode": "off"})
     _chat(client)  # a later step flushes the last step's stats
-    after = _stats(server)
+    after = _settled_stats(server)
     assert after["routed_requests"] - before["routed_requests"] == 3
     by = after["routed_requests_by_mode_schedule"]
     assert (
