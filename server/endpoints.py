@@ -82,6 +82,7 @@ def _stats_payload() -> dict[str, Any]:
         "kv_bytes_saved": total["kv_bytes_saved"],
         "kv_blocks_released": total["kv_blocks_released"],
         "parked": _parked_payload(total, per_engine),
+        "turns": _turns_payload(total, per_engine),
         "per_engine": per_engine,
     }
 
@@ -97,6 +98,17 @@ def _parked_payload(total: dict[str, Any], per_engine: dict[int, dict[str, Any]]
     out["pool_blocks"] = sum(d.get("parked_pool_blocks", 0) for d in per_engine.values())
     out["pool_bytes"] = sum(d.get("parked_pool_bytes", 0) for d in per_engine.values())
     return out
+
+
+def _turns_payload(total: dict[str, Any], per_engine: dict[int, dict[str, Any]]) -> dict:
+    """Later-turn restore: counters summed; store fill summed over engines' latest levels."""
+    return {
+        "saved": total["turn_saves"],
+        "loaded": total["turn_loads"],
+        "loaded_tokens": total["turn_loaded_tokens"],
+        "store_entries": sum(d.get("turn_store_entries", 0) for d in per_engine.values()),
+        "store_bytes": sum(d.get("turn_store_bytes", 0) for d in per_engine.values()),
+    }
 
 
 @router.get("/v1/recroute/config")

@@ -207,9 +207,34 @@ def _decode_layer(layer, x, pos, rotary, keys, values) -> torch.Tensor:
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
+def _chunk_layer(layer, x, pos, rotary, keys, values) -> torch.Tensor:
+    """One Llama decoder layer for new rows ``x`` [m, hidden] attending to explicit prefix
+    K/V ``[n, kv, d]`` and causally to each other."""
+    attn = layer.self_attn
+    q = _query(layer, x, pos, rotary)  # [m, heads, dim]
+    kk, vv = _key_values(layer, x, pos, rotary)
+    k = torch.cat([keys, kk])
+    v = torch.cat([values, vv])
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    logits = torch.einsum("mhd,nhd->hmn", q, k) * attn.scaling
+    m, n = x.shape[0], keys.shape[0]
+    future = torch.ones(m, m, dtype=torch.bool).triu(1)
+    logits[:, :, n:] = logits[:, :, n:].masked_fill(future, float("-inf"))
+    weights = torch.softmax(logits, dim=-1)
+    out = attn.o_proj(torch.einsum("hmn,nhd->mhd", weights, v).reshape(m, -1))
+    x = x + out
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
 @torch.no_grad()
 def oracle_generate_parked(
-    hf_model: torch.nn.Module, inputs: dict, cfg: RoutingConfig, max_tokens: int
+    hf_model: torch.nn.Module,
+    inputs: dict,
+    cfg: RoutingConfig,
+    max_tokens: int,
+    next_turn: tuple[list[int], int] | None = None,
 ) -> tuple[list[int], int]:
     """Greedy tokens with the parked tier and decode-time re-routing, nothing ever dropped.
 
@@ -220,6 +245,12 @@ def oracle_generate_parked(
     (`vllm_recroute.routing.rerouting`). This is the "blocks that never left" reference
     for the vLLM path, which moves the same bytes between pages and the host pool.
     Returns the tokens and the number of units restored.
+
+    ``next_turn = (new_ids, max_tokens_2)``: then continue as a later turn of the same
+    conversation whose prompt is this prompt, the generated tokens and ``new_ids``. The
+    turn's new rows (the last generated token and ``new_ids``) are one chunk; before each
+    stage it re-routes once for the chunk's last row, then decodes as turn 1 did. Returns
+    the later turn's tokens and the total restores instead.
     """
     from vllm_recroute.routing.rerouting import chunk_units, plan_swaps, unit_scores
 
@@ -272,34 +303,62 @@ def oracle_generate_parked(
     restored = 0
     dec_k: list[list[torch.Tensor]] = [[] for _ in dec.layers]
     dec_v: list[list[torch.Tensor]] = [[] for _ in dec.layers]
-    for i in range(1, max_tokens):
-        x = dec.embed_tokens(torch.tensor([out[-1]])) * lm.embed_scale
-        p = torch.tensor([n + i - 1])
+
+    def reroute(k: int, idx: int, q: torch.Tensor) -> int:
+        """Swap stage k's units for query q (its first layer idx); returns the restores."""
+        layer = dec.layers[idx]
+        full = [j for j, m in enumerate(units[k]) if m.numel() == u]
+        digests = torch.stack([kv[idx][0][visual[units[k][j]]].mean(0) for j in full])
+        scores = unit_scores(q, digests, layer.self_attn.scaling).tolist()
+        score = dict(zip(full, scores, strict=True))
+        plan = plan_swaps(
+            {j: score[j] for j in full if j in active_units[k]},
+            {j: score[j] for j in full if j not in active_units[k]},
+        )
+        for swap in plan:
+            active_units[k].discard(swap.evict)
+            active_units[k].add(swap.restore)
+            present[k][visual[units[k][swap.evict]]] = False
+            present[k][visual[units[k][swap.restore]]] = True
+        return len(plan)
+
+    def forward(x: torch.Tensor, p: torch.Tensor, due: bool) -> torch.Tensor:
+        """New rows x at positions p through every layer (re-routing first when due)."""
+        nonlocal restored
         for idx, layer in enumerate(dec.layers):
             k = next((k for k, s in enumerate(stages) if s.start <= idx < s.end), None)
-            due = cfg.reroute_every > 0 and i % cfg.reroute_every == 0
             if k is not None and idx == stages[k].start and due and cfg.mode == "reroute":
-                q = _query(layer, x, p, rotary)[0]
-                full = [j for j, m in enumerate(units[k]) if m.numel() == u]
-                digests = torch.stack([kv[idx][0][visual[units[k][j]]].mean(0) for j in full])
-                scores = unit_scores(q, digests, layer.self_attn.scaling).tolist()
-                score = dict(zip(full, scores, strict=True))
-                plan = plan_swaps(
-                    {j: score[j] for j in full if j in active_units[k]},
-                    {j: score[j] for j in full if j not in active_units[k]},
-                )
-                for swap in plan:
-                    active_units[k].discard(swap.evict)
-                    active_units[k].add(swap.restore)
-                    present[k][visual[units[k][swap.evict]]] = False
-                    present[k][visual[units[k][swap.restore]]] = True
-                    restored += 1
-            kk, vv = _key_values(layer, x, p, rotary)
-            dec_k[idx].append(kk)
-            dec_v[idx].append(vv)
+                restored += reroute(k, idx, _query(layer, x[-1:], p[-1:], rotary)[0])
             sel = present[k] if k is not None else torch.ones(n, dtype=torch.bool)
             keys = torch.cat([kv[idx][0][sel], *dec_k[idx]])
             values = torch.cat([kv[idx][1][sel], *dec_v[idx]])
-            x = _decode_layer(layer, x, p, rotary, keys, values)
-        out.append(int(torch.argmax(lm.lm_head(dec.norm(x))[0])))
-    return out, restored
+            kk, vv = _key_values(layer, x, p, rotary)
+            if x.shape[0] == 1:
+                x = _decode_layer(
+                    layer, x, p, rotary, torch.cat([keys, kk]), torch.cat([values, vv])
+                )
+            else:
+                x = _chunk_layer(layer, x, p, rotary, keys, values)
+            dec_k[idx].append(kk)
+            dec_v[idx].append(vv)
+        return x
+
+    def decode(out: list[int], start: int, steps: int) -> None:
+        """Greedy steps after ``out[0]``, the first token sampled at prompt length start."""
+        for i in range(1, steps):
+            x = dec.embed_tokens(torch.tensor([out[-1]])) * lm.embed_scale
+            due = cfg.reroute_every > 0 and i % cfg.reroute_every == 0
+            x = forward(x, torch.tensor([start + i - 1]), due)
+            out.append(int(torch.argmax(lm.lm_head(dec.norm(x))[0])))
+
+    decode(out, n, max_tokens)
+    if next_turn is None:
+        return out, restored
+    new_ids, max_tokens_2 = next_turn
+    chunk = torch.tensor([out[-1], *new_ids])
+    start = n + len(out) - 1
+    x = dec.embed_tokens(chunk) * lm.embed_scale
+    x = forward(x, torch.arange(start, start + len(chunk)), True)
+    out2 = [int(torch.argmax(lm.lm_head(dec.norm(x[-1:]))[0]))]
+    decode(out2, start + len(chunk), max_tokens_2)
+    return out2, restored

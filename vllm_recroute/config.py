@@ -83,6 +83,12 @@ class RoutingConfig(pydantic.BaseModel):
     park_format: Literal["none", "int8"] = "none"
     park_block_tokens: StrictInt = 16
     reroute_every: StrictInt = 0
+    # Engine-wide later-turn restore (docs/architecture.md, "Later turns"): when a request with
+    # images finishes, its stage KV (pages and parked units) is kept in a host store of this
+    # many bytes (0 = off, LRU). A later request whose prompt starts with that request's
+    # tokens (the next turn of the conversation) loads it instead of recomputing the image,
+    # then re-routes the loaded units for its new question before its first forward.
+    turn_cache_bytes: StrictInt = 0
     # Operator limits on per-request options (vllm_xargs); server-side only, not overridable.
     request_overrides: bool = True  # False: requests may not change routing at all
     request_min_keep: _Float | None = None  # lowest keep (or custom keep) a request may ask
@@ -151,7 +157,7 @@ class RoutingConfig(pydantic.BaseModel):
                 )
         return v
 
-    @field_validator("parked_bytes", "reroute_every")
+    @field_validator("parked_bytes", "reroute_every", "turn_cache_bytes")
     @classmethod
     def _check_non_negative(cls, v: int, info: pydantic.ValidationInfo) -> int:
         if v < 0:
@@ -166,6 +172,19 @@ class RoutingConfig(pydantic.BaseModel):
             raise RoutingConfigError(
                 _field("reroute_every"),
                 "decode-time re-routing restores parked blocks; set parked_bytes > 0 as well",
+            )
+        if self.turn_cache_bytes > 0 and self.parked_bytes == 0:
+            raise RoutingConfigError(
+                _field("turn_cache_bytes"),
+                "a later turn restores the parked blocks of the earlier one; set parked_bytes "
+                "> 0 as well",
+            )
+        if self.turn_cache_bytes > 0 and self.kv_release:
+            # The released stage groups would need RoutedStageManager to allocate compacted
+            # blocks for loaded tokens (docs/parked_tier.md §7.4); not built yet.
+            raise RoutingConfigError(
+                _field("turn_cache_bytes"),
+                "later-turn restore is not supported with kv_release yet; set one of them off",
             )
         if self.keep is not None and self.avg_visual_tokens is not None:
             raise RoutingConfigError(
@@ -302,6 +321,8 @@ _HELP: dict[str, str] = {
     "parked_bytes": "must be an integer >= 0 (bytes of host memory for parked K/V; 0 = off)",
     "park_block_tokens": "must be an integer > 0",
     "reroute_every": "must be an integer >= 0 (decode steps between re-routings; 0 = off)",
+    "turn_cache_bytes": "must be an integer >= 0 (bytes of host memory for finished turns' "
+    "stage KV; 0 = off)",
 }
 
 

@@ -21,10 +21,13 @@ SCALARS = (
     "restored_blocks",
     "parked_blocks_dropped",
     "parked_blocks_freed",
+    "turn_saves",
+    "turn_loads",
+    "turn_loaded_tokens",
 )
 MAPPINGS = ("routed_requests", "stage_visual_tokens", "stage_active_visual_tokens")
 # Levels, not sums: the latest value wins (the parked pool's fill, per worker).
-GAUGES = ("parked_pool_blocks", "parked_pool_bytes")
+GAUGES = ("parked_pool_blocks", "parked_pool_bytes", "turn_store_entries", "turn_store_bytes")
 
 
 def empty_data() -> dict[str, Any]:

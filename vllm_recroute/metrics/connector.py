@@ -9,9 +9,12 @@ path its own connectors use for transfer metrics):
     front    PrometheusStatLogger -> RecrouteStatsConnector.build_prom_metrics(...)
              -> RecroutePromMetrics.observe(data, engine_idx)     -> /metrics
 
-This connector moves no KV: every load/save hook is a no-op and it reports no external
-cache hits. The config hook installs it for routed architectures when no other KV
-connector is configured. The parked-block tier will live here too.
+It is also the scheduler <-> worker channel of the KV tiers: page releases of kv_release
+(kv/manager.py) and, with ``turn_cache_bytes``, later-turn restore (kv/turn_index.py on
+the scheduler side, models/turns.py on the worker side): a finished turn's pages are held
+(delayed free) until the worker copied them, and a later turn that starts with the same
+tokens gets them offered as external, synchronously loaded KV. The config hook installs
+the connector for routed architectures when no other KV connector is configured.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     SupportsHMA,
 )
 
+from vllm_recroute.kv.turn_index import TurnIndex, TurnLoad, TurnRequest, TurnSave
 from vllm_recroute.metrics.accounting import add_into, empty_data, is_empty
 from vllm_recroute.metrics.stats import RouteStats
 
@@ -39,6 +43,9 @@ class RecrouteMetadata(KVConnectorMetadata):
     """Scheduler -> worker, per step: pages released by routed-stage groups (kv_release)."""
 
     released: list[Any] = field(default_factory=list)  # kv/manager.ReleasedBlocks
+    turn_evictions: list[int] = field(default_factory=list)  # kv/turn_index turn ids
+    turn_saves: list[Any] = field(default_factory=list)  # kv/turn_index.TurnSave
+    turn_loads: list[Any] = field(default_factory=list)  # kv/turn_index.TurnLoad
 
 
 @dataclass
@@ -64,6 +71,10 @@ class RecrouteStatsConnector(KVConnectorBase_V1, SupportsHMA):
         self._reports = self._reporting_rank()
         self._stage_groups: dict[int, list[Any]] | None = None  # scheduler: stage -> managers
         self._released_unreported = 0
+        self._turns = _turn_index(vllm_config, kv_cache_config, role)
+        self._turn_matches: dict[str, tuple[int, int]] = {}  # request -> (turn id, tokens)
+        self._turn_jobs = RecrouteMetadata()
+        self._turns_sent: set[str] = set()  # worker: saved since the last get_finished
 
     @staticmethod
     def _reporting_rank() -> bool:
@@ -78,11 +89,20 @@ class RecrouteStatsConnector(KVConnectorBase_V1, SupportsHMA):
     # -- worker side ----------------------------------------------------------------
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         # Runs every step before the forward pass, with this step's metadata bound.
+        # (After the forward when the step has no synchronous load: releases and saves
+        # only concern pages the forward does not use.)
         meta = self._connector_metadata
-        if isinstance(meta, RecrouteMetadata) and meta.released:
-            from vllm_recroute.models.routed import apply_released_blocks
+        if not isinstance(meta, RecrouteMetadata):
+            return
+        from vllm_recroute.models.routed import apply_released_blocks, apply_turn_jobs
 
+        if meta.released:
             apply_released_blocks(meta.released)
+        self._turns_sent |= apply_turn_jobs(meta.turn_evictions, meta.turn_saves, meta.turn_loads)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, None]:
+        sent, self._turns_sent = self._turns_sent, set()
+        return (sent or None), None
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         pass
@@ -112,10 +132,29 @@ class RecrouteStatsConnector(KVConnectorBase_V1, SupportsHMA):
 
     # -- scheduler side -------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int):
-        return 0, False
+        """Later-turn restore: the tokens of a kept turn this request starts with, beyond
+        what vLLM's own prefix cache already gave (loaded synchronously)."""
+        if self._turns is None or not len(self._turns):
+            return 0, False
+        turn = _turn_request(request)
+        hit = self._turns.match(turn, request.num_tokens - 1)
+        # A new image after the kept turn would have to be routed with the loaded ones.
+        if hit is None or any(off + n > hit[1] for off, n, _ in turn.images):
+            return 0, False
+        if hit[1] <= num_computed_tokens:
+            return 0, False
+        self._turn_matches[request.request_id] = hit
+        return hit[1] - num_computed_tokens, False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int):
-        pass
+        hit = self._turn_matches.pop(request.request_id, None)
+        if hit is None or num_external_tokens == 0:
+            return
+        turn_id, num_tokens = hit
+        ids = tuple(tuple(g) for g in blocks.get_block_ids())
+        self._turn_jobs.turn_loads.append(
+            TurnLoad(request.request_id, turn_id, num_tokens - num_external_tokens, num_tokens, ids)
+        )
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         # Releases happen inside this schedule()'s allocate_slots; ship them with it, so
@@ -124,7 +163,9 @@ class RecrouteStatsConnector(KVConnectorBase_V1, SupportsHMA):
             e for ms in self._stage_managers().values() for m in ms for e in m.take_released()
         ]
         self._released_unreported += sum(len(e.block_ids) for e in released)
-        return RecrouteMetadata(released)
+        meta, self._turn_jobs = self._turn_jobs, RecrouteMetadata()
+        meta.released = released
+        return meta
 
     def update_connector_output(self, connector_output: Any) -> None:
         report = getattr(connector_output, "kv_connector_worker_meta", None)
@@ -151,7 +192,22 @@ class RecrouteStatsConnector(KVConnectorBase_V1, SupportsHMA):
         return self._stage_groups
 
     def request_finished_all_groups(self, request: Any, block_ids: Any):
-        return False, None  # nothing held: vLLM frees the blocks now
+        """Later-turn restore: keep a finished turn's KV (its pages are held until the
+        worker copied them). Otherwise nothing is held and vLLM frees the blocks now."""
+        from vllm.v1.request import RequestStatus
+
+        self._turn_matches.pop(request.request_id, None)
+        done = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+        if self._turns is None or request.status not in done:
+            return False, None
+        turn, n = _turn_request(request), request.num_computed_tokens
+        if not self._turns.can_keep(turn, n):
+            return False, None
+        turn_id, evicted = self._turns.keep(turn, n)
+        self._turn_jobs.turn_evictions.extend(evicted)
+        ids = tuple(tuple(g) for g in block_ids)
+        self._turn_jobs.turn_saves.append(TurnSave(request.request_id, turn_id, n, ids))
+        return True, None
 
     # -- front end ------------------------------------------------------------------
     @classmethod
@@ -163,3 +219,34 @@ class RecrouteStatsConnector(KVConnectorBase_V1, SupportsHMA):
         from vllm_recroute.metrics.prom import RecroutePromMetrics
 
         return RecroutePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+
+def _turn_index(vllm_config: Any, kv_cache_config: Any, role: Any) -> TurnIndex | None:
+    """The scheduler's index of kept turns (None: later-turn restore off, or a worker)."""
+    from vllm_recroute.config import RoutingConfig
+
+    if role != KVConnectorRole.SCHEDULER or kv_cache_config is None:
+        return None
+    cfg = RoutingConfig.from_additional_config(vllm_config.additional_config)
+    if cfg.turn_cache_bytes == 0:
+        return None
+    per_token = sum(
+        g.kv_cache_spec.page_size_bytes // g.kv_cache_spec.block_size * len(g.layer_names)
+        for g in kv_cache_config.kv_cache_groups
+    )
+    block = getattr(kv_cache_config, "hash_block_size", None) or vllm_config.cache_config.block_size
+    return TurnIndex(cfg.turn_cache_bytes, block, per_token)
+
+
+def _turn_request(request: Any) -> TurnRequest:
+    from vllm_recroute.request_options import overrides_from_extra_args
+
+    images = sorted(
+        (f.mm_position.offset, f.mm_position.length, f.identifier)
+        for f in getattr(request, "mm_features", None) or ()
+    )
+    params = request.sampling_params
+    options = overrides_from_extra_args(params.extra_args if params else None)
+    # reroute_every only paces decode-time swaps; it does not change the stage layout
+    routing = tuple(sorted((k, repr(v)) for k, v in options.items() if k != "reroute_every"))
+    return TurnRequest(request.all_token_ids, request.block_hashes, tuple(images), routing)

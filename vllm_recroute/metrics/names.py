@@ -109,6 +109,31 @@ METRICS: tuple[MetricSpec, ...] = (
         "gauge",
         "Bytes currently held in the parked host pool (payload, int8 scales and digests).",
     ),
+    MetricSpec(
+        "recroute:turn_saves",
+        "counter",
+        "Finished requests whose stage KV was kept for a later turn (recroute.turn_cache_bytes).",
+    ),
+    MetricSpec(
+        "recroute:turn_loads",
+        "counter",
+        "Requests that loaded a kept turn's stage KV instead of recomputing it.",
+    ),
+    MetricSpec(
+        "recroute:turn_loaded_tokens",
+        "counter",
+        "Prompt tokens whose KV was loaded from kept turns (not recomputed).",
+    ),
+    MetricSpec(
+        "recroute:turn_store_entries",
+        "gauge",
+        "Turns currently kept in the worker's host turn store.",
+    ),
+    MetricSpec(
+        "recroute:turn_store_bytes",
+        "gauge",
+        "Bytes currently kept in the worker's host turn store (pages and parked units).",
+    ),
 )
 
 BY_NAME = {m.name: m for m in METRICS}

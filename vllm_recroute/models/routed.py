@@ -87,6 +87,10 @@ class RouteStore:
         self.dead_rows: dict[tuple[str, int], set[int]] = {}
         self._deferred_reports: dict[str, dict[int, int]] = {}
         self.forget_hooks: list[Any] = []  # called with the forgotten ids (parked tier)
+        # Later-turn restore (models/turns.py): finished requests are held, state and parked
+        # units intact, until this step's turn jobs ran (None: off, forget at once).
+        self.held: set[str] | None = None
+        self.reroute_now: set[str] = set()  # re-route at the next forward (a loaded turn)
         _STORES.append(self)
 
     def get(self, req_id: str) -> RouteState | None:
@@ -97,6 +101,20 @@ class RouteStore:
 
     def forget(self, req_ids: Iterable[str]) -> None:
         gone = set(req_ids)
+        if self.held is not None:
+            hold = {r for r in gone if r in self._states}
+            self.held |= hold
+            gone -= hold
+        self._forget_now(gone)
+
+    def release_held(self) -> None:
+        """Forget the held requests now (their turn jobs, if any, have run)."""
+        if self.held:
+            held, self.held = self.held, set()
+            self._forget_now(held)
+
+    def _forget_now(self, gone: set[str]) -> None:
+        self.reroute_now -= gone
         for req_id in gone:
             self._states.pop(req_id, None)
             self._deferred_reports.pop(req_id, None)
@@ -147,6 +165,19 @@ def apply_released_blocks(events: Iterable[Any]) -> None:
     for event in events:
         for store in _STORES:
             store.apply_released(event.request_id, event.kv_cache_group_id, event.row_indices)
+
+
+_TURN_STORES: list[Any] = []  # models/turns.TurnStore of this process's routed models
+
+
+def apply_turn_jobs(evicted: list[int], saves: list[Any], loads: list[Any]) -> set[str]:
+    """Later-turn restore: run this step's jobs (kv/turn_index.py); returns the requests
+    whose held pages may now be freed."""
+    sent: set[str] = set()
+    for turns in _TURN_STORES:
+        turns.apply(evicted, saves, loads)
+        sent |= turns.take_sent()
+    return sent
 
 
 def drain_route_stats() -> dict[str, Any]:
@@ -211,6 +242,10 @@ class StepRouter:
             self._classify(row, req_id, token_ids, int(prompts[row]))
         starts = {s.start for p in self.prefills for s in p.stages}
         starts |= {s.start for st in self.decodes.values() for s in st.stages}
+        # loaded later turns re-route once, at this forward, for their own question
+        pending = decoder.store.reroute_now
+        self.forced = {row for row in self.decodes if self.req_ids[row] in pending}
+        pending -= {self.req_ids[row] for row in self.forced}
         self.boundaries = sorted(starts | {0, decoder.num_layers})
         self.stage_starts = starts
         self.active = bool(self.prefills or self.decodes)
@@ -355,8 +390,9 @@ class StepRouter:
                     self._park(tier, route, k, positions, hidden, residual)
         for row, state in self.decodes.items():
             output_index = int(self.num_computed[row]) - self.prompt_lens[row] + 1
+            due = row in self.forced or tier.due(output_index, state.reroute_every)
             for k, stage in enumerate(state.stages):
-                if stage.start == layer_idx and tier.due(output_index, state.reroute_every):
+                if stage.start == layer_idx and due:
                     self._reroute(tier, row, k, stage, positions, hidden, residual)
 
     def _park(self, tier, route: PrefillRoute, k: int, positions, hidden, residual) -> None:
@@ -385,7 +421,7 @@ class StepRouter:
     def _reroute(self, tier, row: int, k: int, stage: Stage, positions, hidden, residual) -> None:
         from vllm_recroute.models.parking import PageRow
 
-        r = torch.tensor([int(self.qsl[row])])
+        r = torch.tensor([int(self.qsl[row + 1]) - 1])  # the request's last row in the step
         x = hidden[r] + residual[r]
         layer = self.decoder.layers[stage.start]
         q, _, scale = _query_keys(layer, _take_positions(positions, r), x)
@@ -545,6 +581,14 @@ class RoutedDecoder:
 
             self.tier = ParkingTier(self.config, self.layers)
             self.store.forget_hooks.append(self._forget_parked)
+        self.turns = None
+        self.runner: Any = None  # the model runner, known from the first forward
+        if self.config.turn_cache_bytes > 0:
+            from vllm_recroute.models.turns import TurnStore
+
+            self.turns = TurnStore(self)
+            self.store.held = set()
+            _TURN_STORES.append(self.turns)
         for idx, layer in enumerate(self.layers):
             layer.forward = self._wrap(idx, layer, layer.forward)
 
@@ -638,6 +682,7 @@ class RoutedDecoder:
         step = current_step()
         if step is None:
             return None  # dummy/profiling run: plain model
+        self.runner = step.runner
         router = StepRouter(self, step, num_rows)
         return router if router.active else None
 

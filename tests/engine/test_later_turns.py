@@ -1,0 +1,160 @@
+"""recroute.turn_cache_bytes: a later turn of a conversation loads the earlier turn's stage
+KV (pages and parked units) instead of recomputing the image, re-routes it for its own
+question, and answers as the reference where nothing ever left memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import ROUTED_IDEFICS3, make_llm, shutdown
+from tests.engine.test_parking import _counter, _flush, _kv_usage, _pool
+from tests.engine.test_routing_oracle import CONFIGS, _xargs
+from tests.helpers import REQUESTS, hf_inputs, request_inputs
+from tests.oracle import oracle_generate_parked
+from vllm_recroute.config import RoutingConfig
+
+pytestmark = pytest.mark.engine
+
+MAX_TOKENS = 6
+PARKING = {"parked_bytes": 64 << 20, "park_block_tokens": 4, "reroute_every": 2}
+TURNS = {**PARKING, "turn_cache_bytes": 64 << 20}
+NEXT_QUESTION = " and which one is the largest?"
+
+
+@pytest.fixture(scope="module")
+def turn_llm(tiny_idefics3):
+    llm = make_llm(
+        tiny_idefics3,
+        routed_arch=ROUTED_IDEFICS3,
+        recroute={"mode": "reroute", "schedule": "pdrop", **TURNS},
+        block_size=32,
+        disable_log_stats=False,
+    )
+    yield llm
+    shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_idefics3):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(tiny_idefics3), dtype=torch.float32)
+    return model.eval()
+
+
+def _params(cfg: dict):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=cfg)
+
+
+def _two_turns(llm, model_dir, spec, cfg: dict, question: str = NEXT_QUESTION):
+    """Turn 1 from the chat prompt; turn 2 = turn 1's prompt, its answer, a new question
+    (token ids, so the prefix is exactly turn 1's tokens; vLLM expands the image again)."""
+    prompt, images = request_inputs(str(model_dir), spec)
+    mm = {"image": images}
+    xargs = _xargs(cfg)
+    [first] = llm.generate(
+        [{"prompt": prompt, "multi_modal_data": mm}], _params(xargs), use_tqdm=False
+    )
+    tok = llm.get_tokenizer()
+    new_ids = tok.encode(question, add_special_tokens=False)
+    ids = tok.encode(prompt) + list(first.outputs[0].token_ids) + new_ids
+    [second] = llm.generate(
+        [{"prompt_token_ids": ids, "multi_modal_data": mm}], _params(xargs), use_tqdm=False
+    )
+    assert second.prompt_token_ids[: len(first.prompt_token_ids)] == first.prompt_token_ids
+    return first, second, new_ids
+
+
+@pytest.mark.parametrize("name", ["pdrop-reroute", "custom-reroute-question"])
+def test_later_turn_loads_the_image_and_matches_the_reference(
+    turn_llm, hf_model, tiny_idefics3, name
+):
+    cfg = {**CONFIGS[name], "reroute_every": 2}
+    full = RoutingConfig.from_dict({**cfg, **PARKING})
+    restored_before = _counter("recroute:restored_blocks")
+    loads_before = _counter("recroute:turn_loads")
+    tokens_before = _counter("recroute:turn_loaded_tokens")
+    restored, loaded_tokens = 0, 0
+    for spec in REQUESTS:
+        first, second, new_ids = _two_turns(turn_llm, tiny_idefics3, spec, cfg)
+        prompt, images = request_inputs(str(tiny_idefics3), spec)
+        inputs = hf_inputs(str(tiny_idefics3), prompt, images)
+        expected_1, _ = oracle_generate_parked(hf_model, inputs, full, MAX_TOKENS)
+        expected_2, n = oracle_generate_parked(
+            hf_model, inputs, full, MAX_TOKENS, next_turn=(new_ids, MAX_TOKENS)
+        )
+        assert list(first.outputs[0].token_ids) == expected_1, (name, spec)
+        assert list(second.outputs[0].token_ids) == expected_2, (name, spec)
+        # every token turn 1 computed came back (image included): nothing recomputed
+        assert second.num_cached_tokens == len(first.prompt_token_ids) + MAX_TOKENS - 1
+        restored += n
+        loaded_tokens += second.num_cached_tokens
+    _flush(turn_llm)
+    assert restored > 0  # the reference swapped units in both turns
+    assert _counter("recroute:restored_blocks") - restored_before == restored
+    assert _counter("recroute:turn_loads") - loads_before == len(REQUESTS)
+    assert _counter("recroute:turn_loaded_tokens") - tokens_before == loaded_tokens
+
+
+def test_other_routing_options_recompute_and_differ(turn_llm, tiny_idefics3):
+    """A kept turn serves only requests with the same routing options (its stage layout
+    depends on them). Guard for the reference test: the loaded turn (re-routed units of
+    turn 1) answers differently from a from-scratch routed prefill of the same prompt."""
+    cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 2}
+    first, loaded, new_ids = _two_turns(turn_llm, tiny_idefics3, REQUESTS[1], cfg)
+    assert loaded.num_cached_tokens > 0
+    prompt, images = request_inputs(str(tiny_idefics3), REQUESTS[1])
+    tok = turn_llm.get_tokenizer()
+    ids = tok.encode(prompt) + list(first.outputs[0].token_ids) + new_ids
+    # the server's default scorer, spelled out: same routing, another options fingerprint
+    other = _xargs({**cfg, "scorer": "attention"})
+    params = _params(other)
+    params.logprobs = 1
+    [fresh] = turn_llm.generate(
+        [{"prompt_token_ids": ids, "multi_modal_data": {"image": images}}], params, use_tqdm=False
+    )
+    assert fresh.num_cached_tokens == 0
+    params = _params(_xargs(cfg))
+    params.logprobs = 1
+    [again] = turn_llm.generate(
+        [{"prompt_token_ids": ids, "multi_modal_data": {"image": images}}], params, use_tqdm=False
+    )
+    assert again.num_cached_tokens == loaded.num_cached_tokens  # kept turns are read-only
+    assert list(again.outputs[0].token_ids) == list(loaded.outputs[0].token_ids)
+    lp = [next(iter(step.values())).logprob for step in again.outputs[0].logprobs]
+    lp_fresh = [next(iter(step.values())).logprob for step in fresh.outputs[0].logprobs]
+    assert lp != pytest.approx(lp_fresh, abs=1e-4)
+
+
+def test_kept_turns_hold_no_pages_and_stay_within_the_store(turn_llm, tiny_idefics3):
+    """After finishes and aborts, kept turns own host bytes only: the pool and every KV
+    block are back, and the store stays within recroute.turn_cache_bytes."""
+    from vllm import SamplingParams
+
+    engine = turn_llm.llm_engine
+    cfg = _xargs({**CONFIGS["pdrop-reroute"], "reroute_every": 1})
+    _two_turns(turn_llm, tiny_idefics3, REQUESTS[2], {**CONFIGS["pdrop-reroute"]})
+    prompt, images = request_inputs(str(tiny_idefics3), REQUESTS[0])
+    params = SamplingParams(max_tokens=50, ignore_eos=True, extra_args=cfg)
+    for name in ("t-abort", "t-keep"):
+        engine.add_request(name, {"prompt": prompt, "multi_modal_data": {"image": images}}, params)
+    for _ in range(3):
+        engine.step()
+    engine.abort_request(["t-abort"])
+    while engine.has_unfinished_requests():
+        engine.step()
+    _flush(turn_llm)
+    assert turn_llm.collective_rpc(_pool) == [(0, 0, 0)]
+    assert _kv_usage(turn_llm) == 0.0
+    [(entries, nbytes)] = turn_llm.collective_rpc(_turn_store)
+    assert entries > 0 and 0 < nbytes <= TURNS["turn_cache_bytes"]
+    assert _counter("recroute:turn_store_entries") == entries
+    assert _counter("recroute:turn_store_bytes") == nbytes
+
+
+def _turn_store(worker):
+    g = worker.model_runner.model.recroute.turns.gauges()
+    return g["turn_store_entries"], g["turn_store_bytes"]

@@ -1,0 +1,101 @@
+"""TurnIndex: which finished turns are kept, which later request loads which, and what is
+evicted. Exact prefixes only (tokens, images, routing options), LRU within the bytes."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_recroute.kv.turn_index import TurnIndex, TurnRequest
+
+BS = 4  # block size of the hashes
+IMAGE = (2, 5, "img-a")  # offset, length, identifier: tokens 2..6
+
+
+def _hashes(tokens, images) -> list:
+    """Chained full-block hashes as vLLM builds them (tokens and the images they touch)."""
+    out, prev = [], None
+    for b in range(len(tokens) // BS):
+        lo, hi = b * BS, (b + 1) * BS
+        touched = tuple(im[2] for im in images if im[0] < hi and im[0] + im[1] > lo)
+        prev = hash((prev, tuple(tokens[lo:hi]), touched))
+        out.append(prev)
+    return out
+
+
+def _req(tokens, images=(IMAGE,), routing=()) -> TurnRequest:
+    return TurnRequest(list(tokens), _hashes(tokens, images), tuple(images), routing)
+
+
+TURN_1 = list(range(100, 111))  # 11 tokens: 2 full blocks + 3 in the tail
+
+
+def _index(capacity_tokens: int = 100) -> TurnIndex:
+    return TurnIndex(capacity_bytes=capacity_tokens * 10, block_size=BS, bytes_per_token=10)
+
+
+def test_a_later_turn_matches_the_kept_prefix_exactly():
+    index = _index()
+    turn_id, evicted = index.keep(_req(TURN_1), 10)  # tokens 0..9 have KV
+    assert (turn_id, evicted) == (0, [])
+    later = _req([*TURN_1, 7, 8, 9])
+    assert index.match(later, len(later.token_ids) - 1) == (0, 10)
+    # the match never covers the request's last token (its logits must be computed)
+    assert index.match(_req(TURN_1[:11]), 9) is None
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["tail token", "early token", "other image", "image in tail", "routing"],
+)
+def test_any_difference_in_the_prefix_is_a_miss(change):
+    index = _index()
+    index.keep(_req(TURN_1), 10)
+    tokens, images, routing = [*TURN_1, 1, 2, 3], [IMAGE], ()
+    if change == "tail token":
+        tokens[9] = 0  # inside the partial block after the last full one
+    elif change == "early token":
+        tokens[0] = 0
+    elif change == "other image":
+        images = [(2, 5, "img-b")]
+    elif change == "image in tail":
+        images = [IMAGE, (9, 1, "img-c")]  # starts after the last full block
+    else:
+        routing = (("keep", "0.25"),)
+    assert index.match(_req(tokens, images, routing), len(tokens) - 1) is None
+
+
+def test_the_longest_kept_turn_wins_and_is_refreshed():
+    index = _index()
+    short, _ = index.keep(_req(TURN_1), 8)
+    turn_2 = [*TURN_1, 5, 6, 7, 8, 9]
+    long, _ = index.keep(_req(turn_2), 14)
+    assert index.match(_req([*turn_2, 1]), 15) == (long, 14)
+    assert index.match(_req([*TURN_1, 0, 0]), 12) == (short, 8)
+
+
+def test_keeping_evicts_least_recently_used_first():
+    index = _index(capacity_tokens=25)  # room for two 10-token turns
+    a, _ = index.keep(_req(TURN_1), 10)
+    other = [t + 50 for t in TURN_1]
+    b, _ = index.keep(_req(other), 10)
+    assert index.used_bytes == 200
+    index.match(_req([*TURN_1, 1]), 11)  # a becomes most recently used
+    third = [t + 90 for t in TURN_1]
+    c, evicted = index.keep(_req(third), 10)
+    assert evicted == [b] and len(index) == 2 and index.used_bytes == 200
+    assert index.match(_req([*other, 1]), 11) is None
+    assert index.match(_req([*TURN_1, 1]), 11) == (a, 10)
+    assert (a, b, c) == (0, 1, 2)
+
+
+def test_what_is_not_kept():
+    index = _index(capacity_tokens=9)
+    assert not index.can_keep(_req(TURN_1), 10)  # larger than the whole store
+    index = _index()
+    assert not index.can_keep(_req(TURN_1, images=()), 10)  # no image: nothing to save
+    assert not index.can_keep(_req(TURN_1), 5)  # the image is not whole before token 5
+    assert not index.can_keep(_req(TURN_1[:3], images=()), 3)  # no full block to key
+    index.keep(_req(TURN_1), 10)
+    assert not index.can_keep(_req(TURN_1), 10)  # already kept
+    with pytest.raises(ValueError, match="can_keep"):
+        index.keep(_req(TURN_1), 10)

@@ -1,0 +1,151 @@
+"""Scheduler side of later-turn restore: which finished turns' stage KV the worker holds.
+
+A conversation's turn 2 prompt starts with turn 1's prompt and answer. When turn 1
+finishes, the connector asks this index whether to keep its stage KV (pages of every
+layer, in the stage layout turn 1 used, plus its parked units); the worker copies it to
+its host store (models/turns.py) and only then are turn 1's pages freed. When a new
+request arrives, the index finds the longest kept turn whose tokens are a prefix of the
+request's: those tokens are offered to vLLM as externally computed.
+
+Matching is exact: the key is vLLM's chained block hash of the kept range's last full
+block (it covers every earlier token and image), the tokens of the partial block after it,
+the images that start in that tail, and the request's routing options (the stage layout
+depends on them). The scheduler alone decides what is kept and what is evicted (LRU by
+bytes); the worker follows its decisions, so both sides always agree.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+__all__ = ["TurnIndex", "TurnKey", "TurnLoad", "TurnRequest", "TurnSave"]
+
+TurnKey = Hashable
+
+
+@dataclass(frozen=True)
+class TurnSave:
+    """Scheduler -> worker: copy a finished request's stage KV into the turn store.
+
+    The request's pages are held (vLLM's delayed free) until the worker reports it in
+    ``finished_sending``.
+    """
+
+    request_id: str
+    turn_id: int
+    num_tokens: int  # tokens [0, num_tokens) have KV
+    block_ids: tuple[tuple[int, ...], ...]  # per KV-cache group, the request's row
+
+
+@dataclass(frozen=True)
+class TurnLoad:
+    """Scheduler -> worker: before this step's forward, write a kept turn's stage KV for
+    tokens [start, num_tokens) into a new request's pages and give it the turn's routing
+    state (to be re-routed for its own question)."""
+
+    request_id: str
+    turn_id: int
+    start: int  # tokens before it came from vLLM's own prefix cache
+    num_tokens: int
+    block_ids: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    """What the index needs to know of a request (built from vLLM's ``Request``)."""
+
+    token_ids: Sequence[int]
+    block_hashes: Sequence[Hashable]  # vLLM's chained hashes of the full blocks
+    images: tuple[tuple[int, int, str], ...]  # (offset, length, identifier), by offset
+    routing: Hashable  # routing options that shape the stage layout
+
+
+class TurnIndex:
+    """Kept turns by key, least recently used first, within ``capacity_bytes``."""
+
+    def __init__(self, capacity_bytes: int, block_size: int, bytes_per_token: int) -> None:
+        if block_size <= 0 or bytes_per_token <= 0:
+            raise ValueError("block_size and bytes_per_token must be > 0")
+        self.capacity_bytes = capacity_bytes
+        self.block_size = block_size
+        self.bytes_per_token = bytes_per_token
+        # key -> (kept tokens, turn id); the worker knows a turn by its id only
+        self._entries: OrderedDict[TurnKey, tuple[int, int]] = OrderedDict()
+        self._next_id = 0
+        self._lengths: dict[int, int] = {}  # kept length -> number of entries
+        self.used_bytes = 0
+
+    def key(self, req: TurnRequest, num_tokens: int) -> TurnKey | None:
+        """Key of the request's first ``num_tokens`` tokens (None: not keyable)."""
+        full = num_tokens // self.block_size
+        if full == 0 or len(req.block_hashes) < full or num_tokens > len(req.token_ids):
+            return None
+        tail_start = full * self.block_size
+        tail = tuple(req.token_ids[tail_start:num_tokens])
+        tail_images = tuple(
+            im for im in req.images if im[0] + im[1] > tail_start and im[0] < num_tokens
+        )
+        return (num_tokens, req.block_hashes[full - 1], tail, tail_images, req.routing)
+
+    # -- keep (pair) --------------------------------------------------------------------
+
+    def can_keep(self, req: TurnRequest, num_tokens: int) -> bool:
+        """Worth keeping: whole images inside the range, fits the store, not kept yet."""
+        if not req.images or any(off + n > num_tokens for off, n, _ in req.images):
+            return False
+        key = self.key(req, num_tokens)
+        return (
+            key is not None
+            and key not in self._entries
+            and self.nbytes(num_tokens) <= self.capacity_bytes
+        )
+
+    def keep(self, req: TurnRequest, num_tokens: int) -> tuple[int, list[int]]:
+        """Record the turn; returns its id and the ids evicted to make room."""
+        if not self.can_keep(req, num_tokens):
+            raise ValueError("turn cannot be kept (check can_keep first)")
+        key = self.key(req, num_tokens)
+        nbytes = self.nbytes(num_tokens)
+        evicted = []
+        while self.used_bytes + nbytes > self.capacity_bytes:
+            evicted.append(self._evict_oldest())
+        turn_id, self._next_id = self._next_id, self._next_id + 1
+        self._entries[key] = (num_tokens, turn_id)
+        self._lengths[num_tokens] = self._lengths.get(num_tokens, 0) + 1
+        self.used_bytes += nbytes
+        return turn_id, evicted
+
+    # -- lookup -------------------------------------------------------------------------
+
+    def match(self, req: TurnRequest, max_tokens: int) -> tuple[int, int] | None:
+        """The longest kept turn that is a prefix of the request's first ``max_tokens``
+        tokens (marked as recently used), or None."""
+        for length in sorted(self._lengths, reverse=True):
+            if length > max_tokens:
+                continue
+            key = self.key(req, length)
+            if key is not None and key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key][1], length
+        return None
+
+    def nbytes(self, num_tokens: int) -> int:
+        # Upper bound of what the worker holds: every token's K/V at every layer, either in
+        # the copied pages or among the parked units (dropped units hold nothing).
+        return num_tokens * self.bytes_per_token
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def _evict_oldest(self) -> int:
+        _, (length, turn_id) = self._entries.popitem(last=False)
+        self.used_bytes -= self.nbytes(length)
+        self._lengths[length] -= 1
+        if self._lengths[length] == 0:
+            del self._lengths[length]
+        return turn_id
