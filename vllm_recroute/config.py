@@ -179,13 +179,6 @@ class RoutingConfig(pydantic.BaseModel):
                 "a later turn restores the parked blocks of the earlier one; set parked_bytes "
                 "> 0 as well",
             )
-        if self.turn_cache_bytes > 0 and self.kv_release:
-            # The released stage groups would need RoutedStageManager to allocate compacted
-            # blocks for loaded tokens (docs/parked_tier.md §7.4); not built yet.
-            raise RoutingConfigError(
-                _field("turn_cache_bytes"),
-                "later-turn restore is not supported with kv_release yet; set one of them off",
-            )
         if self.keep is not None and self.avg_visual_tokens is not None:
             raise RoutingConfigError(
                 _field("keep"),

@@ -35,6 +35,20 @@ def turn_llm(tiny_idefics3):
 
 
 @pytest.fixture(scope="module")
+def released_turn_llm(tiny_idefics3):
+    """kv_release: per-stage KV groups, deferred pages returned, prefix caching on."""
+    llm = make_llm(
+        tiny_idefics3,
+        routed_arch=ROUTED_IDEFICS3,
+        recroute={"mode": "reroute", "schedule": "pdrop", "kv_release": True, **TURNS},
+        block_size=32,
+        disable_log_stats=False,
+    )
+    yield llm
+    shutdown(llm)
+
+
+@pytest.fixture(scope="module")
 def hf_model(tiny_idefics3):
     import torch
     from transformers import AutoModelForImageTextToText
@@ -68,10 +82,18 @@ def _two_turns(llm, model_dir, spec, cfg: dict, question: str = NEXT_QUESTION):
     return first, second, new_ids
 
 
-@pytest.mark.parametrize("name", ["pdrop-reroute", "custom-reroute-question"])
+@pytest.mark.parametrize(
+    ("engine", "name"),
+    [
+        ("turn_llm", "pdrop-reroute"),
+        ("turn_llm", "custom-reroute-question"),
+        ("released_turn_llm", "pdrop-reroute"),  # router points are the server's
+    ],
+)
 def test_later_turn_loads_the_image_and_matches_the_reference(
-    turn_llm, hf_model, tiny_idefics3, name
+    request, hf_model, tiny_idefics3, engine, name
 ):
+    turn_llm = request.getfixturevalue(engine)
     cfg = {**CONFIGS[name], "reroute_every": 2}
     full = RoutingConfig.from_dict({**cfg, **PARKING})
     restored_before = _counter("recroute:restored_blocks")
@@ -129,10 +151,13 @@ def test_other_routing_options_recompute_and_differ(turn_llm, tiny_idefics3):
     assert lp != pytest.approx(lp_fresh, abs=1e-4)
 
 
-def test_kept_turns_hold_no_pages_and_stay_within_the_store(turn_llm, tiny_idefics3):
+@pytest.mark.parametrize("engine", ["turn_llm", "released_turn_llm"])
+def test_kept_turns_hold_no_pages_and_stay_within_the_store(request, tiny_idefics3, engine):
     """After finishes and aborts, kept turns own host bytes only: the pool and every KV
     block are back, and the store stays within recroute.turn_cache_bytes."""
     from vllm import SamplingParams
+
+    turn_llm = request.getfixturevalue(engine)
 
     engine = turn_llm.llm_engine
     cfg = _xargs({**CONFIGS["pdrop-reroute"], "reroute_every": 1})

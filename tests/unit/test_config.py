@@ -22,11 +22,6 @@ from vllm_recroute.config import RoutingConfig, RoutingConfigError, parse_routin
         ({"reroute_every": 4}, "reroute_every", "set parked_bytes > 0"),
         ({"turn_cache_bytes": -1}, "turn_cache_bytes", ">= 0"),
         ({"turn_cache_bytes": 1 << 20}, "turn_cache_bytes", "set parked_bytes > 0"),
-        (
-            {"turn_cache_bytes": 1 << 20, "parked_bytes": 1 << 20, "kv_release": True},
-            "turn_cache_bytes",
-            "kv_release",
-        ),
         ({"schedule": "linear"}, "schedule", "allowed values: fastv, pdrop, custom"),
         ({"scorer": "magic"}, "scorer", "allowed values: attention, key_norm"),
         ({"score_query": "first"}, "score_query", "allowed values: last, question"),

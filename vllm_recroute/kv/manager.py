@@ -86,6 +86,8 @@ class RoutedStageManager(FullAttentionManager):
         self._max_tokens: dict[str, int] = {}
         self._released: list[ReleasedBlocks] = []
         self.num_released_blocks = 0  # lifetime counter (metrics)
+        # later-turn restore: deferred counts of kept turns offered to waiting requests
+        self._expected: dict[str, int] = {}
 
     # ------------------------------------------------------------------ deferred counts
 
@@ -222,6 +224,14 @@ class RoutedStageManager(FullAttentionManager):
             self.new_block_ids.extend(b.block_id for b in new_blocks)
         return new_blocks
 
+    def expect_deferred(self, request_id: str, num_deferred: int | None) -> None:
+        """Later-turn restore: the request will load a kept turn whose tokens include
+        ``num_deferred`` deferred ones at this stage (None: the offer is withdrawn)."""
+        if num_deferred is None:
+            self._expected.pop(request_id, None)
+        else:
+            self._expected[request_id] = num_deferred
+
     def allocate_external_computed_blocks(
         self,
         request_id: str,
@@ -229,16 +239,32 @@ class RoutedStageManager(FullAttentionManager):
         num_external_computed_tokens: int,
         record_for_zeroing: bool = True,
     ) -> None:
-        if num_external_computed_tokens > 0:
+        """Live blocks for a loaded turn's compacted rows (it arrives routed). Only the
+        recroute connector offers external tokens; any other source is refused, because
+        stage KV depends on a routing decision it cannot know."""
+        expected = self._expected.pop(request_id, None)
+        if num_external_computed_tokens <= 0:
+            return
+        if expected is None:
             raise RuntimeError(
                 "vllm-recroute: a KV connector offered external KV for a routed stage "
                 "group; stage KV depends on the routing decision and cannot be imported"
             )
+        total = num_local_computed_tokens + num_external_computed_tokens
+        self._deferred[request_id] = expected
+        self._max_tokens[request_id] = max(self._max_tokens.get(request_id, 0), total)
+        req_blocks = self.req_to_blocks[request_id]
+        required = cdiv(self._compacted(request_id, total), self.block_size)
+        new_blocks = self.block_pool.get_new_blocks(max(required - len(req_blocks), 0))
+        req_blocks.extend(new_blocks)
+        if self._record_new_block_ids and record_for_zeroing:
+            self.new_block_ids.extend(b.block_id for b in new_blocks)
 
     def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
         """Finish / abort / preemption: every live block, no ``null_block`` entries."""
         self._deferred.pop(request_id, None)
         self._max_tokens.pop(request_id, None)
+        self._expected.pop(request_id, None)
         blocks = super().pop_blocks_for_free(request_id)
         return [b for b in blocks if not b.is_null]
 

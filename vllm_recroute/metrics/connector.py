@@ -73,6 +73,7 @@ class RecrouteStatsConnector(KVConnectorBase_V1, SupportsHMA):
         self._released_unreported = 0
         self._turns = _turn_index(vllm_config, kv_cache_config, role)
         self._turn_matches: dict[str, tuple[int, int]] = {}  # request -> (turn id, tokens)
+        self._turn_deferred: dict[int, dict[int, int]] = {}  # kv_release: turn -> stage -> n
         self._turn_jobs = RecrouteMetadata()
         self._turns_sent: set[str] = set()  # worker: saved since the last get_finished
 
@@ -144,7 +145,16 @@ class RecrouteStatsConnector(KVConnectorBase_V1, SupportsHMA):
         if hit[1] <= num_computed_tokens:
             return 0, False
         self._turn_matches[request.request_id] = hit
+        self._expect_deferred(request.request_id, self._turn_deferred.get(hit[0], {}))
         return hit[1] - num_computed_tokens, False
+
+    def _expect_deferred(self, req_id: str, per_stage: dict[int, int] | None) -> None:
+        """kv_release: tell each stage group how many of the offered tokens are deferred
+        (it allocates compacted blocks for them; None withdraws the offer)."""
+        for stage, managers in self._stage_managers().items():
+            for manager in managers:
+                n = None if per_stage is None else per_stage.get(stage, 0)
+                manager.expect_deferred(req_id, n)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int):
         hit = self._turn_matches.pop(request.request_id, None)
@@ -196,7 +206,8 @@ class RecrouteStatsConnector(KVConnectorBase_V1, SupportsHMA):
         worker copied them). Otherwise nothing is held and vLLM frees the blocks now."""
         from vllm.v1.request import RequestStatus
 
-        self._turn_matches.pop(request.request_id, None)
+        if self._turn_matches.pop(request.request_id, None) is not None:
+            self._expect_deferred(request.request_id, None)
         done = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
         if self._turns is None or request.status not in done:
             return False, None
@@ -205,7 +216,14 @@ class RecrouteStatsConnector(KVConnectorBase_V1, SupportsHMA):
             return False, None
         turn_id, evicted = self._turns.keep(turn, n)
         self._turn_jobs.turn_evictions.extend(evicted)
-        ids = tuple(tuple(g) for g in block_ids)
+        for gone in evicted:
+            self._turn_deferred.pop(gone, None)
+        self._turn_deferred[turn_id] = {
+            stage: ms[0].get_deferred(request.request_id)
+            for stage, ms in self._stage_managers().items()
+        }
+        # the live rows only: pages released by kv_release are null blocks (id 0)
+        ids = tuple(tuple(b for b in g if b != 0) for g in block_ids)
         self._turn_jobs.turn_saves.append(TurnSave(request.request_id, turn_id, n, ids))
         return True, None
 

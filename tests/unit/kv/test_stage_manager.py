@@ -157,11 +157,37 @@ def test_free_returns_every_live_block_and_never_the_null_block():
     assert m.get_deferred("a") == 0
 
 
-def test_external_kv_is_refused():
+def test_external_kv_is_refused_unless_a_kept_turn_was_offered():
     m = make_manager(make_pool())
     m.allocate_external_computed_blocks("a", 0, 0)  # nothing external: fine
     with pytest.raises(RuntimeError, match="cannot be imported"):
         m.allocate_external_computed_blocks("a", 0, 8)
+    m.expect_deferred("a", 3)
+    m.expect_deferred("a", None)  # offer withdrawn (the request was not scheduled)
+    with pytest.raises(RuntimeError, match="cannot be imported"):
+        m.allocate_external_computed_blocks("a", 0, 8)
+
+
+def test_a_loaded_turn_gets_compacted_blocks_and_frees_them_all():
+    """Later-turn restore: 4 text tokens hit vLLM's cache (block 1, computed by "t1"), a
+    kept turn supplies tokens 4..21, 9 of them deferred at this stage: 13 compacted rows
+    need 4 live blocks, so 3 new ones; decoding continues on the compacted sequence."""
+    pool = make_pool(enable_caching=True)
+    m = make_manager(pool, enable_caching=True)
+    m.allocate_new_blocks("t1", 4, 4)  # block 1: the cached text block
+    hit = list(m.req_to_blocks["t1"])
+    m.expect_deferred("t2", 9)
+    m.add_local_computed_blocks("t2", hit, 4, 18)
+    m.allocate_external_computed_blocks("t2", 4, 18)
+    assert row_ids(m, "t2") == [1, 2, 3, 4]
+    assert m.get_deferred("t2") == 9 and m.can_release("t2") == 0
+    assert m.allocate_new_blocks("t2", 23, 23) == []  # 14 compacted rows: still 4 blocks
+    assert [b.block_id for b in m.allocate_new_blocks("t2", 26, 26)] == [5]  # 17 rows
+    assert m.release("t2") == []
+    m.free("t2")
+    m.free("t1")
+    assert pool.get_num_free_blocks() == 19  # every block back, the null block never out
+    assert m.get_deferred("t2") == 0
 
 
 def test_manager_requires_stage_spec():
