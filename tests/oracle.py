@@ -234,7 +234,7 @@ def oracle_generate_parked(
     inputs: dict,
     cfg: RoutingConfig,
     max_tokens: int,
-    next_turn: tuple[list[int], int] | None = None,
+    next_turn: tuple[list[int], int, bool] | None = None,
 ) -> tuple[list[int], int]:
     """Greedy tokens with the parked tier and decode-time re-routing, nothing ever dropped.
 
@@ -246,11 +246,13 @@ def oracle_generate_parked(
     for the vLLM path, which moves the same bytes between pages and the host pool.
     Returns the tokens and the number of units restored.
 
-    ``next_turn = (new_ids, max_tokens_2)``: then continue as a later turn of the same
-    conversation whose prompt is this prompt, the generated tokens and ``new_ids``. The
-    turn's new rows (the last generated token and ``new_ids``) are one chunk; before each
-    stage it re-routes once for the chunk's last row, then decodes as turn 1 did. Returns
-    the later turn's tokens and the total restores instead.
+    ``next_turn = (new_ids, max_tokens_2, with_answer)``: then continue as a later turn of
+    the same conversation, from the routing state turn 1 ended with. ``with_answer``: its
+    prompt is this prompt, the generated tokens and ``new_ids`` (the answer's K/V is
+    reused); otherwise it is this prompt and ``new_ids`` (the answer as the later prompt
+    spells it, and the question; only the prompt's K/V is reused). The new rows are one
+    chunk; before each stage it re-routes once for the chunk's last row, then decodes as
+    turn 1 did. Returns the later turn's tokens and the total restores instead.
     """
     from vllm_recroute.routing.rerouting import chunk_units, plan_swaps, unit_scores
 
@@ -354,9 +356,13 @@ def oracle_generate_parked(
     decode(out, n, max_tokens)
     if next_turn is None:
         return out, restored
-    new_ids, max_tokens_2 = next_turn
-    chunk = torch.tensor([out[-1], *new_ids])
-    start = n + len(out) - 1
+    new_ids, max_tokens_2, with_answer = next_turn
+    if with_answer:
+        chunk, start = torch.tensor([out[-1], *new_ids]), n + len(out) - 1
+    else:
+        chunk, start = torch.tensor(new_ids), n
+        for rows in (*dec_k, *dec_v):
+            rows.clear()
     x = dec.embed_tokens(chunk) * lm.embed_scale
     x = forward(x, torch.arange(start, start + len(chunk)), True)
     out2 = [int(torch.argmax(lm.lm_head(dec.norm(x[-1:]))[0]))]

@@ -35,20 +35,6 @@ def turn_llm(tiny_idefics3):
 
 
 @pytest.fixture(scope="module")
-def released_turn_llm(tiny_idefics3):
-    """kv_release: per-stage KV groups, deferred pages returned, prefix caching on."""
-    llm = make_llm(
-        tiny_idefics3,
-        routed_arch=ROUTED_IDEFICS3,
-        recroute={"mode": "reroute", "schedule": "pdrop", "kv_release": True, **TURNS},
-        block_size=32,
-        disable_log_stats=False,
-    )
-    yield llm
-    shutdown(llm)
-
-
-@pytest.fixture(scope="module")
 def hf_model(tiny_idefics3):
     import torch
     from transformers import AutoModelForImageTextToText
@@ -82,18 +68,14 @@ def _two_turns(llm, model_dir, spec, cfg: dict, question: str = NEXT_QUESTION):
     return first, second, new_ids
 
 
-@pytest.mark.parametrize(
-    ("engine", "name"),
-    [
-        ("turn_llm", "pdrop-reroute"),
-        ("turn_llm", "custom-reroute-question"),
-        ("released_turn_llm", "pdrop-reroute"),  # router points are the server's
-    ],
-)
+@pytest.mark.parametrize("name", ["pdrop-reroute", "custom-reroute-question"])
 def test_later_turn_loads_the_image_and_matches_the_reference(
-    request, hf_model, tiny_idefics3, engine, name
+    turn_llm, hf_model, tiny_idefics3, name
 ):
-    turn_llm = request.getfixturevalue(engine)
+    check_later_turns_match_the_reference(turn_llm, hf_model, tiny_idefics3, name)
+
+
+def check_later_turns_match_the_reference(turn_llm, hf_model, tiny_idefics3, name: str) -> None:
     cfg = {**CONFIGS[name], "reroute_every": 2}
     full = RoutingConfig.from_dict({**cfg, **PARKING})
     restored_before = _counter("recroute:restored_blocks")
@@ -106,7 +88,7 @@ def test_later_turn_loads_the_image_and_matches_the_reference(
         inputs = hf_inputs(str(tiny_idefics3), prompt, images)
         expected_1, _ = oracle_generate_parked(hf_model, inputs, full, MAX_TOKENS)
         expected_2, n = oracle_generate_parked(
-            hf_model, inputs, full, MAX_TOKENS, next_turn=(new_ids, MAX_TOKENS)
+            hf_model, inputs, full, MAX_TOKENS, next_turn=(new_ids, MAX_TOKENS, True)
         )
         assert list(first.outputs[0].token_ids) == expected_1, (name, spec)
         assert list(second.outputs[0].token_ids) == expected_2, (name, spec)
@@ -119,6 +101,36 @@ def test_later_turn_loads_the_image_and_matches_the_reference(
     assert _counter("recroute:restored_blocks") - restored_before == restored
     assert _counter("recroute:turn_loads") - loads_before == len(REQUESTS)
     assert _counter("recroute:turn_loaded_tokens") - tokens_before == loaded_tokens
+
+
+def test_a_later_turn_that_respells_the_answer_loads_the_prompt(turn_llm, hf_model, tiny_idefics3):
+    """A chat template may render the earlier answer differently from the generated
+    tokens: the later turn then loads turn 1's prompt rows (image included) with the
+    routing state turn 1 ended with, and computes the answer and its question anew."""
+    llm = turn_llm
+    cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 2}
+    spec = REQUESTS[2]
+    prompt, images = request_inputs(str(tiny_idefics3), spec)
+    xargs = _xargs(cfg)
+    mm = {"image": images}
+    [first] = llm.generate(
+        [{"prompt": prompt, "multi_modal_data": mm}], _params(xargs), use_tqdm=False
+    )
+    tok = llm.get_tokenizer()
+    respelled = [(t + 1) % 500 + 20 for t in first.outputs[0].token_ids]  # not what was generated
+    new_ids = respelled + tok.encode(NEXT_QUESTION, add_special_tokens=False)
+    [second] = llm.generate(
+        [{"prompt_token_ids": tok.encode(prompt) + new_ids, "multi_modal_data": mm}],
+        _params(xargs),
+        use_tqdm=False,
+    )
+    assert second.num_cached_tokens == len(first.prompt_token_ids)
+    full = RoutingConfig.from_dict({**cfg, **PARKING})
+    inputs = hf_inputs(str(tiny_idefics3), prompt, images)
+    expected, _ = oracle_generate_parked(
+        hf_model, inputs, full, MAX_TOKENS, next_turn=(new_ids, MAX_TOKENS, False)
+    )
+    assert list(second.outputs[0].token_ids) == expected
 
 
 def test_other_routing_options_recompute_and_differ(turn_llm, tiny_idefics3):
@@ -151,13 +163,10 @@ def test_other_routing_options_recompute_and_differ(turn_llm, tiny_idefics3):
     assert lp != pytest.approx(lp_fresh, abs=1e-4)
 
 
-@pytest.mark.parametrize("engine", ["turn_llm", "released_turn_llm"])
-def test_kept_turns_hold_no_pages_and_stay_within_the_store(request, tiny_idefics3, engine):
+def test_kept_turns_hold_no_pages_and_stay_within_the_store(turn_llm, tiny_idefics3):
     """After finishes and aborts, kept turns own host bytes only: the pool and every KV
     block are back, and the store stays within recroute.turn_cache_bytes."""
     from vllm import SamplingParams
-
-    turn_llm = request.getfixturevalue(engine)
 
     engine = turn_llm.llm_engine
     cfg = _xargs({**CONFIGS["pdrop-reroute"], "reroute_every": 1})

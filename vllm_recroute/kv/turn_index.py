@@ -63,7 +63,13 @@ class TurnRequest:
 
 
 class TurnIndex:
-    """Kept turns by key, least recently used first, within ``capacity_bytes``."""
+    """Kept turns, least recently used first, within ``capacity_bytes``.
+
+    A turn is kept once (its KV for ``num_tokens`` tokens) and can be entered at several
+    lengths: all its computed tokens (the next prompt repeats the answer token for token)
+    and its prompt alone (a chat template that re-renders the answer differently still
+    starts with the earlier prompt). Loading a shorter entry takes a prefix of the rows.
+    """
 
     def __init__(self, capacity_bytes: int, block_size: int, bytes_per_token: int) -> None:
         if block_size <= 0 or bytes_per_token <= 0:
@@ -71,10 +77,10 @@ class TurnIndex:
         self.capacity_bytes = capacity_bytes
         self.block_size = block_size
         self.bytes_per_token = bytes_per_token
-        # key -> (kept tokens, turn id); the worker knows a turn by its id only
-        self._entries: OrderedDict[TurnKey, tuple[int, int]] = OrderedDict()
+        self._turns: OrderedDict[int, tuple[int, list[TurnKey]]] = OrderedDict()  # LRU
+        self._keys: dict[TurnKey, tuple[int, int]] = {}  # key -> (turn id, length)
+        self._lengths: dict[int, int] = {}  # entry length -> number of keys
         self._next_id = 0
-        self._lengths: dict[int, int] = {}  # kept length -> number of entries
         self.used_bytes = 0
 
     def key(self, req: TurnRequest, num_tokens: int) -> TurnKey | None:
@@ -98,37 +104,47 @@ class TurnIndex:
         key = self.key(req, num_tokens)
         return (
             key is not None
-            and key not in self._entries
+            and key not in self._keys
             and self.nbytes(num_tokens) <= self.capacity_bytes
         )
 
-    def keep(self, req: TurnRequest, num_tokens: int) -> tuple[int, list[int]]:
-        """Record the turn; returns its id and the ids evicted to make room."""
+    def keep(
+        self, req: TurnRequest, num_tokens: int, also_at: tuple[int, ...] = ()
+    ) -> tuple[int, list[int]]:
+        """Record the turn, enterable at ``num_tokens`` and at the ``also_at`` lengths
+        that hold every image; returns its id and the ids evicted to make room."""
         if not self.can_keep(req, num_tokens):
             raise ValueError("turn cannot be kept (check can_keep first)")
-        key = self.key(req, num_tokens)
         nbytes = self.nbytes(num_tokens)
         evicted = []
         while self.used_bytes + nbytes > self.capacity_bytes:
             evicted.append(self._evict_oldest())
         turn_id, self._next_id = self._next_id, self._next_id + 1
-        self._entries[key] = (num_tokens, turn_id)
-        self._lengths[num_tokens] = self._lengths.get(num_tokens, 0) + 1
+        keys = []
+        for length in sorted({num_tokens, *(n for n in also_at if n < num_tokens)}):
+            key = self.key(req, length)
+            whole = all(off + n <= length for off, n, _ in req.images)
+            if key is None or not whole or key in self._keys:
+                continue
+            keys.append(key)
+            self._keys[key] = (turn_id, length)
+            self._lengths[length] = self._lengths.get(length, 0) + 1
+        self._turns[turn_id] = (nbytes, keys)
         self.used_bytes += nbytes
         return turn_id, evicted
 
     # -- lookup -------------------------------------------------------------------------
 
     def match(self, req: TurnRequest, max_tokens: int) -> tuple[int, int] | None:
-        """The longest kept turn that is a prefix of the request's first ``max_tokens``
-        tokens (marked as recently used), or None."""
+        """The longest kept entry that is a prefix of the request's first ``max_tokens``
+        tokens, as (turn id, length); its turn becomes the most recently used."""
         for length in sorted(self._lengths, reverse=True):
             if length > max_tokens:
                 continue
-            key = self.key(req, length)
-            if key is not None and key in self._entries:
-                self._entries.move_to_end(key)
-                return self._entries[key][1], length
+            hit = self._keys.get(self.key(req, length))
+            if hit is not None:
+                self._turns.move_to_end(hit[0])
+                return hit
         return None
 
     def nbytes(self, num_tokens: int) -> int:
@@ -137,15 +153,14 @@ class TurnIndex:
         return num_tokens * self.bytes_per_token
 
     def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._entries
+        return len(self._turns)
 
     def _evict_oldest(self) -> int:
-        _, (length, turn_id) = self._entries.popitem(last=False)
-        self.used_bytes -= self.nbytes(length)
-        self._lengths[length] -= 1
-        if self._lengths[length] == 0:
-            del self._lengths[length]
+        turn_id, (nbytes, keys) = self._turns.popitem(last=False)
+        self.used_bytes -= nbytes
+        for key in keys:
+            _, length = self._keys.pop(key)
+            self._lengths[length] -= 1
+            if self._lengths[length] == 0:
+                del self._lengths[length]
         return turn_id

@@ -214,7 +214,7 @@ class RecrouteStatsConnector(KVConnectorBase_V1, SupportsHMA):
         turn, n = _turn_request(request), request.num_computed_tokens
         if not self._turns.can_keep(turn, n):
             return False, None
-        turn_id, evicted = self._turns.keep(turn, n)
+        turn_id, evicted = self._turns.keep(turn, n, also_at=(request.num_prompt_tokens,))
         self._turn_jobs.turn_evictions.extend(evicted)
         for gone in evicted:
             self._turn_deferred.pop(gone, None)

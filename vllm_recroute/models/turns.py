@@ -112,9 +112,11 @@ class TurnStore:
                 "not in the worker's turn store (scheduler and worker disagree)"
             )
         for i, (k, v) in enumerate(record.kv):
+            # an entry shorter than the record (its prompt alone) loads a prefix of the rows
+            end = _rows(record.state, i, job.num_tokens)
             page = self._page(i, job.block_ids)
-            rows = torch.arange(job.start, k.shape[0])
-            tier.io[i].write(k[job.start :], v[job.start :], page.slots(rows))
+            rows = torch.arange(job.start, end)
+            tier.io[i].write(k[job.start : end], v[job.start : end], page.slots(rows))
         delta = {"turn_loads": 1, "turn_loaded_tokens": job.num_tokens - job.start}
         state = record.state
         if state is not None:

@@ -99,3 +99,16 @@ def test_what_is_not_kept():
     assert not index.can_keep(_req(TURN_1), 10)  # already kept
     with pytest.raises(ValueError, match="can_keep"):
         index.keep(_req(TURN_1), 10)
+
+
+def test_a_turn_is_also_entered_at_its_prompt_and_evicted_as_a_whole():
+    index = _index(capacity_tokens=15)
+    turn_id, _ = index.keep(_req(TURN_1), 10, also_at=(8, 4))  # 4 cuts the image: ignored
+    assert index.used_bytes == 100  # bytes of the whole turn, once
+    respelled = [*TURN_1[:8], 0, 0, 0, 5]  # same prompt (8 tokens), another answer
+    assert index.match(_req(respelled), 11) == (turn_id, 8)
+    assert index.match(_req([*TURN_1[:4], 0, 0, 0, 0, 0]), 8) is None
+    other, evicted = index.keep(_req([t + 50 for t in TURN_1]), 10)
+    assert evicted == [turn_id] and len(index) == 1 and index.used_bytes == 100
+    assert index.match(_req(respelled), 11) is None
+    assert other == 1
