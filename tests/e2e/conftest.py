@@ -31,12 +31,14 @@ def image_data_url(img) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-# pdrop with the parked tier on (32 MiB host pool, re-routing every 2 decode steps)
+# pdrop with the parked tier on (32 MiB host pool, re-routing every 2 decode steps) and
+# later-turn restore (32 MiB of kept turns)
 ROUTING = {
     "schedule": "pdrop",
     "request_min_keep": 0.1,
     "parked_bytes": 32 << 20,
     "reroute_every": 2,
+    "turn_cache_bytes": 32 << 20,
 }
 
 

@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from tests.e2e.conftest import API_KEY
-from tests.e2e.test_openai_api import _chat
+from tests.e2e.test_openai_api import _chat, _messages
 
 pytestmark = pytest.mark.e2e
 
@@ -90,3 +90,31 @@ def test_stats_count_routed_requests_and_match_metrics(server, client):
     assert metrics["recroute:parked_blocks_freed_total"] == parked["freed_blocks"]
     assert metrics["recroute:parked_pool_bytes"] == parked["pool_bytes"]
     assert parked["dropped_blocks"] == 0 and parked["pool_blocks"] >= 0
+
+
+def test_a_second_chat_turn_loads_the_first_turns_image(server, client):
+    """Turn 2 of a conversation (the history re-sent, as OpenAI clients do) loads turn 1's
+    stage KV instead of re-encoding and recomputing the image; counted on both endpoints."""
+    question = "how many shapes are there in this picture?"
+    first = client.chat.completions.create(
+        model="tiny", messages=_messages(3, question), max_tokens=6, temperature=0
+    )
+    before = _settled_stats(server)["turns"]
+    history = [
+        *_messages(3, question),
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "and which one is the largest?"},
+    ]
+    second = client.chat.completions.create(
+        model="tiny", messages=history, max_tokens=6, temperature=0
+    )
+    assert second.choices[0].message.content is not None
+    after = _settled_stats(server)["turns"]
+    assert after["loaded"] - before["loaded"] == 1
+    # at least turn 1's prompt came back: its 80 visual tokens and the question
+    assert after["loaded_tokens"] - before["loaded_tokens"] >= first.usage.prompt_tokens
+    assert 0 < after["store_bytes"] <= 32 << 20 and after["store_entries"] >= 1
+    metrics = _metric_values(requests.get(server["base"] + "/metrics", timeout=10).text)
+    assert metrics["recroute:turn_loads_total"] == after["loaded"]
+    assert metrics["recroute:turn_loaded_tokens_total"] == after["loaded_tokens"]
+    assert metrics["recroute:turn_store_bytes"] == after["store_bytes"]

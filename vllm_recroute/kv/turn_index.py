@@ -86,14 +86,15 @@ class TurnIndex:
     def key(self, req: TurnRequest, num_tokens: int) -> TurnKey | None:
         """Key of the request's first ``num_tokens`` tokens (None: not keyable)."""
         full = num_tokens // self.block_size
-        if full == 0 or len(req.block_hashes) < full or num_tokens > len(req.token_ids):
+        if len(req.block_hashes) < full or num_tokens > len(req.token_ids):
             return None
         tail_start = full * self.block_size
         tail = tuple(req.token_ids[tail_start:num_tokens])
         tail_images = tuple(
             im for im in req.images if im[0] + im[1] > tail_start and im[0] < num_tokens
         )
-        return (num_tokens, req.block_hashes[full - 1], tail, tail_images, req.routing)
+        head = req.block_hashes[full - 1] if full else None  # shorter than one block
+        return (num_tokens, head, tail, tail_images, req.routing)
 
     # -- keep (pair) --------------------------------------------------------------------
 

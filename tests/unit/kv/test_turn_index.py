@@ -94,7 +94,6 @@ def test_what_is_not_kept():
     index = _index()
     assert not index.can_keep(_req(TURN_1, images=()), 10)  # no image: nothing to save
     assert not index.can_keep(_req(TURN_1), 5)  # the image is not whole before token 5
-    assert not index.can_keep(_req(TURN_1[:3], images=()), 3)  # no full block to key
     index.keep(_req(TURN_1), 10)
     assert not index.can_keep(_req(TURN_1), 10)  # already kept
     with pytest.raises(ValueError, match="can_keep"):
@@ -112,3 +111,11 @@ def test_a_turn_is_also_entered_at_its_prompt_and_evicted_as_a_whole():
     assert evicted == [turn_id] and len(index) == 1 and index.used_bytes == 100
     assert index.match(_req(respelled), 11) is None
     assert other == 1
+
+
+def test_a_turn_shorter_than_one_block_is_keyed_by_all_its_tokens():
+    index = TurnIndex(capacity_bytes=1000, block_size=64, bytes_per_token=10)
+    turn_id, _ = index.keep(_req(TURN_1), 10)
+    assert index.match(_req([*TURN_1, 1]), 11) == (turn_id, 10)
+    assert index.match(_req([0, *TURN_1[1:], 1]), 11) is None
+    assert index.match(_req([*TURN_1, 1], images=[(2, 5, "img-b")]), 11) is None
