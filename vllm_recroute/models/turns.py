@@ -83,8 +83,7 @@ class TurnStore:
         for i in range(dec.num_layers):
             page = self._page(i, job.block_ids)
             rows = torch.arange(_rows(state, i, job.num_tokens))
-            k, v = tier.io[i].read(page.slots(rows), page.block_size)
-            kv.append((k.clone(), v.clone()))
+            kv.append(tier.io[i].read(page.slots(rows), page.block_size))  # gathered copies
         record = TurnRecord(state, kv)
         for k in range(len(state.stages) if state is not None else 0):
             units = tier.units.get((job.request_id, k))
@@ -93,8 +92,8 @@ class TurnStore:
             for uid in sorted(units.parked):
                 key = ParkedKey(job.request_id, k, uid)
                 score = tier.pool.score(key)
-                kk, vv = tier.pool.restore(key)
-                record.parked[(k, uid)] = (kk.clone(), vv.clone(), score)
+                kk, vv = tier.pool.restore(key)  # the pool lets go of these tensors
+                record.parked[(k, uid)] = (kk, vv, score)
             record.units[k] = replace(units, parked=set())
         self.records[job.turn_id] = record
         self._sent.add(job.request_id)
