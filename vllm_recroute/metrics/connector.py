@@ -40,7 +40,8 @@ MODULE_PATH = "vllm_recroute.metrics.connector"
 
 @dataclass
 class RecrouteMetadata(KVConnectorMetadata):
-    """Scheduler -> worker, per step: pages released by routed-stage groups (kv_release)."""
+    """Scheduler -> worker, per step: pages released by routed-stage groups (kv_release)
+    and later-turn jobs, run by the worker in the order evictions, saves, loads."""
 
     released: list[Any] = field(default_factory=list)  # kv/manager.ReleasedBlocks
     turn_evictions: list[int] = field(default_factory=list)  # kv/turn_index turn ids
@@ -257,6 +258,7 @@ def _turn_index(vllm_config: Any, kv_cache_config: Any, role: Any) -> TurnIndex 
 
 
 def _turn_request(request: Any) -> TurnRequest:
+    from vllm_recroute.config import RoutingConfigError
     from vllm_recroute.request_options import overrides_from_extra_args
 
     images = sorted(
@@ -264,7 +266,13 @@ def _turn_request(request: Any) -> TurnRequest:
         for f in getattr(request, "mm_features", None) or ()
     )
     params = request.sampling_params
-    options = overrides_from_extra_args(params.extra_args if params else None)
+    extra = params.extra_args if params else None
+    try:
+        options = overrides_from_extra_args(extra)
+    except RoutingConfigError:
+        # Not validated by a front end (offline API); the worker falls back to the
+        # server's config for it. Key it by its raw options: it matches only itself.
+        options = {"raw": repr(sorted((extra or {}).items()))}
     # reroute_every only paces decode-time swaps; it does not change the stage layout
     routing = tuple(sorted((k, repr(v)) for k, v in options.items() if k != "reroute_every"))
     return TurnRequest(request.all_token_ids, request.block_hashes, tuple(images), routing)

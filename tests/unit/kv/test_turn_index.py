@@ -119,3 +119,26 @@ def test_a_turn_shorter_than_one_block_is_keyed_by_all_its_tokens():
     assert index.match(_req([*TURN_1, 1]), 11) == (turn_id, 10)
     assert index.match(_req([0, *TURN_1[1:], 1]), 11) is None
     assert index.match(_req([*TURN_1, 1], images=[(2, 5, "img-b")]), 11) is None
+
+
+def test_requests_are_keyed_by_their_routing_options_and_bad_ones_never_raise():
+    from types import SimpleNamespace
+
+    from vllm_recroute.metrics.connector import _turn_request
+
+    def request(extra):
+        image = SimpleNamespace(mm_position=SimpleNamespace(offset=2, length=5), identifier="a")
+        return SimpleNamespace(
+            all_token_ids=TURN_1,
+            block_hashes=_hashes(TURN_1, [IMAGE]),
+            mm_features=[image],
+            sampling_params=SimpleNamespace(extra_args=extra),
+        )
+
+    plain = _turn_request(request(None))
+    assert plain.images == ((2, 5, "a"),) and plain.routing == ()
+    # the decode pace does not change the stage layout; the budget does
+    assert _turn_request(request({"recroute_reroute_every": 4})).routing == ()
+    assert _turn_request(request({"recroute_keep": 0.25})).routing == (("keep", "0.25"),)
+    bad = _turn_request(request({"recroute_bogus": 1}))  # offline API, not validated
+    assert bad.routing != () and bad.routing != plain.routing
