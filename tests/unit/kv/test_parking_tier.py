@@ -288,14 +288,16 @@ def _turn_decoder(tier, layers):
     )
 
 
-@pytest.mark.parametrize("layout", ["plain", "cpu"])
-def test_a_kept_turn_comes_back_bit_exact_in_another_requests_pages(layout):
+@pytest.mark.parametrize(("layout", "fmt"), [("plain", "none"), ("cpu", "none"), ("plain", "int8")])
+def test_a_kept_turn_comes_back_bit_exact_in_another_requests_pages(layout, fmt):
+    """(int8: the units come back as the pool gave them out; re-quantizing a dequantized
+    unit is exact, so a kept turn loses nothing more than parking did.)"""
     from vllm_recroute.kv.turn_index import TurnLoad, TurnSave
     from vllm_recroute.models.routed import RouteState
     from vllm_recroute.models.turns import TurnStore
     from vllm_recroute.routing import Stage
 
-    tier, layers, x, positions, mask, cpos, scores, _ = tier_setup(layout=layout)
+    tier, layers, x, positions, mask, cpos, scores, _ = tier_setup(fmt, layout=layout)
     dec = _turn_decoder(tier, layers)
     turns = TurnStore(dec)
     tier.park_prefill("t1", 0, 1, 3, positions, x, mask, cpos, scores)
