@@ -48,11 +48,41 @@ def training_seeds(seed: int):
         yield rng.randrange(0, shapes.HELDOUT_SEED_BASE)
 
 
-def sample_rows(scene_seed: int, qper: int, extra: int = 2):
-    """One scene and up to `qper` single-turn (question, answer, qtype) rows about it (question
-    types in the random order of ``shapes.make_multi_qa``, so they differ within a scene)."""
-    scene, qas = shapes.make_multi_qa(scene_seed, extra=extra)
-    return scene, qas[:qper]
+def sample_rows(
+    scene_seed: int, qper: int, extra: int = 2, type_weights: dict[str, float] | None = None
+) -> tuple[shapes.Scene, list[tuple[str, str, str]]]:
+    """One scene and up to `qper` single-turn (question, answer, qtype) rows about it.
+
+    Without ``type_weights``: question types in the random order of ``shapes.make_multi_qa``
+    (so they differ within a scene). With them: each row's type is drawn with these relative
+    weights (missing types weigh 1), e.g. to oversample the weak types; the scene is the same
+    as ``make_multi_qa`` draws for that seed, questions within a scene are distinct."""
+    if not type_weights:
+        scene, qas = shapes.make_multi_qa(scene_seed, extra=extra)
+        return scene, qas[:qper]
+    rng = random.Random(scene_seed)
+    scene = shapes.make_scene(rng)
+    weights = [type_weights.get(t, 1.0) for t in shapes.QTYPES]
+    rows: list[tuple[str, str, str]] = []
+    for _ in range(8 * qper):
+        if len(rows) == qper:
+            break
+        t = rng.choices(shapes.QTYPES, weights=weights)[0]
+        qa = shapes.make_question(scene, t, rng)
+        if qa is not None and all(qa[0] != q for q, _, _ in rows):
+            rows.append((qa[0], qa[1], t))
+    return scene, rows
+
+
+def parse_type_weights(spec: str) -> dict[str, float]:
+    """``"relation=3,count=2"`` -> ``{"relation": 3.0, "count": 2.0}`` (types checked)."""
+    out: dict[str, float] = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, _, value = item.partition("=")
+        if name not in shapes.QTYPES:
+            raise ValueError(f"unknown question type {name!r} in --type-weights")
+        out[name] = float(value)
+    return out
 
 
 def conversation(question: str, answer: str) -> list[dict]:
@@ -134,7 +164,14 @@ def object_patches(o: shapes.Obj, image_size: int, grid: int) -> list[int]:
     ]
 
 
-def make_batch(processor, seeds: list[int], qper: int = 3, grid: int = 0, extra: int = 2):
+def make_batch(
+    processor,
+    seeds: list[int],
+    qper: int = 3,
+    grid: int = 0,
+    extra: int = 2,
+    type_weights: dict[str, float] | None = None,
+):
     """Tokenised batch: for each scene seed up to `qper` single-turn rows (question, image,
     answer). ``pixel_values`` holds one image per scene and ``rows_per_scene`` says how many
     consecutive rows use it. Labels are -100 except the answer tokens + <end_of_utterance>.
@@ -152,7 +189,7 @@ def make_batch(processor, seeds: list[int], qper: int = 3, grid: int = 0, extra:
     img_id = tok.convert_tokens_to_ids("<image>")
     images, texts, counts, scenes, rel_rows = [], [], [], [], []
     for s in seeds:
-        scene, qas = sample_rows(s, qper, extra)
+        scene, qas = sample_rows(s, qper, extra, type_weights)
         img = scene.render()
         scenes.append(scene)
         counts.append(len(qas))
@@ -223,6 +260,101 @@ def forward(model, batch, output_attentions: bool = False):
     return model.lm_head(out.last_hidden_state), feats, out
 
 
+def aux_terms(z, aux_labels, nb_object_only: bool = False) -> list:
+    """Cross-entropy per ``AUX_LABELS`` entry of the dense head's logits ``z`` (scenes,
+    grid*grid, sum of classes). With ``nb_object_only`` the neighbour terms ignore background
+    patches (label 0), so they measure (and train) the neighbour shape on object patches only
+    instead of being diluted by the ~80% of patches that are background."""
+    import torch
+
+    terms, o = [], 0
+    for i, (name, nc) in enumerate(AUX_LABELS.items()):
+        ignore = 0 if nb_object_only and name in shapes.RELATIONS else -100
+        y = aux_labels[:, i].reshape(-1)
+        t = torch.nn.functional.cross_entropy(
+            z[..., o : o + nc].reshape(-1, nc), y, ignore_index=ignore
+        )
+        terms.append(t if (y != ignore).any() else t.new_zeros(()))
+        o += nc
+    return terms
+
+
+def load_init(init_from: str, size: DemoModelSize):
+    """The model of an existing checkpoint dir (float32), for continued training. Its
+    architecture must be ``size`` (so the result stays loadable and of the same size)."""
+    import torch
+    from transformers import Idefics3ForConditionalGeneration
+
+    model = Idefics3ForConditionalGeneration.from_pretrained(init_from, dtype=torch.float32)
+    saved = getattr(model.config, "demo_model_size", None)
+    if saved is not None and saved != asdict(size):
+        raise ValueError(f"{init_from} has size {saved}, not {asdict(size)}")
+    return model
+
+
+def previous_run(init_from: str) -> dict:
+    """Summary of the run that produced ``init_from`` (from its training_info.json)."""
+    path = os.path.join(init_from, "training_info.json")
+    if not os.path.exists(path):
+        return {"dir": init_from}
+    with open(path) as f:
+        prev = json.load(f)
+    keys = ("command", "seed", "steps_run", "wall_time_s", "heldout_accuracy", "previous")
+    return {"dir": init_from} | {k: prev[k] for k in keys if k in prev}
+
+
+def head_losses(aux_head, rel_head, feats, out, batch, rel_layer: int, nb_object_only: bool):
+    """(auxiliary dense loss terms, relevance loss) of the training-only heads."""
+    import torch
+
+    z = aux_head(feats).float()  # (scenes, grid*grid, sum of classes)
+    terms = aux_terms(z, batch["aux_labels"], nb_object_only)
+    hs = out.hidden_states[rel_layer + 1]  # output of text layer rel_layer
+    rows = torch.arange(hs.shape[0]).unsqueeze(1)
+    vis = hs[rows, batch["image_pos"]]  # (rows, grid*grid, hidden)
+    r = rel_head(vis).float().squeeze(-1)
+    rel_loss = torch.nn.functional.binary_cross_entropy_with_logits(
+        r, batch["relevant"], pos_weight=torch.tensor(10.0)
+    )
+    return terms, rel_loss
+
+
+def update_ema(ema: dict[str, float], terms, decay: float = 0.98) -> None:
+    for name, t in zip(AUX_LABELS, terms, strict=True):
+        v = float(t.detach())
+        ema[name] = v if name not in ema else decay * ema[name] + (1 - decay) * v
+
+
+def warm_up_heads(model, heads, opt, make, args) -> dict[str, float]:
+    """``args.head_warmup`` steps fitting only the training-only heads on the frozen model
+    (model params get no gradient, so the optimiser leaves them and their state alone).
+    ``make()`` gives a batch with auxiliary targets. Returns the per-term aux loss EMA."""
+    import torch
+
+    ema: dict[str, float] = {}
+    for g in opt.param_groups:
+        g["lr"] = args.lr
+    for i in range(args.head_warmup):
+        batch = make()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16_autocast)):
+            with torch.no_grad():
+                _, feats, out = forward(model, batch)
+            terms, rel_loss = head_losses(
+                *heads, feats, out, batch, args.rel_layer, bool(args.nb_object_only)
+            )
+        opt.zero_grad(set_to_none=True)
+        (torch.stack(terms).sum() + rel_loss).backward()
+        opt.step()
+        update_ema(ema, terms, decay=0.9)
+        if (i + 1) % 10 == 0:
+            print(
+                f"head warm-up {i + 1}/{args.head_warmup} rel {rel_loss.item():.3f} "
+                + " ".join(f"{k}={v:.3f}" for k, v in ema.items()),
+                flush=True,
+            )
+    return ema
+
+
 def lr_at(step: int, total: int, base: float, warmup: int, final_frac: float) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -242,18 +374,49 @@ def save_checkpoint(model, processor, out: str) -> None:
     os.replace(tmp, out)
 
 
+def previous_commands(prev: dict | None) -> list[str]:
+    """The commands that produced the starting checkpoint, oldest first."""
+    if not prev:
+        return []
+    return [*previous_commands(prev.get("previous")), prev.get("command", f"# ({prev['dir']})")]
+
+
 def write_notes(out: str, info: dict) -> None:
     acc = info.get("heldout_accuracy")
+    prev = info.get("previous")
+    how = "continued from an earlier checkpoint" if prev else "trained from scratch"
     lines = [
         "# Demo VLM training record",
         "",
-        "Idefics3 (SmolVLM) architecture trained from scratch on CPU on the synthetic shapes",
+        f"Idefics3 (SmolVLM) architecture {how} on CPU on the synthetic shapes",
         "VQA task (`vllm_recroute/demo/shapes.py`). Reproduce with:",
         "",
         "```",
+        *previous_commands(prev),
         info["command"],
         "```",
         "",
+    ]
+    if prev:
+        lines += [
+            f"- continuation (`--init-from {prev['dir']}`): the first command above produced "
+            f"the starting checkpoint ({prev.get('steps_run', '?')} steps, data seed "
+            f"{prev.get('seed', '?')}, {prev.get('wall_time_s', 0) / 60:.1f} min, held-out "
+            f"{prev.get('heldout_accuracy', {}).get('overall', float('nan')) * 100:.1f}%); "
+            f"the training-only heads were freshly initialised and fitted for "
+            f"{info.get('head_warmup', 0)} steps on the frozen model first",
+        ]
+    if info.get("type_weights"):
+        lines.append(f"- question-type weights in the training mix: `{info['type_weights']}`")
+    if info.get("nb_object_only"):
+        lines.append("- neighbour terms of the auxiliary loss on object patches only")
+    if info.get("aux_terms_ema"):
+        terms = ", ".join(f"{k} {v:.3f}" for k, v in info["aux_terms_ema"].items())
+        lines.append(f"- auxiliary loss per term at the end (EMA): {terms}")
+    if info.get("aux_terms_after_head_warmup"):
+        terms = ", ".join(f"{k} {v:.3f}" for k, v in info["aux_terms_after_head_warmup"].items())
+        lines.append(f"- auxiliary loss per term after the head warm-up (EMA): {terms}")
+    lines += [
         f"- status: {info['status']}",
         f"- steps: {info['step']} / {info['steps']} (batch {info['batch_size']} scenes x "
         f"{info.get('qper', 1)} single-turn question rows per scene)",
@@ -266,7 +429,8 @@ def write_notes(out: str, info: dict) -> None:
         f"({info['machine']})",
         f"- torch {info['torch']}, transformers {info['transformers']}",
         f"- parameters: {info['params'] / 1e6:.2f} M; architecture: `{json.dumps(info['size'])}`",
-        f"- optimiser: AdamW lr {info['lr']} (warmup {info['warmup']}, cosine), "
+        f"- optimiser: AdamW lr {info['lr']} (warmup {info['warmup']}, cosine to "
+        f"{info.get('final_lr_frac', 0.05)} x), "
         f"weight decay {info['weight_decay']}, bf16 autocast {info['bf16_autocast']} "
         "(weights are stored in float32)",
         "- prompt format: question before the image "
@@ -362,6 +526,31 @@ def main(argv: list[str] | None = None) -> None:
         "AVX512-BF16 CPUs)",
     )
     ap.add_argument("--size", default="{}", help="JSON overrides of DemoModelSize fields")
+    ap.add_argument(
+        "--init-from",
+        default="",
+        help="start from the weights of this HF checkpoint dir (same architecture) instead of a "
+        "fresh init; the training-only heads are freshly initialised (see --head-warmup)",
+    )
+    ap.add_argument(
+        "--head-warmup",
+        type=int,
+        default=0,
+        help="steps fitting only the fresh training-only heads (model frozen, lr --lr) before "
+        "the schedule starts, so their random init does not push noise into the model",
+    )
+    ap.add_argument(
+        "--type-weights",
+        default="",
+        help='relative weights of question types in the training rows, e.g. "relation=3,count=2"'
+        " (others 1); default: every type the scene hosts, in random order",
+    )
+    ap.add_argument(
+        "--nb-object-only",
+        type=int,
+        default=0,
+        help="1: the auxiliary neighbour-shape terms ignore background patches",
+    )
     args = ap.parse_args(argv)
 
     import platform
@@ -373,7 +562,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     size = DemoModelSize(**json.loads(args.size))
     processor = build_processor(size)
-    model = build_model(processor, size, seed=args.seed)
+    if args.init_from:
+        model = load_init(args.init_from, size)
+        torch.manual_seed(args.seed)  # the fresh training-only heads below
+    else:
+        model = build_model(processor, size, seed=args.seed)
+    type_weights = parse_type_weights(args.type_weights)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -418,6 +612,10 @@ def main(argv: list[str] | None = None) -> None:
         "rel_layer": args.rel_layer,
         "attn_sup_weight": args.attn_sup_weight,
         "attn_sup_layers": args.attn_sup_layers,
+        "final_lr_frac": args.final_lr_frac,
+        "type_weights": type_weights,
+        "nb_object_only": bool(args.nb_object_only),
+        "head_warmup": args.head_warmup,
         "eval_n": args.eval_n,
         "threads": args.threads,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
@@ -428,6 +626,8 @@ def main(argv: list[str] | None = None) -> None:
         "wall_time_s": 0.0,
         "history": [],
     }
+    if args.init_from:
+        info["previous"] = previous_run(args.init_from)
     print(f"params {n_params / 1e6:.2f}M image_seq_len {size.image_seq_len}", flush=True)
     heldout = shapes.make_heldout_examples(args.eval_n)
     seeds = training_seeds(args.seed)
@@ -462,18 +662,26 @@ def main(argv: list[str] | None = None) -> None:
             save_checkpoint(model, processor, args.out)
             write_notes(args.out, info)
 
+    def make(with_aux: bool = True):
+        return make_batch(
+            processor,
+            [next(seeds) for _ in range(args.batch_size)],
+            args.qper,
+            grid if with_aux else 0,
+            args.extra,
+            type_weights,
+        )
+
+    heads = (aux_head, rel_head)
+    if args.head_warmup:
+        info["aux_terms_after_head_warmup"] = warm_up_heads(model, heads, opt, make, args)
+    aux_ema: dict[str, float] = {}
     ce = torch.nn.functional.cross_entropy
     stop_reason = "completed"
     while step < args.steps:
         use_aux = step < args.aux_until * args.steps
         use_attn = args.attn_sup_weight > 0 and use_aux
-        batch = make_batch(
-            processor,
-            [next(seeds) for _ in range(args.batch_size)],
-            args.qper,
-            grid if use_aux else 0,
-            args.extra,
-        )
+        batch = make(use_aux)
         labels = batch.pop("labels")
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup, args.final_lr_frac)
@@ -488,21 +696,12 @@ def main(argv: list[str] | None = None) -> None:
         aux_loss = rel_loss = attn_loss = None
         if use_aux:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16_autocast)):
-                z = aux_head(feats).float()  # (scenes, grid*grid, sum of classes)
-            aux_labels = batch["aux_labels"]
-            terms, o = [], 0
-            for i, nc in enumerate(AUX_LABELS.values()):
-                terms.append(ce(z[..., o : o + nc].reshape(-1, nc), aux_labels[:, i].reshape(-1)))
-                o += nc
+                terms, rel_loss = head_losses(
+                    *heads, feats, out, batch, args.rel_layer, bool(args.nb_object_only)
+                )
             aux_loss = torch.stack(terms).sum()
-            hs = out.hidden_states[args.rel_layer + 1]  # output of text layer rel_layer
-            rows = torch.arange(hs.shape[0]).unsqueeze(1)
-            vis = hs[rows, batch["image_pos"]]  # (rows, grid*grid, hidden)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16_autocast)):
-                r = rel_head(vis).float().squeeze(-1)
-            rel_loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                r, batch["relevant"], pos_weight=torch.tensor(10.0)
-            )
+            update_ema(aux_ema, terms)
+            info["aux_terms_ema"] = aux_ema
             total = total + args.aux_weight * aux_loss + args.rel_weight * rel_loss
         if use_attn:
             terms = []
@@ -533,6 +732,8 @@ def main(argv: list[str] | None = None) -> None:
                 + f"({el / step:.2f}s/step)",
                 flush=True,
             )
+        if step % 100 == 0 and aux_ema:
+            print("aux terms " + " ".join(f"{k}={v:.3f}" for k, v in aux_ema.items()), flush=True)
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             checkpoint(evaluate(), "running (partial checkpoint)", args.eval_n)
         if args.max_minutes and (time.time() - t0) / 60 >= args.max_minutes:
