@@ -91,17 +91,6 @@ def _pass(llm, convs, max_tokens: int) -> dict:
     }
 
 
-def _metric(name: str) -> float:
-    from prometheus_client import REGISTRY
-
-    return sum(
-        s.value
-        for fam in REGISTRY.collect()
-        for s in fam.samples
-        if s.name in (name, name + "_total")
-    )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="default: cached smolvlm-256m preset")
@@ -113,6 +102,7 @@ def main() -> None:
 
     from transformers import AutoProcessor
 
+    from bench.kv_capacity import _metric
     from vllm_recroute.tiny_models import cached_tiny_model
 
     model = args.model or str(cached_tiny_model("idefics3", preset="smolvlm-256m"))
@@ -130,10 +120,10 @@ def main() -> None:
     for name, routing in engines:
         llm = _engine(model, routing, args.kv_mib << 20)
         _pass(llm, warm, args.max_tokens)
-        loads0 = _metric("recroute:turn_loads")
+        loads0 = _metric(llm, "recroute:turn_loads")
         results[name] = _pass(llm, measured, args.max_tokens)
-        results[name]["turn_loads"] = _metric("recroute:turn_loads") - loads0
-        results[name]["store_mib"] = _metric("recroute:turn_store_bytes") / (1 << 20)
+        results[name]["turn_loads"] = _metric(llm, "recroute:turn_loads") - loads0
+        results[name]["store_mib"] = _metric(llm, "recroute:turn_store_bytes") / (1 << 20)
         llm.llm_engine.engine_core.shutdown()
         del llm
     base = results[engines[0][0]]

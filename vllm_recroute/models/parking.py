@@ -24,7 +24,7 @@ the request (``forget``); a preempted request re-routes and re-parks when it run
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -220,6 +220,43 @@ class ParkingTier:
             for key in [key for key in self.units if key[0] in gone]:
                 del self.units[key]
         return {"parked_blocks_freed": freed} if freed else {}
+
+    # -- later turns (models/turns.py) ----------------------------------------------------
+
+    def take(self, req_id: str, num_stages: int) -> tuple[dict, dict]:
+        """Hand a finished request's units over (for a kept turn): per stage its units
+        without pool entries, and the parked units' ``(k, v, score)`` leaving the pool."""
+        units, parked = {}, {}
+        for k in range(num_stages):
+            stage_units = self.units.get((req_id, k))
+            if stage_units is None:
+                continue
+            for uid in sorted(stage_units.parked):
+                key = ParkedKey(req_id, k, uid)
+                score = self.pool.score(key)
+                parked[(k, uid)] = (*self.pool.restore(key), score)  # the pool lets go
+            units[k] = replace(stage_units, parked=set())
+        return units, parked
+
+    def adopt(self, req_id: str, units: dict, parked: dict) -> dict[str, int]:
+        """A kept turn's units become ``req_id``'s (copies: a turn can be loaded again);
+        its parked units go back into the pool, where a full pool may drop them."""
+        delta = {"parked_blocks": 0, "parked_blocks_dropped": 0}
+        for k, stage_units in units.items():
+            self.units[(req_id, k)] = replace(
+                stage_units,
+                active=dict(stage_units.active),
+                digests=dict(stage_units.digests),
+                parked=set(),
+            )
+        for (k, uid), (kk, vv, score) in parked.items():
+            key = ParkedKey(req_id, k, uid)
+            dropped = self.pool.park(key, kk, vv, score)
+            self._apply_drops(dropped, delta)
+            if key not in dropped:
+                self.units[(req_id, k)].parked.add(uid)
+                delta["parked_blocks"] += 1
+        return delta
 
     def gauges(self) -> dict[str, int]:
         """Pool fill, only when it changed since the last call (keeps stats sparse)."""

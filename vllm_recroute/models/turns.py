@@ -20,12 +20,11 @@ can load it. Its bytes belong to this store until the scheduler evicts it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from vllm_recroute.kv.parked_pool import ParkedKey
 from vllm_recroute.kv.turn_index import TurnLoad, TurnSave
 from vllm_recroute.models.parking import PageRow, StageUnits
 
@@ -85,16 +84,8 @@ class TurnStore:
             rows = torch.arange(_rows(state, i, job.num_tokens))
             kv.append(tier.io[i].read(page.slots(rows), page.block_size))  # gathered copies
         record = TurnRecord(state, kv)
-        for k in range(len(state.stages) if state is not None else 0):
-            units = tier.units.get((job.request_id, k))
-            if units is None:
-                continue
-            for uid in sorted(units.parked):
-                key = ParkedKey(job.request_id, k, uid)
-                score = tier.pool.score(key)
-                kk, vv = tier.pool.restore(key)  # the pool lets go of these tensors
-                record.parked[(k, uid)] = (kk, vv, score)
-            record.units[k] = replace(units, parked=set())
+        if state is not None:
+            record.units, record.parked = tier.take(job.request_id, len(state.stages))
         self.records[job.turn_id] = record
         self._sent.add(job.request_id)
         dec.store.record({"turn_saves": 1})
@@ -122,27 +113,10 @@ class TurnStore:
             cfg = routing_for_request(dec.config, dec.runner, job.request_id)
             every = cfg.reroute_every if cfg.mode == "reroute" else 0
             dec.store.put(job.request_id, RouteState(state.stages, state.deferred, every))
-            delta.update(self._adopt_units(job.request_id, record))
+            delta.update(tier.adopt(job.request_id, record.units, record.parked))
+            if record.parked:
+                dec.store.reroute_now.add(job.request_id)
         dec.store.record({**delta, **tier.gauges()})
-
-    def _adopt_units(self, req_id: str, record: TurnRecord) -> dict[str, int]:
-        """The turn's units become the request's; its parked ones go back to the pool."""
-        tier = self.decoder.tier
-        delta = {"parked_blocks": 0, "parked_blocks_dropped": 0}
-        for k, units in record.units.items():
-            tier.units[(req_id, k)] = replace(
-                units, active=dict(units.active), digests=dict(units.digests), parked=set()
-            )
-        for (k, uid), (kk, vv, score) in record.parked.items():
-            key = ParkedKey(req_id, k, uid)
-            dropped = tier.pool.park(key, kk, vv, score)
-            tier._apply_drops(dropped, delta)
-            if key not in dropped:
-                tier.units[(req_id, k)].parked.add(uid)
-                delta["parked_blocks"] += 1
-        if record.parked:
-            self.decoder.store.reroute_now.add(req_id)
-        return delta
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -161,11 +135,10 @@ class TurnStore:
 def _rows(state: Any, layer_idx: int, num_tokens: int) -> int:
     """Rows the layer holds for ``num_tokens`` tokens: a routed stage holds its compacted
     active rows only (deferred tokens are parked, dropped or removed)."""
-    if state is not None:
-        for stage, deferred in zip(state.stages, state.deferred, strict=True):
-            if stage.start <= layer_idx < stage.end:
-                return num_tokens - deferred
-    return num_tokens
+    from vllm_recroute.models.routed import _stage_at
+
+    k = None if state is None else _stage_at(state.stages, layer_idx)
+    return num_tokens if k is None else num_tokens - state.deferred[k]
 
 
 __all__ = ["TurnRecord", "TurnStore"]
