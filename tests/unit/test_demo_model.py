@@ -134,3 +134,16 @@ def test_accuracy_by_type():
     wrong = accuracy_by_type(lambda chunk: ["nothing"] * len(chunk), exs)
     assert wrong["overall"] == 0.0
     assert normalize_answer(" Red. ") == "red"
+
+
+def test_weighted_aux_loss_scales_only_the_neighbour_terms():
+    import torch
+
+    from vllm_recroute.demo.train import AUX_LABELS, weighted_aux_loss
+
+    terms = [torch.tensor(float(i + 1)) for i in range(len(AUX_LABELS))]
+    plain = sum(range(1, len(AUX_LABELS) + 1))
+    neighbour = sum(i + 1 for i, k in enumerate(AUX_LABELS) if k in shapes.RELATIONS)
+    assert neighbour > 0
+    assert float(weighted_aux_loss(terms, 1.0)) == plain
+    assert float(weighted_aux_loss(terms, 3.0)) == plain + 2 * neighbour

@@ -279,6 +279,15 @@ def aux_terms(z, aux_labels, nb_object_only: bool = False) -> list:
     return terms
 
 
+def weighted_aux_loss(terms: list, nb_weight: float):
+    """Sum of the auxiliary terms with the neighbour-shape terms scaled by ``nb_weight``:
+    ``relation`` is read from those labels, and they are learned last (attempt 5's record)."""
+    import torch
+
+    w = [nb_weight if name in shapes.RELATIONS else 1.0 for name in AUX_LABELS]
+    return torch.stack([t * wi for t, wi in zip(terms, w, strict=True)]).sum()
+
+
 def load_init(init_from: str, size: DemoModelSize):
     """The model of an existing checkpoint dir (float32), for continued training. Its
     architecture must be ``size`` (so the result stays loadable and of the same size)."""
@@ -410,6 +419,8 @@ def write_notes(out: str, info: dict) -> None:
         lines.append(f"- question-type weights in the training mix: `{info['type_weights']}`")
     if info.get("nb_object_only"):
         lines.append("- neighbour terms of the auxiliary loss on object patches only")
+    if info.get("nb_weight", 1.0) != 1.0:
+        lines.append(f"- neighbour terms weighted {info['nb_weight']} in the auxiliary loss")
     if info.get("aux_terms_ema"):
         terms = ", ".join(f"{k} {v:.3f}" for k, v in info["aux_terms_ema"].items())
         lines.append(f"- auxiliary loss per term at the end (EMA): {terms}")
@@ -551,6 +562,12 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="1: the auxiliary neighbour-shape terms ignore background patches",
     )
+    ap.add_argument(
+        "--nb-weight",
+        type=float,
+        default=1.0,
+        help="weight of the four neighbour-shape terms inside the auxiliary loss (others 1)",
+    )
     args = ap.parse_args(argv)
 
     import platform
@@ -615,6 +632,7 @@ def main(argv: list[str] | None = None) -> None:
         "final_lr_frac": args.final_lr_frac,
         "type_weights": type_weights,
         "nb_object_only": bool(args.nb_object_only),
+        "nb_weight": args.nb_weight,
         "head_warmup": args.head_warmup,
         "eval_n": args.eval_n,
         "threads": args.threads,
@@ -699,7 +717,7 @@ def main(argv: list[str] | None = None) -> None:
                 terms, rel_loss = head_losses(
                     *heads, feats, out, batch, args.rel_layer, bool(args.nb_object_only)
                 )
-            aux_loss = torch.stack(terms).sum()
+            aux_loss = weighted_aux_loss(terms, args.nb_weight)
             update_ema(aux_ema, terms)
             info["aux_terms_ema"] = aux_ema
             total = total + args.aux_weight * aux_loss + args.rel_weight * rel_loss
