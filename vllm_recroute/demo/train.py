@@ -408,10 +408,10 @@ def write_notes(out: str, info: dict) -> None:
     ]
     if prev:
         lines += [
-            f"- continuation (`--init-from {prev['dir']}`): the first command above produced "
-            f"the starting checkpoint ({prev.get('steps_run', '?')} steps, data seed "
-            f"{prev.get('seed', '?')}, {prev.get('wall_time_s', 0) / 60:.1f} min, held-out "
-            f"{prev.get('heldout_accuracy', {}).get('overall', float('nan')) * 100:.1f}%); "
+            f"- continuation (`--init-from {prev['dir']}`): the command before the last one "
+            f"above produced the starting checkpoint ({prev.get('steps_run', '?')} steps, "
+            f"data seed {prev.get('seed', '?')}, {prev.get('wall_time_s', 0) / 60:.1f} min, "
+            f"held-out {prev.get('heldout_accuracy', {}).get('overall', float('nan')):.1%}); "
             f"the training-only heads were freshly initialised and fitted for "
             f"{info.get('head_warmup', 0)} steps on the frozen model first",
         ]
