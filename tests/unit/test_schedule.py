@@ -11,6 +11,7 @@ from vllm_recroute.routing.schedule import (
     num_keep,
     resolve_stages,
     router_points,
+    stage_at,
 )
 
 
@@ -152,3 +153,9 @@ def test_avg_visual_tokens_edge_cases() -> None:
 )
 def test_num_keep(keep: float, num_visual: int, expected: int) -> None:
     assert num_keep(keep, num_visual) == expected
+
+
+def test_stage_at_maps_layers_to_their_stage():
+    stages = (Stage(2, 5, 0.5), Stage(5, 8, 0.25))
+    assert [stage_at(stages, i) for i in range(9)] == [None, None, 0, 0, 0, 1, 1, 1, None]
+    assert stage_at((), 3) is None

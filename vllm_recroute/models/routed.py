@@ -51,6 +51,7 @@ from vllm_recroute.routing import (
     query_indices,
     resolve_stages,
     route_request,
+    stage_at,
 )
 
 logger = logging.getLogger("vllm_recroute")
@@ -452,11 +453,11 @@ class StepRouter:
         active[int(self.qsl[-1]) :] = False  # padding rows, if any
         offsets = torch.zeros(self.num_reqs, dtype=torch.long)
         for route in self.prefills:
-            k = _stage_at(route.stages, start)
+            k = stage_at(route.stages, start)
             if k is not None:
                 active[route.visual_rows[~route.masks[k]]] = False
         for row, state in self.decodes.items():
-            k = _stage_at(state.stages, start)
+            k = stage_at(state.stages, start)
             if k is not None:
                 offsets[row] = state.deferred[k]
         if bool(active.all()) and not bool(offsets.any()):
@@ -702,13 +703,6 @@ def _install(layer_name: str, gid: int, seg: Segment) -> None:
 
 def _attn_layer_name(layer: Any) -> str:
     return layer.self_attn.attn.layer_name
-
-
-def _stage_at(stages: tuple[Stage, ...], layer_idx: int) -> int | None:
-    for k, stage in enumerate(stages):
-        if stage.start <= layer_idx < stage.end:
-            return k
-    return None
 
 
 def _take_positions(positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 
 from vllm_recroute.kv.turn_index import TurnLoad, TurnSave
 from vllm_recroute.models.parking import PageRow, StageUnits
+from vllm_recroute.routing import stage_at
 
 
 @dataclass
@@ -135,9 +136,7 @@ class TurnStore:
 def _rows(state: Any, layer_idx: int, num_tokens: int) -> int:
     """Rows the layer holds for ``num_tokens`` tokens: a routed stage holds its compacted
     active rows only (deferred tokens are parked, dropped or removed)."""
-    from vllm_recroute.models.routed import _stage_at
-
-    k = None if state is None else _stage_at(state.stages, layer_idx)
+    k = None if state is None else stage_at(state.stages, layer_idx)
     return num_tokens if k is None else num_tokens - state.deferred[k]
 
 

@@ -13,6 +13,7 @@ from vllm_recroute.routing.schedule import (
     num_keep,
     resolve_stages,
     router_points,
+    stage_at,
 )
 from vllm_recroute.routing.scorers import (
     SCORERS,
@@ -39,4 +40,5 @@ __all__ = [
     "route_request",
     "router_points",
     "select_active",
+    "stage_at",
 ]

@@ -76,6 +76,15 @@ def num_keep(keep: float, num_visual: int) -> int:
     return min(num_visual, max(1, _round_half_up(keep * num_visual)))
 
 
+def stage_at(stages: Sequence[Stage], layer_idx: int) -> int | None:
+    """Index of the stage whose layers hold ``layer_idx``; None before the first router
+    point (those layers see every token)."""
+    for k, stage in enumerate(stages):
+        if stage.start <= layer_idx < stage.end:
+            return k
+    return None
+
+
 def average_retention(stages: Sequence[Stage], num_layers: int) -> float:
     """Mean over all ``num_layers`` layers of the visual-token fraction active in that layer
     (layers before the first router point count 1). This is the paper budget divided by the
