@@ -57,7 +57,7 @@ def _time(llm, request, xargs, repeats: int) -> tuple[float, int]:
 
 def _retention(xargs: dict, num_layers: int, num_visual: int) -> float:
     from vllm_recroute.config import RoutingConfig
-    from vllm_recroute.request_options import config_for_extra_args
+    from vllm_recroute.requests.options import config_for_extra_args
     from vllm_recroute.routing import average_retention, resolve_stages
 
     cfg = config_for_extra_args(RoutingConfig(), xargs)

@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 
-from vllm_recroute.request_options import PREFIX, REQUEST_FIELDS
+from vllm_recroute.requests.options import PREFIX, REQUEST_FIELDS
 
 router = APIRouter()
 

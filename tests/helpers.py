@@ -1,10 +1,15 @@
-"""Prompt building shared by engine tests and the oracle (same processor, same ids)."""
+"""Helpers shared by the tests: prompt building (same processor and ids as the oracle),
+engine construction, the routing configs and reference checks of the engine tests."""
 
 from __future__ import annotations
 
+import gc
 from functools import lru_cache
 
 from vllm_recroute.tiny_models import make_test_image
+
+ROUTED_IDEFICS3 = "RecrouteIdefics3ForConditionalGeneration"
+ROUTED_PALIGEMMA = "RecroutePaliGemmaForConditionalGeneration"
 
 
 @lru_cache(maxsize=4)
@@ -41,3 +46,151 @@ def request_inputs(model_dir: str, spec) -> tuple[str, list]:
     seeds, size, question = spec
     images = [make_test_image(seed, size=size) for seed in seeds]
     return chat_prompt(model_dir, question, len(images)), images
+
+
+# ------------------------------------------------------------------ engine-test helpers
+
+MAX_TOKENS = 6
+# Parked tier / kept turns of the engine tests (tests/engine/conftest.py:ENGINES).
+PARKING = {"parked_bytes": 64 << 20, "park_block_tokens": 4, "reroute_every": 1}
+TURNS = {**PARKING, "reroute_every": 2, "turn_cache_bytes": 64 << 20}
+
+CONFIGS = {
+    "off": {"mode": "off"},
+    "fastv-reroute": {"mode": "reroute", "schedule": "fastv", "keep": 0.5},
+    "fastv-remove": {"mode": "remove", "schedule": "fastv", "keep": 0.5},
+    "pdrop-reroute": {"mode": "reroute", "schedule": "pdrop"},
+    "pdrop-remove": {"mode": "remove", "schedule": "pdrop"},
+    "pdrop-reroute-keynorm-block": {
+        "mode": "reroute",
+        "schedule": "pdrop",
+        "scorer": "key_norm",
+        "granularity": "block",
+        "block_reduce": "mean",
+    },
+    "custom-reroute-question": {
+        "mode": "reroute",
+        "schedule": "custom",
+        "custom": [[1, 0.25], [2, 0.75]],
+        "score_query": "question",
+    },
+    "custom-remove-question": {
+        "mode": "remove",
+        "schedule": "custom",
+        "custom": [[1, 0.25], [2, 0.75]],
+        "score_query": "question",
+    },
+    "pdrop-avg-tokens": {"mode": "reroute", "schedule": "pdrop", "avg_visual_tokens": 30},
+}
+
+
+def xargs(cfg: dict) -> dict:
+    """Per-request routing options as vllm_xargs / SamplingParams.extra_args."""
+    return {f"recroute_{k}": v for k, v in cfg.items()}
+
+
+def generate(llm, model_dir, cfgs: list[dict]):
+    """REQUESTS, request i routed with ``cfgs[i]`` (greedy, MAX_TOKENS, logprobs)."""
+    from vllm import SamplingParams
+
+    prompts, params = [], []
+    for spec, cfg in zip(REQUESTS, cfgs, strict=True):
+        prompt, images = request_inputs(str(model_dir), spec)
+        prompts.append({"prompt": prompt, "multi_modal_data": {"image": images}})
+        params.append(
+            SamplingParams(
+                temperature=0,
+                max_tokens=MAX_TOKENS,
+                ignore_eos=True,
+                logprobs=1,
+                extra_args=xargs(cfg),
+            )
+        )
+    return llm.generate(prompts, params, use_tqdm=False)
+
+
+def oracle(hf_model, model_dir, spec, cfg: dict) -> tuple[list[int], list[int]]:
+    """(prompt ids, greedy tokens) of the plain-PyTorch reference for one request."""
+    from tests.oracle import oracle_generate
+    from vllm_recroute.config import RoutingConfig
+
+    prompt, images = request_inputs(str(model_dir), spec)
+    inputs = hf_inputs(str(model_dir), prompt, images)
+    tokens = oracle_generate(hf_model, inputs, RoutingConfig.from_dict(cfg), MAX_TOKENS)
+    return inputs["input_ids"][0].tolist(), tokens
+
+
+def prom_counter(name: str) -> float:
+    """Sum of a metric's samples in this process's Prometheus registry."""
+    from prometheus_client import REGISTRY
+
+    return sum(
+        s.value
+        for fam in REGISTRY.collect()
+        for s in fam.samples
+        if s.name in (name, name + "_total")
+    )
+
+
+def flush(llm) -> None:
+    """vLLM reports finished ids (and the stats of the last step) with the next step."""
+    from vllm import SamplingParams
+
+    llm.generate(["x"], SamplingParams(max_tokens=1), use_tqdm=False)
+
+
+def pool_state(worker):
+    """(entries, bytes, request units) of the worker's parked tier (collective_rpc)."""
+    tier = worker.model_runner.model.recroute.tier
+    return len(tier.pool), tier.pool.used_bytes, len(tier.units)
+
+
+def kv_usage(llm) -> float:
+    return {m.name: m for m in llm.get_metrics()}["vllm:kv_cache_usage_perc"].value
+
+
+# ------------------------------------------------------------------ engines
+
+
+def make_llm(model, *, routed_arch: str | None, recroute: dict | None = None, **kwargs):
+    from vllm import LLM
+
+    args = dict(
+        model=str(model),
+        dtype="float32",
+        max_model_len=1024,
+        kv_cache_memory_bytes=64 << 20,
+        max_num_seqs=8,
+        seed=0,
+        enforce_eager=True,
+        limit_mm_per_prompt={"image": 2},
+    )
+    if routed_arch:
+        args["hf_overrides"] = {"architectures": [routed_arch]}
+        args["additional_config"] = {"recroute": recroute or {}}
+    args.update(kwargs)
+    return LLM(**args)
+
+
+def shutdown(llm) -> None:
+    engine = getattr(llm, "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    del llm
+    gc.collect()
+
+
+def route_counters(llm) -> dict:
+    """Worker-side routing totals of a routed engine (metrics/accounting.py layout), with
+    `routed_requests` summed over mode/schedule and the mapping kept as `routed_by`."""
+
+    def read(worker):
+        import copy
+
+        return copy.deepcopy(worker.model_runner.model.recroute.ledger.totals)
+
+    totals = llm.collective_rpc(read)[0]
+    totals["routed_by"] = totals["routed_requests"]
+    totals["routed_requests"] = sum(totals["routed_by"].values())
+    return totals

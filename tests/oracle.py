@@ -1,4 +1,4 @@
-"""Reference implementation of the routing contract (design.md §1) over HF transformers.
+"""Reference implementation of the routing contract (docs/architecture.md) over HF transformers.
 
 Slow and readable on purpose: no KV cache, no compaction, no vLLM. Every generated token
 re-runs the whole sequence; at each layer the stage's active rows are gathered, run through

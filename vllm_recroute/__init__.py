@@ -25,12 +25,12 @@ def register() -> None:
     from vllm import ModelRegistry
 
     from vllm_recroute.models import ROUTED_ARCHITECTURES
-    from vllm_recroute.models.config_hook import register_config_hooks
+    from vllm_recroute.worker.config_hook import register_config_hooks
 
     for arch, dotted in ROUTED_ARCHITECTURES.items():
         if arch not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(arch, dotted)
-    register_config_hooks()
+    register_config_hooks(ROUTED_ARCHITECTURES)
     from vllm_recroute.kv.spec import register_stage_spec
 
     # The engine core needs the stage manager class, the worker the spec class; both only

@@ -20,6 +20,10 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import ConfigDict, Strict, StrictInt, field_validator, model_validator
 
+from vllm_recroute.errors import RoutingConfigError
+from vllm_recroute.routing.schedule import SCHEDULES
+from vllm_recroute.routing.scorers import SCORERS
+
 __all__ = [
     "CONFIG_KEY",
     "RoutingConfig",
@@ -35,15 +39,6 @@ CONFIG_KEY = "recroute"
 _Float = Annotated[float, Strict()]
 
 
-class RoutingConfigError(ValueError):
-    """Invalid routing configuration; ``field`` is the offending key (``recroute.<name>``)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        self.detail = message
-        super().__init__(f"{field}: {message}")
-
-
 def _field(name: str) -> str:
     return f"{CONFIG_KEY}.{name}" if name else CONFIG_KEY
 
@@ -54,12 +49,12 @@ class RoutingConfig(pydantic.BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     mode: Literal["off", "reroute", "remove"] = "reroute"
-    schedule: Literal["fastv", "pdrop", "custom"] = "fastv"
+    schedule: str = "fastv"  # a name in routing/schedule.py:SCHEDULES
     keep: _Float | None = None
     avg_visual_tokens: StrictInt | None = None
     router_layers: tuple[StrictInt, ...] | None = None
     custom: tuple[tuple[StrictInt, _Float], ...] | None = None
-    scorer: Literal["attention", "key_norm"] = "attention"
+    scorer: str = "attention"  # a name in routing/scorers.py:SCORERS
     score_query: Literal["last", "question"] = "last"
     granularity: Literal["token", "block"] = "token"
     block_size: StrictInt = 16
@@ -104,6 +99,14 @@ class RoutingConfig(pydantic.BaseModel):
             raise _translate(exc, data) from None
 
     # ------------------------------------------------------------------ per-field checks
+    @field_validator("schedule", "scorer", mode="before")
+    @classmethod
+    def _check_registered(cls, v: Any, info: pydantic.ValidationInfo) -> Any:
+        name = info.field_name or ""
+        if not isinstance(v, str) or v not in _REGISTRIES[name]:
+            raise RoutingConfigError(_field(name), f"got {_plain(v)!r}; {_allowed(name)}")
+        return v
+
     @field_validator("keep")
     @classmethod
     def _check_keep(cls, v: float | None) -> float | None:
@@ -185,40 +188,8 @@ class RoutingConfig(pydantic.BaseModel):
                 "keep and avg_visual_tokens are mutually exclusive (both express the budget); "
                 "set only one",
             )
-        if self.schedule == "custom":
-            self._check_custom_schedule()
-        else:
-            self._check_named_schedule()
+        SCHEDULES[self.schedule].validate(self)
         return self
-
-    def _check_custom_schedule(self) -> None:
-        if self.custom is None:
-            raise RoutingConfigError(
-                _field("custom"), "required when schedule is 'custom'; " + _HELP["custom"]
-            )
-        # Budgets and router points are already explicit in ``custom``; a second source would
-        # be ambiguous, so refuse rather than pick one.
-        for name in ("keep", "avg_visual_tokens", "router_layers"):
-            if getattr(self, name) is not None:
-                raise RoutingConfigError(
-                    _field(name),
-                    "not allowed with schedule 'custom' (put (layer, keep) pairs in "
-                    f"{_field('custom')})",
-                )
-
-    def _check_named_schedule(self) -> None:
-        if self.custom is not None:
-            raise RoutingConfigError(
-                _field("custom"),
-                f"only allowed with schedule 'custom' (schedule is {self.schedule!r})",
-            )
-        expected = _ROUTER_POINTS[self.schedule]
-        if self.router_layers is not None and len(self.router_layers) != expected:
-            raise RoutingConfigError(
-                _field("router_layers"),
-                f"got {list(self.router_layers)}; schedule {self.schedule!r} needs exactly "
-                f"{expected} router layer(s)",
-            )
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -274,7 +245,7 @@ def parse_routing_arg(routing: str, keep: float | None = None) -> RoutingConfig:
     text = routing.strip()
     if text == "off":
         cfg = RoutingConfig(mode="off")
-    elif text in ("fastv", "pdrop"):
+    elif text in SCHEDULES and text != "custom":
         cfg = RoutingConfig(schedule=text)
     elif text.startswith("{"):
         cfg = RoutingConfig.from_dict(text)
@@ -287,12 +258,14 @@ def parse_routing_arg(routing: str, keep: float | None = None) -> RoutingConfig:
 
 # ---------------------------------------------------------------------- helpers
 
-# Number of router points each named schedule has (router_layers must match it).
-_ROUTER_POINTS = {"fastv": 1, "pdrop": 3}
+# Fields whose values are the names of a registry (one entry per strategy).
+_REGISTRIES: dict[str, Mapping[str, Any]] = {"schedule": SCHEDULES, "scorer": SCORERS}
 _SCHEDULE_FIELDS = ("keep", "avg_visual_tokens", "router_layers", "custom")
 
 
 def _allowed(name: str) -> str:
+    if name in _REGISTRIES:
+        return "allowed values: " + ", ".join(_REGISTRIES[name])
     values = typing.get_args(RoutingConfig.model_fields[name].annotation)
     return "allowed values: " + ", ".join(str(v) for v in values)
 

@@ -1,88 +1,171 @@
-"""Every change this plugin makes to vLLM's own code, in one place.
+"""Every place this plugin changes or reaches into vLLM's own code, in one record.
 
-Each patch records what it does, why, its upstream status and when to remove it
-(after vllm-ascend's patch record). Patches are applied lazily by the routed model
-classes, inside the worker process that loads them, and only once.
+After vllm-ascend's patch record: each entry says what it does, why, its upstream status
+and when to remove it, and names the vLLM attributes it depends on (``targets``, dotted
+``module:attr.attr``). ``tests/unit/test_patches.py`` resolves every target against the
+installed vLLM, so an upgrade that renames one fails a unit test instead of a request;
+the version gate (`_compat.check_vllm_version`) runs before any patch is applied.
 
-P1  GPUModelRunner.execute_model -> publishes the running step
-    What:   wraps `execute_model(scheduler_output)` so that, for the duration of the
-            call, `current_step()` returns the runner and the scheduler output, and
-            forgets routing state of finished/preempted requests.
-    Why:    a vLLM model's forward() receives only flattened tokens and positions; it
-            cannot tell which request a row belongs to. Routing keeps per-request state
-            across steps (how many visual tokens each stage deferred, which compacts
-            that stage's KV) and honours per-request options (SamplingParams.extra_args),
-            both of which need request identity in batch order (input_batch.req_ids).
-    Upstream: no equivalent API in vLLM 0.32 (CommonAttentionMetadata.req_idx is set
-            only for prefill context parallelism and carries no request id).
-    Remove: when vLLM exposes per-request ids/extra_args to model forward (e.g. through
-            ForwardContext.additional_kwargs or attention metadata).
-            CPUModelRunner inherits execute_model from GPUModelRunner, so one wrap
-            covers both; a runner that overrides it is refused at load.
-
-The routed architectures also add entries to vLLM's MODELS_CONFIG_MAP (see
-models/config_hook.py); that is the documented per-architecture config hook, not a
-patch of vLLM code, but it is a write into a vLLM module-level dict, so it is listed:
-P2  vllm.model_executor.models.config.MODELS_CONFIG_MAP[<Recroute arch>]
-    Why: routed models must run eager (data-dependent token gathers), without prefix
-         caching unless kv_release (routed-stage KV depends on the question), keep prompts
-         whole (chunked prefill off unless recroute.chunked_prefill='fallback'), and validate
-         per-request options at admission (adds the no-op RequestOptionsValidator to
-         ModelConfig.logits_processors, whose validate_params vLLM turns into HTTP 400);
-         the hook sets that before the engine is built, in every process that builds a
-         VllmConfig, and raises a startup error naming the field on a bad config.
-    Remove: if vLLM grows a public registration API for config hooks.
+P* entries change vLLM behaviour (wrap, override, write); R* entries only read internals
+(all reads go through `vllm_recroute/vllm_view.py`).
 """
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_recroute import vllm_view
 from vllm_recroute._compat import check_vllm_version
+
+__all__ = ["PATCHES", "Patch", "apply_patches", "check_runner_patched"]
 
 
 @dataclass(frozen=True)
-class StepContext:
-    """What the model may know about the step being executed."""
+class Patch:
+    id: str
+    what: str
+    why: str
+    upstream: str
+    remove_when: str
+    targets: tuple[str, ...]  # "module:attr[.attr]" that must exist in vLLM 0.32
+    where: str  # the plugin module that applies it
 
-    runner: Any  # vllm.v1.worker.gpu_model_runner.GPUModelRunner
-    scheduler_output: Any  # vllm.v1.core.sched.output.SchedulerOutput
 
-
-_STEP: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar(
-    "vllm_recroute_step", default=None
+PATCHES: tuple[Patch, ...] = (
+    Patch(
+        "P1",
+        what="Wraps GPUModelRunner.execute_model (inherited by CPUModelRunner): for the "
+        "duration of the call vllm_view.current_step() returns the runner and the scheduler "
+        "output, and the model's routed decoder is told which requests finished or were "
+        "preempted.",
+        why="A model's forward receives only flattened tokens and positions; routing keeps "
+        "per-request state across steps and honours per-request options, which need request "
+        "identity in batch order (input_batch.req_ids).",
+        upstream="No equivalent API in vLLM 0.32 (CommonAttentionMetadata.req_idx is set only "
+        "for prefill context parallelism and carries no request id).",
+        remove_when="vLLM exposes per-request ids / extra_args to model forward (e.g. "
+        "ForwardContext.additional_kwargs). A runner that overrides execute_model is refused "
+        "at load (check_runner_patched).",
+        targets=(
+            "vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model",
+            "vllm.v1.worker.gpu_model_runner:GPUModelRunner.get_model",
+        ),
+        where="vllm_recroute/patches.py",
+    ),
+    Patch(
+        "P2",
+        what="Adds an entry per routed architecture to "
+        "vllm.model_executor.models.config.MODELS_CONFIG_MAP.",
+        why="Routed models must run eager, keep prefix caching only with kv_release, keep "
+        "prompts whole, install the plugin's connector and validate per-request options at "
+        "admission; the hook runs in every process that builds a VllmConfig and raises a "
+        "startup error naming the field on a bad config.",
+        upstream="MODELS_CONFIG_MAP is vLLM's per-architecture config hook table; there is no "
+        "public registration API.",
+        remove_when="vLLM grows a public registration API for config hooks.",
+        targets=(
+            "vllm.model_executor.models.config:MODELS_CONFIG_MAP",
+            "vllm.model_executor.models.config:VerifyAndUpdateConfig",
+        ),
+        where="vllm_recroute/worker/config_hook.py",
+    ),
+    Patch(
+        "P3",
+        what="Replaces each decoder layer's forward on the instance with a wrapper that runs "
+        "the layer on the stage's active rows and installs the stage's compacted attention.",
+        why="Deferred tokens must skip a stage's layers; wrapping instances leaves module "
+        "names (and so weight loading) untouched and works for any decoder layer with the "
+        "(positions, hidden_states, residual) signature.",
+        upstream="Not a vLLM API; token pruning is wanted out of tree.",
+        remove_when="vLLM offers a per-layer token-selection hook.",
+        targets=("vllm.model_executor.models.llama:LlamaDecoderLayer.forward",),
+        where="vllm_recroute/worker/decoder.py",
+    ),
+    Patch(
+        "P4",
+        what="kv_release: overrides get_kv_cache_spec of each routed layer's Attention "
+        "instance to report a RoutedStageSpec carrying its routing stage.",
+        why="vLLM forms KV-cache groups from per-layer specs; a spec per stage gives every "
+        "stage its own group, block table and RoutedStageManager.",
+        upstream="Specs are registered through the public KVCacheSpecRegistry; the per-layer "
+        "report has no hook.",
+        remove_when="vLLM lets a model choose a layer's KV-cache spec class.",
+        targets=("vllm.model_executor.layers.attention.attention:Attention.get_kv_cache_spec",),
+        where="vllm_recroute/worker/decoder.py",
+    ),
+    Patch(
+        "P5",
+        what="Writes a routed layer's entries of forward_context.attn_metadata and "
+        "forward_context.slot_mapping for the current forward.",
+        why="Inside a routed stage attention must see the active set only; vLLM's attention "
+        "reads its metadata from the forward context by layer name.",
+        upstream="Documented data flow, not an extension API.",
+        remove_when="vLLM supports per-layer metadata overrides.",
+        targets=(
+            "vllm.forward_context:get_forward_context",
+            "vllm.forward_context:ForwardContext",
+            "vllm.v1.attention.backend:CommonAttentionMetadata",
+        ),
+        where="vllm_recroute/vllm_view.py",
+    ),
+    Patch(
+        "P6",
+        what="Calls KVCacheSpecRegistry._ensure_registered() before registering RoutedStageSpec.",
+        why="The registry runs its built-in registration only while empty; registering a "
+        "plugin spec first would leave FullAttentionSpec unregistered.",
+        upstream="Private method; an upstream fix would register built-ins at import.",
+        remove_when="KVCacheSpecRegistry registers its built-ins eagerly.",
+        targets=(
+            "vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry._ensure_registered",
+            "vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry.register",
+        ),
+        where="vllm_recroute/kv/spec.py",
+    ),
+    Patch(
+        "P7",
+        what="Reuses an already registered Prometheus collector through "
+        "prometheus_client.REGISTRY._names_to_collectors.",
+        why="A process that builds a second engine (tests, LLM re-creation) would otherwise "
+        "fail registering recroute:* metrics twice.",
+        upstream="prometheus_client has no public lookup by name.",
+        remove_when="vLLM's KVConnectorPromMetrics handles re-registration.",
+        targets=("prometheus_client:REGISTRY._names_to_collectors",),
+        where="vllm_recroute/metrics/prom.py",
+    ),
+    Patch(
+        "R1",
+        what="Reads V1 runner and scheduler internals: input_batch (req_ids, "
+        "num_computed_tokens_cpu, num_prompt_tokens, block_table), query_start_loc, "
+        "input_ids, requests, attn_groups, kv_cache_config; the scheduler's Request "
+        "(mm_features, sampling_params, block_hashes) and KVCacheManager "
+        "(coordinator.single_type_managers, block_pool.null_block).",
+        why="Request identity, image spans, block tables and stage managers are not exposed "
+        "through a public API.",
+        upstream="Internal; Model Runner V2 exposes different structures.",
+        remove_when="A V2 adapter exists and vLLM exposes per-request context to models.",
+        targets=(
+            "vllm.v1.worker.gpu_input_batch:InputBatch",
+            "vllm.v1.worker.block_table:BlockTable.get_cpu_tensor",
+            "vllm.v1.worker.block_table:BlockTable.get_device_tensor",
+            "vllm.v1.core.kv_cache_manager:KVCacheManager",
+            "vllm.v1.core.block_pool:BlockPool",
+            "vllm.v1.request:RequestStatus.FINISHED_STOPPED",
+            "vllm.distributed.parallel_state:get_tensor_model_parallel_rank",
+        ),
+        where="vllm_recroute/vllm_view.py",
+    ),
 )
-_forget_listeners: list[Callable[[Iterable[str]], None]] = []
+
 _lock = threading.Lock()
 _applied = False
 
 
-def current_step() -> StepContext | None:
-    """The step being executed in this worker, or None (dummy/profile runs)."""
-    return _STEP.get()
-
-
-def on_requests_gone(listener: Callable[[Iterable[str]], None]) -> None:
-    """Call `listener(req_ids)` for requests finished or preempted (state is stale)."""
-    if listener not in _forget_listeners:
-        _forget_listeners.append(listener)
-
-
-def _notify_gone(scheduler_output: Any) -> None:
-    gone = set(getattr(scheduler_output, "finished_req_ids", None) or ())
-    gone |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
-    if gone:
-        for listener in _forget_listeners:
-            listener(gone)
-
-
 def apply_patches() -> None:
-    """Apply P1 (idempotent, thread-safe)."""
+    """Apply P1 (idempotent, thread-safe). P2..P7 are applied where their entry says."""
     global _applied
     with _lock:
         if _applied:
@@ -99,12 +182,13 @@ def apply_patches() -> None:
 def _wrap_execute_model(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def execute_model(self, scheduler_output, *args, **kwargs):
-        _notify_gone(scheduler_output)
-        token = _STEP.set(StepContext(runner=self, scheduler_output=scheduler_output))
-        try:
+        gone = vllm_view.gone_request_ids(scheduler_output)
+        if gone:
+            decoder = vllm_view.decoder_of(self)
+            if decoder is not None:
+                decoder.requests_gone(gone)
+        with vllm_view.step_scope(self, scheduler_output):
             return original(self, scheduler_output, *args, **kwargs)
-        finally:
-            _STEP.reset(token)
 
     execute_model.__recroute_patched__ = True  # type: ignore[attr-defined]
     return execute_model

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,20 +12,9 @@ from pathlib import Path
 import pytest
 import requests
 
-API_KEY = "test-key"
+from tests.e2e.helpers import API_KEY, free_port
+
 STARTUP_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def image_data_url(img) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 # pdrop with the parked tier on (32 MiB host pool, re-routing every 2 decode steps) and
@@ -44,7 +30,7 @@ ROUTING = {
 
 @pytest.fixture(scope="session")
 def server(tiny_idefics3, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log = Path(tmp_path_factory.mktemp("server")) / "server.log"
     cmd = [
         sys.executable, "-m", "vllm_recroute.cli", "serve", str(tiny_idefics3),

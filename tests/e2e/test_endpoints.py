@@ -7,8 +7,7 @@ import time
 import pytest
 import requests
 
-from tests.e2e.conftest import API_KEY
-from tests.e2e.test_openai_api import _chat, _messages
+from tests.e2e.helpers import API_KEY, chat, messages
 
 pytestmark = pytest.mark.e2e
 
@@ -64,10 +63,10 @@ def _settled_stats(server) -> dict:
 
 def test_stats_count_routed_requests_and_match_metrics(server, client):
     before = _stats(server)
-    _chat(client)  # server default: pdrop, 80 visual tokens
-    _chat(client, {"recroute_schedule": "fastv", "recroute_mode": "remove"})
-    _chat(client, {"recroute_mode": "off"})
-    _chat(client)  # a later step flushes the last step's stats
+    chat(client)  # server default: pdrop, 80 visual tokens
+    chat(client, {"recroute_schedule": "fastv", "recroute_mode": "remove"})
+    chat(client, {"recroute_mode": "off"})
+    chat(client)  # a later step flushes the last step's stats
     after = _settled_stats(server)
     assert after["routed_requests"] - before["routed_requests"] == 3
     by = after["routed_requests_by_mode_schedule"]
@@ -97,11 +96,11 @@ def test_a_second_chat_turn_loads_the_first_turns_image(server, client):
     stage KV instead of re-encoding and recomputing the image; counted on both endpoints."""
     question = "how many shapes are there in this picture?"
     first = client.chat.completions.create(
-        model="tiny", messages=_messages(3, question), max_tokens=6, temperature=0
+        model="tiny", messages=messages(3, question), max_tokens=6, temperature=0
     )
     before = _settled_stats(server)["turns"]
     history = [
-        *_messages(3, question),
+        *messages(3, question),
         {"role": "assistant", "content": first.choices[0].message.content},
         {"role": "user", "content": "and which one is the largest?"},
     ]

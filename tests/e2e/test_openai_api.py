@@ -6,44 +6,21 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.e2e.conftest import image_data_url
-from vllm_recroute.tiny_models import make_test_image
+from tests.e2e.helpers import chat
 
 pytestmark = pytest.mark.e2e
 
 
-def _messages(seed: int = 1, question: str = "what is in the picture?") -> list[dict]:
-    url = image_data_url(make_test_image(seed, size=128))
-    return [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": url}},
-                {"type": "text", "text": question},
-            ],
-        }
-    ]
-
-
-def _chat(client, xargs: dict | None = None, **kw):
-    extra = {"ignore_eos": True}
-    if xargs:
-        extra["vllm_xargs"] = xargs
-    return client.chat.completions.create(
-        model="tiny", messages=_messages(), max_tokens=8, temperature=0, extra_body=extra, **kw
-    )
-
-
 def test_chat_completion_with_image_non_streaming(client):
-    out = _chat(client)
+    out = chat(client)
     assert out.choices[0].message.content is not None
     assert out.usage.completion_tokens == 8
     assert out.usage.prompt_tokens > 80  # 80 visual tokens + text
 
 
 def test_streaming_gives_the_same_text(client):
-    whole = _chat(client).choices[0].message.content
-    stream = _chat(client, stream=True)
+    whole = chat(client).choices[0].message.content
+    stream = chat(client, stream=True)
     parts = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert "".join(parts) == whole
 
@@ -53,9 +30,9 @@ def _token_logprobs(out) -> list[float]:
 
 
 def test_routing_is_on_and_per_request_options_apply(client):
-    routed = _chat(client, logprobs=True)  # server default: pdrop
-    full = _chat(client, {"recroute_keep": 1.0}, logprobs=True)
-    off = _chat(client, {"recroute_mode": "off"}, logprobs=True)
+    routed = chat(client, logprobs=True)  # server default: pdrop
+    full = chat(client, {"recroute_keep": 1.0}, logprobs=True)
+    off = chat(client, {"recroute_mode": "off"}, logprobs=True)
     assert _token_logprobs(full) == pytest.approx(_token_logprobs(off), abs=1e-4)
     assert _token_logprobs(routed) != pytest.approx(_token_logprobs(off), abs=1e-4)
 
@@ -72,7 +49,7 @@ def test_routing_is_on_and_per_request_options_apply(client):
 )
 def test_bad_per_request_option_is_400_naming_the_field(client, xargs, words):
     with pytest.raises(openai.BadRequestError) as info:
-        _chat(client, xargs)
+        chat(client, xargs)
     assert words in str(info.value)
 
 
@@ -88,7 +65,7 @@ def test_malformed_image_is_400_and_engine_keeps_serving(client):
     ]
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=bad, max_tokens=4)
-    assert _chat(client).usage.completion_tokens == 8
+    assert chat(client).usage.completion_tokens == 8
 
 
 def test_api_key_required(server):

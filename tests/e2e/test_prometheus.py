@@ -26,8 +26,7 @@ import pytest
 import requests
 import yaml
 
-from tests.e2e.conftest import API_KEY, _free_port
-from tests.e2e.test_openai_api import _messages
+from tests.e2e.helpers import API_KEY, free_port, messages
 from vllm_recroute.metrics.names import METRICS
 
 pytestmark = pytest.mark.e2e
@@ -173,7 +172,7 @@ def prometheus(server, tmp_path_factory):
     config_path = work / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
-    port = _free_port()
+    port = free_port()
     log = work / "prometheus.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -236,7 +235,7 @@ def _send_routed_requests(client) -> None:
             extra["vllm_xargs"] = xargs
         out = client.chat.completions.create(
             model=SERVED_MODEL,
-            messages=_messages(seed),
+            messages=messages(seed),
             max_tokens=4,
             temperature=0,
             extra_body=extra,

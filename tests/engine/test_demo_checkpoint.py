@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROUTED_IDEFICS3, make_llm, shutdown
+from tests.helpers import ROUTED_IDEFICS3, make_llm, shutdown
 
 pytestmark = pytest.mark.engine
 

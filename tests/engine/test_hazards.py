@@ -1,5 +1,6 @@
-"""design.md §1 hazards, each on its own engine: chunked prefill, preemption, and the
-second text backbone (Gemma, through PaliGemma). Prefix caching is refused at startup
+"""The contract's hazards (docs/architecture.md, "Contract hazards"), each on its own
+engine: chunked prefill, preemption, and the second text backbone (Gemma, through
+PaliGemma). Prefix caching is refused at startup
 (tests/integration/test_engine_config.py); shared-image/different-question requests are in
 tests/helpers.REQUESTS and match the oracle in test_routing_oracle.py."""
 
@@ -8,9 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import ROUTED_IDEFICS3, ROUTED_PALIGEMMA, make_llm, route_counters, shutdown
-from tests.engine.test_routing_oracle import CONFIGS, _generate, _oracle
-from tests.helpers import hf_inputs
+from tests.helpers import (
+    CONFIGS,
+    ROUTED_IDEFICS3,
+    ROUTED_PALIGEMMA,
+    generate,
+    hf_inputs,
+    make_llm,
+    oracle,
+    route_counters,
+    shutdown,
+)
 from tests.oracle import oracle_generate
 from vllm_recroute.config import RoutingConfig
 from vllm_recroute.tiny_models import make_test_image
@@ -18,15 +27,7 @@ from vllm_recroute.tiny_models import make_test_image
 pytestmark = pytest.mark.engine
 
 
-@pytest.fixture(scope="module")
-def hf_idefics3(tiny_idefics3):
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(str(tiny_idefics3), dtype=torch.float32)
-    return model.eval()
-
-
-def test_chunked_prompt_falls_back_to_unrouted(tiny_idefics3, hf_idefics3):
+def test_chunked_prompt_falls_back_to_unrouted(tiny_idefics3, hf_model):
     # 64-token steps split every prompt (80 visual tokens): question-conditioned scores
     # cannot be computed, so each request must run exactly like the unrouted model.
     llm = make_llm(
@@ -37,20 +38,20 @@ def test_chunked_prompt_falls_back_to_unrouted(tiny_idefics3, hf_idefics3):
         max_num_batched_tokens=64,
     )
     try:
-        outs = _generate(llm, tiny_idefics3, [CONFIGS["pdrop-reroute"]] * 3)
+        outs = generate(llm, tiny_idefics3, [CONFIGS["pdrop-reroute"]] * 3)
         counters = route_counters(llm)
     finally:
         shutdown(llm)
     from tests.helpers import REQUESTS
 
     for spec, out in zip(REQUESTS, outs, strict=True):
-        _, unrouted = _oracle(hf_idefics3, tiny_idefics3, spec, CONFIGS["off"])
+        _, unrouted = oracle(hf_model, tiny_idefics3, spec, CONFIGS["off"])
         assert list(out.outputs[0].token_ids) == unrouted
     assert counters["chunked_fallbacks"] == 3
     assert counters["routed_requests"] == 0
 
 
-def test_preempted_requests_recompute_the_same_routing(tiny_idefics3, hf_idefics3):
+def test_preempted_requests_recompute_the_same_routing(tiny_idefics3, hf_model):
     # 12 KV blocks of 32 tokens: three ~100-token prompts fit, their 60-token answers do
     # not, so vLLM preempts and later recomputes requests from scratch.
     from vllm import SamplingParams
@@ -87,7 +88,7 @@ def test_preempted_requests_recompute_the_same_routing(tiny_idefics3, hf_idefics
     cfg = RoutingConfig.from_dict({"mode": "reroute", "schedule": "pdrop"})
     for prompt, imgs, out in zip(prompts, images, outs, strict=True):
         inputs = hf_inputs(str(tiny_idefics3), prompt["prompt"], imgs)
-        expected = oracle_generate(hf_idefics3, inputs, cfg, 60)
+        expected = oracle_generate(hf_model, inputs, cfg, 60)
         assert list(out.outputs[0].token_ids) == expected
     # every preempted request was routed again on recompute
     assert counters["routed_requests"] >= 3 + 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine.test_routing_oracle import _generate
+from tests.helpers import generate
 
 pytestmark = pytest.mark.engine
 
@@ -23,8 +23,8 @@ def _logprobs(out) -> list[float]:
     ],
 )
 def test_keep_one_equals_plain_vllm(routed_llm, plain_llm, tiny_idefics3, cfg):
-    routed = _generate(routed_llm, tiny_idefics3, [cfg] * 3)
-    plain = _generate(plain_llm, tiny_idefics3, [{}] * 3)
+    routed = generate(routed_llm, tiny_idefics3, [cfg] * 3)
+    plain = generate(plain_llm, tiny_idefics3, [{}] * 3)
     for r, p in zip(routed, plain, strict=True):
         assert r.outputs[0].token_ids == p.outputs[0].token_ids
         assert _logprobs(r) == pytest.approx(_logprobs(p), abs=1e-4)
@@ -32,8 +32,8 @@ def test_keep_one_equals_plain_vllm(routed_llm, plain_llm, tiny_idefics3, cfg):
 
 def test_routing_changes_output_below_full_budget(routed_llm, plain_llm, tiny_idefics3):
     # Guards the test above against a routed path that silently never routes.
-    routed = _generate(routed_llm, tiny_idefics3, [{"schedule": "pdrop", "keep": 0.25}] * 3)
-    plain = _generate(plain_llm, tiny_idefics3, [{}] * 3)
+    routed = generate(routed_llm, tiny_idefics3, [{"schedule": "pdrop", "keep": 0.25}] * 3)
+    plain = generate(plain_llm, tiny_idefics3, [{}] * 3)
     assert any(
         _logprobs(r) != pytest.approx(_logprobs(p), abs=1e-4)
         for r, p in zip(routed, plain, strict=True)

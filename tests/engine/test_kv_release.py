@@ -5,34 +5,18 @@ and every block back in the pool at the end."""
 from __future__ import annotations
 
 import pytest
-import torch
 
-from tests.conftest import ROUTED_IDEFICS3, make_llm, shutdown
-from tests.engine.test_routing_oracle import CONFIGS, _generate, _oracle
-from tests.helpers import REQUESTS
+from tests.helpers import (
+    CONFIGS,
+    REQUESTS,
+    ROUTED_IDEFICS3,
+    generate,
+    make_llm,
+    oracle,
+    shutdown,
+)
 
 pytestmark = pytest.mark.engine
-
-
-@pytest.fixture(scope="module")
-def release_llm(tiny_idefics3):
-    llm = make_llm(
-        tiny_idefics3,
-        routed_arch=ROUTED_IDEFICS3,
-        recroute={"mode": "reroute", "schedule": "pdrop", "kv_release": True},
-        block_size=32,
-        disable_log_stats=False,
-    )
-    yield llm
-    shutdown(llm)
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_idefics3):
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(str(tiny_idefics3), dtype=torch.float32)
-    return model.eval()
 
 
 def _released() -> float:
@@ -47,35 +31,38 @@ def _released() -> float:
 
 
 @pytest.mark.parametrize("name", ["pdrop-reroute", "pdrop-remove", "off"])
-def test_kv_release_matches_oracle(release_llm, hf_model, tiny_idefics3, name):
+@pytest.mark.parametrize("engine", ["release"], indirect=True)
+def test_kv_release_matches_oracle(engine, hf_model, tiny_idefics3, name):
     before = _released()
-    outs = _generate(release_llm, tiny_idefics3, [CONFIGS[name]] * len(REQUESTS))
+    outs = generate(engine, tiny_idefics3, [CONFIGS[name]] * len(REQUESTS))
     for spec, out in zip(REQUESTS, outs, strict=True):
-        _, expected = _oracle(hf_model, tiny_idefics3, spec, CONFIGS[name])
+        _, expected = oracle(hf_model, tiny_idefics3, spec, CONFIGS[name])
         assert list(out.outputs[0].token_ids) == expected, (name, spec)
     from vllm import SamplingParams
 
-    release_llm.generate(["x"], SamplingParams(max_tokens=1), use_tqdm=False)  # flush stats
+    engine.generate(["x"], SamplingParams(max_tokens=1), use_tqdm=False)  # flush stats
     if name == "off":
         assert _released() == before
     else:
         assert _released() > before  # pages of deferred tokens went back to the pool
 
 
-def test_all_blocks_return_to_the_pool(release_llm, tiny_idefics3):
+@pytest.mark.parametrize("engine", ["release"], indirect=True)
+def test_all_blocks_return_to_the_pool(engine, tiny_idefics3):
     from vllm import SamplingParams
 
-    _generate(release_llm, tiny_idefics3, [CONFIGS["pdrop-reroute"]] * len(REQUESTS))
-    release_llm.generate(["x"], SamplingParams(max_tokens=1), use_tqdm=False)
-    usage = {m.name: m for m in release_llm.get_metrics()}["vllm:kv_cache_usage_perc"]
+    generate(engine, tiny_idefics3, [CONFIGS["pdrop-reroute"]] * len(REQUESTS))
+    engine.generate(["x"], SamplingParams(max_tokens=1), use_tqdm=False)
+    usage = {m.name: m for m in engine.get_metrics()}["vllm:kv_cache_usage_perc"]
     assert usage.value == 0.0
 
 
-def test_schedule_override_refused_with_kv_release(release_llm, tiny_idefics3):
+@pytest.mark.parametrize("engine", ["release"], indirect=True)
+def test_schedule_override_refused_with_kv_release(engine, tiny_idefics3):
     from vllm.exceptions import VLLMValidationError
 
     with pytest.raises(VLLMValidationError, match=r"recroute_schedule: fixed on this server"):
-        _generate(release_llm, tiny_idefics3, [CONFIGS["fastv-reroute"]] * len(REQUESTS))
+        generate(engine, tiny_idefics3, [CONFIGS["fastv-reroute"]] * len(REQUESTS))
 
 
 def test_released_pages_reused_under_pressure_stay_correct(tiny_idefics3, hf_model):

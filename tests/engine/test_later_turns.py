@@ -6,41 +6,27 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import ROUTED_IDEFICS3, make_llm, shutdown
-from tests.engine.test_parking import _counter, _flush, _kv_usage, _pool
-from tests.engine.test_routing_oracle import CONFIGS, _xargs
-from tests.helpers import REQUESTS, hf_inputs, request_inputs
+from tests.helpers import (
+    CONFIGS,
+    MAX_TOKENS,
+    REQUESTS,
+    TURNS,
+    flush,
+    hf_inputs,
+    kv_usage,
+    pool_state,
+    prom_counter,
+    request_inputs,
+    xargs,
+)
 from tests.oracle import oracle_generate_parked
 from vllm_recroute.config import RoutingConfig
 
 pytestmark = pytest.mark.engine
 
-MAX_TOKENS = 6
-PARKING = {"parked_bytes": 64 << 20, "park_block_tokens": 4, "reroute_every": 2}
-TURNS = {**PARKING, "turn_cache_bytes": 64 << 20}
+# the references' parked tier: the turn engines' (tests/engine/conftest.py), no turn store
+PARKING = {k: v for k, v in TURNS.items() if k != "turn_cache_bytes"}
 NEXT_QUESTION = " and which one is the largest?"
-
-
-@pytest.fixture(scope="module")
-def turn_llm(tiny_idefics3):
-    llm = make_llm(
-        tiny_idefics3,
-        routed_arch=ROUTED_IDEFICS3,
-        recroute={"mode": "reroute", "schedule": "pdrop", **TURNS},
-        block_size=32,
-        disable_log_stats=False,
-    )
-    yield llm
-    shutdown(llm)
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_idefics3):
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(str(tiny_idefics3), dtype=torch.float32)
-    return model.eval()
 
 
 def _params(cfg: dict):
@@ -54,36 +40,41 @@ def _two_turns(llm, model_dir, spec, cfg: dict, question: str = NEXT_QUESTION):
     (token ids, so the prefix is exactly turn 1's tokens; vLLM expands the image again)."""
     prompt, images = request_inputs(str(model_dir), spec)
     mm = {"image": images}
-    xargs = _xargs(cfg)
+    options = xargs(cfg)
     [first] = llm.generate(
-        [{"prompt": prompt, "multi_modal_data": mm}], _params(xargs), use_tqdm=False
+        [{"prompt": prompt, "multi_modal_data": mm}], _params(options), use_tqdm=False
     )
     tok = llm.get_tokenizer()
     new_ids = tok.encode(question, add_special_tokens=False)
     ids = tok.encode(prompt) + list(first.outputs[0].token_ids) + new_ids
     [second] = llm.generate(
-        [{"prompt_token_ids": ids, "multi_modal_data": mm}], _params(xargs), use_tqdm=False
+        [{"prompt_token_ids": ids, "multi_modal_data": mm}], _params(options), use_tqdm=False
     )
     assert second.prompt_token_ids[: len(first.prompt_token_ids)] == first.prompt_token_ids
     return first, second, new_ids
 
 
-@pytest.mark.parametrize("name", ["pdrop-reroute", "custom-reroute-question"])
+@pytest.mark.parametrize(
+    ("engine", "name"),
+    [
+        ("turns", "pdrop-reroute"),
+        ("turns", "custom-reroute-question"),
+        # kv_release fixes the router points: the server's schedule only
+        ("turns-released", "pdrop-reroute"),
+    ],
+    indirect=["engine"],
+)
 def test_later_turn_loads_the_image_and_matches_the_reference(
-    turn_llm, hf_model, tiny_idefics3, name
+    engine, hf_model, tiny_idefics3, name
 ):
-    check_later_turns_match_the_reference(turn_llm, hf_model, tiny_idefics3, name)
-
-
-def check_later_turns_match_the_reference(turn_llm, hf_model, tiny_idefics3, name: str) -> None:
     cfg = {**CONFIGS[name], "reroute_every": 2}
     full = RoutingConfig.from_dict({**cfg, **PARKING})
-    restored_before = _counter("recroute:restored_blocks")
-    loads_before = _counter("recroute:turn_loads")
-    tokens_before = _counter("recroute:turn_loaded_tokens")
+    restored_before = prom_counter("recroute:restored_blocks")
+    loads_before = prom_counter("recroute:turn_loads")
+    tokens_before = prom_counter("recroute:turn_loaded_tokens")
     restored, loaded_tokens = 0, 0
     for spec in REQUESTS:
-        first, second, new_ids = _two_turns(turn_llm, tiny_idefics3, spec, cfg)
+        first, second, new_ids = _two_turns(engine, tiny_idefics3, spec, cfg)
         prompt, images = request_inputs(str(tiny_idefics3), spec)
         inputs = hf_inputs(str(tiny_idefics3), prompt, images)
         expected_1, _ = oracle_generate_parked(hf_model, inputs, full, MAX_TOKENS)
@@ -96,32 +87,33 @@ def check_later_turns_match_the_reference(turn_llm, hf_model, tiny_idefics3, nam
         assert second.num_cached_tokens == len(first.prompt_token_ids) + MAX_TOKENS - 1
         restored += n
         loaded_tokens += second.num_cached_tokens
-    _flush(turn_llm)
+    flush(engine)
     assert restored > 0  # the reference swapped units in both turns
-    assert _counter("recroute:restored_blocks") - restored_before == restored
-    assert _counter("recroute:turn_loads") - loads_before == len(REQUESTS)
-    assert _counter("recroute:turn_loaded_tokens") - tokens_before == loaded_tokens
+    assert prom_counter("recroute:restored_blocks") - restored_before == restored
+    assert prom_counter("recroute:turn_loads") - loads_before == len(REQUESTS)
+    assert prom_counter("recroute:turn_loaded_tokens") - tokens_before == loaded_tokens
 
 
-def test_a_later_turn_that_respells_the_answer_loads_the_prompt(turn_llm, hf_model, tiny_idefics3):
+@pytest.mark.parametrize("engine", ["turns", "turns-released"], indirect=True)
+def test_a_later_turn_that_respells_the_answer_loads_the_prompt(engine, hf_model, tiny_idefics3):
     """A chat template may render the earlier answer differently from the generated
     tokens: the later turn then loads turn 1's prompt rows (image included) with the
     routing state turn 1 ended with, and computes the answer and its question anew."""
-    llm = turn_llm
+    llm = engine
     cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 2}
     spec = REQUESTS[2]
     prompt, images = request_inputs(str(tiny_idefics3), spec)
-    xargs = _xargs(cfg)
+    options = xargs(cfg)
     mm = {"image": images}
     [first] = llm.generate(
-        [{"prompt": prompt, "multi_modal_data": mm}], _params(xargs), use_tqdm=False
+        [{"prompt": prompt, "multi_modal_data": mm}], _params(options), use_tqdm=False
     )
     tok = llm.get_tokenizer()
     respelled = [(t + 1) % 500 + 20 for t in first.outputs[0].token_ids]  # not what was generated
     new_ids = respelled + tok.encode(NEXT_QUESTION, add_special_tokens=False)
     [second] = llm.generate(
         [{"prompt_token_ids": tok.encode(prompt) + new_ids, "multi_modal_data": mm}],
-        _params(xargs),
+        _params(options),
         use_tqdm=False,
     )
     assert second.num_cached_tokens == len(first.prompt_token_ids)
@@ -133,27 +125,28 @@ def test_a_later_turn_that_respells_the_answer_loads_the_prompt(turn_llm, hf_mod
     assert list(second.outputs[0].token_ids) == expected
 
 
-def test_other_routing_options_recompute_and_differ(turn_llm, tiny_idefics3):
+@pytest.mark.parametrize("engine", ["turns"], indirect=True)
+def test_other_routing_options_recompute_and_differ(engine, tiny_idefics3):
     """A kept turn serves only requests with the same routing options (its stage layout
     depends on them). Guard for the reference test: the loaded turn (re-routed units of
     turn 1) answers differently from a from-scratch routed prefill of the same prompt."""
     cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 2}
-    first, loaded, new_ids = _two_turns(turn_llm, tiny_idefics3, REQUESTS[1], cfg)
+    first, loaded, new_ids = _two_turns(engine, tiny_idefics3, REQUESTS[1], cfg)
     assert loaded.num_cached_tokens > 0
     prompt, images = request_inputs(str(tiny_idefics3), REQUESTS[1])
-    tok = turn_llm.get_tokenizer()
+    tok = engine.get_tokenizer()
     ids = tok.encode(prompt) + list(first.outputs[0].token_ids) + new_ids
     # the server's default scorer, spelled out: same routing, another options fingerprint
-    other = _xargs({**cfg, "scorer": "attention"})
+    other = xargs({**cfg, "scorer": "attention"})
     params = _params(other)
     params.logprobs = 1
-    [fresh] = turn_llm.generate(
+    [fresh] = engine.generate(
         [{"prompt_token_ids": ids, "multi_modal_data": {"image": images}}], params, use_tqdm=False
     )
     assert fresh.num_cached_tokens == 0
-    params = _params(_xargs(cfg))
+    params = _params(xargs(cfg))
     params.logprobs = 1
-    [again] = turn_llm.generate(
+    [again] = engine.generate(
         [{"prompt_token_ids": ids, "multi_modal_data": {"image": images}}], params, use_tqdm=False
     )
     assert again.num_cached_tokens == loaded.num_cached_tokens  # kept turns are read-only
@@ -163,30 +156,31 @@ def test_other_routing_options_recompute_and_differ(turn_llm, tiny_idefics3):
     assert lp != pytest.approx(lp_fresh, abs=1e-4)
 
 
-def test_kept_turns_hold_no_pages_and_stay_within_the_store(turn_llm, tiny_idefics3):
+@pytest.mark.parametrize("engine", ["turns", "turns-released"], indirect=True)
+def test_kept_turns_hold_no_pages_and_stay_within_the_store(engine, tiny_idefics3):
     """After finishes and aborts, kept turns own host bytes only: the pool and every KV
     block are back, and the store stays within recroute.turn_cache_bytes."""
     from vllm import SamplingParams
 
-    engine = turn_llm.llm_engine
-    cfg = _xargs({**CONFIGS["pdrop-reroute"], "reroute_every": 1})
-    _two_turns(turn_llm, tiny_idefics3, REQUESTS[2], {**CONFIGS["pdrop-reroute"]})
+    core = engine.llm_engine
+    cfg = xargs({**CONFIGS["pdrop-reroute"], "reroute_every": 1})
+    _two_turns(engine, tiny_idefics3, REQUESTS[2], {**CONFIGS["pdrop-reroute"]})
     prompt, images = request_inputs(str(tiny_idefics3), REQUESTS[0])
     params = SamplingParams(max_tokens=50, ignore_eos=True, extra_args=cfg)
     for name in ("t-abort", "t-keep"):
-        engine.add_request(name, {"prompt": prompt, "multi_modal_data": {"image": images}}, params)
+        core.add_request(name, {"prompt": prompt, "multi_modal_data": {"image": images}}, params)
     for _ in range(3):
-        engine.step()
-    engine.abort_request(["t-abort"])
-    while engine.has_unfinished_requests():
-        engine.step()
-    _flush(turn_llm)
-    assert turn_llm.collective_rpc(_pool) == [(0, 0, 0)]
-    assert _kv_usage(turn_llm) == 0.0
-    [(entries, nbytes)] = turn_llm.collective_rpc(_turn_store)
+        core.step()
+    core.abort_request(["t-abort"])
+    while core.has_unfinished_requests():
+        core.step()
+    flush(engine)
+    assert engine.collective_rpc(pool_state) == [(0, 0, 0)]
+    assert kv_usage(engine) == 0.0
+    [(entries, nbytes)] = engine.collective_rpc(_turn_store)
     assert entries > 0 and 0 < nbytes <= TURNS["turn_cache_bytes"]
-    assert _counter("recroute:turn_store_entries") == entries
-    assert _counter("recroute:turn_store_bytes") == nbytes
+    assert prom_counter("recroute:turn_store_entries") == entries
+    assert prom_counter("recroute:turn_store_bytes") == nbytes
 
 
 def _turn_store(worker):

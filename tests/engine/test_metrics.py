@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import route_counters
-from tests.engine.test_routing_oracle import CONFIGS, _generate
+from tests.helpers import CONFIGS, generate, route_counters
 from vllm_recroute.routing import num_keep
 
 pytestmark = pytest.mark.engine
@@ -33,7 +32,7 @@ def _delta(after: dict, before: dict) -> dict:
 def test_metrics_equal_worker_accounting_for_known_workload(routed_llm, tiny_idefics3):
     prom0, work0 = _prom(), route_counters(routed_llm)
     cfgs = [CONFIGS["pdrop-reroute"], CONFIGS["fastv-remove"], CONFIGS["off"]]
-    _generate(routed_llm, tiny_idefics3, cfgs)
+    generate(routed_llm, tiny_idefics3, cfgs)
     # one more step so the last step's stats are surely flushed to the front end
     from vllm import SamplingParams
 

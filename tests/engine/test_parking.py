@@ -6,68 +6,35 @@ pool entry and KV block comes back after finishes and aborts."""
 from __future__ import annotations
 
 import pytest
-import torch
 
-from tests.conftest import ROUTED_IDEFICS3, make_llm, shutdown
-from tests.engine.test_routing_oracle import CONFIGS, _generate, _oracle, _xargs
-from tests.helpers import REQUESTS, hf_inputs, request_inputs
+from tests.helpers import (
+    CONFIGS,
+    MAX_TOKENS,
+    PARKING,
+    REQUESTS,
+    ROUTED_IDEFICS3,
+    flush,
+    generate,
+    hf_inputs,
+    kv_usage,
+    make_llm,
+    oracle,
+    pool_state,
+    prom_counter,
+    request_inputs,
+    shutdown,
+    xargs,
+)
 from tests.oracle import oracle_generate_parked
 from vllm_recroute.config import RoutingConfig
 from vllm_recroute.tiny_models import make_test_image
 
 pytestmark = pytest.mark.engine
 
-MAX_TOKENS = 6
-PARKING = {"parked_bytes": 64 << 20, "park_block_tokens": 4, "reroute_every": 1}
-
-
-@pytest.fixture(scope="module")
-def parked_llm(tiny_idefics3):
-    llm = make_llm(
-        tiny_idefics3,
-        routed_arch=ROUTED_IDEFICS3,
-        recroute={"mode": "reroute", "schedule": "pdrop", **PARKING},
-        block_size=32,
-        disable_log_stats=False,
-    )
-    yield llm
-    shutdown(llm)
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_idefics3):
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(str(tiny_idefics3), dtype=torch.float32)
-    return model.eval()
-
-
-def _counter(name: str) -> float:
-    from prometheus_client import REGISTRY
-
-    return sum(
-        s.value
-        for fam in REGISTRY.collect()
-        for s in fam.samples
-        if s.name in (name, name + "_total")
-    )
-
-
-def _flush(llm) -> None:
-    from vllm import SamplingParams
-
-    # vLLM reports finished ids (and the stats of the last step) with the next step.
-    llm.generate(["x"], SamplingParams(max_tokens=1), use_tqdm=False)
-
-
-def _pool(worker):
-    tier = worker.model_runner.model.recroute.tier
-    return len(tier.pool), tier.pool.used_bytes, len(tier.units)
-
 
 def _generate_as_reference(llm, hf_model, model_dir, cfg: dict) -> int:
     """Run REQUESTS with ``cfg``; assert the reference's tokens; return its restores."""
-    outs = _generate(llm, model_dir, [cfg] * len(REQUESTS))
+    outs = generate(llm, model_dir, [cfg] * len(REQUESTS))
     full = RoutingConfig.from_dict({**cfg, **PARKING})
     restored = 0
     for spec, out in zip(REQUESTS, outs, strict=True):
@@ -87,69 +54,69 @@ SWAPPING = {
 
 
 @pytest.mark.parametrize("name", list(SWAPPING))
-def test_rerouting_matches_the_never_parked_reference(parked_llm, hf_model, tiny_idefics3, name):
+@pytest.mark.parametrize("engine", ["parked"], indirect=True)
+def test_rerouting_matches_the_never_parked_reference(engine, hf_model, tiny_idefics3, name):
     cfg = {**SWAPPING[name], "reroute_every": 1}
-    before = _counter("recroute:restored_blocks")
-    dropped = _counter("recroute:parked_blocks_dropped")  # (the registry is per process)
-    restored = _generate_as_reference(parked_llm, hf_model, tiny_idefics3, cfg)
-    _flush(parked_llm)
+    before = prom_counter("recroute:restored_blocks")
+    dropped = prom_counter("recroute:parked_blocks_dropped")  # (the registry is per process)
+    restored = _generate_as_reference(engine, hf_model, tiny_idefics3, cfg)
+    flush(engine)
     assert restored > 0  # the reference swapped units: the test exercises restores
-    assert _counter("recroute:restored_blocks") - before == restored
-    assert _counter("recroute:parked_blocks_dropped") == dropped  # reference: no drops
+    assert prom_counter("recroute:restored_blocks") - before == restored
+    assert prom_counter("recroute:parked_blocks_dropped") == dropped  # reference: no drops
 
 
 @pytest.mark.parametrize("name", ["pdrop-reroute", "fastv-reroute", "pdrop-remove"])
-def test_parking_without_rerouting_changes_nothing(parked_llm, hf_model, tiny_idefics3, name):
+@pytest.mark.parametrize("engine", ["parked"], indirect=True)
+def test_parking_without_rerouting_changes_nothing(engine, hf_model, tiny_idefics3, name):
     """Parked but never restored: the tokens of the routing oracle (parking off)."""
     cfg = {**CONFIGS[name], "reroute_every": 0}
-    parked_before = _counter("recroute:parked_blocks")
-    outs = _generate(parked_llm, tiny_idefics3, [cfg] * len(REQUESTS))
+    parked_before = prom_counter("recroute:parked_blocks")
+    outs = generate(engine, tiny_idefics3, [cfg] * len(REQUESTS))
     for spec, out in zip(REQUESTS, outs, strict=True):
-        _, expected = _oracle(hf_model, tiny_idefics3, spec, CONFIGS[name])
+        _, expected = oracle(hf_model, tiny_idefics3, spec, CONFIGS[name])
         assert list(out.outputs[0].token_ids) == expected, (name, spec)
-    _flush(parked_llm)
-    parked = _counter("recroute:parked_blocks") - parked_before
+    flush(engine)
+    parked = prom_counter("recroute:parked_blocks") - parked_before
     if name.endswith("remove"):
         assert parked == 0  # removed tokens are gone for good: nothing to park
     else:
         assert parked > 0
 
 
-def test_finish_and_abort_return_every_pool_entry_and_block(parked_llm, tiny_idefics3):
+@pytest.mark.parametrize("engine", ["parked"], indirect=True)
+def test_finish_and_abort_return_every_pool_entry_and_block(engine, tiny_idefics3):
     from vllm import SamplingParams
 
-    engine = parked_llm.llm_engine
-    _flush(parked_llm)
-    assert parked_llm.collective_rpc(_pool) == [(0, 0, 0)]
+    core = engine.llm_engine
+    flush(engine)
+    assert engine.collective_rpc(pool_state) == [(0, 0, 0)]
     prompt, images = request_inputs(str(tiny_idefics3), REQUESTS[0])
     params = SamplingParams(
         max_tokens=200, ignore_eos=True, extra_args={"recroute_reroute_every": 1}
     )
     for name in ("abort-a", "keep-b", "abort-c"):
-        engine.add_request(name, {"prompt": prompt, "multi_modal_data": {"image": images}}, params)
+        core.add_request(name, {"prompt": prompt, "multi_modal_data": {"image": images}}, params)
     for _ in range(4):  # routed prefill, parking, a few swapping decode steps
-        engine.step()
-    [(blocks, used, units)] = parked_llm.collective_rpc(_pool)
+        core.step()
+    [(blocks, used, units)] = engine.collective_rpc(pool_state)
     assert blocks > 0 and used > 0 and units > 0
-    engine.abort_request(["abort-a", "abort-c"])
-    while engine.has_unfinished_requests():
-        engine.step()
-    _flush(parked_llm)
-    assert parked_llm.collective_rpc(_pool) == [(0, 0, 0)]
-    assert _kv_usage(parked_llm) == 0.0  # every KV block back in vLLM's pool
-    assert _counter("recroute:parked_pool_blocks") == 0
-    assert _counter("recroute:parked_pool_bytes") == 0
+    core.abort_request(["abort-a", "abort-c"])
+    while core.has_unfinished_requests():
+        core.step()
+    flush(engine)
+    assert engine.collective_rpc(pool_state) == [(0, 0, 0)]
+    assert kv_usage(engine) == 0.0  # every KV block back in vLLM's pool
+    assert prom_counter("recroute:parked_pool_blocks") == 0
+    assert prom_counter("recroute:parked_pool_bytes") == 0
 
 
-def _kv_usage(llm) -> float:
-    return {m.name: m for m in llm.get_metrics()}["vllm:kv_cache_usage_perc"].value
-
-
-def test_rerouting_changes_what_decode_attends_to(parked_llm, tiny_idefics3):
+@pytest.mark.parametrize("engine", ["parked"], indirect=True)
+def test_rerouting_changes_what_decode_attends_to(engine, tiny_idefics3):
     """Guard for the reference test: swaps really change the model's output."""
 
     def logprobs(cfg):
-        out = _generate(parked_llm, tiny_idefics3, [cfg] * len(REQUESTS))
+        out = generate(engine, tiny_idefics3, [cfg] * len(REQUESTS))
         return [lp for o in out for step in o.outputs[0].logprobs for lp in step.values()]
 
     swapping = logprobs({**CONFIGS["pdrop-reroute"], "reroute_every": 1})
@@ -157,35 +124,22 @@ def test_rerouting_changes_what_decode_attends_to(parked_llm, tiny_idefics3):
     assert [x.logprob for x in swapping] != pytest.approx([x.logprob for x in fixed], abs=1e-4)
 
 
-@pytest.fixture(scope="module")
-def released_parked_llm(tiny_idefics3):
-    llm = make_llm(
-        tiny_idefics3,
-        routed_arch=ROUTED_IDEFICS3,
-        recroute={"mode": "reroute", "schedule": "pdrop", "kv_release": True, **PARKING},
-        block_size=32,
-        disable_log_stats=False,
-        enable_prefix_caching=True,  # kv_release keeps it: routed stages cache text only
-    )
-    yield llm
-    shutdown(llm)
-
-
-def test_parking_with_released_pages(released_parked_llm, hf_model, tiny_idefics3):
+@pytest.mark.parametrize("engine", ["parked-released"], indirect=True)
+def test_parking_with_released_pages(engine, hf_model, tiny_idefics3):
     """kv_release + parked tier: deferred pages go back to vLLM's pool, their K/V lives in
     the host pool, swaps happen inside the compacted rows; same tokens and restores as the
     reference, and every page and pool entry back at the end."""
-    llm = released_parked_llm
+    llm = engine
     cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 1}
-    released0 = _counter("recroute:kv_blocks_released")
-    restored0 = _counter("recroute:restored_blocks")
+    released0 = prom_counter("recroute:kv_blocks_released")
+    restored0 = prom_counter("recroute:restored_blocks")
     restored = _generate_as_reference(llm, hf_model, tiny_idefics3, cfg)
-    _flush(llm)
+    flush(llm)
     assert restored > 0
-    assert _counter("recroute:restored_blocks") - restored0 == restored
-    assert _counter("recroute:kv_blocks_released") > released0
-    assert llm.collective_rpc(_pool) == [(0, 0, 0)]
-    assert _kv_usage(llm) == 0.0
+    assert prom_counter("recroute:restored_blocks") - restored0 == restored
+    assert prom_counter("recroute:kv_blocks_released") > released0
+    assert llm.collective_rpc(pool_state) == [(0, 0, 0)]
+    assert kv_usage(llm) == 0.0
 
 
 SYSTEM = (
@@ -195,18 +149,16 @@ SYSTEM = (
 )
 
 
-def test_prefix_cache_serves_text_never_routed_image_blocks(
-    released_parked_llm, hf_model, tiny_idefics3
-):
+@pytest.mark.parametrize("engine", ["parked-released"], indirect=True)
+def test_prefix_cache_serves_text_never_routed_image_blocks(engine, hf_model, tiny_idefics3):
     """Same text prefix and image, two questions: the second request hits the cached text
     blocks in every group, recomputes the image under its own routing, and equals the
     reference; a request identical to the first gets no more than the text either."""
     from vllm import SamplingParams
 
-    from tests.conftest import route_counters
-    from tests.helpers import chat_prompt, processor_for
+    from tests.helpers import chat_prompt, processor_for, route_counters
 
-    llm = released_parked_llm
+    llm = engine
     cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 1}
     images = [make_test_image(5, size=128)]
     routed0 = route_counters(llm)["routed_requests"]
@@ -218,7 +170,7 @@ def test_prefix_cache_serves_text_never_routed_image_blocks(
     ):
         prompt = chat_prompt(str(tiny_idefics3), question, before=SYSTEM)
         params = SamplingParams(
-            temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=_xargs(cfg)
+            temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=xargs(cfg)
         )
         [out] = llm.generate(
             [{"prompt": prompt, "multi_modal_data": {"image": images}}], params, use_tqdm=False
@@ -241,17 +193,18 @@ def test_prefix_cache_serves_text_never_routed_image_blocks(
     assert route_counters(llm)["routed_requests"] == routed0 + 3  # hits were routed too
 
 
-def test_a_stage_with_nothing_deferred_parks_nothing(parked_llm, hf_model, tiny_idefics3):
+@pytest.mark.parametrize("engine", ["parked"], indirect=True)
+def test_a_stage_with_nothing_deferred_parks_nothing(engine, hf_model, tiny_idefics3):
     """keep = 1.0 (every visual token active): nothing to park or swap, the oracle's tokens
     (regression: an empty deferred set once crashed the engine)."""
     cfg = {"mode": "reroute", "schedule": "fastv", "keep": 1.0}
-    parked0 = _counter("recroute:parked_blocks")
-    outs = _generate(parked_llm, tiny_idefics3, [{**cfg, "reroute_every": 1}] * len(REQUESTS))
+    parked0 = prom_counter("recroute:parked_blocks")
+    outs = generate(engine, tiny_idefics3, [{**cfg, "reroute_every": 1}] * len(REQUESTS))
     for spec, out in zip(REQUESTS, outs, strict=True):
-        _, expected = _oracle(hf_model, tiny_idefics3, spec, cfg)
+        _, expected = oracle(hf_model, tiny_idefics3, spec, cfg)
         assert list(out.outputs[0].token_ids) == expected, spec
-    _flush(parked_llm)
-    assert _counter("recroute:parked_blocks") == parked0
+    flush(engine)
+    assert prom_counter("recroute:parked_blocks") == parked0
 
 
 @pytest.fixture(scope="module")
@@ -267,40 +220,41 @@ def int8_parked_llm(tiny_idefics3):
     shutdown(llm)
 
 
+@pytest.mark.parametrize("engine", ["parked"], indirect=True)
 def test_int8_parking_holds_fewer_bytes_and_restores(
-    int8_parked_llm, parked_llm, hf_model, tiny_idefics3
+    int8_parked_llm, engine, hf_model, tiny_idefics3
 ):
     """park_format int8 reaches the pool: the same units in about half the bytes of this
     fp32 model's (payload a quarter, plus scales and digests); without re-routing the
     tokens are the oracle's, with it units come back."""
     cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 0}
-    for name, llm in (("none", parked_llm), ("int8", int8_parked_llm)):
-        outs = _generate(llm, tiny_idefics3, [cfg] * len(REQUESTS))
+    for name, llm in (("none", engine), ("int8", int8_parked_llm)):
+        outs = generate(llm, tiny_idefics3, [cfg] * len(REQUESTS))
         for spec, out in zip(REQUESTS, outs, strict=True):
-            _, expected = _oracle(hf_model, tiny_idefics3, spec, CONFIGS["pdrop-reroute"])
+            _, expected = oracle(hf_model, tiny_idefics3, spec, CONFIGS["pdrop-reroute"])
             assert list(out.outputs[0].token_ids) == expected, (name, spec)
     held = {name: _held_mid_request(llm, tiny_idefics3) for name, llm in
-            (("none", parked_llm), ("int8", int8_parked_llm))}  # fmt: skip
+            (("none", engine), ("int8", int8_parked_llm))}  # fmt: skip
     assert held["int8"][0] == held["none"][0] > 0  # the same units parked
     assert held["int8"][1] < 0.6 * held["none"][1]
-    restored0 = _counter("recroute:restored_blocks")
-    _generate(int8_parked_llm, tiny_idefics3, [{**cfg, "reroute_every": 1}] * len(REQUESTS))
-    _flush(int8_parked_llm)
-    assert _counter("recroute:restored_blocks") > restored0
-    assert int8_parked_llm.collective_rpc(_pool) == [(0, 0, 0)]
+    restored0 = prom_counter("recroute:restored_blocks")
+    generate(int8_parked_llm, tiny_idefics3, [{**cfg, "reroute_every": 1}] * len(REQUESTS))
+    flush(int8_parked_llm)
+    assert prom_counter("recroute:restored_blocks") > restored0
+    assert int8_parked_llm.collective_rpc(pool_state) == [(0, 0, 0)]
 
 
 def _held_mid_request(llm, model_dir) -> tuple[int, int, int]:
     """Pool (units, bytes, stages) while one routed request is decoding; then abort it."""
     from vllm import SamplingParams
 
-    engine = llm.llm_engine
+    core = llm.llm_engine
     prompt, images = request_inputs(str(model_dir), REQUESTS[0])
     params = SamplingParams(max_tokens=100, ignore_eos=True)
-    engine.add_request("held", {"prompt": prompt, "multi_modal_data": {"image": images}}, params)
+    core.add_request("held", {"prompt": prompt, "multi_modal_data": {"image": images}}, params)
     for _ in range(3):
-        engine.step()
-    [held] = llm.collective_rpc(_pool)
-    engine.abort_request(["held"])
-    _flush(llm)
+        core.step()
+    [held] = llm.collective_rpc(pool_state)
+    core.abort_request(["held"])
+    flush(llm)
     return held

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import ROUTED_IDEFICS3
+from tests.helpers import ROUTED_IDEFICS3
 
 
 def _engine_config(model, arch: str | None, recroute=None, **kwargs):
@@ -78,7 +78,7 @@ def test_invalid_config_is_a_startup_error_naming_the_field(tiny_idefics3, recro
 
 
 def test_mm_prefix_models_refuse_routing(tiny_paligemma):
-    from tests.conftest import ROUTED_PALIGEMMA
+    from tests.helpers import ROUTED_PALIGEMMA
 
     with pytest.raises(ValueError, match=r"recroute\.mode: .*multimodal-prefix"):
         _engine_config(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vllm_recroute.config import RoutingConfig, RoutingConfigError
-from vllm_recroute.request_options import config_for_extra_args, overrides_from_extra_args
+from vllm_recroute.requests.options import config_for_extra_args, overrides_from_extra_args
 
 
 def test_flat_keys_and_json_fields():

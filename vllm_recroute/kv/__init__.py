@@ -1,9 +1,11 @@
-"""Parked-block tier (groundwork; see docs/parked_tier.md).
+"""KV tiers: the pure parts and the scheduler-side block management.
 
 - ``spec``: `RoutedStageSpec` (one KV-cache group per routing stage) and its registration;
 - ``manager``: `RoutedStageManager`, the stage group's scheduler-side block manager;
-- ``table_view``: `CompactedRow`, the worker-side mirror of a stage group's row;
-- ``parked_pool``: `ParkedPool`, the bounded host pool of parked blocks (pure torch).
+- ``table_view``: `ReleasedRows`, the worker's compacted view of a stage group's rows;
+- ``parked_pool``: `ParkedPool`, the bounded host pool of parked blocks (pure torch);
+- ``pages``: `KVPageIO`, slot reads and writes through the attention backend;
+- ``turn_index``: `TurnIndex`, the scheduler's index of kept turns (pure).
 
-Submodules are imported explicitly: ``parked_pool`` does not need vLLM.
+Submodules are imported explicitly: the pure ones do not need vLLM.
 """

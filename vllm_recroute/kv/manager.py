@@ -15,7 +15,7 @@ and later blocks are appended after it: ``req_to_blocks[r][i]`` is always the bl
 worker holds at row index ``i``. The live (non-null) entries in row order are the
 compacted table. Each release is recorded as a :class:`ReleasedBlocks` event; the
 scheduler-side connector forwards the events to the worker, which drops the same row
-indices from its compacted view (:class:`~vllm_recroute.kv.table_view.CompactedRow`).
+indices from its compacted view (:class:`~vllm_recroute.kv.table_view.ReleasedRows`).
 
 In-flight safety. A release never touches a block an already-scheduled step may write:
 the manager keeps ``cdiv(max_tokens - deferred, block_size)`` live blocks where
@@ -85,7 +85,6 @@ class RoutedStageManager(FullAttentionManager):
         self._deferred: dict[str, int] = {}
         self._max_tokens: dict[str, int] = {}
         self._released: list[ReleasedBlocks] = []
-        self.num_released_blocks = 0  # lifetime counter (metrics)
         # later-turn restore: deferred counts of kept turns offered to waiting requests
         self._expected: dict[str, int] = {}
 
@@ -145,7 +144,6 @@ class RoutedStageManager(FullAttentionManager):
         for i in rows:
             blocks[i] = self._null_block
         self.block_pool.free_blocks(freed)
-        self.num_released_blocks += len(freed)
         self._released.append(
             ReleasedBlocks(
                 request_id=request_id,

@@ -17,12 +17,11 @@ Capacity is bounded in bytes (payload + scales + digest, all counted). When a bl
 not fit, the least useful entries are dropped (lowest score first, the oldest first among
 equal scores) -- but only entries less useful than the incoming block; if the incoming
 block is itself the least useful, *it* is dropped instead. Dropping is counted, never an
-error: a dropped block becomes a removed token (design.md section 2).
+error: a dropped block becomes a removed token (docs/architecture.md, "Parked tier").
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -52,7 +51,7 @@ class ParkedPoolStats:
     parks: int  # blocks stored
     restores: int  # blocks handed back for re-activation
     drops: int  # blocks lost to capacity (evicted, or rejected on park)
-    discards: int  # blocks removed on purpose: drop(), free_request()
+    discards: int  # blocks removed on purpose: free_request()
 
 
 @dataclass
@@ -142,10 +141,6 @@ class ParkedPool:
                 return victims
         return None
 
-    def can_park(self, key: ParkedKey, k: torch.Tensor, v: torch.Tensor, score: float) -> bool:
-        """Whether ``park`` would store this block (possibly dropping less useful ones)."""
-        return self._plan(key, self.entry_bytes(k, v), score) is not None
-
     # ------------------------------------------------------------------ park / restore
 
     def park(
@@ -185,14 +180,6 @@ class ParkedPool:
             _dequantize(entry.v, entry.v_scale, entry.dtype),
         )
 
-    def drop(self, key: ParkedKey) -> bool:
-        """Discard one block on purpose (e.g. it will never be re-selected)."""
-        if key not in self._entries:
-            return False
-        self._remove(key)
-        self.discards += 1
-        return True
-
     def free_request(self, request_id: str) -> list[ParkedKey]:
         """Finish / abort / preemption: discard every block of the request."""
         keys = sorted(self._by_request.get(request_id, ()))
@@ -210,9 +197,6 @@ class ParkedPool:
     def score(self, key: ParkedKey) -> float:
         return self._entries[key].score
 
-    def set_score(self, key: ParkedKey, score: float) -> None:
-        self._entries[key].score = float(score)
-
     def keys(self, request_id: str | None = None) -> list[ParkedKey]:
         if request_id is None:
             return sorted(self._entries)
@@ -223,9 +207,6 @@ class ParkedPool:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def __iter__(self) -> Iterator[ParkedKey]:
-        return iter(self.keys())
 
     def stats(self) -> ParkedPoolStats:
         return ParkedPoolStats(

@@ -19,7 +19,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from vllm.utils.math_utils import cdiv
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, KVCacheSpec
 
 __all__ = [
@@ -81,11 +80,6 @@ class RoutedStageSpec(FullAttentionSpec):
         for a partial block at the release point."""
         return 2 * super().max_num_blocks_per_req(vllm_config, max_len) + 1
 
-    def live_blocks_for(self, num_tokens: int, num_deferred: int) -> int:
-        """Blocks a request needs at this stage for ``num_tokens`` tokens, ``num_deferred``
-        of which are deferred (have no KV here)."""
-        return cdiv(max(num_tokens - num_deferred, 0), self.block_size)
-
 
 def stage_spec_from(spec: KVCacheSpec, stage: int) -> RoutedStageSpec:
     """The stage spec for a layer whose attention module reported ``spec``.
@@ -134,7 +128,7 @@ def register_stage_spec() -> None:
 
     from vllm_recroute.kv.manager import RoutedStageManager
 
-    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry._ensure_registered()  # patch record R3
     KVCacheSpecRegistry.register(
         RoutedStageSpec, RoutedStageManager, uniform_type_base_spec=RoutedStageSpec
     )

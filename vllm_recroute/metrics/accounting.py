@@ -9,25 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-SCALARS = (
-    "chunked_fallbacks",
-    "visual_tokens",
-    "visual_token_layers",
-    "deferred_visual_token_layers",
-    "decoder_flops_saved",
-    "kv_bytes_saved",
-    "kv_blocks_released",
-    "parked_blocks",
-    "restored_blocks",
-    "parked_blocks_dropped",
-    "parked_blocks_freed",
-    "turn_saves",
-    "turn_loads",
-    "turn_loaded_tokens",
-)
-MAPPINGS = ("routed_requests", "stage_visual_tokens", "stage_active_visual_tokens")
-# Levels, not sums: the latest value wins (the parked pool's fill, per worker).
-GAUGES = ("parked_pool_blocks", "parked_pool_bytes", "turn_store_entries", "turn_store_bytes")
+from vllm_recroute.metrics.names import METRICS, PREFIX
+
+# Kinds come from the one list of metrics (names.py): a counter without labels is a scalar
+# sum, a labelled counter a mapping of sums, a gauge a level.
+_KEYS = [(m.name.removeprefix(PREFIX), m) for m in METRICS]
+SCALARS = tuple(k for k, m in _KEYS if m.kind == "counter" and not m.labels)
+MAPPINGS = tuple(k for k, m in _KEYS if m.kind == "counter" and m.labels)
+GAUGES = tuple(k for k, m in _KEYS if m.kind == "gauge")
 
 
 def empty_data() -> dict[str, Any]:
@@ -52,3 +41,23 @@ def is_empty(data: dict[str, Any]) -> bool:
     return not any(data.get(k) for k in (*SCALARS, *MAPPINGS)) and not any(
         k in data for k in GAUGES
     )
+
+
+class Ledger:
+    """A worker's routing accounting: ``totals`` since start (tests, /stats) and the delta
+    not yet reported to the front end (drained by the connector each step)."""
+
+    def __init__(self) -> None:
+        self.totals = empty_data()
+        self._pending = empty_data()
+
+    def record(self, *deltas: dict[str, Any]) -> None:
+        """Add counter deltas and set gauges (later arguments win for a gauge)."""
+        for delta in deltas:
+            if delta:
+                add_into(self.totals, delta)
+                add_into(self._pending, delta)
+
+    def drain(self) -> dict[str, Any]:
+        out, self._pending = self._pending, empty_data()
+        return out

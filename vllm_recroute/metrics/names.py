@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+PREFIX = "recroute:"
+
 
 @dataclass(frozen=True)
 class MetricSpec:

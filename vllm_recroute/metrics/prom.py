@@ -9,9 +9,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorProm
 from vllm.v1.metrics.utils import create_metric_per_engine
 
 from vllm_recroute.metrics.accounting import GAUGES, MAPPINGS, SCALARS, add_into, empty_data
-from vllm_recroute.metrics.names import BY_NAME
+from vllm_recroute.metrics.names import BY_NAME, PREFIX
 
-_PREFIX = "recroute:"
 # Totals observed by this front end, per engine index (GET /v1/recroute/stats).
 _totals: dict[int, dict[str, Any]] = {}
 _lock = threading.Lock()
@@ -36,12 +35,12 @@ class RecroutePromMetrics(KVConnectorPromMetrics):
         }
 
     def _make(self, key: str, labelnames: list[str]) -> Any:
-        spec = BY_NAME[_PREFIX + key]
+        spec = BY_NAME[PREFIX + key]
         # A process that builds a second engine (tests, LLM re-creation) reuses the
         # registered counter: counters are per process, as Prometheus expects.
         from prometheus_client import REGISTRY
 
-        existing = REGISTRY._names_to_collectors.get(spec.name)
+        existing = REGISTRY._names_to_collectors.get(spec.name)  # patch record R4
         if existing is not None:
             return existing
         cls = self._gauge_cls if spec.kind == "gauge" else self._counter_cls

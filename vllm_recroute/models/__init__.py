@@ -1,4 +1,5 @@
-"""Routed VLM architectures: one generic routed decoder (routed.py), thin per-model classes.
+"""Routed VLM architectures: one generic routed decoder (worker/decoder.py), thin per-model
+classes.
 
 Names follow `Recroute<vLLM class name>`; select one with
 `--hf-overrides '{"architectures": ["RecrouteIdefics3ForConditionalGeneration"]}'`.

@@ -2,7 +2,7 @@
 
 from vllm.model_executor.models.idefics3 import Idefics3ForConditionalGeneration
 
-from vllm_recroute.models.routed import RoutedDecoder
+from vllm_recroute.worker.decoder import RoutedDecoder
 
 
 class RecrouteIdefics3ForConditionalGeneration(Idefics3ForConditionalGeneration):

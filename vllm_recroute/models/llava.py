@@ -6,7 +6,7 @@ registered by dotted path only.
 
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 
-from vllm_recroute.models.routed import RoutedDecoder
+from vllm_recroute.worker.decoder import RoutedDecoder
 
 
 class RecrouteLlavaForConditionalGeneration(LlavaForConditionalGeneration):

@@ -16,7 +16,7 @@ from vllm.model_executor.models.paligemma import (
 from vllm.model_executor.models.siglip import SiglipEncoderInfo
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vllm_recroute.models.routed import RoutedDecoder
+from vllm_recroute.worker.decoder import RoutedDecoder
 
 
 class _SiglipPaliGemmaProcessingInfo(PaliGemmaProcessingInfo):

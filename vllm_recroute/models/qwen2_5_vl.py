@@ -7,7 +7,7 @@ M-RoPE positions ([3, T]) go through the same row gather as 1-D positions.
 
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
-from vllm_recroute.models.routed import RoutedDecoder
+from vllm_recroute.worker.decoder import RoutedDecoder
 
 
 class RecrouteQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):

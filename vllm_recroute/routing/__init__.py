@@ -1,7 +1,7 @@
 """Pure routing logic (no vLLM import): where to route, how to score, whom to keep.
 
 The routing decision is made in ``decision.py`` from the scores of ``scorers.py`` at the router
-points of ``schedule.py``. The vLLM integration in ``vllm_recroute/models/`` (and the plain
+points of ``schedule.py``. The vLLM integration in ``vllm_recroute/worker/step.py`` (and the plain
 PyTorch reference implementation) calls these at each router point, so both paths take the
 same decisions.
 """

@@ -9,14 +9,22 @@ implicit: it always sees every token, so it is not listed.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from vllm_recroute.config import RoutingConfig, RoutingConfigError
+from vllm_recroute.errors import RoutingConfigError
+
+if TYPE_CHECKING:  # config.py validates names against this registry: no runtime import
+    from vllm_recroute.config import RoutingConfig
 
 __all__ = [
+    "SCHEDULES",
+    "Schedule",
     "Stage",
     "average_retention",
+    "get_schedule",
     "num_keep",
     "resolve_stages",
     "router_points",
@@ -96,55 +104,183 @@ def average_retention(stages: Sequence[Stage], num_layers: int) -> float:
     return total / num_layers
 
 
-# ---------------------------------------------------------------------- named schedules
+# ---------------------------------------------------------------------- the registry
+
+
+class Schedule(ABC):
+    """One named schedule: where its router points are and what each stage keeps.
+
+    Stateless; one instance per name in :data:`SCHEDULES`. Adding a schedule is one subclass
+    here and one registry entry: the config validates names and router-layer counts from the
+    registry, and ``tests/unit/test_registries.py`` runs the contract over every entry.
+    """
+
+    name: ClassVar[str]
+    # How many router points a ``router_layers`` override must list (None: the schedule
+    # takes explicit ``custom`` (layer, keep) pairs instead).
+    num_router_points: ClassVar[int | None]
+    # Config fields a minimal valid config of this schedule needs (docs, contract tests).
+    example: ClassVar[dict[str, Any]] = {}
+    # Whether the router points scale with the model's depth (named paper schedules do).
+    scales_with_depth: ClassVar[bool] = True
+
+    @abstractmethod
+    def layout(self, cfg: RoutingConfig, num_layers: int) -> tuple[tuple[int, ...], Keeps]:
+        """Router points and the keep of each stage for a ``num_layers``-deep model."""
+
+    @abstractmethod
+    def budget_keeps(
+        self, cfg: RoutingConfig, num_layers: int, target: float, floor: float
+    ) -> Keeps:
+        """Keeps whose average retention is ``target`` (each at least ``floor``)."""
+
+    def validate(self, cfg: RoutingConfig) -> None:
+        """Cross-field checks of a config naming this schedule (RoutingConfigError)."""
+        if cfg.custom is not None:
+            raise RoutingConfigError(
+                "recroute.custom",
+                f"only allowed with schedule 'custom' (schedule is {self.name!r})",
+            )
+        n = self.num_router_points
+        if cfg.router_layers is not None and len(cfg.router_layers) != n:
+            raise RoutingConfigError(
+                "recroute.router_layers",
+                f"got {list(cfg.router_layers)}; schedule {self.name!r} needs exactly "
+                f"{n} router layer(s)",
+            )
+
+
+Keeps = tuple[float, ...]
+
+
+class FastV(Schedule):
+    """FastV: one router point at layer 2 of 32 (scaled to depth), keep λ (default 0.5)."""
+
+    name = "fastv"
+    num_router_points = 1
+
+    def layout(self, cfg: RoutingConfig, num_layers: int) -> tuple[tuple[int, ...], Keeps]:
+        return self._points(cfg, num_layers), (_lam(cfg),)
+
+    def _points(self, cfg: RoutingConfig, num_layers: int) -> tuple[int, ...]:
+        if cfg.router_layers is not None:
+            _check_in_range("router_layers", cfg.router_layers, num_layers)
+            return cfg.router_layers
+        point = max(1, _round_half_up(_FASTV_LAYER * num_layers / cfg.reference_layers))
+        _check_in_range("schedule", (point,), num_layers)
+        return (point,)
+
+    def budget_keeps(
+        self, cfg: RoutingConfig, num_layers: int, target: float, floor: float
+    ) -> Keeps:
+        # r·L = p + (L - p)·k  =>  k = (r·L - p) / (L - p)
+        (point,) = self._points(cfg, num_layers)
+        keep = (target * num_layers - point) / (num_layers - point)
+        return (min(1.0, max(floor, keep)),)
+
+
+class PyramidDrop(Schedule):
+    """PyramidDrop: router points at 1/4, 1/2, 3/4 of depth keeping λ, λ², λ³."""
+
+    name = "pdrop"
+    num_router_points = 3
+
+    def layout(self, cfg: RoutingConfig, num_layers: int) -> tuple[tuple[int, ...], Keeps]:
+        points, exponents = self._points(cfg, num_layers)
+        lam = _lam(cfg)
+        return points, tuple(lam**e for e in exponents)
+
+    def _points(
+        self, cfg: RoutingConfig, num_layers: int
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Router points and the power of λ each stage keeps (stage i keeps λ^(i+1)).
+
+        On shallow models the default points collide (L=2: 1, 1, 2): a stage whose range is
+        empty is dropped and the *later* exponent wins at that layer, which is exactly what
+        reading the schedule layer by layer gives.
+        """
+        if cfg.router_layers is not None:
+            _check_in_range("router_layers", cfg.router_layers, num_layers)
+            return cfg.router_layers, tuple(range(1, len(cfg.router_layers) + 1))
+        by_point: dict[int, int] = {}
+        for i, frac in enumerate(_PDROP_FRACTIONS):
+            point = max(1, _round_half_up(frac * num_layers))
+            if point < num_layers:
+                by_point[point] = i + 1
+        if not by_point:
+            raise RoutingConfigError(
+                "recroute.schedule",
+                f"pdrop needs a model with at least 2 decoder layers (got {num_layers})",
+            )
+        points = tuple(sorted(by_point))
+        return points, tuple(by_point[p] for p in points)
+
+    def budget_keeps(
+        self, cfg: RoutingConfig, num_layers: int, target: float, floor: float
+    ) -> Keeps:
+        points, exponents = self._points(cfg, num_layers)
+        lengths = [e - s for s, e in zip(points, (*points[1:], num_layers), strict=True)]
+        return _solve_pdrop(points[0], lengths, exponents, num_layers, target, floor)
+
+
+class Custom(Schedule):
+    """Explicit ``custom`` (layer, keep) pairs; the budget is in the pairs themselves."""
+
+    name = "custom"
+    num_router_points = None
+    example: ClassVar[dict[str, Any]] = {"custom": [[1, 0.5], [2, 0.25]]}
+    scales_with_depth = False
+
+    def layout(self, cfg: RoutingConfig, num_layers: int) -> tuple[tuple[int, ...], Keeps]:
+        assert cfg.custom is not None  # guaranteed by validate()
+        points = tuple(layer for layer, _ in cfg.custom)
+        _check_in_range("custom", points, num_layers)
+        return points, tuple(keep for _, keep in cfg.custom)
+
+    def budget_keeps(
+        self, cfg: RoutingConfig, num_layers: int, target: float, floor: float
+    ) -> Keeps:
+        raise RoutingConfigError("recroute.avg_visual_tokens", "not allowed with schedule 'custom'")
+
+    def validate(self, cfg: RoutingConfig) -> None:
+        if cfg.custom is None:
+            raise RoutingConfigError(
+                "recroute.custom",
+                "required when schedule is 'custom'; must be a non-empty list of [layer, keep] "
+                "pairs with strictly increasing integer layers >= 1 and keep in (0, 1]",
+            )
+        # Budgets and router points are already explicit in ``custom``; a second source
+        # would be ambiguous, so refuse rather than pick one.
+        for name in ("keep", "avg_visual_tokens", "router_layers"):
+            if getattr(cfg, name) is not None:
+                raise RoutingConfigError(
+                    f"recroute.{name}",
+                    "not allowed with schedule 'custom' (put (layer, keep) pairs in "
+                    "recroute.custom)",
+                )
+
+
+SCHEDULES: dict[str, Schedule] = {s.name: s for s in (FastV(), PyramidDrop(), Custom())}
+
+
+def get_schedule(name: str) -> Schedule:
+    try:
+        return SCHEDULES[name]
+    except KeyError:
+        allowed = ", ".join(SCHEDULES)
+        raise RoutingConfigError(
+            "recroute.schedule", f"got {name!r}; allowed values: {allowed}"
+        ) from None
+
+
+def _lam(cfg: RoutingConfig) -> float:
+    return cfg.keep if cfg.keep is not None else _DEFAULT_KEEP
 
 
 def _points_and_keeps(
     cfg: RoutingConfig, num_layers: int
 ) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    lam = cfg.keep if cfg.keep is not None else _DEFAULT_KEEP
-    if cfg.schedule == "custom":
-        assert cfg.custom is not None  # guaranteed by RoutingConfig validation
-        points = tuple(layer for layer, _ in cfg.custom)
-        _check_in_range("custom", points, num_layers)
-        return points, tuple(keep for _, keep in cfg.custom)
-    if cfg.schedule == "fastv":
-        return _fastv_points(cfg, num_layers), (lam,)
-    points, exponents = _pdrop_layout(cfg, num_layers)
-    return points, tuple(lam**e for e in exponents)
-
-
-def _fastv_points(cfg: RoutingConfig, num_layers: int) -> tuple[int, ...]:
-    if cfg.router_layers is not None:
-        _check_in_range("router_layers", cfg.router_layers, num_layers)
-        return cfg.router_layers
-    point = max(1, _round_half_up(_FASTV_LAYER * num_layers / cfg.reference_layers))
-    _check_in_range("schedule", (point,), num_layers)
-    return (point,)
-
-
-def _pdrop_layout(cfg: RoutingConfig, num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Router points and the power of λ each stage keeps (stage i keeps λ^(i+1)).
-
-    On shallow models the default points collide (L=2: 1, 1, 2): a stage whose range is empty
-    is dropped and the *later* exponent wins at that layer, which is exactly what reading the
-    schedule layer by layer gives.
-    """
-    if cfg.router_layers is not None:
-        _check_in_range("router_layers", cfg.router_layers, num_layers)
-        return cfg.router_layers, tuple(range(1, len(cfg.router_layers) + 1))
-    by_point: dict[int, int] = {}
-    for i, frac in enumerate(_PDROP_FRACTIONS):
-        point = max(1, _round_half_up(frac * num_layers))
-        if point < num_layers:
-            by_point[point] = i + 1
-    if not by_point:
-        raise RoutingConfigError(
-            "recroute.schedule",
-            f"pdrop needs a model with at least 2 decoder layers (got {num_layers})",
-        )
-    points = tuple(sorted(by_point))
-    return points, tuple(by_point[p] for p in points)
+    return get_schedule(cfg.schedule).layout(cfg, num_layers)
 
 
 def _check_in_range(name: str, points: tuple[int, ...], num_layers: int) -> None:
@@ -177,13 +313,7 @@ def _keeps_for_budget(
         return tuple(1.0 for _ in points)
     target = min(1.0, cfg.avg_visual_tokens / num_visual)
     floor = 1.0 / num_visual  # one token: num_keep never goes below it either
-    lengths = [e - s for s, e in zip(points, (*points[1:], num_layers), strict=True)]
-    if cfg.schedule == "fastv":
-        # r·L = p + (L - p)·k  =>  k = (r·L - p) / (L - p)
-        keep = (target * num_layers - points[0]) / lengths[0]
-        return (min(1.0, max(floor, keep)),)
-    _, exponents = _pdrop_layout(cfg, num_layers)
-    return _solve_pdrop(points[0], lengths, exponents, num_layers, target, floor)
+    return get_schedule(cfg.schedule).budget_keeps(cfg, num_layers, target, floor)
 
 
 def _solve_pdrop(

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from vllm_recroute.config import RoutingConfigError
+from vllm_recroute.errors import RoutingConfigError
 
 __all__ = [
     "SCORERS",

@@ -33,7 +33,6 @@ def test_pool_contract(compress):
     pool = ParkedPool(capacity_bytes=1 << 20, compress=compress)
     k, v = block(0)
     size = pool.entry_bytes(k, v)
-    assert pool.can_park(key("a", 0), k, v, score=1.0)
     assert pool.park(key("a", 0), k, v, score=1.0) == []
     assert key("a", 0) in pool and len(pool) == 1
     assert pool.used_bytes == size
@@ -51,8 +50,7 @@ def test_pool_contract(compress):
     for i in range(3):
         pool.park(key("a", i), *block(i), score=i)
     pool.park(key("b", 0), *block(9), score=0.5)
-    assert pool.drop(key("a", 1)) and not pool.drop(key("a", 1))
-    assert pool.free_request("a") == [key("a", 0), key("a", 2)]
+    assert pool.free_request("a") == [key("a", 0), key("a", 1), key("a", 2)]
     assert pool.keys() == [key("b", 0)]
     assert pool.free_request("a") == []
     assert pool.stats() == ParkedPoolStats(
@@ -134,7 +132,6 @@ def test_full_pool_drops_the_least_useful_blocks_first():
     assert pool.park(key("b", 1), k, v, score=0.5) == [key("a", 0)]
     assert pool.keys() == [key("a", 2), key("b", 0), key("b", 1)]
     # the incoming block is the least useful: it is the one dropped, nothing evicted
-    assert not pool.can_park(key("c", 0), k, v, score=0.2)
     assert pool.park(key("c", 0), k, v, score=0.2) == [key("c", 0)]
     assert pool.keys() == [key("a", 2), key("b", 0), key("b", 1)]
     assert pool.used_bytes == 3 * size
@@ -172,8 +169,6 @@ def test_re_parking_a_key_replaces_it_without_double_counting():
     pool.park(key("a", 0), v, k, score=0.3)
     assert len(pool) == 1 and pool.used_bytes == pool.entry_bytes(k, v)
     assert pool.score(key("a", 0)) == 0.3
-    pool.set_score(key("a", 0), 0.0)
-    assert pool.score(key("a", 0)) == 0.0
     rk, _ = pool.restore(key("a", 0))
     assert torch.equal(rk, v)
 

@@ -16,7 +16,7 @@ import torch
 from vllm_recroute.config import RoutingConfig
 from vllm_recroute.kv.pages import KVPageIO
 from vllm_recroute.kv.parked_pool import ParkedKey
-from vllm_recroute.models.parking import PageRow, ParkingTier, _key_values
+from vllm_recroute.worker.parking import PageRow, ParkingTier, _key_values
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -270,22 +270,20 @@ def test_a_stage_with_nothing_deferred_or_nothing_active(active):
 # ------------------------------------------------------------------ later turns (TurnStore)
 
 
-def _turn_decoder(tier, layers):
-    from vllm_recroute.models.routed import RouteStore
+def _turn_store(tier):
+    """A TurnStore on its narrow collaborators: the tier, a store holding finished
+    requests, one KV group of BLOCK-token pages, a ledger, a fixed decode pace."""
+    from vllm_recroute.metrics.accounting import Ledger
+    from vllm_recroute.worker.state import RouteStore
+    from vllm_recroute.worker.turns import TurnStore
 
-    store = RouteStore()
-    store.held = set()
-    store.forget_hooks.append(lambda gone: tier.forget(sorted(gone)))
-    runner = SimpleNamespace(requests={})  # no per-request options: the server's config
-    return SimpleNamespace(
-        tier=tier,
-        store=store,
-        num_layers=len(layers),
-        runner=runner,
-        config=tier.cfg,
-        group_info={0: (BLOCK, None)},
-        group_of=lambda runner, i: 0,
-    )
+    store = RouteStore(hold_finished=True)
+    store.on_forget(lambda gone: tier.forget(sorted(gone)))
+
+    def pages(layer_idx, block_ids):
+        return PageRow(torch.tensor(block_ids[0], dtype=torch.long), BLOCK)
+
+    return TurnStore(tier, store, pages, Ledger(), lambda req_id: tier.cfg.reroute_every)
 
 
 @pytest.mark.parametrize(("layout", "fmt"), [("plain", "none"), ("cpu", "none"), ("plain", "int8")])
@@ -293,30 +291,29 @@ def test_a_kept_turn_comes_back_bit_exact_in_another_requests_pages(layout, fmt)
     """(int8: the units come back as the pool gave them out; re-quantizing a dequantized
     unit is exact, so a kept turn loses nothing more than parking did.)"""
     from vllm_recroute.kv.turn_index import TurnLoad, TurnSave
-    from vllm_recroute.models.routed import RouteState
-    from vllm_recroute.models.turns import TurnStore
     from vllm_recroute.routing import Stage
+    from vllm_recroute.worker.state import RouteState
 
-    tier, layers, x, positions, mask, cpos, scores, _ = tier_setup(fmt, layout=layout)
-    dec = _turn_decoder(tier, layers)
-    turns = TurnStore(dec)
+    tier, _, x, positions, mask, cpos, scores, _ = tier_setup(fmt, layout=layout)
+    turns = _turn_store(tier)
+    store = turns.store
     tier.park_prefill("t1", 0, 1, 3, positions, x, mask, cpos, scores)
     parked = {uid: tier.pool.restore(ParkedKey("t1", 0, uid)) for uid in (2, 3, 4, 5)}
     for uid, (k, v) in parked.items():  # (restore took them out; put them back)
         tier.pool.park(ParkedKey("t1", 0, uid), k, v, 1.0)
-    dec.store.put("t1", RouteState((Stage(1, 3, 0.5),), (8,), 1))
+    store.put("t1", RouteState((Stage(1, 3, 0.5),), (8,), 1))
     n = 5 + V  # tokens with KV: 5 text rows and the image; 8 visual tokens are deferred
     g = torch.Generator().manual_seed(3)
     for io in tier.io[:1]:  # stage 0 holds every token
         io.write(*torch.randn(2, n, KV_HEADS, DIM, generator=g), torch.arange(n) + 2 * BLOCK)
     rows = [io.read(torch.arange(n) + 2 * BLOCK, BLOCK) for io in tier.io]
 
-    dec.store.forget(["t1"])  # vLLM says t1 finished: held until the turn jobs ran
-    assert dec.store.get("t1") is not None and len(tier.pool) == 4
+    store.forget(["t1"])  # vLLM says t1 finished: held until the turn jobs ran
+    assert store.get("t1") is not None and len(tier.pool) == 4
     save = TurnSave("t1", 7, n, ((2,),))
     turns.apply([], [save], [])
     assert turns.take_sent() == {"t1"}
-    assert dec.store.get("t1") is None and len(tier.pool) == 0 and not tier.units
+    assert store.get("t1") is None and len(tier.pool) == 0 and not tier.units
     record = turns.records[7]
     assert [k.shape[0] for k, _ in record.kv] == [n, n - 8, n - 8]  # compacted at the stage
 
@@ -325,7 +322,7 @@ def test_a_kept_turn_comes_back_bit_exact_in_another_requests_pages(layout, fmt)
         got = io.read(torch.arange(record.kv[i][0].shape[0]) + 3 * BLOCK, BLOCK)
         want = (rows[i][0][: got[0].shape[0]], rows[i][1][: got[0].shape[0]])
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert dec.store.get("t2").deferred == (8,) and "t2" in dec.store.reroute_now
+    assert store.get("t2").deferred == (8,) and store.wants_reroute("t2")
     assert sorted(tier.units[("t2", 0)].parked) == [2, 3, 4, 5]
     for uid, (k, v) in parked.items():
         k2, v2 = tier.pool.restore(ParkedKey("t2", 0, uid))

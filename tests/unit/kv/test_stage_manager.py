@@ -11,7 +11,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCache
 
 from vllm_recroute.kv.manager import ReleasedBlocks, RoutedStageManager
 from vllm_recroute.kv.spec import register_stage_spec, stage_spec_from
-from vllm_recroute.kv.table_view import CompactedRow
+from vllm_recroute.kv.table_view import ReleasedRows, compact_row
 
 BLOCK = 4
 BASE = FullAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=1, dtype=torch.float32)
@@ -71,7 +71,6 @@ def test_defer_releases_tail_blocks_to_the_shared_pool():
         ReleasedBlocks("a", kv_cache_group_id=1, stage=1, row_indices=(4, 3), block_ids=(5, 4))
     ]
     assert m.take_released() == []
-    assert m.num_released_blocks == 2
 
     # freed pages are free for every group on the pool (LIFO reuse)
     other = make_manager(pool, stage=2, group_id=2)
@@ -274,7 +273,8 @@ def test_mixed_sequence_returns_the_pool_to_its_start_and_mirrors_the_worker():
     pool = make_pool(num_blocks=96)
     managers = [make_manager(pool, stage=s, group_id=s) for s in range(3)]
     start = pool.get_num_free_blocks()
-    rows: dict[tuple[int, str], CompactedRow] = {}
+    rows: dict[tuple[int, str], list[int]] = {}  # the worker's append-only rows
+    released = ReleasedRows()  # the worker's record of released entries (production model)
     tokens: dict[str, int] = {}
 
     def step(req: str, num_tokens: int) -> None:
@@ -288,18 +288,21 @@ def test_mixed_sequence_returns_the_pool_to_its_start_and_mirrors_the_worker():
         assert need <= pool.get_num_free_blocks()
         for m in managers:
             new = m.allocate_new_blocks(req, num_tokens, num_tokens)
-            rows.setdefault((m.stage, req), CompactedRow()).append(b.block_id for b in new)
+            rows.setdefault((m.stage, req), []).extend(b.block_id for b in new)
         sync()
         for m in managers:  # the stepped request holds exactly its compacted length
-            expect = m.kv_cache_spec.live_blocks_for(num_tokens, m.get_deferred(req))
+            expect = -(-max(num_tokens - m.get_deferred(req), 0) // m.block_size)
             assert len(m.live_block_ids(req)) == expect, (m.stage, req)
 
     def sync() -> None:
         for m in managers:
             for ev in m.take_released():
-                rows[(ev.stage, ev.request_id)].release(ev.row_indices, ev.block_ids)
+                row = rows[(ev.stage, ev.request_id)]
+                assert [row[i] for i in ev.row_indices] == list(ev.block_ids)
+                released.apply(ev.request_id, ev.kv_cache_group_id, ev.row_indices)
         for (stage, req), row in rows.items():
-            assert row.compacted() == managers[stage].live_block_ids(req), (stage, req)
+            live = compact_row(row, released.dead(req, stage))  # group id == stage here
+            assert live == managers[stage].live_block_ids(req), (stage, req)
 
     def route(req: str, deferred: tuple[int, int]) -> None:
         managers[1].set_deferred(req, deferred[0])
@@ -309,6 +312,7 @@ def test_mixed_sequence_returns_the_pool_to_its_start_and_mirrors_the_worker():
         for m in managers:
             m.free(req)
             rows.pop((m.stage, req), None)
+        released.forget({req})
         tokens.pop(req, None)
 
     step("a", 37)  # prefill: every stage holds 10 blocks

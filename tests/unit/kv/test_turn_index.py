@@ -124,7 +124,7 @@ def test_a_turn_shorter_than_one_block_is_keyed_by_all_its_tokens():
 def test_requests_are_keyed_by_their_routing_options_and_bad_ones_never_raise():
     from types import SimpleNamespace
 
-    from vllm_recroute.metrics.connector import _turn_request
+    from vllm_recroute.connector.scheduler import turn_request as _turn_request
 
     def request(extra):
         image = SimpleNamespace(mm_position=SimpleNamespace(offset=2, length=5), identifier="a")

@@ -12,7 +12,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from vllm_recroute.config import RoutingConfig, RoutingConfigError
+from vllm_recroute.config import RoutingConfig
+from vllm_recroute.errors import RoutingConfigError
 
 logger = logging.getLogger("vllm_recroute")
 
@@ -106,17 +107,36 @@ def check_request_limits(base: RoutingConfig, overrides: Mapping[str, Any]) -> N
         refuse("avg_visual_tokens", f"got {avg!r}; this server's minimum is {low_avg}")
 
 
-def routing_for_request(base: RoutingConfig, runner: Any, req_id: str) -> RoutingConfig:
+def routing_for_request(
+    base: RoutingConfig, extra_args: Mapping[str, Any] | None, req_id: str
+) -> RoutingConfig:
     """Effective config of one request, worker side (the front end already validated it)."""
-    state = runner.requests.get(req_id)
-    params = getattr(state, "sampling_params", None)
-    extra = getattr(params, "extra_args", None)
-    if not extra:
+    if not extra_args:
         return base
     try:
-        return config_for_extra_args(base, extra)
+        return config_for_extra_args(base, extra_args)
     except RoutingConfigError as err:
         # Reaching here means a caller bypassed front-end validation (offline LLM API);
         # never crash the engine for one request.
         logger.warning("vllm-recroute: request %s: %s; using server routing config", req_id, err)
         return base
+
+
+def routing_key(extra_args: Mapping[str, Any] | None) -> tuple[tuple[str, str], ...]:
+    """What of a request's options changes its stage layout: the routing context a kept
+    turn was computed under (``reroute_every`` only paces decode-time swaps).
+
+    Never raises: options no front end validated (offline API) are keyed by their raw
+    value, so such a request matches only itself.
+    """
+    try:
+        options = overrides_from_extra_args(extra_args)
+    except RoutingConfigError:
+        options = {"raw": repr(sorted((extra_args or {}).items()))}
+    return tuple(sorted((k, repr(v)) for k, v in options.items() if k != "reroute_every"))
+
+
+def decode_reroute_every(cfg: RoutingConfig) -> int:
+    """Decode steps between re-routings for a request routed with ``cfg`` (0: never;
+    remove mode never brings a token back)."""
+    return cfg.reroute_every if cfg.mode == "reroute" else 0

@@ -22,8 +22,9 @@ import torch
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
-from vllm_recroute.config import RoutingConfig, RoutingConfigError
-from vllm_recroute.request_options import PREFIX, config_for_extra_args
+from vllm_recroute.config import RoutingConfig
+from vllm_recroute.errors import RoutingConfigError
+from vllm_recroute.requests.options import PREFIX, config_for_extra_args
 
 
 def validate_request(

@@ -32,8 +32,8 @@ import torch
 from vllm_recroute.config import RoutingConfig
 from vllm_recroute.kv.pages import KVPageIO
 from vllm_recroute.kv.parked_pool import ParkedKey, ParkedPool
-from vllm_recroute.models.projections import project_qkv
 from vllm_recroute.routing.rerouting import chunk_units, plan_swaps, unit_scores
+from vllm_recroute.worker.projections import project_qkv
 
 
 @dataclass
@@ -119,13 +119,8 @@ class ParkingTier:
             units.sizes[uid] = int(idx.numel())
             ks = torch.stack([k_[idx] for k_, _ in kv])
             vs = torch.stack([v_[idx] for _, v_ in kv])
-            idx = deferred_idx[idx]
-            key = ParkedKey(req_id, k, uid)
-            dropped = self.pool.park(key, ks, vs, float(scores[idx].float().mean()))
-            self._apply_drops(dropped, delta)
-            if key not in dropped:
-                units.parked.add(uid)
-                delta["parked_blocks"] += 1
+            score = float(scores[deferred_idx[idx]].float().mean())
+            self._park_unit(ParkedKey(req_id, k, uid), ks, vs, score, delta)
         return delta
 
     # -- decode -------------------------------------------------------------------------
@@ -192,15 +187,21 @@ class ParkingTier:
             units.active[swap.restore] = pos
             del units.digests[swap.evict]
             delta["restored_blocks"] += 1
-            ekey = ParkedKey(req_id, k, swap.evict)
-            dropped = self.pool.park(ekey, ek, ev, score[swap.evict])
-            self._apply_drops(dropped, delta)
-            if ekey not in dropped:
-                units.parked.add(swap.evict)
-                delta["parked_blocks"] += 1
+            self._park_unit(ParkedKey(req_id, k, swap.evict), ek, ev, score[swap.evict], delta)
 
     def _stage_io(self, units: StageUnits) -> list[KVPageIO]:
         return self.io[units.start : units.end]
+
+    def _park_unit(
+        self, key: ParkedKey, k: torch.Tensor, v: torch.Tensor, score: float, delta: dict
+    ) -> None:
+        """Park one unit of ``self.units[(request, stage)]``: the pool may drop it or
+        less useful units to make room (each drop counted, never an error)."""
+        dropped = self.pool.park(key, k, v, float(score))
+        self._apply_drops(dropped, delta)
+        if key not in dropped:
+            self.units[(key.request_id, key.stage)].parked.add(key.block_index)
+            delta["parked_blocks"] += 1
 
     def _apply_drops(self, dropped: list[ParkedKey], delta: dict[str, int]) -> None:
         for key in dropped:
@@ -221,7 +222,7 @@ class ParkingTier:
                 del self.units[key]
         return {"parked_blocks_freed": freed} if freed else {}
 
-    # -- later turns (models/turns.py) ----------------------------------------------------
+    # -- later turns (worker/turns.py) ----------------------------------------------------
 
     def take(self, req_id: str, num_stages: int) -> tuple[dict, dict]:
         """Hand a finished request's units over (for a kept turn): per stage its units
@@ -250,17 +251,13 @@ class ParkingTier:
                 parked=set(),
             )
         for (k, uid), (kk, vv, score) in parked.items():
-            key = ParkedKey(req_id, k, uid)
-            dropped = self.pool.park(key, kk, vv, score)
-            self._apply_drops(dropped, delta)
-            if key not in dropped:
-                self.units[(req_id, k)].parked.add(uid)
-                delta["parked_blocks"] += 1
+            self._park_unit(ParkedKey(req_id, k, uid), kk, vv, score, delta)
         return delta
 
     def gauges(self) -> dict[str, int]:
         """Pool fill, only when it changed since the last call (keeps stats sparse)."""
-        now = (len(self.pool), self.pool.used_bytes)
+        stats = self.pool.stats()
+        now = (stats.num_blocks, stats.used_bytes)
         if now == self._reported:
             return {}
         self._reported = now

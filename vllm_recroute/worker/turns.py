@@ -12,7 +12,7 @@ evict → save → load, all before the forward pass that reads the loaded pages
       load(job)                TurnRecord ──write──► turn 2's new pages; turn 1's routing
                                state and units become turn 2's; parked units ──copy──►
                                ParkedPool under turn 2's id; turn 2 re-routes at its first
-                               forward (StepRouter, query = its last prompt token)
+                               forward (worker/step.py, query = its last prompt token)
 
 A record is read-only once saved, so several later turns (branches of one conversation)
 can load it. Its bytes belong to this store until the scheduler evicts it.
@@ -20,21 +20,26 @@ can load it. Its bytes belong to this store until the scheduler evicts it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from vllm_recroute.kv.turn_index import TurnLoad, TurnSave
-from vllm_recroute.models.parking import PageRow, StageUnits
+from vllm_recroute.metrics.accounting import Ledger
 from vllm_recroute.routing import stage_at
+from vllm_recroute.worker.parking import PageRow, ParkingTier, StageUnits
+from vllm_recroute.worker.state import RouteState, RouteStore
+
+# Where a layer's rows of a request live, from the scheduler's block ids per KV group.
+PageLocator = Callable[[int, tuple[tuple[int, ...], ...]], PageRow]
 
 
 @dataclass
 class TurnRecord:
     """One finished turn's stage KV, in the layout its routing left it."""
 
-    state: Any  # models/routed.RouteState, or None for a request that was not routed
+    state: RouteState | None  # None: the request was not routed
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V [rows, kv_heads, dim]
     units: dict[int, StageUnits] = field(default_factory=dict)  # stage -> units (no pool)
     parked: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, float]] = field(
@@ -49,10 +54,26 @@ class TurnRecord:
 
 
 class TurnStore:
-    """Kept turns of one routed decoder, by the scheduler's turn id."""
+    """Kept turns of one routed decoder, by the scheduler's turn id.
 
-    def __init__(self, decoder: Any) -> None:
-        self.decoder = decoder
+    Collaborators: the parked tier (page I/O, units), the routing state store, where a
+    layer's pages are (``pages``), the ledger, and each request's decode re-route pace
+    (``reroute_every_of``, from its options).
+    """
+
+    def __init__(
+        self,
+        tier: ParkingTier,
+        store: RouteStore,
+        pages: PageLocator,
+        ledger: Ledger,
+        reroute_every_of: Callable[[str], int],
+    ) -> None:
+        self.tier = tier
+        self.store = store
+        self.pages = pages
+        self.ledger = ledger
+        self.reroute_every_of = reroute_every_of
         self.records: dict[int, TurnRecord] = {}
         self._sent: set[str] = set()
 
@@ -65,9 +86,9 @@ class TurnStore:
             self.save(job)
         for job in loads:
             self.load(job)
-        self.decoder.store.release_held()
+        self.store.release_held()
         if evicted or saves or loads:
-            self.decoder.store.record({**self.gauges(), **self.decoder.tier.gauges()})
+            self.ledger.record(self.gauges(), self.tier.gauges())
 
     def take_sent(self) -> set[str]:
         """Requests whose pages were copied since the last call (vLLM may free them)."""
@@ -77,25 +98,20 @@ class TurnStore:
     # -- save / load ----------------------------------------------------------------------
 
     def save(self, job: TurnSave) -> None:
-        dec, tier = self.decoder, self.decoder.tier
-        state = dec.store.get(job.request_id)  # held since vLLM said it finished
+        state = self.store.get(job.request_id)  # held since vLLM said it finished
         kv = []
-        for i in range(dec.num_layers):
-            page = self._page(i, job.block_ids)
+        for i, io in enumerate(self.tier.io):
+            page = self.pages(i, job.block_ids)
             rows = torch.arange(_rows(state, i, job.num_tokens))
-            kv.append(tier.io[i].read(page.slots(rows), page.block_size))  # gathered copies
+            kv.append(io.read(page.slots(rows), page.block_size))  # gathered copies
         record = TurnRecord(state, kv)
         if state is not None:
-            record.units, record.parked = tier.take(job.request_id, len(state.stages))
+            record.units, record.parked = self.tier.take(job.request_id, len(state.stages))
         self.records[job.turn_id] = record
         self._sent.add(job.request_id)
-        dec.store.record({"turn_saves": 1})
+        self.ledger.record({"turn_saves": 1})
 
     def load(self, job: TurnLoad) -> None:
-        from vllm_recroute.models.routed import RouteState
-        from vllm_recroute.request_options import routing_for_request
-
-        dec, tier = self.decoder, self.decoder.tier
         record = self.records.get(job.turn_id)
         if record is None:
             raise RuntimeError(
@@ -105,26 +121,20 @@ class TurnStore:
         for i, (k, v) in enumerate(record.kv):
             # an entry shorter than the record (its prompt alone) loads a prefix of the rows
             end = _rows(record.state, i, job.num_tokens)
-            page = self._page(i, job.block_ids)
+            page = self.pages(i, job.block_ids)
             rows = torch.arange(job.start, end)
-            tier.io[i].write(k[job.start : end], v[job.start : end], page.slots(rows))
+            self.tier.io[i].write(k[job.start : end], v[job.start : end], page.slots(rows))
         delta = {"turn_loads": 1, "turn_loaded_tokens": job.num_tokens - job.start}
         state = record.state
         if state is not None:
-            cfg = routing_for_request(dec.config, dec.runner, job.request_id)
-            every = cfg.reroute_every if cfg.mode == "reroute" else 0
-            dec.store.put(job.request_id, RouteState(state.stages, state.deferred, every))
-            delta.update(tier.adopt(job.request_id, record.units, record.parked))
+            every = self.reroute_every_of(job.request_id)
+            self.store.put(job.request_id, RouteState(state.stages, state.deferred, every))
+            delta.update(self.tier.adopt(job.request_id, record.units, record.parked))
             if record.parked:
-                dec.store.reroute_now.add(job.request_id)
-        dec.store.record({**delta, **tier.gauges()})
+                self.store.request_reroute(job.request_id)
+        self.ledger.record(delta, self.tier.gauges())
 
     # -- helpers --------------------------------------------------------------------------
-
-    def _page(self, layer_idx: int, block_ids: tuple[tuple[int, ...], ...]) -> PageRow:
-        gid = self.decoder.group_of(self.decoder.runner, layer_idx)
-        block_size, _ = self.decoder.group_info[gid]
-        return PageRow(torch.tensor(block_ids[gid], dtype=torch.long), block_size)
 
     def gauges(self) -> dict[str, int]:
         return {
@@ -133,7 +143,7 @@ class TurnStore:
         }
 
 
-def _rows(state: Any, layer_idx: int, num_tokens: int) -> int:
+def _rows(state: RouteState | None, layer_idx: int, num_tokens: int) -> int:
     """Rows the layer holds for ``num_tokens`` tokens: a routed stage holds its compacted
     active rows only (deferred tokens are parked, dropped or removed)."""
     k = None if state is None else stage_at(state.stages, layer_idx)

@@ -9,11 +9,18 @@ routing config is a startup error naming the field, never a crash in a worker.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
-from vllm_recroute.config import RoutingConfig, RoutingConfigError
+from vllm_recroute.config import RoutingConfig
+from vllm_recroute.errors import RoutingConfigError
 
 logger = logging.getLogger("vllm_recroute")
+
+# The plugin's KV connector (connector/connector.py), installed by name: vLLM imports it in
+# each process from this dotted path.
+CONNECTOR_NAME = "RecrouteConnector"
+MODULE_PATH = "vllm_recroute.connector.connector"
 
 
 def apply_routing_requirements(vllm_config: Any) -> RoutingConfig:
@@ -24,8 +31,9 @@ def apply_routing_requirements(vllm_config: Any) -> RoutingConfig:
     _install_stats_connector(vllm_config)
     cache = vllm_config.cache_config
     if cache.enable_prefix_caching and not cfg.kv_release:
-        # Routed-stage KV depends on the question (design.md §1): a cached block from one
-        # routing context must not serve another. Only the per-stage groups of kv_release
+        # Routed-stage KV depends on the question (docs/architecture.md, "Contract
+        # hazards"): a cached block from one routing context must not serve another.
+        # Only the per-stage groups of kv_release
         # can tell stage blocks apart (kv/manager.py caches routed stages before the first
         # image only); with a single KV group, prefix caching is off.
         logger.warning(
@@ -55,7 +63,7 @@ def apply_routing_requirements(vllm_config: Any) -> RoutingConfig:
 
 
 def _install_request_validator(vllm_config: Any, cfg: RoutingConfig) -> None:
-    from vllm_recroute.request_validation import is_validator, validator_for
+    from vllm_recroute.requests.validation import is_validator, validator_for
 
     model = vllm_config.model_config
     if model is not None:
@@ -64,10 +72,9 @@ def _install_request_validator(vllm_config: Any, cfg: RoutingConfig) -> None:
 
 
 def _install_stats_connector(vllm_config: Any) -> None:
-    """Routing metrics travel as KV-connector stats (metrics/connector.py)."""
+    """Routing metrics, page releases and kept turns travel through the plugin's KV
+    connector (connector/connector.py)."""
     from vllm.config import KVTransferConfig
-
-    from vllm_recroute.metrics.connector import CONNECTOR_NAME, MODULE_PATH
 
     kv = vllm_config.kv_transfer_config
     if kv is None or kv.kv_connector is None:
@@ -126,17 +133,16 @@ def _refuse_unsupported_parking(vllm_config: Any) -> None:
         )
 
 
-def register_config_hooks() -> None:
+def register_config_hooks(architectures: Iterable[str]) -> None:
+    """Patch record P2: the config hook for each routed architecture (idempotent)."""
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
-
-    from vllm_recroute.models import ROUTED_ARCHITECTURES
 
     class RecrouteConfigHook(VerifyAndUpdateConfig):
         @staticmethod
         def verify_and_update_config(vllm_config: Any) -> None:
             apply_routing_requirements(vllm_config)
 
-    for arch in ROUTED_ARCHITECTURES:
+    for arch in architectures:
         MODELS_CONFIG_MAP.setdefault(arch, RecrouteConfigHook)
 
 

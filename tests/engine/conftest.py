@@ -1,0 +1,63 @@
+"""Engines and reference models shared by the engine tests.
+
+``engine`` is the one engine factory: parametrize it indirectly with a kind from ENGINES
+(``@pytest.mark.parametrize("engine", ["parked"], indirect=True)``). Module-scoped, so an
+engine lives for the tests of one module and kind (one engine reports
+``vllm:kv_cache_usage_perc`` at a time).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import PARKING, ROUTED_IDEFICS3, TURNS, make_llm, shutdown
+
+PDROP = {"mode": "reroute", "schedule": "pdrop"}
+RELEASE = {**PDROP, "kv_release": True}
+
+# kind -> (the routed engine's recroute config, other engine arguments); every engine is
+# the tiny Idefics3 with 32-token blocks and stats on.
+ENGINES: dict[str, tuple[dict, dict]] = {
+    "release": (RELEASE, {}),
+    "parked": ({**PDROP, **PARKING}, {}),
+    # kv_release keeps prefix caching: routed stages cache text only
+    "parked-released": ({**RELEASE, **PARKING}, {"enable_prefix_caching": True}),
+    "turns": ({**PDROP, **TURNS}, {}),
+    "turns-released": ({**RELEASE, **TURNS}, {}),
+}
+
+
+@pytest.fixture(scope="module")
+def engine(request, tiny_idefics3):
+    recroute, kwargs = ENGINES[request.param]
+    llm = make_llm(
+        tiny_idefics3,
+        routed_arch=ROUTED_IDEFICS3,
+        recroute=recroute,
+        block_size=32,
+        disable_log_stats=False,
+        **kwargs,
+    )
+    yield llm
+    shutdown(llm)
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_idefics3):
+    """The tiny Idefics3 in transformers (default attention), for references."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(tiny_idefics3), dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_eager(tiny_idefics3):
+    """The same with eager attention (the routing oracle's reference)."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(tiny_idefics3), torch_dtype=torch.float32, attn_implementation="eager"
+    )
+    return model.eval()

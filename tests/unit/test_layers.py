@@ -1,0 +1,187 @@
+"""The package's rooms import downwards only, and no module-level import forms a cycle.
+
+LAYERS lists every module of ``vllm_recroute`` from the bottom up; a module may import
+(at module level or inside a function) only from its own layer or below. Pure rooms
+(routing, and kv's pure modules) import nothing from vLLM's worker side nor from the
+plugin's worker/ or connector/. Checked twice: statically over every ``import`` statement
+(TYPE_CHECKING blocks excluded), and by importing every module in layer order in a fresh
+interpreter, which fails on any cycle and on a module that pulls in a higher layer.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import vllm_recroute
+
+ROOT = Path(vllm_recroute.__file__).parent
+
+LAYERS: list[list[str]] = [
+    ["errors", "_compat"],
+    ["routing", "routing.decision", "routing.rerouting", "routing.schedule", "routing.scorers"],
+    ["config"],
+    ["requests", "requests.options", "metrics", "metrics.names", "metrics.accounting"],
+    [
+        "kv",
+        "kv.parked_pool",
+        "kv.pages",
+        "kv.turn_index",
+        "kv.table_view",
+        "vllm_view",
+        "tiny_models",
+    ],
+    ["kv.spec", "kv.manager", "metrics.stats", "metrics.prom", "requests.validation"],
+    ["patches"],
+    [
+        "worker",
+        "worker.state",
+        "worker.projections",
+        "worker.parking",
+        "worker.turns",
+        "worker.compaction",
+        "worker.config_hook",
+        "worker.step",
+        "worker.decoder",
+    ],
+    [
+        "connector",
+        "connector.messages",
+        "connector.worker",
+        "connector.scheduler",
+        "connector.connector",
+    ],
+    ["models", "models.idefics3", "models.paligemma"],
+    ["cli", "", "demo", "demo.shapes", "demo.model", "demo.evaluate", "demo.train"],
+]
+# Registered for GPU hosts; importing them needs torchvision (not on this CPU host).
+NOT_IMPORTABLE_HERE = ["models.qwen2_5_vl", "models.llava"]
+PURE = [m for m in LAYERS[1] + LAYERS[4] if m.startswith(("routing", "kv.")) or m == "kv"]
+
+LAYER_OF = {m: i for i, layer in enumerate(LAYERS) for m in layer}
+LAYER_OF.update({m: len(LAYERS) - 2 for m in NOT_IMPORTABLE_HERE})
+
+
+def _name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = [p for p in rel.parts if p != "__init__"]
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_name(p): p for p in ROOT.rglob("*.py") if "checkpoint" not in p.parts}
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """(imported plugin module, at module level) for every import in ``path``."""
+    tree = ast.parse(path.read_text())
+    skip: set[int] = set()
+    for node in ast.walk(tree):  # `if TYPE_CHECKING:` blocks are not imports at run time
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip |= {id(n) for n in ast.walk(node)}
+    top = {id(n) for n in tree.body}
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            if name == "vllm_recroute" or name.startswith("vllm_recroute."):
+                mod = name.removeprefix("vllm_recroute").removeprefix(".")
+                # the package root (register()) imports nothing at module level, so
+                # `from vllm_recroute import vllm_view` imports vllm_view only
+                if mod and mod in LAYER_OF:
+                    out.append((mod, id(node) in top))
+    return out
+
+
+def test_every_module_has_a_layer():
+    missing = sorted(set(_modules()) - set(LAYER_OF))
+    assert not missing, f"add these modules to LAYERS: {missing}"
+
+
+@pytest.mark.parametrize("module", sorted(_modules()))
+def test_imports_go_downwards(module):
+    mine = LAYER_OF[module]
+    for target, _ in _imports(_modules()[module]):
+        assert LAYER_OF[target] <= mine, f"{module} (layer {mine}) imports {target}"
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_pure_rooms_do_not_reach_the_worker_or_the_connector(module):
+    for target, _ in _imports(_modules()[module]):
+        assert not target.startswith(("worker", "connector", "models", "vllm_view")), target
+
+
+def test_no_module_level_import_cycle():
+    graph = {m: {t for t, top in _imports(p) if top and t != m} for m, p in _modules().items()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for t in graph.get(m, ()):
+            if state.get(t) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*path, m, t]))
+            if t not in state:
+                visit(t, [*path, m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+
+
+def test_layer_order_imports_in_a_fresh_interpreter():
+    order = [m for layer in LAYERS for m in layer]
+    code = f"""
+import importlib, json, sys
+order = {order!r}
+layer = {json.dumps(LAYER_OF)}
+bad = []
+for name in order:
+    importlib.import_module("vllm_recroute" + ("." + name if name else ""))
+    loaded = [m.removeprefix("vllm_recroute.") for m in sys.modules
+              if m.startswith("vllm_recroute.")]
+    up = sorted(m for m in loaded if m in layer and layer[m] > layer[name])
+    if up:
+        bad.append((name, up))
+        break
+print(json.dumps(bad))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_the_static_check_would_catch_an_upward_import(tmp_path):
+    """Guard: the checker is not vacuous."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("from vllm_recroute.worker.decoder import RoutedDecoder\n")
+    assert _imports(bad) == [("worker.decoder", True)]
+    assert LAYER_OF["worker.decoder"] > LAYER_OF["routing.schedule"]
+
+
+def test_every_package_is_installed_by_pyproject():
+    """A room missing from pyproject's package list works in an editable install and
+    breaks a wheel; list every package directory."""
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())
+    listed = set(pyproject["tool"]["setuptools"]["packages"])
+    dirs = {
+        ".".join(("vllm_recroute", *p.parent.relative_to(ROOT).parts))
+        for p in ROOT.rglob("__init__.py")
+        if "checkpoint" not in p.parts
+    }
+    assert dirs - listed == set()

@@ -1,0 +1,160 @@
+"""Scheduler side of the connector: page releases and kept turns.
+
+kv_release: the stage groups' `RoutedStageManager`s release pages inside ``schedule()``;
+their events ship with the same step's metadata, so the worker learns of a hole before
+any block appended after it, and the worker's deferred counts come back as worker
+metadata. Later-turn restore (``turn_cache_bytes``): a finished turn's pages are held
+(delayed free) until the worker copied them; a later request that starts with the same
+tokens, under the same routing context, gets them offered as external, synchronously
+loaded KV.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm_recroute import vllm_view
+from vllm_recroute.config import RoutingConfig
+from vllm_recroute.connector.messages import DeferredReport, RecrouteMetadata
+from vllm_recroute.kv.manager import RoutedStageManager
+from vllm_recroute.kv.turn_index import TurnIndex, TurnLoad, TurnRequest, TurnSave
+from vllm_recroute.metrics.accounting import add_into, empty_data
+from vllm_recroute.metrics.stats import RouteStats
+from vllm_recroute.requests.options import routing_key
+
+__all__ = ["SchedulerSide", "turn_request"]
+
+
+class SchedulerSide:
+    def __init__(self, cfg: RoutingConfig, vllm_config: Any, kv_cache_config: Any) -> None:
+        self._turns = _turn_index(cfg, vllm_config, kv_cache_config)
+        self._kv_cache_manager: Any = None
+        self._stage_groups: dict[int, list[RoutedStageManager]] | None = None
+        self._released_unreported = 0
+        self._turn_matches: dict[str, tuple[int, int]] = {}  # request -> (turn id, tokens)
+        self._turn_deferred: dict[int, dict[int, int]] = {}  # kv_release: turn -> stage -> n
+        self._jobs = RecrouteMetadata()
+
+    def bind(self, kv_cache_manager: Any) -> None:
+        self._kv_cache_manager = kv_cache_manager
+        self._stage_groups = None
+
+    def _stage_managers(self) -> dict[int, list[RoutedStageManager]]:
+        """stage -> the RoutedStageManagers of its KV groups (empty without kv_release)."""
+        if self._stage_groups is None:
+            if self._kv_cache_manager is None:
+                return {}
+            self._stage_groups = vllm_view.routed_stage_managers(
+                self._kv_cache_manager, RoutedStageManager
+            )
+        return self._stage_groups
+
+    # -- later turns: offer -------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int):
+        """The tokens of a kept turn this request starts with, beyond what vLLM's own
+        prefix cache already gave (loaded synchronously)."""
+        if self._turns is None or not len(self._turns):
+            return 0, False
+        turn = turn_request(request)
+        hit = self._turns.match(turn, request.num_tokens - 1)
+        # A new image after the kept turn would have to be routed with the loaded ones.
+        if hit is None or any(off + n > hit[1] for off, n, _ in turn.images):
+            return 0, False
+        if hit[1] <= num_computed_tokens:
+            return 0, False
+        self._turn_matches[request.request_id] = hit
+        self._expect_deferred(request.request_id, self._turn_deferred.get(hit[0], {}))
+        return hit[1] - num_computed_tokens, False
+
+    def _expect_deferred(self, req_id: str, per_stage: dict[int, int] | None) -> None:
+        """kv_release: tell each stage group how many of the offered tokens are deferred
+        (it allocates compacted blocks for them; None withdraws the offer)."""
+        for stage, managers in self._stage_managers().items():
+            for manager in managers:
+                n = None if per_stage is None else per_stage.get(stage, 0)
+                manager.expect_deferred(req_id, n)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int):
+        hit = self._turn_matches.pop(request.request_id, None)
+        if hit is None or num_external_tokens == 0:
+            return
+        turn_id, num_tokens = hit
+        ids = tuple(tuple(g) for g in blocks.get_block_ids())
+        self._jobs.turn_loads.append(
+            TurnLoad(request.request_id, turn_id, num_tokens - num_external_tokens, num_tokens, ids)
+        )
+
+    # -- every step -------------------------------------------------------------------------
+
+    def build_meta(self) -> RecrouteMetadata:
+        # Releases happen inside this schedule()'s allocate_slots; ship them with it.
+        released = [
+            e for ms in self._stage_managers().values() for m in ms for e in m.take_released()
+        ]
+        self._released_unreported += sum(len(e.block_ids) for e in released)
+        meta, self._jobs = self._jobs, RecrouteMetadata()
+        meta.released = released
+        return meta
+
+    def apply_worker_meta(self, report: Any) -> None:
+        if not isinstance(report, DeferredReport):
+            return
+        managers = self._stage_managers()
+        for req_id, per_stage in report.deferred.items():
+            for stage, n in per_stage.items():
+                for manager in managers.get(stage, ()):
+                    manager.set_deferred(req_id, n)
+
+    def stats(self) -> RouteStats | None:
+        n, self._released_unreported = self._released_unreported, 0
+        return RouteStats(data=add_into(empty_data(), {"kv_blocks_released": n})) if n else None
+
+    # -- later turns: keep ------------------------------------------------------------------
+
+    def request_finished(self, request: Any, block_ids: Any) -> bool:
+        """Keep a finished turn's KV (its pages are held until the worker copied them).
+        Returns whether vLLM must delay freeing the blocks."""
+        if self._turn_matches.pop(request.request_id, None) is not None:
+            self._expect_deferred(request.request_id, None)
+        if self._turns is None or not vllm_view.is_finished_normally(request):
+            return False
+        turn, n = turn_request(request), request.num_computed_tokens
+        if not self._turns.can_keep(turn, n):
+            return False
+        turn_id, evicted = self._turns.keep(turn, n, also_at=(request.num_prompt_tokens,))
+        self._jobs.turn_evictions.extend(evicted)
+        for gone in evicted:
+            self._turn_deferred.pop(gone, None)
+        self._turn_deferred[turn_id] = {
+            stage: ms[0].get_deferred(request.request_id)
+            for stage, ms in self._stage_managers().items()
+        }
+        # the live rows only: pages released by kv_release hold the null block
+        null = vllm_view.null_block_id(self._kv_cache_manager)
+        ids = tuple(tuple(b for b in g if b != null) for g in block_ids)
+        self._jobs.turn_saves.append(TurnSave(request.request_id, turn_id, n, ids))
+        return True
+
+
+def _turn_index(cfg: RoutingConfig, vllm_config: Any, kv_cache_config: Any) -> TurnIndex | None:
+    """The scheduler's index of kept turns (None: later-turn restore off)."""
+    if kv_cache_config is None or cfg.turn_cache_bytes == 0:
+        return None
+    per_token = sum(
+        g.kv_cache_spec.page_size_bytes // g.kv_cache_spec.block_size * len(g.layer_names)
+        for g in kv_cache_config.kv_cache_groups
+    )
+    block = getattr(kv_cache_config, "hash_block_size", None) or vllm_config.cache_config.block_size
+    return TurnIndex(cfg.turn_cache_bytes, block, per_token)
+
+
+def turn_request(request: Any) -> TurnRequest:
+    """What the turn index needs of a scheduler `Request`: tokens, block hashes, image
+    spans and its routing context (options that change the stage layout)."""
+    return TurnRequest(
+        request.all_token_ids,
+        request.block_hashes,
+        vllm_view.image_spans(request),
+        routing_key(vllm_view.scheduler_extra_args(request)),
+    )

@@ -1,0 +1,56 @@
+"""Worker side of the connector: the scheduler's jobs applied to the routed decoder.
+
+The decoder is the runner's model's (``vllm_view.decoder_of``); every connector call below
+runs inside ``execute_model``, where patch P1 publishes the runner, so no registry is
+needed. A process whose model is not routed has no decoder: every call is a no-op.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm_recroute import vllm_view
+from vllm_recroute.connector.messages import DeferredReport, RecrouteMetadata
+from vllm_recroute.metrics.accounting import is_empty
+from vllm_recroute.metrics.stats import RouteStats
+
+__all__ = ["WorkerSide"]
+
+
+class WorkerSide:
+    def __init__(self) -> None:
+        # Tensor-parallel ranks route identically; only rank 0 reports, so nothing doubles.
+        self._reports = vllm_view.tensor_parallel_rank() == 0
+        self._sent: set[str] = set()  # kept turns saved since the last get_finished
+
+    @staticmethod
+    def _decoder() -> Any | None:
+        step = vllm_view.current_step()
+        return None if step is None else vllm_view.decoder_of(step.runner)
+
+    def start_load_kv(self, meta: Any) -> None:
+        """Runs every step, with this step's metadata: releases, then turn jobs (before the
+        forward when the step loads a turn; releases and saves only concern pages the
+        forward does not use)."""
+        decoder = self._decoder()
+        if not isinstance(meta, RecrouteMetadata) or decoder is None:
+            return
+        if meta.released:
+            decoder.apply_released(meta.released)
+        self._sent |= decoder.apply_turn_jobs(meta.turn_evictions, meta.turn_saves, meta.turn_loads)
+
+    def get_finished(self) -> set[str] | None:
+        sent, self._sent = self._sent, set()
+        return sent or None
+
+    def stats(self) -> RouteStats | None:
+        decoder = self._decoder()
+        if not self._reports or decoder is None:
+            return None
+        data = decoder.drain_stats()
+        return None if is_empty(data) else RouteStats(data=data)
+
+    def worker_meta(self) -> DeferredReport | None:
+        decoder = self._decoder()
+        deferred = decoder.drain_deferred() if decoder is not None else {}
+        return DeferredReport(deferred) if deferred else None

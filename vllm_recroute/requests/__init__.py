@@ -1,0 +1,3 @@
+"""Per-request routing options (``vllm_xargs`` → ``SamplingParams.extra_args``):
+``options`` parses and bounds them, ``validation`` turns a bad one into HTTP 400 at
+admission."""

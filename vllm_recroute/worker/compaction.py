@@ -1,0 +1,129 @@
+"""Where deferred tokens leave attention: segments of layers, compacted KV views.
+
+Inside a routed stage, attention sees only active tokens because each stage's layers get
+their own *compacted* view of the KV cache: a request's active tokens are written at
+positions 0, 1, 2, ... of its block table (with kv_release: of the *live* entries of its
+row, kv/table_view.py), so the stage's KV holds exactly the active set and ``seq_lens``
+counts only it. Keys are cached after RoPE with their original positions, so compaction
+shifts no position. A request in decode keeps writing at ``num_computed - deferred[stage]``.
+The stage's attention metadata is rebuilt through the layer group's own metadata builder,
+so any vLLM attention backend works unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vllm_recroute import vllm_view
+from vllm_recroute.kv.table_view import ReleasedRows
+from vllm_recroute.vllm_view import GroupInfo, StepBatch
+
+__all__ = ["LayerGroups", "Segment", "StepTables", "compact_segment"]
+
+
+@dataclass
+class Segment:
+    """Layers [start, end) over which every request's active set is constant."""
+
+    start: int
+    end: int
+    active_rows: torch.Tensor | None  # None: every row active
+    attn_metadata: dict[int, Any] = field(default_factory=dict)  # kv group -> metadata
+    slot_mapping: dict[int, torch.Tensor] = field(default_factory=dict)  # empty: vLLM's own
+
+
+class LayerGroups:
+    """Which KV-cache group each decoder layer writes (one with kv_release off, one or
+    more per routing stage with it on), bound from the runner at the first step."""
+
+    def __init__(self, layer_names: list[str], check: Callable[[list[Any]], None]) -> None:
+        self.layer_names = layer_names
+        self._check = check  # kv_release: every group holds one stage (kv/spec.py)
+        self._info: dict[str, GroupInfo] = {}
+
+    def bind(self, runner: Any) -> None:
+        if self._info:
+            return
+        info = vllm_view.kv_groups_of_layers(runner, self.layer_names)
+        missing = set(self.layer_names) - set(info)
+        if missing:
+            raise RuntimeError(f"vllm-recroute: no KV cache group for layers {sorted(missing)}")
+        self._check(vllm_view.kv_cache_groups(runner))
+        self._info = info
+
+    def of_layer(self, layer_idx: int) -> GroupInfo:
+        return self._info[self.layer_names[layer_idx]]
+
+    def of_layers(self, start: int, end: int) -> list[GroupInfo]:
+        by_gid = {self._info[n].gid: self._info[n] for n in self.layer_names[start:end]}
+        return [by_gid[g] for g in sorted(by_gid)]
+
+
+class StepTables:
+    """This step's block tables per group, with released pages removed from each row
+    (kv_release): a row's live entries, in order, hold compacted positions. Built once
+    per group and step."""
+
+    def __init__(self, runner: Any, batch: StepBatch, released: ReleasedRows) -> None:
+        self.runner = runner
+        self.batch = batch
+        self.released = released
+        self._tables: dict[int, torch.Tensor] = {}
+
+    def __call__(self, gid: int) -> torch.Tensor:
+        table = self._tables.get(gid)
+        if table is None:
+            table = vllm_view.live_block_table(self.runner, gid, self.batch.req_ids, self.released)
+            self._tables[gid] = table
+        return table
+
+
+def compact_segment(
+    seg: Segment,
+    batch: StepBatch,
+    active: torch.Tensor,
+    offsets: torch.Tensor,
+    groups: list[GroupInfo],
+    tables: StepTables,
+) -> None:
+    """Attention metadata and slot mapping of ``seg`` for each of its KV groups.
+
+    ``active``: bool per step row; ``offsets``: per request, tokens absent from the
+    stage's KV before this step (decode: its deferred count at the stage).
+    """
+    n = batch.num_reqs
+    rows = batch.num_rows
+    req_of_step_row = torch.repeat_interleave(torch.arange(n), batch.qsl.diff())
+    counts = torch.zeros(n, dtype=torch.long).index_add_(0, req_of_step_row, active[:rows].long())
+    qsl = torch.zeros(n + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(counts, 0)
+    ctx = batch.num_computed - offsets
+    seq_lens = (ctx + counts).to(torch.int32)
+    req_of_row = torch.repeat_interleave(torch.arange(n), counts)
+    rank = torch.arange(int(qsl[-1])) - qsl[:-1].long()[req_of_row]
+    pos = ctx[req_of_row] + rank
+    for group in groups:
+        table = tables(group.gid)
+        b = group.block_size
+        blocks = table[req_of_row, pos // b].long()
+        slots = blocks * b + pos % b
+        cm = vllm_view.common_attention_metadata(
+            qsl=qsl,
+            seq_lens=seq_lens,
+            num_computed=batch.num_computed,
+            block_table_tensor=table,
+            slot_mapping=slots,
+            device=vllm_view.table_device(tables.runner, group.gid, n),
+        )
+        seg.attn_metadata[group.gid] = group.attn_group.build_metadata(cm)
+        seg.slot_mapping[group.gid] = cm.slot_mapping
+
+
+def take_positions(positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Positions of ``rows``; M-RoPE models (Qwen2.5-VL) carry [3, T] positions through
+    the same gather."""
+    return positions[:, rows] if positions.dim() == 2 else positions[rows]

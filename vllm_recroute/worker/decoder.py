@@ -1,0 +1,210 @@
+"""The routed decoder: installs routing on a vLLM decoder stack, one per routed model.
+
+Generic over decoder layers with the usual vLLM signature
+``layer(positions, hidden_states, residual) -> (hidden_states, residual)``. Each layer's
+``forward`` is wrapped on the instance (patch record P3; module names, and so weight
+loading, are untouched). At layer 0 the wrapper builds this forward's `StepRouter`
+(worker/step.py: the routing decision); before each layer it lets the router score and
+park, then runs the layer on the active rows only, with the stage's compacted attention
+(worker/compaction.py). Deferred rows carry their (hidden, residual) pair unchanged.
+
+The decoder owns its worker state (`RouteStore`, `Ledger`, `ReleasedRows`,
+`DeferredOutbox`, the parked tier, the turn store). The connector's worker side reaches
+it through the runner's model (``vllm_view.decoder_of``) and calls the methods under
+"connector API" below; there are no module-level registries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vllm_recroute import vllm_view
+from vllm_recroute.config import RoutingConfig
+from vllm_recroute.kv.table_view import ReleasedRows
+from vllm_recroute.metrics.accounting import Ledger
+from vllm_recroute.patches import apply_patches
+from vllm_recroute.requests.options import decode_reroute_every, routing_for_request
+from vllm_recroute.routing import router_points
+from vllm_recroute.worker.compaction import LayerGroups, take_positions
+from vllm_recroute.worker.config_hook import check_routing_requirements
+from vllm_recroute.worker.parking import PageRow, ParkingTier
+from vllm_recroute.worker.state import DeferredOutbox, RouteStore
+from vllm_recroute.worker.step import StepRouter
+from vllm_recroute.worker.turns import TurnStore
+
+__all__ = ["LayerCost", "RoutedDecoder"]
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Per token and decoder layer: what a deferred token does not spend (estimates)."""
+
+    flops_per_token_layer: int  # 2 x weights of one decoder layer (matmul FLOPs)
+    kv_bytes_per_token_layer: int  # K and V of one token in one layer
+
+    @classmethod
+    def of(cls, layer: Any, vllm_config: Any) -> LayerCost:
+        tp = vllm_config.parallel_config.tensor_parallel_size  # weights are sharded by tp
+        params = sum(p.numel() for p in layer.parameters()) * tp
+        attn = layer.self_attn
+        itemsize = torch.empty((), dtype=vllm_config.model_config.dtype).element_size()
+        return cls(2 * params, 2 * attn.kv_size * tp * itemsize)
+
+
+class RoutedDecoder:
+    """Routing on a vLLM decoder stack (``text_model.layers``)."""
+
+    def __init__(self, text_model: Any, vllm_config: Any, image_token_id: int) -> None:
+        apply_patches()
+        self.config: RoutingConfig = check_routing_requirements(vllm_config)
+        self.image_token_id = int(image_token_id)
+        self.layers = list(text_model.layers)
+        self.num_layers = len(self.layers)
+        self.cost = LayerCost.of(self.layers[0], vllm_config)
+        self.kv_release = self.config.kv_release
+        self.ledger = Ledger()
+        self.released = ReleasedRows()
+        self.outbox = DeferredOutbox()
+        keep_turns = self.config.turn_cache_bytes > 0
+        self.store = RouteStore(hold_finished=keep_turns)
+        self.store.on_forget(self.released.forget)
+        self.store.on_forget(self.outbox.forget)
+        names = [layer.self_attn.attn.layer_name for layer in self.layers]
+        self.stage_of_layer: dict[str, int] = {}
+        if self.kv_release:
+            self._report_stage_specs(names)
+        self.groups = LayerGroups(names, self._check_groups)
+        self.tier: ParkingTier | None = None
+        if self.config.parked_bytes > 0:
+            self.tier = ParkingTier(self.config, self.layers)
+            self.store.on_forget(self._forget_parked)
+        self.turns: TurnStore | None = None
+        self.runner: Any = None  # the model runner, known from the first step
+        if keep_turns:
+            assert self.tier is not None  # turn_cache_bytes requires parked_bytes
+            self.turns = TurnStore(
+                self.tier, self.store, self._page, self.ledger, self._reroute_every_of
+            )
+        self._step: StepRouter | None = None
+        for idx, layer in enumerate(self.layers):
+            layer.forward = self._wrap(idx, names[idx], layer, layer.forward)
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def _report_stage_specs(self, names: list[str]) -> None:
+        """kv_release: each layer reports its routing stage in its KV-cache spec, so vLLM
+        gives every stage its own group(s) and RoutedStageManager (kv/spec.py; patch P4)."""
+        from vllm_recroute.kv.spec import stage_spec_from
+
+        points = router_points(self.config, self.num_layers)
+        for idx, layer in enumerate(self.layers):
+            stage = sum(1 for p in points if p <= idx)
+            self.stage_of_layer[names[idx]] = stage
+            attn = layer.self_attn.attn
+            inner = attn.get_kv_cache_spec
+
+            def get_kv_cache_spec(vllm_config, _inner=inner, _stage=stage):
+                spec = _inner(vllm_config)
+                return None if spec is None else stage_spec_from(spec, _stage)
+
+            attn.get_kv_cache_spec = get_kv_cache_spec
+
+    def _check_groups(self, kv_cache_groups: list[Any]) -> None:
+        if self.kv_release:
+            from vllm_recroute.kv.spec import check_stage_groups
+
+            # A group mixing stages would put compacted and uncompacted KV in one table.
+            check_stage_groups(kv_cache_groups, self.stage_of_layer)
+
+    def config_of(self, runner: Any, req_id: str) -> RoutingConfig:
+        """A request's effective routing config (server config + its options)."""
+        return routing_for_request(
+            self.config, vllm_view.request_extra_args(runner, req_id), req_id
+        )
+
+    def _reroute_every_of(self, req_id: str) -> int:
+        return decode_reroute_every(self.config_of(self.runner, req_id))
+
+    def _page(self, layer_idx: int, block_ids: tuple[tuple[int, ...], ...]) -> PageRow:
+        group = self.groups.of_layer(layer_idx)
+        return PageRow(torch.tensor(block_ids[group.gid], dtype=torch.long), group.block_size)
+
+    def _forget_parked(self, req_ids: set[str]) -> None:
+        assert self.tier is not None
+        delta = self.tier.forget(sorted(req_ids))
+        if delta:
+            self.ledger.record(delta, self.tier.gauges())
+
+    # -- the forward ------------------------------------------------------------------------
+
+    def _wrap(self, idx: int, name: str, layer: Any, inner: Any) -> Any:
+        def forward(positions, hidden_states, residual, *args, **kwargs):
+            if idx == 0:
+                self._step = self._begin_step(hidden_states.shape[0])
+            step = self._step
+            if step is None:
+                return inner(positions, hidden_states, residual, *args, **kwargs)
+            step.score_before(idx, layer, positions, hidden_states, residual)
+            seg = step.segment(idx)
+            if self.tier is not None and idx in step.stage_starts:
+                step.tier_before(idx, positions, hidden_states, residual)
+            if seg is None or not seg.slot_mapping:
+                return inner(positions, hidden_states, residual, *args, **kwargs)
+            gid = self.groups.of_layer(idx).gid
+            vllm_view.install_layer_attention(name, seg.attn_metadata[gid], seg.slot_mapping[gid])
+            rows = seg.active_rows
+            if rows is None:
+                return inner(positions, hidden_states, residual, *args, **kwargs)
+            h, r = inner(
+                take_positions(positions, rows),
+                hidden_states[rows],
+                residual[rows],
+                *args,
+                **kwargs,
+            )
+            return hidden_states.index_copy(0, rows, h), residual.index_copy(0, rows, r)
+
+        return forward
+
+    def _begin_step(self, num_rows: int) -> StepRouter | None:
+        step = vllm_view.current_step()
+        if step is None:
+            return None  # dummy/profiling run: plain model
+        self.runner = step.runner
+        self.groups.bind(step.runner)
+        router = StepRouter(self, step.runner, num_rows)
+        return router if router.active else None
+
+    # -- connector API (connector/worker.py; patch P1 for requests_gone) -------------------
+
+    def requests_gone(self, req_ids: Iterable[str]) -> None:
+        """vLLM says these requests finished or were preempted: their state is stale."""
+        self.store.forget(req_ids)
+
+    def apply_released(self, events: Iterable[Any]) -> None:
+        """kv_release: mirror the scheduler's page releases (kv/manager.ReleasedBlocks)."""
+        for event in events:
+            if self.store.get(event.request_id) is not None:  # else gone meanwhile
+                self.released.apply(event.request_id, event.kv_cache_group_id, event.row_indices)
+
+    def apply_turn_jobs(self, evicted: list[int], saves: list[Any], loads: list[Any]) -> set[str]:
+        """Later-turn restore: run this step's jobs (kv/turn_index.py); returns the requests
+        whose held pages may now be freed."""
+        if self.turns is None:
+            return set()
+        step = vllm_view.current_step()
+        if step is not None:
+            self.runner = step.runner
+            self.groups.bind(step.runner)
+        self.turns.apply(evicted, saves, loads)
+        return self.turns.take_sent()
+
+    def drain_deferred(self) -> dict[str, dict[int, int]]:
+        return self.outbox.drain()
+
+    def drain_stats(self) -> dict[str, Any]:
+        return self.ledger.drain()

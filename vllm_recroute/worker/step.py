@@ -1,0 +1,310 @@
+"""One forward pass of a routed decoder: which rows are routed, scored, and kept.
+
+The routing *decision* is made here, at the layer just before each router point: scores
+from `routing/scorers.py`, top-k by `routing/decision.py`. The step is built at layer 0
+from the step's batch (`vllm_view.StepBatch`):
+
+    rows of the step:    r0 (prefill)           r1 (decode)   r2 (prefill)
+    stage 0 layers:      t t v v v v v v t t    t             t v v v v t
+    router point 1       scores for r0's and r2's visual tokens, taken at the layer
+                         just before the router point, from the residual stream
+    stage 1 layers:      t t v . v . . v t t    t             t . v v . t
+    stage 2 layers:      t t . v v . v . t t    t             t v . v . t   (reroute:
+                         a token deferred at stage 1 may be active again)
+
+Deferred rows skip the stage's layers (worker/decoder.py carries their hidden state);
+attention inside a stage sees the active set only (worker/compaction.py). A prompt is
+routed only if its whole prompt from the first image on is in the step (question-
+conditioned scores need the question); a prompt split there runs unrouted, counted in
+``chunked_fallbacks``: never silently routed on partial information.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vllm_recroute import vllm_view
+from vllm_recroute.config import RoutingConfig
+from vllm_recroute.requests.options import decode_reroute_every
+from vllm_recroute.routing import (
+    ScoreInputs,
+    Stage,
+    get_scorer,
+    num_keep,
+    query_indices,
+    resolve_stages,
+    route_request,
+    stage_at,
+)
+from vllm_recroute.vllm_view import StepBatch
+from vllm_recroute.worker.compaction import Segment, StepTables, compact_segment, take_positions
+from vllm_recroute.worker.parking import PageRow
+from vllm_recroute.worker.projections import project_qkv
+from vllm_recroute.worker.state import RouteState
+
+if TYPE_CHECKING:
+    from vllm_recroute.worker.decoder import RoutedDecoder
+
+logger = logging.getLogger("vllm_recroute")
+
+__all__ = ["PrefillRoute", "StepRouter"]
+
+
+@dataclass
+class PrefillRoute:
+    """A request whose prompt (from its first image on) is in this step: routed now."""
+
+    req_id: str
+    row: int  # index in the batch
+    start: int  # first token row of the request in the step
+    prompt_end: int  # row after the last prompt token
+    visual_rows: torch.Tensor  # rows (absolute) of routable visual tokens
+    stages: tuple[Stage, ...]
+    cfg: RoutingConfig
+    masks: list[torch.Tensor] = field(default_factory=list)  # per stage, bool [V]
+    scores: list[torch.Tensor] = field(default_factory=list)  # per stage, float [V]
+
+
+class StepRouter:
+    """Routing of one forward pass; built at layer 0 from the step's batch."""
+
+    def __init__(self, decoder: RoutedDecoder, runner: Any, num_rows: int) -> None:
+        self.decoder = decoder
+        self.runner = runner
+        self.batch = StepBatch.of(runner)
+        self.num_rows = num_rows
+        self.prefills: list[PrefillRoute] = []
+        self.decodes: dict[int, RouteState] = {}  # batch row -> state
+        self._segments: dict[int, Segment] = {}
+        self.tables = StepTables(runner, self.batch, decoder.released)
+        for row, req_id in enumerate(self.batch.req_ids):
+            self._classify(row, req_id)
+        starts = {s.start for p in self.prefills for s in p.stages}
+        starts |= {s.start for st in self.decodes.values() for s in st.stages}
+        # loaded later turns re-route once, at this forward, for their own question
+        decoding = [self.batch.req_ids[row] for row in self.decodes]
+        forced = decoder.store.take_reroutes(decoding)
+        self.forced = {row for row in self.decodes if self.batch.req_ids[row] in forced}
+        self.boundaries = sorted(starts | {0, decoder.num_layers})
+        self.stage_starts = starts
+        self.active = bool(self.prefills or self.decodes)
+
+    # -- classification -------------------------------------------------------------
+
+    def _classify(self, row: int, req_id: str) -> None:
+        dec, batch = self.decoder, self.batch
+        start, end = int(batch.qsl[row]), int(batch.qsl[row + 1])
+        computed = int(batch.num_computed[row])
+        prompt_len = batch.prompt_lens[row]
+        if computed > 0:
+            state = dec.store.get(req_id)
+            if state is not None:
+                if any(state.deferred):
+                    self.decodes[row] = state
+                return
+            # No state: an unrouted request's decode, a later chunk of a split prompt, or a
+            # prompt after a prefix-cache hit. Only a prompt whose images all lie ahead can
+            # still be routed (kv/manager.py caches routed stages before the first image
+            # only, so a hit never reaches one).
+            if computed >= prompt_len:
+                return
+            first_image = self._first_image(req_id)
+            if first_image is None or first_image < computed:
+                return
+        dec.store.forget([req_id])  # a new or recomputed (preempted) request starts afresh
+        cfg = dec.config_of(self.runner, req_id)
+        if not cfg.enabled:
+            return
+        prompt_len -= computed  # the prompt rows in this step (after a prefix-cache hit)
+        if end - start < prompt_len:
+            # Counted once per prompt: by the chunk that holds its first image.
+            first_image = self._first_image(req_id)
+            if first_image is not None and first_image < computed + end - start:
+                dec.ledger.record({"chunked_fallbacks": 1})
+                logger.warning(
+                    "vllm-recroute: request %s prompt split by chunked prefill; running it "
+                    "unrouted (set recroute.chunked_prefill='off' to keep prompts whole)",
+                    req_id,
+                )
+            return
+        # The last prompt token is never routed: its logits are sampled.
+        ids = batch.token_ids[start : start + prompt_len - 1]
+        is_visual = ids == dec.image_token_id
+        if not bool(is_visual.any()):
+            return
+        visual_rows = torch.nonzero(is_visual).flatten() + start
+        stages = resolve_stages(cfg, dec.num_layers, int(visual_rows.numel()))
+        if not stages:
+            return
+        self.prefills.append(
+            PrefillRoute(req_id, row, start, start + prompt_len, visual_rows, stages, cfg)
+        )
+
+    def _first_image(self, req_id: str) -> int | None:
+        return vllm_view.first_image_offset(vllm_view.worker_request(self.runner, req_id))
+
+    # -- scoring at the layer before a router point ----------------------------------
+
+    def score_before(
+        self,
+        layer_idx: int,
+        layer: Any,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+    ) -> None:
+        """Decide active sets of stages starting at layer_idx + 1 (run before layer_idx)."""
+        router = layer_idx + 1
+        todo = [(p, k) for p in self.prefills for k, s in enumerate(p.stages) if s.start == router]
+        for route, k in todo:
+            rows = torch.arange(route.start, route.prompt_end)
+            x = hidden[rows] if residual is None else hidden[rows] + residual[rows]
+            q, kk, _, scale = project_qkv(layer, take_positions(positions, rows), x)
+            vis = route.visual_rows - route.start
+            inputs = ScoreInputs(
+                q=q,
+                k=kk,
+                visual_idx=vis,
+                query_idx=query_indices(int(rows.numel()), vis, route.cfg.score_query),
+                scale=scale,
+            )
+            scores = get_scorer(route.cfg.scorer).score(inputs)
+            mask = route_request(
+                scores,
+                num_keep(route.stages[k].keep, int(vis.numel())),
+                route.cfg.mode,
+                route.masks[k - 1] if k > 0 else None,
+                block_ids=self._block_ids(route, positions),
+                block_reduce=route.cfg.block_reduce,
+            )
+            route.masks.append(mask)
+            route.scores.append(scores)
+            if len(route.masks) == len(route.stages):
+                self._remember(route)
+
+    @staticmethod
+    def _block_ids(route: PrefillRoute, positions: torch.Tensor) -> torch.Tensor | None:
+        """granularity 'block': the routing unit of each visual token (position // size)."""
+        if route.cfg.granularity != "block":
+            return None
+        pos = take_positions(positions, route.visual_rows)
+        pos = pos[0] if pos.dim() == 2 else pos
+        return pos.long() // route.cfg.block_size
+
+    def _remember(self, route: PrefillRoute) -> None:
+        dec = self.decoder
+        v = int(route.visual_rows.numel())
+        deferred = tuple(v - int(m.sum()) for m in route.masks)
+        every = decode_reroute_every(route.cfg)
+        dec.store.put(route.req_id, RouteState(route.stages, deferred, every))
+        if dec.kv_release:  # spec stage k+1 = this request's k-th routed stage
+            dec.outbox.report(route.req_id, {k + 1: d for k, d in enumerate(deferred)})
+        deferred_layers = sum(
+            d * (s.end - s.start) for s, d in zip(route.stages, deferred, strict=True)
+        )
+        cost = dec.cost
+        dec.ledger.record(
+            {
+                "routed_requests": {f"{route.cfg.mode}/{route.cfg.schedule}": 1},
+                "visual_tokens": v,
+                "visual_token_layers": v * dec.num_layers,
+                "deferred_visual_token_layers": deferred_layers,
+                "decoder_flops_saved": cost.flops_per_token_layer * deferred_layers,
+                "kv_bytes_saved": cost.kv_bytes_per_token_layer * deferred_layers,
+                "stage_visual_tokens": {str(k + 1): v for k in range(len(deferred))},
+                "stage_active_visual_tokens": {str(k + 1): v - d for k, d in enumerate(deferred)},
+            }
+        )
+
+    # -- parked tier (worker/parking.py) ------------------------------------------------
+
+    def tier_before(
+        self, layer_idx: int, positions: torch.Tensor, hidden: torch.Tensor, residual: Any
+    ) -> None:
+        """At a stage's first layer: park its deferred units (prefill), or re-route a
+        decoding request's units when due. Runs before the layer writes any KV."""
+        tier = self.decoder.tier
+        for route in self.prefills:
+            for k, stage in enumerate(route.stages):
+                if stage.start == layer_idx and route.cfg.mode == "reroute":
+                    self._park(route, k, positions, hidden, residual)
+        for row, state in self.decodes.items():
+            output_index = int(self.batch.num_computed[row]) - self.batch.prompt_lens[row] + 1
+            due = row in self.forced or tier.due(output_index, state.reroute_every)
+            for k, stage in enumerate(state.stages):
+                if stage.start == layer_idx and due:
+                    self._reroute(row, k, stage, positions, hidden, residual)
+
+    def _park(self, route: PrefillRoute, k: int, positions, hidden, residual) -> None:
+        tier = self.decoder.tier
+        vis = route.visual_rows
+        mask = route.masks[k]
+        # Compacted position of each prompt row at this stage: the cached prefix (never
+        # deferred) plus its rank among the step's active rows.
+        active = torch.ones(route.prompt_end - route.start, dtype=torch.bool)
+        active[(vis - route.start)[~mask]] = False
+        ctx = int(self.batch.num_computed[route.row])
+        cpos = (ctx + torch.cumsum(active.long(), 0) - 1)[vis - route.start]
+        stage = route.stages[k]
+        delta = tier.park_prefill(
+            route.req_id,
+            k,
+            stage.start,
+            stage.end,
+            take_positions(positions, vis),
+            hidden[vis] + residual[vis],
+            mask,
+            cpos,
+            route.scores[k],
+        )
+        self.decoder.ledger.record(delta, tier.gauges())
+
+    def _reroute(self, row: int, k: int, stage: Stage, positions, hidden, residual) -> None:
+        dec = self.decoder
+        r = torch.tensor([int(self.batch.qsl[row + 1]) - 1])  # the request's last row
+        x = hidden[r] + residual[r]
+        q, _, _, scale = project_qkv(dec.layers[stage.start], take_positions(positions, r), x)
+        pages = []
+        for i in range(stage.start, stage.end):
+            group = dec.groups.of_layer(i)
+            pages.append(PageRow(self.tables(group.gid)[row], group.block_size))
+        delta = dec.tier.reroute(self.batch.req_ids[row], k, q[0], scale, pages)
+        dec.ledger.record(delta, dec.tier.gauges())
+
+    # -- segments ---------------------------------------------------------------------
+
+    def segment(self, layer_idx: int) -> Segment | None:
+        """The segment containing layer_idx, built on first use (after its scoring)."""
+        start = max(b for b in self.boundaries if b <= layer_idx)
+        if start == 0:
+            return None  # stage 0: every token, vLLM's own metadata
+        seg = self._segments.get(start)
+        if seg is None:
+            end = min(b for b in self.boundaries if b > layer_idx)
+            seg = self._build_segment(start, end)
+            self._segments[start] = seg
+        return seg
+
+    def _build_segment(self, start: int, end: int) -> Segment:
+        active = torch.ones(self.num_rows, dtype=torch.bool)
+        active[self.batch.num_rows :] = False  # padding rows, if any
+        offsets = torch.zeros(self.batch.num_reqs, dtype=torch.long)
+        for route in self.prefills:
+            k = stage_at(route.stages, start)
+            if k is not None:
+                active[route.visual_rows[~route.masks[k]]] = False
+        for row, state in self.decodes.items():
+            k = stage_at(state.stages, start)
+            if k is not None:
+                offsets[row] = state.deferred[k]
+        if bool(active.all()) and not bool(offsets.any()):
+            return Segment(start, end, None)
+        active_rows = None if bool(active.all()) else torch.nonzero(active).flatten()
+        seg = Segment(start, end, active_rows)
+        groups = self.decoder.groups.of_layers(start, end)
+        compact_segment(seg, self.batch, active, offsets, groups, self.tables)
+        return seg
