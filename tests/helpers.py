@@ -194,3 +194,52 @@ def route_counters(llm) -> dict:
     totals["routed_by"] = totals["routed_requests"]
     totals["routed_requests"] = sum(totals["routed_by"].values())
     return totals
+
+
+NEXT_QUESTION = " and which one is the largest?"
+
+
+def sampling(cfg: dict):
+    """Greedy MAX_TOKENS with ``cfg`` as extra_args (per-request options)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=cfg)
+
+
+def two_turns(llm, model_dir, spec, cfg: dict, question: str = NEXT_QUESTION):
+    """Turn 1 from the chat prompt; turn 2 = turn 1's prompt, its answer, a new question
+    (token ids, so the prefix is exactly turn 1's tokens; vLLM expands the image again)."""
+    prompt, images = request_inputs(str(model_dir), spec)
+    mm = {"image": images}
+    options = xargs(cfg)
+    [first] = llm.generate(
+        [{"prompt": prompt, "multi_modal_data": mm}], sampling(options), use_tqdm=False
+    )
+    tok = llm.get_tokenizer()
+    new_ids = tok.encode(question, add_special_tokens=False)
+    ids = tok.encode(prompt) + list(first.outputs[0].token_ids) + new_ids
+    [second] = llm.generate(
+        [{"prompt_token_ids": ids, "multi_modal_data": mm}], sampling(options), use_tqdm=False
+    )
+    assert second.prompt_token_ids[: len(first.prompt_token_ids)] == first.prompt_token_ids
+    return first, second, new_ids
+
+
+def generate_as_parked_reference(
+    llm, hf_model, model_dir, cfg: dict, parking: dict | None = None
+) -> int:
+    """Run REQUESTS with ``cfg``; assert the parked reference's tokens (the engine's
+    parked tier ``parking``, default PARKING); return the reference's restores."""
+    from tests.oracle import oracle_generate_parked
+    from vllm_recroute.config import RoutingConfig
+
+    outs = generate(llm, model_dir, [cfg] * len(REQUESTS))
+    full = RoutingConfig.from_dict({**cfg, **(PARKING if parking is None else parking)})
+    restored = 0
+    for spec, out in zip(REQUESTS, outs, strict=True):
+        prompt, images = request_inputs(str(model_dir), spec)
+        inputs = hf_inputs(str(model_dir), prompt, images)
+        expected, n = oracle_generate_parked(hf_model, inputs, full, MAX_TOKENS)
+        assert list(out.outputs[0].token_ids) == expected, (cfg, spec)
+        restored += n
+    return restored

@@ -21,6 +21,7 @@ __all__ = [
     "GroupInfo",
     "StepBatch",
     "StepContext",
+    "cache_salt",
     "common_attention_metadata",
     "current_step",
     "decoder_of",
@@ -166,6 +167,12 @@ def scheduler_extra_args(request: Any) -> Mapping[str, Any] | None:
     return params.extra_args if params else None
 
 
+def cache_salt(request: Any) -> str | None:
+    """Scheduler side: the request's ``cache_salt`` (its tenant for prefix caching), or
+    None. vLLM rejects an empty salt at the API; an empty one offline means none too."""
+    return getattr(request, "cache_salt", None) or None
+
+
 # --------------------------------------------------------------------------- KV groups
 
 
@@ -297,3 +304,27 @@ def tensor_parallel_rank() -> int:
         return get_tensor_model_parallel_rank()
     except (AssertionError, RuntimeError):
         return 0
+
+
+def tensor_parallel_size() -> int:
+    """Ranks in this process's tensor-parallel group (1 outside a distributed setup)."""
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_world_size
+
+        return get_tensor_model_parallel_world_size()
+    except (AssertionError, RuntimeError):
+        return 1
+
+
+def tp_all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over the tensor-parallel group (every rank calls it)."""
+    from vllm.distributed import tensor_model_parallel_all_reduce
+
+    return tensor_model_parallel_all_reduce(t)
+
+
+def tp_all_gather(t: torch.Tensor) -> torch.Tensor:
+    """``[world, *t.shape]``: every rank's ``t`` (every rank calls it)."""
+    from vllm.distributed import tensor_model_parallel_all_gather
+
+    return tensor_model_parallel_all_gather(t.unsqueeze(0), dim=0)

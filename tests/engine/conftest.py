@@ -25,20 +25,29 @@ ENGINES: dict[str, tuple[dict, dict]] = {
     "parked-released": ({**RELEASE, **PARKING}, {"enable_prefix_caching": True}),
     "turns": ({**PDROP, **TURNS}, {}),
     "turns-released": ({**RELEASE, **TURNS}, {}),
+    # tensor parallelism through gloo: one worker per core (auto-binding wants a NUMA node
+    # per worker); the parked tier, re-routing and kept turns on, per-request options on
+    "tp2": ({**PDROP, **TURNS}, {"tensor_parallel_size": 2}),
+    "tp2-release": ({**RELEASE, **PARKING}, {"tensor_parallel_size": 2}),
 }
+TP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 
 
 @pytest.fixture(scope="module")
 def engine(request, tiny_idefics3):
     recroute, kwargs = ENGINES[request.param]
-    llm = make_llm(
-        tiny_idefics3,
-        routed_arch=ROUTED_IDEFICS3,
-        recroute=recroute,
-        block_size=32,
-        disable_log_stats=False,
-        **kwargs,
-    )
+    env = TP_ENV if kwargs.get("tensor_parallel_size", 1) > 1 else {}
+    with pytest.MonkeyPatch.context() as mp:  # workers inherit it at start-up only
+        for key, value in env.items():
+            mp.setenv(key, value)
+        llm = make_llm(
+            tiny_idefics3,
+            routed_arch=ROUTED_IDEFICS3,
+            recroute=recroute,
+            block_size=32,
+            disable_log_stats=False,
+            **kwargs,
+        )
     yield llm
     shutdown(llm)
 

@@ -15,6 +15,7 @@ from tests.helpers import (
     ROUTED_IDEFICS3,
     flush,
     generate,
+    generate_as_parked_reference,
     hf_inputs,
     kv_usage,
     make_llm,
@@ -32,20 +33,6 @@ from vllm_recroute.tiny_models import make_test_image
 pytestmark = pytest.mark.engine
 
 
-def _generate_as_reference(llm, hf_model, model_dir, cfg: dict) -> int:
-    """Run REQUESTS with ``cfg``; assert the reference's tokens; return its restores."""
-    outs = generate(llm, model_dir, [cfg] * len(REQUESTS))
-    full = RoutingConfig.from_dict({**cfg, **PARKING})
-    restored = 0
-    for spec, out in zip(REQUESTS, outs, strict=True):
-        prompt, images = request_inputs(str(model_dir), spec)
-        inputs = hf_inputs(str(model_dir), prompt, images)
-        expected, n = oracle_generate_parked(hf_model, inputs, full, MAX_TOKENS)
-        assert list(out.outputs[0].token_ids) == expected, (cfg, spec)
-        restored += n
-    return restored
-
-
 SWAPPING = {
     "fastv-reroute": CONFIGS["fastv-reroute"],
     "pdrop-reroute": CONFIGS["pdrop-reroute"],
@@ -59,7 +46,7 @@ def test_rerouting_matches_the_never_parked_reference(engine, hf_model, tiny_ide
     cfg = {**SWAPPING[name], "reroute_every": 1}
     before = prom_counter("recroute:restored_blocks")
     dropped = prom_counter("recroute:parked_blocks_dropped")  # (the registry is per process)
-    restored = _generate_as_reference(engine, hf_model, tiny_idefics3, cfg)
+    restored = generate_as_parked_reference(engine, hf_model, tiny_idefics3, cfg)
     flush(engine)
     assert restored > 0  # the reference swapped units: the test exercises restores
     assert prom_counter("recroute:restored_blocks") - before == restored
@@ -133,7 +120,7 @@ def test_parking_with_released_pages(engine, hf_model, tiny_idefics3):
     cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 1}
     released0 = prom_counter("recroute:kv_blocks_released")
     restored0 = prom_counter("recroute:restored_blocks")
-    restored = _generate_as_reference(llm, hf_model, tiny_idefics3, cfg)
+    restored = generate_as_parked_reference(llm, hf_model, tiny_idefics3, cfg)
     flush(llm)
     assert restored > 0
     assert prom_counter("recroute:restored_blocks") - restored0 == restored

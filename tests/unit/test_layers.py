@@ -45,6 +45,7 @@ LAYERS: list[list[str]] = [
         "worker.parking",
         "worker.turns",
         "worker.compaction",
+        "worker.tp",
         "worker.config_hook",
         "worker.step",
         "worker.decoder",

@@ -11,7 +11,7 @@ from typing import Any
 
 from vllm_recroute import vllm_view
 from vllm_recroute.connector.messages import DeferredReport, RecrouteMetadata
-from vllm_recroute.metrics.accounting import is_empty
+from vllm_recroute.metrics.accounting import is_empty, per_rank
 from vllm_recroute.metrics.stats import RouteStats
 
 __all__ = ["WorkerSide"]
@@ -19,8 +19,9 @@ __all__ = ["WorkerSide"]
 
 class WorkerSide:
     def __init__(self) -> None:
-        # Tensor-parallel ranks route identically; only rank 0 reports, so nothing doubles.
-        self._reports = vllm_view.tensor_parallel_rank() == 0
+        # Tensor-parallel ranks route identically: counters come from rank 0 only, so
+        # nothing doubles; every rank reports its own pool levels (summed per engine).
+        self._rank = vllm_view.tensor_parallel_rank()
         self._sent: set[str] = set()  # kept turns saved since the last get_finished
 
     @staticmethod
@@ -45,9 +46,9 @@ class WorkerSide:
 
     def stats(self) -> RouteStats | None:
         decoder = self._decoder()
-        if not self._reports or decoder is None:
+        if decoder is None:
             return None
-        data = decoder.drain_stats()
+        data = per_rank(decoder.drain_stats(), self._rank, counters=self._rank == 0)
         return None if is_empty(data) else RouteStats(data=data)
 
     def worker_meta(self) -> DeferredReport | None:

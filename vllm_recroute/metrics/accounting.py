@@ -33,8 +33,31 @@ def add_into(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
             out[str(key)] = out.get(str(key), 0) + v
     for k in GAUGES:
         if k in src:
-            dst[k] = src[k]
+            dst[k] = _merge_gauge(dst.get(k), src[k])
     return dst
+
+
+def _merge_gauge(old: Any, new: Any) -> Any:
+    """Latest wins, per rank when levels are per rank (``{rank: level}``, see
+    ``per_rank``): tensor-parallel ranks each report their own pool in the same step."""
+    if isinstance(new, dict):
+        return {**(old if isinstance(old, dict) else {}), **new}
+    return new
+
+
+def per_rank(data: dict[str, Any], rank: int, counters: bool) -> dict[str, Any]:
+    """A worker's drained delta as it travels: gauges keyed by its rank; counters only
+    from the rank that reports them (all ranks take the same decisions: no doubles)."""
+    out = dict(data) if counters else {k: data[k] for k in GAUGES if k in data}
+    for k in GAUGES:
+        if k in out:
+            out[k] = {str(rank): out[k]}
+    return out
+
+
+def gauge_total(level: Any) -> int:
+    """The engine's level of a gauge: the sum over its ranks' latest levels."""
+    return sum(level.values()) if isinstance(level, dict) else int(level or 0)
 
 
 def is_empty(data: dict[str, Any]) -> bool:

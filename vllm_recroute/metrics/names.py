@@ -104,12 +104,14 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "recroute:parked_pool_blocks",
         "gauge",
-        "Units currently held in the parked host pool.",
+        "Units currently held in the parked host pools, summed over the engine's tensor-parallel "
+        "ranks (each rank parks its own KV-head shard; parked_bytes is per rank).",
     ),
     MetricSpec(
         "recroute:parked_pool_bytes",
         "gauge",
-        "Bytes currently held in the parked host pool (payload, int8 scales and digests).",
+        "Bytes currently held in the parked host pools (payload, int8 scales and digests), "
+        "summed over the engine's tensor-parallel ranks (parked_bytes bounds each rank).",
     ),
     MetricSpec(
         "recroute:turn_saves",
@@ -129,12 +131,14 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "recroute:turn_store_entries",
         "gauge",
-        "Turns currently kept in the worker's host turn store.",
+        "Turns currently kept in the workers' host turn stores, summed over tensor-parallel "
+        "ranks (each rank keeps its own shard of a turn).",
     ),
     MetricSpec(
         "recroute:turn_store_bytes",
         "gauge",
-        "Bytes currently kept in the worker's host turn store (pages and parked units).",
+        "Bytes currently kept in the workers' host turn stores (pages and parked units), summed "
+        "over tensor-parallel ranks (turn_cache_bytes bounds each rank).",
     ),
 )
 

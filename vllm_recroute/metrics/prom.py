@@ -8,7 +8,14 @@ from typing import Any
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics
 from vllm.v1.metrics.utils import create_metric_per_engine
 
-from vllm_recroute.metrics.accounting import GAUGES, MAPPINGS, SCALARS, add_into, empty_data
+from vllm_recroute.metrics.accounting import (
+    GAUGES,
+    MAPPINGS,
+    SCALARS,
+    add_into,
+    empty_data,
+    gauge_total,
+)
 from vllm_recroute.metrics.names import BY_NAME, PREFIX
 
 # Totals observed by this front end, per engine index (GET /v1/recroute/stats).
@@ -60,12 +67,13 @@ class RecroutePromMetrics(KVConnectorPromMetrics):
                 children[engine_idx].inc(data[key])
         for key, children in self._gauges.items():
             if key in data:
-                children[engine_idx].set(data[key])
+                children[engine_idx].set(gauge_total(data[key]))
         for key, counter in self._mapped.items():
             for label, value in (data.get(key) or {}).items():
                 counter.labels(*base, *str(label).split("/")).inc(value)
+        totals = {**data, **{k: gauge_total(data[k]) for k in GAUGES if k in data}}
         with _lock:
-            add_into(_totals.setdefault(engine_idx, empty_data()), data)
+            add_into(_totals.setdefault(engine_idx, empty_data()), totals)
 
 
 __all__ = ["RecroutePromMetrics", "observed_totals"]

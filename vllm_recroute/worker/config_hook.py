@@ -91,7 +91,14 @@ def _install_stats_connector(vllm_config: Any) -> None:
 
 def _refuse_unsupported(vllm_config: Any, cfg: RoutingConfig) -> None:
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
-        raise ValueError("vllm-recroute: pipeline parallelism is not supported with routing")
+        # A request's routing state (active masks, compacted positions) would have to
+        # travel with the intermediate tensors between pipeline stages, and each PP rank
+        # would route its own layers; vLLM 0.32's CPU backend cannot run PP here to test
+        # it, so it is refused rather than shipped untested (docs/deploy.md).
+        raise ValueError(
+            "vllm-recroute: pipeline parallelism is not supported with routed architectures "
+            "(--pipeline-parallel-size must be 1; use tensor or data parallelism)"
+        )
     if cfg.enabled and vllm_config.speculative_config is not None:
         # Draft tokens would need routing decisions replayed by the drafter and the
         # verifier; untested, so refused rather than silently wrong.
@@ -116,14 +123,9 @@ def _refuse_unsupported(vllm_config: Any, cfg: RoutingConfig) -> None:
 
 
 def _refuse_unsupported_parking(vllm_config: Any) -> None:
-    if vllm_config.parallel_config.tensor_parallel_size > 1:
-        # Each rank would score its own KV-head shard of the digests and could swap
-        # different units; an all-reduce of the scores is not built.
-        raise RoutingConfigError(
-            "recroute.parked_bytes",
-            "the parked tier is not supported with tensor parallelism yet; set parked_bytes "
-            "to 0 or --tensor-parallel-size 1",
-        )
+    # Tensor parallelism is supported: every rank parks its own KV-head shard, unit scores
+    # are averaged over the ranks (worker/tp.py), so all ranks swap the same units;
+    # ``parked_bytes`` is per rank (each worker process's host pool).
     dtype = vllm_config.cache_config.cache_dtype
     if dtype not in ("auto", None):
         # Quantized KV pages would need their scales parked with the payload.

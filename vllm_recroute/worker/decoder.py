@@ -34,6 +34,7 @@ from vllm_recroute.worker.config_hook import check_routing_requirements
 from vllm_recroute.worker.parking import PageRow, ParkingTier
 from vllm_recroute.worker.state import DeferredOutbox, RouteStore
 from vllm_recroute.worker.step import StepRouter
+from vllm_recroute.worker.tp import DecisionCheck, TPGroup
 from vllm_recroute.worker.turns import TurnStore
 
 __all__ = ["LayerCost", "RoutedDecoder"]
@@ -66,6 +67,8 @@ class RoutedDecoder:
         self.num_layers = len(self.layers)
         self.cost = LayerCost.of(self.layers[0], vllm_config)
         self.kv_release = self.config.kv_release
+        self.tp = TPGroup.current()  # head-averaged scores are averaged over ranks
+        self.check = DecisionCheck(self.tp)
         self.ledger = Ledger()
         self.released = ReleasedRows()
         self.outbox = DeferredOutbox()
@@ -80,7 +83,7 @@ class RoutedDecoder:
         self.groups = LayerGroups(names, self._check_groups)
         self.tier: ParkingTier | None = None
         if self.config.parked_bytes > 0:
-            self.tier = ParkingTier(self.config, self.layers)
+            self.tier = ParkingTier(self.config, self.layers, self.tp.mean)
             self.store.on_forget(self._forget_parked)
         self.turns: TurnStore | None = None
         self.runner: Any = None  # the model runner, known from the first step

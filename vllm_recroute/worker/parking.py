@@ -24,6 +24,7 @@ the request (``forget``); a preempted request re-routes and re-parks when it run
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -63,9 +64,17 @@ class PageRow:
 class ParkingTier:
     """The pool, the units of every request, and the park / swap operations."""
 
-    def __init__(self, cfg: RoutingConfig, layers: list[Any]) -> None:
+    def __init__(
+        self,
+        cfg: RoutingConfig,
+        layers: list[Any],
+        head_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.layers = layers
+        # tensor parallelism: unit scores are head means over this rank's shard; the mean
+        # over ranks makes every rank plan the same swaps (worker/tp.py)
+        self.head_mean = head_mean or (lambda scores: scores)
         self.pool = ParkedPool(cfg.parked_bytes, cfg.park_format)
         self.units: dict[tuple[str, int], StageUnits] = {}
         self.io = [
@@ -154,9 +163,8 @@ class ParkingTier:
             return delta
         digests = [units.digests[uid] for uid in act]
         digests += [self.pool.digest(ParkedKey(req_id, k, uid))[0] for uid in par]
-        score = dict(
-            zip(act + par, unit_scores(q, torch.stack(digests), scale).tolist(), strict=True)
-        )
+        scores = self.head_mean(unit_scores(q, torch.stack(digests), scale))
+        score = dict(zip(act + par, scores.tolist(), strict=True))
         plan = plan_swaps({u: score[u] for u in act}, {u: score[u] for u in par})
         if plan:
             self._swap_all(req_id, k, units, plan, score, pages, delta)

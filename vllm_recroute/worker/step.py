@@ -172,7 +172,8 @@ class StepRouter:
                 query_idx=query_indices(int(rows.numel()), vis, route.cfg.score_query),
                 scale=scale,
             )
-            scores = get_scorer(route.cfg.scorer).score(inputs)
+            # every rank scores its own head shard: the mean over ranks is the model's
+            scores = self.decoder.tp.mean(get_scorer(route.cfg.scorer).score(inputs))
             mask = route_request(
                 scores,
                 num_keep(route.stages[k].keep, int(vis.numel())),
@@ -185,6 +186,10 @@ class StepRouter:
             route.scores.append(scores)
             if len(route.masks) == len(route.stages):
                 self._remember(route)
+        if todo:
+            self.decoder.check.verify(
+                router, [r.req_id for r, _ in todo], [r.masks[k] for r, k in todo]
+            )
 
     @staticmethod
     def _block_ids(route: PrefillRoute, positions: torch.Tensor) -> torch.Tensor | None:

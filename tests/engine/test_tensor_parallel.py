@@ -1,0 +1,158 @@
+"""--tensor-parallel-size 2 (gloo, one worker per core): every rank takes the one routing
+decision, so greedy tokens equal TP 1's and the oracle's for every mode and schedule, a
+mixed per-request batch, the parked tier with decode-time re-routing, a kept later turn
+and kv_release; metrics count once per engine. Guard: without the reduction across ranks
+the same requests give other tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import (
+    CONFIGS,
+    MAX_TOKENS,
+    NEXT_QUESTION,
+    REQUESTS,
+    TURNS,
+    flush,
+    generate,
+    generate_as_parked_reference,
+    hf_inputs,
+    oracle,
+    pool_state,
+    prom_counter,
+    request_inputs,
+    route_counters,
+    two_turns,
+)
+from tests.oracle import oracle_generate_parked
+from vllm_recroute.config import RoutingConfig
+
+pytestmark = pytest.mark.engine
+
+ROUTED = [
+    "fastv-reroute",
+    "fastv-remove",
+    "pdrop-reroute",
+    "pdrop-remove",
+    "pdrop-reroute-keynorm-block",
+    "custom-reroute-question",
+]
+NO_SWAPS = {"reroute_every": 0}  # the tp2 engine parks; without swaps tokens are the oracle's
+PARKING = {k: v for k, v in TURNS.items() if k != "turn_cache_bytes"}
+
+
+def _tokens(outs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+@pytest.mark.parametrize("engine", ["tp2"], indirect=True)
+@pytest.mark.parametrize("name", ROUTED)
+def test_tp2_equals_tp1_and_the_oracle(engine, routed_llm, hf_eager, tiny_idefics3, name):
+    cfg = {**CONFIGS[name], **NO_SWAPS}
+    tp2 = _tokens(generate(engine, tiny_idefics3, [cfg] * len(REQUESTS)))
+    tp1 = _tokens(generate(routed_llm, tiny_idefics3, [CONFIGS[name]] * len(REQUESTS)))
+    assert tp2 == tp1, name
+    for spec, tokens in zip(REQUESTS, tp2, strict=True):
+        assert tokens == oracle(hf_eager, tiny_idefics3, spec, CONFIGS[name])[1], (name, spec)
+
+
+@pytest.mark.parametrize("engine", ["tp2"], indirect=True)
+def test_tp2_mixed_per_request_batch(engine, hf_eager, tiny_idefics3):
+    cfgs = [CONFIGS["pdrop-remove"], CONFIGS["off"], CONFIGS["custom-reroute-question"]]
+    outs = generate(engine, tiny_idefics3, [{**c, **NO_SWAPS} for c in cfgs])
+    for spec, cfg, tokens in zip(REQUESTS, cfgs, _tokens(outs), strict=True):
+        assert tokens == oracle(hf_eager, tiny_idefics3, spec, cfg)[1], (cfg, spec)
+
+
+@pytest.mark.parametrize("engine", ["tp2"], indirect=True)
+def test_tp2_parked_tier_reroutes_as_the_reference(engine, hf_model, tiny_idefics3):
+    before = prom_counter("recroute:restored_blocks")
+    cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": PARKING["reroute_every"]}
+    restored = generate_as_parked_reference(engine, hf_model, tiny_idefics3, cfg, PARKING)
+    flush(engine)
+    assert restored > 0
+    # counted once per engine, not once per rank
+    assert prom_counter("recroute:restored_blocks") - before == restored
+
+
+@pytest.mark.parametrize("engine", ["tp2"], indirect=True)
+def test_tp2_kept_later_turn_matches_the_reference(engine, hf_model, tiny_idefics3):
+    cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 2}
+    full = RoutingConfig.from_dict({**cfg, **PARKING})
+    for spec in REQUESTS:
+        first, second, new_ids = two_turns(engine, tiny_idefics3, spec, cfg, NEXT_QUESTION)
+        prompt, images = request_inputs(str(tiny_idefics3), spec)
+        inputs = hf_inputs(str(tiny_idefics3), prompt, images)
+        expected_2, _ = oracle_generate_parked(
+            hf_model, inputs, full, MAX_TOKENS, next_turn=(new_ids, MAX_TOKENS, True)
+        )
+        assert list(second.outputs[0].token_ids) == expected_2, spec
+        assert second.num_cached_tokens == len(first.prompt_token_ids) + MAX_TOKENS - 1
+
+
+@pytest.mark.parametrize("engine", ["tp2"], indirect=True)
+def test_tp2_metrics_count_once_and_pool_gauges_add_up(engine, tiny_idefics3):
+    from vllm import SamplingParams
+
+    before = route_counters(engine)["routed_requests"]
+    generate(engine, tiny_idefics3, [{**CONFIGS["pdrop-reroute"], **NO_SWAPS}] * len(REQUESTS))
+    assert route_counters(engine)["routed_requests"] == before + len(REQUESTS)
+    # mid-request, each rank holds its own shard of the parked units; /metrics says the sum
+    core = engine.llm_engine
+    prompt, images = request_inputs(str(tiny_idefics3), REQUESTS[0])
+    params = SamplingParams(max_tokens=50, ignore_eos=True)
+    core.add_request("held", {"prompt": prompt, "multi_modal_data": {"image": images}}, params)
+    for _ in range(3):
+        core.step()
+    per_rank = engine.collective_rpc(pool_state)
+    assert len(per_rank) == 2 and all(blocks > 0 for blocks, _, _ in per_rank)
+    assert per_rank[0] == per_rank[1]  # same decisions, same shard sizes
+    assert prom_counter("recroute:parked_pool_bytes") == sum(b for _, b, _ in per_rank)
+    assert prom_counter("recroute:parked_pool_blocks") == sum(n for n, _, _ in per_rank)
+    core.abort_request(["held"])
+    while core.has_unfinished_requests():
+        core.step()
+    flush(engine)
+    assert engine.collective_rpc(pool_state) == [(0, 0, 0), (0, 0, 0)]
+
+
+def _skip_reduction(worker, skip: bool):
+    from vllm_recroute.worker.tp import DecisionCheck, TPGroup
+
+    dec = worker.model_runner.model.recroute
+    if skip:
+        dec._real_tp = dec.tp
+        dec.tp = TPGroup(1)  # each rank routes on its own head shard (the old bug)
+        dec.check = DecisionCheck(TPGroup(1))
+    else:
+        dec.tp = dec._real_tp
+        dec.check = DecisionCheck(dec.tp)
+    return True
+
+
+@pytest.mark.parametrize("engine", ["tp2"], indirect=True)
+def test_guard_without_the_reduction_tokens_are_wrong(engine, hf_eager, tiny_idefics3):
+    cfg = {**CONFIGS["pdrop-reroute"], **NO_SWAPS}
+    engine.collective_rpc(_skip_reduction, args=(True,))
+    try:
+        wrong = _tokens(generate(engine, tiny_idefics3, [cfg] * len(REQUESTS)))
+    finally:
+        engine.collective_rpc(_skip_reduction, args=(False,))
+    expected = [oracle(hf_eager, tiny_idefics3, s, CONFIGS["pdrop-reroute"])[1] for s in REQUESTS]
+    assert wrong != expected
+    # and with the reduction back, the same engine is right again
+    assert _tokens(generate(engine, tiny_idefics3, [cfg] * len(REQUESTS))) == expected
+
+
+@pytest.mark.parametrize("engine", ["tp2-release"], indirect=True)
+def test_tp2_kv_release_matches_the_oracle_and_releases(engine, hf_eager, tiny_idefics3):
+    before = prom_counter("recroute:kv_blocks_released")
+    cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 0}
+    outs = generate(engine, tiny_idefics3, [cfg] * len(REQUESTS))
+    for spec, tokens in zip(REQUESTS, _tokens(outs), strict=True):
+        assert tokens == oracle(hf_eager, tiny_idefics3, spec, CONFIGS["pdrop-reroute"])[1]
+    flush(engine)
+    assert prom_counter("recroute:kv_blocks_released") > before
+    usage = {m.name: m for m in engine.get_metrics()}["vllm:kv_cache_usage_perc"].value
+    assert usage == 0.0
