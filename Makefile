@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 EXTRA ?= cpu
 ARGS ?=
 
-.PHONY: setup serve test test-unit test-engine lint format bench bench-quality clean
+.PHONY: setup serve test test-unit test-engine test-scale lint format bench bench-quality clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,6 +27,10 @@ test-unit: setup
 
 test-engine: setup
 	$(PY) -m pytest -q tests/integration tests/engine tests/e2e $(ARGS)
+
+test-scale: setup  ## two replicas behind nginx with conversation affinity (needs nginx)
+	command -v nginx >/dev/null || apt-get install -y -qq nginx-light
+	$(PY) -m pytest -q -m scale tests/scale $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

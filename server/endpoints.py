@@ -4,6 +4,8 @@
     GET /v1/recroute/stats    savings so far (from the same accounting as /metrics)
 
 Both live under /v1, so vLLM's `--api-key` middleware guards them like the OpenAI routes.
+Attaching the plugin also installs patch P8 (server/media.py): media vLLM cannot load is
+an HTTP 400 naming the input, not a 500.
 vLLM loads endpoint plugins only when named in VLLM_PLUGINS; `vllm-recroute serve` does
 that (the name is `recroute`, the same as the engine plugin's).
 """
@@ -25,6 +27,9 @@ class RecrouteEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
+        from vllm_recroute_server.media import apply_media_patch
+
+        apply_media_patch()  # the API server process renders requests: bad media is a 400
         app.include_router(router)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
@@ -111,11 +116,18 @@ def _turns_payload(total: dict[str, Any], per_engine: dict[int, dict[str, Any]])
     }
 
 
-@router.get("/v1/recroute/config")
+# Documented in the OpenAPI document, so clients (and tests/e2e/test_fuzz.py's
+# schemathesis run) know a keyed server answers 401 without the key.
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "the server runs with --api-key and the request has no or a wrong key"}
+}
+
+
+@router.get("/v1/recroute/config", responses=_RESPONSES)
 async def recroute_config(request: Request) -> dict[str, Any]:
     return _config_payload(getattr(request.app.state, "recroute_vllm_config", None))
 
 
-@router.get("/v1/recroute/stats")
+@router.get("/v1/recroute/stats", responses=_RESPONSES)
 async def recroute_stats() -> dict[str, Any]:
     return _stats_payload()

@@ -15,10 +15,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vllm_recroute.config import RoutingConfig, parse_routing_arg
+from vllm_recroute.config import DEFAULT_ROUTING, RoutingConfig, parse_routing_arg
 from vllm_recroute.models import ROUTED_ARCHITECTURES, ROUTED_FOR_HF_ARCH
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
+# vLLM 0.32's mirrored multimodal processor cache (front end <-> engine) records a request's
+# images as sent before the request can still be rejected (prompt too long, a bad option):
+# the next request with the same image then fails once with a 500 ("cache drift"; upstream
+# vllm#46747 self-heals on the retry, vllm#51897 would roll the entries back). The server
+# turns it off unless the operator sets the flag: images are processed again per request.
+MM_CACHE_FLAG = "--mm-processor-cache-gb"
 
 
 class LaunchError(ValueError):
@@ -78,7 +84,19 @@ def server_argv(
         extra, "--kv-cache-memory-bytes"
     ):
         argv += ["--kv-cache-memory-bytes", str(DEFAULT_CPU_KV_BYTES)]
+    if not _has_flag(extra, MM_CACHE_FLAG):
+        argv += [MM_CACHE_FLAG, "0"]
     return argv + extra
+
+
+def describe_default(cfg: RoutingConfig) -> str:
+    """The startup line of the default routing: what is on and the parked pool's size."""
+    return (
+        f"default routing: {cfg.mode} {cfg.schedule}, kv_release on (deferred pages back to "
+        f"the pool), parked tier {cfg.parked_bytes / (1 << 20):.0f} MiB of host memory per "
+        f"worker (5% of available, 64 MiB..4 GiB), re-routing every {cfg.reroute_every} "
+        "decode steps; --routing pdrop for compute savings only, --routing off for none"
+    )
 
 
 def plugins_env(current: str | None) -> str:
@@ -96,6 +114,8 @@ def plugins_env(current: str | None) -> str:
 def serve(model: str, routing: str, keep: float | None, extra_args: Sequence[str]) -> None:
     """Replace this process with vLLM's server (signals and exit code go straight to it)."""
     cfg = parse_routing_arg(routing, keep)
+    if routing.strip() == DEFAULT_ROUTING:
+        print(f"vllm-recroute: {describe_default(cfg)}", flush=True)
     argv = server_argv(model, cfg, extra_args)
     os.environ["VLLM_PLUGINS"] = plugins_env(os.environ.get("VLLM_PLUGINS"))
     print("vllm-recroute: exec", sys.executable, " ".join(argv), flush=True)

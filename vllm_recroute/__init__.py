@@ -1,9 +1,10 @@
 """vllm-recroute: recoverable visual-token routing for vision-language models in vLLM.
 
 `register()` is the `vllm.general_plugins` entry point. vLLM calls it in every process
-(API server, engine core, workers), possibly more than once, so it only records dotted
-paths: nothing heavy is imported and nothing is patched here. The runner patch is
-applied by the routed model classes themselves, in the worker that loads them.
+(API server, engine core, workers), possibly more than once, so it is idempotent and light:
+dotted paths for the architectures, the config hook (patch P2), the stage spec, and the
+runner selection (P9: it must be in place before any VllmConfig decides V1 or V2). The
+step patch (P1) is applied by the routed model classes themselves, in the worker.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def register() -> None:
         if arch not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(arch, dotted)
     register_config_hooks(ROUTED_ARCHITECTURES)
+    from vllm_recroute.patches import apply_runner_selection
+
+    apply_runner_selection(ROUTED_ARCHITECTURES)
     from vllm_recroute.kv.spec import register_stage_spec
 
     # The engine core needs the stage manager class, the worker the spec class; both only

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vllm_recroute.config import RoutingConfigError, parse_routing_arg
+from vllm_recroute.config import DEFAULT_ROUTING, RoutingConfigError, parse_routing_arg
 
 
 def default_model() -> Path:
@@ -31,7 +31,12 @@ def _parser() -> argparse.ArgumentParser:
         description="MODEL (first argument, optional): a local HF model directory; default: "
         "the embedded demo model. Unknown flags are passed to vLLM's server unchanged.",
     )
-    s.add_argument("--routing", default="pdrop", help="off | fastv | pdrop | JSON RoutingConfig")
+    s.add_argument(
+        "--routing",
+        default=DEFAULT_ROUTING,
+        help="default (pdrop reroute + kv_release + parked tier sized from host memory) | "
+        "off | fastv | pdrop (compute savings only) | JSON RoutingConfig",
+    )
     s.add_argument("--keep", type=float, default=None, help="keep fraction (fastv) / ratio (pdrop)")
 
     t = sub.add_parser("make-tiny-model", help="build a deterministic random-weight VLM")
@@ -41,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
 
     c = sub.add_parser("show-config", help="print the effective routing config as JSON")
-    c.add_argument("--routing", default="pdrop")
+    c.add_argument("--routing", default=DEFAULT_ROUTING)
     c.add_argument("--keep", type=float, default=None)
     return p
 

@@ -14,14 +14,20 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 from vllm_recroute import vllm_view
 from vllm_recroute._compat import check_vllm_version
 
-__all__ = ["PATCHES", "Patch", "apply_patches", "check_runner_patched"]
+__all__ = [
+    "PATCHES",
+    "Patch",
+    "apply_patches",
+    "apply_runner_selection",
+    "check_runner_patched",
+]
 
 
 @dataclass(frozen=True)
@@ -141,7 +147,7 @@ PATCHES: tuple[Patch, ...] = (
         what="Reads V1 runner and scheduler internals: input_batch (req_ids, "
         "num_computed_tokens_cpu, num_prompt_tokens, block_table), query_start_loc, "
         "input_ids, requests, attn_groups, kv_cache_config; the scheduler's Request "
-        "(mm_features, sampling_params, block_hashes) and KVCacheManager "
+        "(mm_features, sampling_params, block_hashes, cache_salt) and KVCacheManager "
         "(coordinator.single_type_managers, block_pool.null_block).",
         why="Request identity, image spans, block tables and stage managers are not exposed "
         "through a public API.",
@@ -158,6 +164,64 @@ PATCHES: tuple[Patch, ...] = (
         ),
         where="vllm_recroute/vllm_view.py",
     ),
+    Patch(
+        "P8",
+        what="Wraps MediaConnector._load_file_url (a file:// URL without "
+        "--allowed-local-media-path is refused first), MediaConnector._load_data_url "
+        "(NotImplementedError for a non-base64 data: URL), ImageMediaIO.load_bytes "
+        "(PIL.Image.DecompressionBombError) and ImageEmbeddingMediaIO.load_bytes "
+        "(torch.load's UnpicklingError / RuntimeError / EOFError) to raise "
+        "VLLMValidationError naming image_url or image_embeds instead.",
+        why="Those escape vLLM's 400 mapping (VLLMValidationError / ValueError) and reach the "
+        "client as HTTP 500 or 501, though the client's input is at fault: a 30000x30000 PNG "
+        "of a few hundred KB, a file:// URL on a server that serves no local files. The "
+        "wrappers sit where the error is raised, in the API server while the request is "
+        "rendered, so nothing reaches the engine.",
+        upstream="vLLM 0.32 maps raw exceptions by type (serve/exception_handling/"
+        "error_response.py, a TODO to migrate to VLLMError); these four raise sites are not "
+        "migrated yet.",
+        remove_when="vLLM raises VLLMValidationError (or ValueError) at these sites; "
+        "tests/e2e/test_bad_inputs.py then passes without the patch.",
+        targets=(
+            "vllm.multimodal.media.connector:MediaConnector._load_file_url",
+            "vllm.multimodal.media.connector:MediaConnector._load_data_url",
+            "vllm.multimodal.media.image:ImageMediaIO.load_bytes",
+            "vllm.multimodal.media.image:ImageEmbeddingMediaIO.load_bytes",
+            "vllm.exceptions:VLLMValidationError",
+            "PIL.Image:DecompressionBombError",
+        ),
+        where="server/media.py (applied by the endpoint plugin, server/endpoints.py)",
+    ),
+    Patch(
+        "P9",
+        what="Wraps VllmConfig._get_v2_model_runner_unsupported_features so that a config "
+        "whose model is a routed architecture reports 'vllm-recroute routed architectures' "
+        "as unsupported by Model Runner V2.",
+        why="On any host with Triton (every CUDA host) vLLM 0.32 picks Model Runner V2 by "
+        "default (VllmConfig.use_v2_model_runner); the routed decoder reads the V1 runner "
+        "(P1, input_batch, block tables), which V2 does not have, so routing would silently "
+        "not happen or crash. Through vLLM's own check, the V1 runner is selected with "
+        "vLLM's log line, and VLLM_USE_V2_MODEL_RUNNER=1 becomes vLLM's startup error "
+        "'Model Runner V2 does not yet support: vllm-recroute routed architectures ...'. "
+        "V2 plan: V2 keeps per-request state in vllm/v1/worker/gpu/ (RequestState, "
+        "InputBatch rebuilt per step, BlockTables per KV group); an adapter would read "
+        "request ids, num_computed and block tables from those in vllm_view.StepBatch and "
+        "hook V2's execute_model for P1.",
+        upstream="No hook for plugins to veto V2; a model-class flag (like "
+        "supports_v2_model_runner) would replace this.",
+        remove_when="A V2 adapter exists in vllm_view.py, or vLLM exposes a per-model "
+        "runner capability.",
+        targets=(
+            "vllm.config.vllm:VllmConfig._get_v2_model_runner_unsupported_features",
+            "vllm.config.vllm:VllmConfig.use_v2_model_runner",
+            "vllm.config.vllm:HAS_TRITON",
+        ),
+        where="vllm_recroute/patches.py (apply_runner_selection, from register())",
+    ),
+)
+
+V2_UNSUPPORTED = (
+    "vllm-recroute routed architectures (V1 runner only; unset VLLM_USE_V2_MODEL_RUNNER)"
 )
 
 _lock = threading.Lock()
@@ -165,7 +229,7 @@ _applied = False
 
 
 def apply_patches() -> None:
-    """Apply P1 (idempotent, thread-safe). P2..P7 are applied where their entry says."""
+    """Apply P1 (idempotent, thread-safe). P2..P9 are applied where their entry says."""
     global _applied
     with _lock:
         if _applied:
@@ -179,14 +243,35 @@ def apply_patches() -> None:
         check_runner_patched(runner_cls)
 
 
+def apply_runner_selection(routed_architectures: Collection[str]) -> None:
+    """Apply P9 (idempotent): routed architectures select the V1 model runner."""
+    from vllm.config.vllm import VllmConfig
+
+    original = VllmConfig._get_v2_model_runner_unsupported_features
+    if getattr(original, "__recroute_patched__", False):
+        return
+    routed = frozenset(routed_architectures)
+
+    @functools.wraps(original)
+    def unsupported(self) -> list[str]:
+        out = original(self)
+        archs = getattr(self.model_config, "architectures", None) or ()
+        if routed.intersection(archs):
+            out.append(V2_UNSUPPORTED)
+        return out
+
+    unsupported.__recroute_patched__ = True  # type: ignore[attr-defined]
+    VllmConfig._get_v2_model_runner_unsupported_features = unsupported
+
+
 def _wrap_execute_model(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def execute_model(self, scheduler_output, *args, **kwargs):
-        gone = vllm_view.gone_request_ids(scheduler_output)
-        if gone:
+        finished, preempted = vllm_view.gone_request_ids(scheduler_output)
+        if finished or preempted:
             decoder = vllm_view.decoder_of(self)
             if decoder is not None:
-                decoder.requests_gone(gone)
+                decoder.requests_gone(finished, preempted)
         with vllm_view.step_scope(self, scheduler_output):
             return original(self, scheduler_output, *args, **kwargs)
 

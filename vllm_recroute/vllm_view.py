@@ -77,11 +77,11 @@ class step_scope:
         _STEP.reset(self._token)
 
 
-def gone_request_ids(scheduler_output: Any) -> set[str]:
-    """Requests finished or preempted as of this step (their worker state is stale)."""
-    gone = set(getattr(scheduler_output, "finished_req_ids", None) or ())
-    gone |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
-    return gone
+def gone_request_ids(scheduler_output: Any) -> tuple[set[str], set[str]]:
+    """(finished, preempted) requests as of this step (their worker state is stale)."""
+    finished = set(getattr(scheduler_output, "finished_req_ids", None) or ())
+    preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+    return finished, preempted
 
 
 def decoder_of(runner: Any) -> Any | None:

@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 
-from tests.e2e.helpers import API_KEY, free_port
-
-STARTUP_TIMEOUT_S = 300
-
+from tests.e2e.helpers import API_KEY, serve_process
 
 # pdrop with the parked tier on (32 MiB host pool, re-routing every 2 decode steps) and
 # later-turn restore (32 MiB of kept turns)
@@ -28,45 +19,57 @@ ROUTING = {
 }
 
 
+# The soak server (tests/e2e/test_soak.py): kv_release, the parked tier and kept turns
+# on a KV cache of 1024 tokens (4 MiB: eight 110-token requests do not fit, so requests
+# queue and running ones get preempted), a turn store that must evict, a pixel budget
+# (vLLM's VLLM_MAX_IMAGE_PIXELS, one megapixel) and no --api-key.
+SOAK_ROUTING = {
+    "schedule": "pdrop",
+    "request_min_keep": 0.1,
+    "kv_release": True,
+    "parked_bytes": 8 << 20,
+    "reroute_every": 2,
+    "turn_cache_bytes": 4 << 20,
+}
+SOAK_MAX_IMAGE_PIXELS = 1_000_000
+SOAK_MAX_MODEL_LEN = 512
+
+
 @pytest.fixture(scope="session")
 def server(tiny_idefics3, tmp_path_factory):
-    port = free_port()
     log = Path(tmp_path_factory.mktemp("server")) / "server.log"
-    cmd = [
-        sys.executable, "-m", "vllm_recroute.cli", "serve", str(tiny_idefics3),
-        "--routing", json.dumps(ROUTING),
-        "--port", str(port), "--host", "127.0.0.1",
-        "--api-key", API_KEY,
-        "--served-model-name", "tiny",
-        "--dtype", "float32", "--max-model-len", "1024",
+    flags = [
+        "--api-key", API_KEY, "--max-model-len", "1024",
         "--kv-cache-memory-bytes", str(64 << 20), "--max-num-seqs", "8",
     ]  # fmt: skip
-    env = dict(os.environ, VLLM_LOGGING_LEVEL="INFO")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + STARTUP_TIMEOUT_S
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if requests.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(
-                    f"server not up in {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-4000:]}"
-                )
-            time.sleep(1)
-        yield {"base": base, "log": log, "proc": proc}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with serve_process(tiny_idefics3, log, ROUTING, flags) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def soak_server(tiny_idefics3, tmp_path_factory):
+    log = Path(tmp_path_factory.mktemp("soak-server")) / "server.log"
+    flags = [
+        "--max-model-len", str(SOAK_MAX_MODEL_LEN),
+        "--kv-cache-memory-bytes", str(4 << 20), "--max-num-seqs", "8",
+    ]  # fmt: skip
+    env = {"VLLM_LOGGING_LEVEL": "INFO", "VLLM_MAX_IMAGE_PIXELS": str(SOAK_MAX_IMAGE_PIXELS)}
+    with serve_process(tiny_idefics3, log, SOAK_ROUTING, flags, env) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def dp_server(tiny_idefics3, tmp_path_factory):
+    """--data-parallel-size 2: two engines (one core each) behind one API server, with the
+    default routing (no --routing: kv_release and the parked tier on)."""
+    log = Path(tmp_path_factory.mktemp("dp-server")) / "server.log"
+    flags = [
+        "--data-parallel-size", "2", "--max-model-len", "1024", "--block-size", "32",
+        "--kv-cache-memory-bytes", str(64 << 20), "--max-num-seqs", "8",
+    ]  # fmt: skip
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one NUMA-free binding per engine
+    with serve_process(tiny_idefics3, log, None, flags, env) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -9,14 +9,20 @@ import pytest
 from tests.helpers import (
     CONFIGS,
     MAX_TOKENS,
+    NEXT_QUESTION,
     REQUESTS,
+    ROUTED_IDEFICS3,
     TURNS,
     flush,
     hf_inputs,
     kv_usage,
+    make_llm,
     pool_state,
     prom_counter,
     request_inputs,
+    sampling,
+    shutdown,
+    two_turns,
     xargs,
 )
 from tests.oracle import oracle_generate_parked
@@ -26,32 +32,6 @@ pytestmark = pytest.mark.engine
 
 # the references' parked tier: the turn engines' (tests/engine/conftest.py), no turn store
 PARKING = {k: v for k, v in TURNS.items() if k != "turn_cache_bytes"}
-NEXT_QUESTION = " and which one is the largest?"
-
-
-def _params(cfg: dict):
-    from vllm import SamplingParams
-
-    return SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=cfg)
-
-
-def _two_turns(llm, model_dir, spec, cfg: dict, question: str = NEXT_QUESTION):
-    """Turn 1 from the chat prompt; turn 2 = turn 1's prompt, its answer, a new question
-    (token ids, so the prefix is exactly turn 1's tokens; vLLM expands the image again)."""
-    prompt, images = request_inputs(str(model_dir), spec)
-    mm = {"image": images}
-    options = xargs(cfg)
-    [first] = llm.generate(
-        [{"prompt": prompt, "multi_modal_data": mm}], _params(options), use_tqdm=False
-    )
-    tok = llm.get_tokenizer()
-    new_ids = tok.encode(question, add_special_tokens=False)
-    ids = tok.encode(prompt) + list(first.outputs[0].token_ids) + new_ids
-    [second] = llm.generate(
-        [{"prompt_token_ids": ids, "multi_modal_data": mm}], _params(options), use_tqdm=False
-    )
-    assert second.prompt_token_ids[: len(first.prompt_token_ids)] == first.prompt_token_ids
-    return first, second, new_ids
 
 
 @pytest.mark.parametrize(
@@ -74,7 +54,7 @@ def test_later_turn_loads_the_image_and_matches_the_reference(
     tokens_before = prom_counter("recroute:turn_loaded_tokens")
     restored, loaded_tokens = 0, 0
     for spec in REQUESTS:
-        first, second, new_ids = _two_turns(engine, tiny_idefics3, spec, cfg)
+        first, second, new_ids = two_turns(engine, tiny_idefics3, spec, cfg)
         prompt, images = request_inputs(str(tiny_idefics3), spec)
         inputs = hf_inputs(str(tiny_idefics3), prompt, images)
         expected_1, _ = oracle_generate_parked(hf_model, inputs, full, MAX_TOKENS)
@@ -106,14 +86,14 @@ def test_a_later_turn_that_respells_the_answer_loads_the_prompt(engine, hf_model
     options = xargs(cfg)
     mm = {"image": images}
     [first] = llm.generate(
-        [{"prompt": prompt, "multi_modal_data": mm}], _params(options), use_tqdm=False
+        [{"prompt": prompt, "multi_modal_data": mm}], sampling(options), use_tqdm=False
     )
     tok = llm.get_tokenizer()
     respelled = [(t + 1) % 500 + 20 for t in first.outputs[0].token_ids]  # not what was generated
     new_ids = respelled + tok.encode(NEXT_QUESTION, add_special_tokens=False)
     [second] = llm.generate(
         [{"prompt_token_ids": tok.encode(prompt) + new_ids, "multi_modal_data": mm}],
-        _params(options),
+        sampling(options),
         use_tqdm=False,
     )
     assert second.num_cached_tokens == len(first.prompt_token_ids)
@@ -131,20 +111,20 @@ def test_other_routing_options_recompute_and_differ(engine, tiny_idefics3):
     depends on them). Guard for the reference test: the loaded turn (re-routed units of
     turn 1) answers differently from a from-scratch routed prefill of the same prompt."""
     cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 2}
-    first, loaded, new_ids = _two_turns(engine, tiny_idefics3, REQUESTS[1], cfg)
+    first, loaded, new_ids = two_turns(engine, tiny_idefics3, REQUESTS[1], cfg)
     assert loaded.num_cached_tokens > 0
     prompt, images = request_inputs(str(tiny_idefics3), REQUESTS[1])
     tok = engine.get_tokenizer()
     ids = tok.encode(prompt) + list(first.outputs[0].token_ids) + new_ids
     # the server's default scorer, spelled out: same routing, another options fingerprint
     other = xargs({**cfg, "scorer": "attention"})
-    params = _params(other)
+    params = sampling(other)
     params.logprobs = 1
     [fresh] = engine.generate(
         [{"prompt_token_ids": ids, "multi_modal_data": {"image": images}}], params, use_tqdm=False
     )
     assert fresh.num_cached_tokens == 0
-    params = _params(xargs(cfg))
+    params = sampling(xargs(cfg))
     params.logprobs = 1
     [again] = engine.generate(
         [{"prompt_token_ids": ids, "multi_modal_data": {"image": images}}], params, use_tqdm=False
@@ -164,7 +144,7 @@ def test_kept_turns_hold_no_pages_and_stay_within_the_store(engine, tiny_idefics
 
     core = engine.llm_engine
     cfg = xargs({**CONFIGS["pdrop-reroute"], "reroute_every": 1})
-    _two_turns(engine, tiny_idefics3, REQUESTS[2], {**CONFIGS["pdrop-reroute"]})
+    two_turns(engine, tiny_idefics3, REQUESTS[2], {**CONFIGS["pdrop-reroute"]})
     prompt, images = request_inputs(str(tiny_idefics3), REQUESTS[0])
     params = SamplingParams(max_tokens=50, ignore_eos=True, extra_args=cfg)
     for name in ("t-abort", "t-keep"):
@@ -186,3 +166,58 @@ def test_kept_turns_hold_no_pages_and_stay_within_the_store(engine, tiny_idefics
 def _turn_store(worker):
     g = worker.model_runner.model.recroute.turns.gauges()
     return g["turn_store_entries"], g["turn_store_bytes"]
+
+
+def _salted(prompt: dict, salt: str | None) -> dict:
+    return prompt if salt is None else {**prompt, "cache_salt": salt}
+
+
+def _turn_2_cached_tokens_by_salt(llm, model_dir) -> tuple[int, dict]:
+    """Turn 1 kept under salt "tenant-a"; its turn 2 (same tokens and image) sent under
+    another salt, none, then its own. Returns turn 1's computed tokens and, per salt of
+    turn 2, its num_cached_tokens (0: nothing came from the turn store or vLLM's cache)."""
+    cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 2}
+    prompt, images = request_inputs(str(model_dir), REQUESTS[2])
+    mm = {"image": images}
+    params = sampling(xargs(cfg))
+    first_prompt = _salted({"prompt": prompt, "multi_modal_data": mm}, "tenant-a")
+    [first] = llm.generate([first_prompt], params, use_tqdm=False)
+    tok = llm.get_tokenizer()
+    ids = tok.encode(prompt) + list(first.outputs[0].token_ids)
+    ids += tok.encode(NEXT_QUESTION, add_special_tokens=False)
+    cached = {}
+    for salt in ("tenant-b", None, "tenant-a"):  # the owner last: its load changes nothing
+        turn_2 = _salted({"prompt_token_ids": ids, "multi_modal_data": mm}, salt)
+        [second] = llm.generate([turn_2], params, use_tqdm=False)
+        cached[salt] = second.num_cached_tokens
+    return len(first.prompt_token_ids) + MAX_TOKENS - 1, cached
+
+
+@pytest.mark.parametrize("engine", ["turns-released"], indirect=True)
+def test_a_kept_turn_is_loaded_only_under_its_cache_salt(engine, tiny_idefics3):
+    """Tenant isolation: cache_salt keeps a kept turn (and vLLM's prefix cache, on with
+    kv_release) from serving any request but its own tenant's."""
+    computed, cached = _turn_2_cached_tokens_by_salt(engine, tiny_idefics3)
+    assert cached == {"tenant-b": 0, None: 0, "tenant-a": computed}
+
+
+@pytest.fixture(scope="module")
+def long_block_engine(tiny_idefics3):
+    """The turn engine with 128-token blocks: a whole chat turn (80 visual tokens, the
+    question, the answer) is shorter than one block, so its key holds no block hash."""
+    llm = make_llm(
+        tiny_idefics3,
+        routed_arch=ROUTED_IDEFICS3,
+        recroute={"mode": "reroute", "schedule": "pdrop", **TURNS},
+        block_size=128,
+    )
+    yield llm
+    shutdown(llm)
+
+
+def test_a_turn_shorter_than_a_block_is_loaded_only_under_its_cache_salt(
+    long_block_engine, tiny_idefics3
+):
+    computed, cached = _turn_2_cached_tokens_by_salt(long_block_engine, tiny_idefics3)
+    assert computed < 128  # the whole kept turn lies inside the first block
+    assert cached == {"tenant-b": 0, None: 0, "tenant-a": computed}

@@ -100,3 +100,45 @@ def test_speculative_decoding_refused_with_routing(tiny_idefics3):
     spec = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}
     with pytest.raises(ValueError, match=r"recroute\.mode: .*speculative"):
         _engine_config(tiny_idefics3, ROUTED_IDEFICS3, {"mode": "reroute"}, speculative_config=spec)
+
+
+def test_pipeline_parallelism_is_refused_with_the_reason(tiny_idefics3):
+    from vllm.config import ParallelConfig, VllmConfig
+
+    from vllm_recroute.worker.config_hook import apply_routing_requirements
+
+    cfg = _engine_config(tiny_idefics3, ROUTED_IDEFICS3, {"schedule": "pdrop"})
+    pp = VllmConfig.__new__(VllmConfig)  # the hook only reads these sections
+    pp.__dict__.update(cfg.__dict__, parallel_config=ParallelConfig(pipeline_parallel_size=2))
+    with pytest.raises(ValueError, match=r"--pipeline-parallel-size must be 1"):
+        apply_routing_requirements(pp)
+
+
+@pytest.fixture
+def triton_host(monkeypatch):
+    """A host where vLLM would pick Model Runner V2 (every CUDA host has Triton)."""
+    import vllm.config.vllm as vllm_config_module
+
+    monkeypatch.setattr(vllm_config_module, "HAS_TRITON", True)
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+
+
+def test_routed_archs_select_the_v1_runner_on_a_triton_host(tiny_idefics3, triton_host):
+    import vllm_recroute
+
+    vllm_recroute.register()
+    plain = _engine_config(tiny_idefics3, None)
+    assert plain.use_v2_model_runner  # guard: this host would give plain vLLM V2
+    routed = _engine_config(tiny_idefics3, ROUTED_IDEFICS3, {"schedule": "pdrop"})
+    assert routed.use_v2_model_runner is False
+
+
+def test_forcing_v2_for_a_routed_arch_is_a_startup_error_naming_the_setting(
+    tiny_idefics3, triton_host, monkeypatch
+):
+    import vllm_recroute
+
+    vllm_recroute.register()
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(ValueError, match=r"vllm-recroute routed architectures.*VLLM_USE_V2"):
+        _engine_config(tiny_idefics3, ROUTED_IDEFICS3, {"schedule": "pdrop"})

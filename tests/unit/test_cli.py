@@ -28,7 +28,10 @@ def test_server_argv_selects_routed_arch_and_routing(tmp_path):
     extra = json.loads(argv[argv.index("--additional-config") + 1])
     assert RoutingConfig.from_additional_config(extra) == cfg
     assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(1 << 30)
+    assert argv[argv.index("--mm-processor-cache-gb") + 1] == "0"  # see launcher.MM_CACHE_FLAG
     assert argv[-2:] == ["--port", "9000"]
+    own = server_argv(str(model), cfg, ["--mm-processor-cache-gb", "4"], on_cpu=True)
+    assert own.count("--mm-processor-cache-gb") == 1 and own[-1] == "4"  # the operator's wins
 
 
 def test_user_kv_bytes_wins_and_gpu_gets_none(tmp_path):
@@ -93,3 +96,38 @@ def test_serve_model_is_only_the_first_token(monkeypatch, tmp_path):
     (m1, r1, _, rest1), (m2, _, _, rest2) = calls
     assert rest1 == ["--port", "8011"] and r1 == "fastv" and m1 != "8011"
     assert m2 == str(model) and rest2 == ["--port", "8011"]
+
+
+def test_serve_defaults_to_the_savings_on(monkeypatch, tmp_path, capsys):
+    """No --routing: pdrop reroute, kv_release and the parked tier sized from the host's
+    available memory (5%, 64 MiB..4 GiB), printed at startup; the argv carries it."""
+    import vllm_recroute_server.launcher as launcher
+    from vllm_recroute.config import default_parked_bytes
+
+    execs = []
+    monkeypatch.setattr(launcher.os, "execv", lambda exe, argv: execs.append(argv))
+    model = _model_dir(tmp_path, ["Idefics3ForConditionalGeneration"])
+    assert main(["serve", str(model), "--port", "8011"]) == 0
+    argv = execs[-1]
+    extra = json.loads(argv[argv.index("--additional-config") + 1])
+    cfg = RoutingConfig.from_additional_config(extra)
+    assert (cfg.mode, cfg.schedule, cfg.kv_release, cfg.reroute_every) == (
+        "reroute",
+        "pdrop",
+        True,
+        8,
+    )
+    # (available memory moves while the test runs)
+    assert cfg.parked_bytes > 0 and abs(cfg.parked_bytes - default_parked_bytes()) <= 64 << 20
+    out = capsys.readouterr().out
+    assert "default routing: reroute pdrop, kv_release on" in out and "MiB" in out
+    # the rule: 5% of what is available, floored and capped
+    assert default_parked_bytes(1 << 30) == 64 << 20
+    assert default_parked_bytes(40 << 30) == 2 << 30
+    assert default_parked_bytes(1 << 40) == 4 << 30
+    # the named schedules keep meaning compute savings only
+    assert main(["serve", str(model), "--routing", "pdrop"]) == 0
+    named = RoutingConfig.from_additional_config(
+        json.loads(execs[-1][execs[-1].index("--additional-config") + 1])
+    )
+    assert not named.kv_release and named.parked_bytes == 0

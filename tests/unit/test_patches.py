@@ -27,7 +27,8 @@ def test_wrapper_publishes_step_and_notifies_gone_requests():
 
     class Runner:
         def get_model(self):
-            return SimpleNamespace(recroute=SimpleNamespace(requests_gone=gone.append))
+            decoder = SimpleNamespace(requests_gone=lambda f, p: gone.append((f, p)))
+            return SimpleNamespace(recroute=decoder)
 
     def inner(runner, scheduler_output):
         seen["step"] = vllm_view.current_step()
@@ -38,7 +39,7 @@ def test_wrapper_publishes_step_and_notifies_gone_requests():
     assert execute_model(runner, sched) == "out"
     assert seen["step"].runner is runner and seen["step"].scheduler_output is sched
     assert vllm_view.current_step() is None  # only during the step
-    assert gone[-1] == {"a", "b"}
+    assert gone[-1] == ({"a"}, {"b"})
 
 
 def test_runner_overriding_execute_model_is_refused():

@@ -159,3 +159,40 @@ def test_stage_at_maps_layers_to_their_stage():
     stages = (Stage(2, 5, 0.5), Stage(5, 8, 0.25))
     assert [stage_at(stages, i) for i in range(9)] == [None, None, 0, 0, 0, 1, 1, 1, None]
     assert stage_at((), 3) is None
+
+
+@pytest.mark.parametrize(
+    ("layers", "expected"),
+    [
+        # 2/32, 6/32, 15/32 of depth; on shallow models collisions move one layer later
+        (3, (Stage(1, 2, 0.5), Stage(2, 3, 0.25))),
+        (4, (Stage(1, 2, 0.5), Stage(2, 3, 0.25), Stage(3, 4, 0.125))),
+        (16, (Stage(1, 3, 0.5), Stage(3, 8, 0.25), Stage(8, 16, 0.125))),  # 7.5 rounds up
+        (32, (Stage(2, 6, 0.5), Stage(6, 15, 0.25), Stage(15, 32, 0.125))),
+    ],
+)
+def test_sparsevlm_stages(layers: int, expected: tuple[Stage, ...]) -> None:
+    assert resolve_stages(_cfg(schedule="sparsevlm"), layers) == expected
+
+
+def test_sparsevlm_reaches_64_of_576_where_pdrop_cannot() -> None:
+    for layers in (16, 32):
+        sparse = resolve_stages(_cfg(schedule="sparsevlm", avg_visual_tokens=64), layers, 576)
+        assert average_retention(sparse, layers) == pytest.approx(64 / 576, abs=1e-6)
+        lam = sparse[0].keep
+        assert [s.keep for s in sparse] == pytest.approx([lam, lam**2, lam**3])
+        pdrop = resolve_stages(_cfg(schedule="pdrop", avg_visual_tokens=64), layers, 576)
+        assert average_retention(pdrop, layers) > 0.25  # unreachable: one token per stage
+
+
+def test_sparsevlm_router_override_and_errors() -> None:
+    stages = resolve_stages(_cfg(schedule="sparsevlm", keep=0.4, router_layers=[1, 2, 4]), 8)
+    assert [(s.start, s.end) for s in stages] == [(1, 2), (2, 4), (4, 8)]
+    assert [s.keep for s in stages] == pytest.approx([0.4, 0.16, 0.064])
+    assert resolve_stages(_cfg(schedule="sparsevlm"), 2) == (Stage(1, 2, 0.5),)
+    with pytest.raises(RoutingConfigError, match=r"recroute\.router_layers"):
+        _cfg(schedule="sparsevlm", router_layers=[1, 2])
+    with pytest.raises(RoutingConfigError, match=r"recroute\.router_layers"):
+        resolve_stages(_cfg(schedule="sparsevlm", router_layers=[1, 2, 8]), 8)
+    with pytest.raises(RoutingConfigError, match=r"recroute\.schedule"):
+        resolve_stages(_cfg(schedule="sparsevlm"), 1)

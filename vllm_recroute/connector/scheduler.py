@@ -151,10 +151,12 @@ def _turn_index(cfg: RoutingConfig, vllm_config: Any, kv_cache_config: Any) -> T
 
 def turn_request(request: Any) -> TurnRequest:
     """What the turn index needs of a scheduler `Request`: tokens, block hashes, image
-    spans and its routing context (options that change the stage layout)."""
+    spans, its routing context (options that change the stage layout) and its tenant
+    (``cache_salt``: kept turns are isolated like vLLM's prefix cache)."""
     return TurnRequest(
         request.all_token_ids,
         request.block_hashes,
         vllm_view.image_spans(request),
         routing_key(vllm_view.scheduler_extra_args(request)),
+        vllm_view.cache_salt(request),
     )

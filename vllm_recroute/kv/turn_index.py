@@ -9,9 +9,13 @@ request's: those tokens are offered to vLLM as externally computed.
 
 Matching is exact: the key is vLLM's chained block hash of the kept range's last full
 block (it covers every earlier token and image), the tokens of the partial block after it,
-the images that start in that tail, and the request's routing options (the stage layout
-depends on them). The scheduler alone decides what is kept and what is evicted (LRU by
-bytes); the worker follows its decisions, so both sides always agree.
+the images that start in that tail, the request's routing options (the stage layout
+depends on them) and its ``cache_salt``. The salt is what isolates tenants in vLLM's
+prefix cache; vLLM folds it into the first block's hash only, so a turn shorter than a
+block would otherwise be keyed by its tokens alone and served to any tenant. It is part of
+every key: a turn kept under one salt is never loaded by a request with another or none.
+The scheduler alone decides what is kept and what is evicted (LRU by bytes); the worker
+follows its decisions, so both sides always agree.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class TurnRequest:
     block_hashes: Sequence[Hashable]  # vLLM's chained hashes of the full blocks
     images: tuple[tuple[int, int, str], ...]  # (offset, length, identifier), by offset
     routing: Hashable  # routing options that shape the stage layout
+    salt: str | None = None  # vLLM's cache_salt: the tenant; None matches only None
 
 
 class TurnIndex:
@@ -94,7 +99,7 @@ class TurnIndex:
             im for im in req.images if im[0] + im[1] > tail_start and im[0] < num_tokens
         )
         head = req.block_hashes[full - 1] if full else None  # shorter than one block
-        return (num_tokens, head, tail, tail_images, req.routing)
+        return (num_tokens, head, tail, tail_images, req.routing, req.salt)
 
     # -- keep (pair) --------------------------------------------------------------------
 

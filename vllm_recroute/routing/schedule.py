@@ -35,6 +35,8 @@ __all__ = [
 _FASTV_LAYER = 2
 _DEFAULT_KEEP = 0.5
 _PDROP_FRACTIONS = (0.25, 0.5, 0.75)
+# SparseVLM's pruning layers 2, 6 and 15 of LLaVA-1.5's 32 (as fractions of depth).
+_SPARSEVLM_FRACTIONS = (2 / 32, 6 / 32, 15 / 32)
 _BISECTION_STEPS = 60  # λ in [0, 1] to ~1e-18: far below any meaningful retention difference
 
 
@@ -260,7 +262,52 @@ class Custom(Schedule):
                 )
 
 
-SCHEDULES: dict[str, Schedule] = {s.name: s for s in (FastV(), PyramidDrop(), Custom())}
+class SparseVLM(Schedule):
+    """SparseVLM's stage layout: router points at layers 2, 6, 15 of 32 (scaled to depth),
+    keeping λ, λ², λ³ (the PyramidDrop progression; SparseVLM's own text raters and token
+    recycling are not part of a schedule). The early first point is what reaches the
+    literature's 64-of-576 budgets, which PyramidDrop's 1/4-depth first point cannot.
+
+    On shallow models colliding points are pushed one layer later (L=4: 1, 2, 3); a point
+    at or past the last layer is dropped with its stage.
+    """
+
+    name = "sparsevlm"
+    num_router_points = 3
+
+    def layout(self, cfg: RoutingConfig, num_layers: int) -> tuple[tuple[int, ...], Keeps]:
+        points = self._points(cfg, num_layers)
+        lam = _lam(cfg)
+        return points, tuple(lam ** (i + 1) for i in range(len(points)))
+
+    def _points(self, cfg: RoutingConfig, num_layers: int) -> tuple[int, ...]:
+        if cfg.router_layers is not None:
+            _check_in_range("router_layers", cfg.router_layers, num_layers)
+            return cfg.router_layers
+        points: list[int] = []
+        for frac in _SPARSEVLM_FRACTIONS:
+            point = max(points[-1] + 1 if points else 1, _round_half_up(frac * num_layers))
+            if point < num_layers:
+                points.append(point)
+        if not points:
+            raise RoutingConfigError(
+                "recroute.schedule",
+                f"sparsevlm needs a model with at least 2 decoder layers (got {num_layers})",
+            )
+        return tuple(points)
+
+    def budget_keeps(
+        self, cfg: RoutingConfig, num_layers: int, target: float, floor: float
+    ) -> Keeps:
+        points = self._points(cfg, num_layers)
+        lengths = [e - s for s, e in zip(points, (*points[1:], num_layers), strict=True)]
+        exponents = tuple(range(1, len(points) + 1))
+        return _solve_pdrop(points[0], lengths, exponents, num_layers, target, floor)
+
+
+SCHEDULES: dict[str, Schedule] = {
+    s.name: s for s in (FastV(), PyramidDrop(), Custom(), SparseVLM())
+}
 
 
 def get_schedule(name: str) -> Schedule:

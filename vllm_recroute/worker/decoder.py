@@ -184,9 +184,11 @@ class RoutedDecoder:
 
     # -- connector API (connector/worker.py; patch P1 for requests_gone) -------------------
 
-    def requests_gone(self, req_ids: Iterable[str]) -> None:
-        """vLLM says these requests finished or were preempted: their state is stale."""
-        self.store.forget(req_ids)
+    def requests_gone(self, finished: Iterable[str], preempted: Iterable[str]) -> None:
+        """vLLM says these requests finished or were preempted: their state is stale
+        (a finished one is held until this step's turn jobs ran)."""
+        self.store.finish(finished)
+        self.store.forget(preempted)
 
     def apply_released(self, events: Iterable[Any]) -> None:
         """kv_release: mirror the scheduler's page releases (kv/manager.ReleasedBlocks)."""

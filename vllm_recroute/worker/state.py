@@ -42,6 +42,8 @@ class RouteStore:
         return self._states.get(req_id)
 
     def put(self, req_id: str, state: RouteState) -> None:
+        if self._held is not None:
+            self._held.discard(req_id)  # a new decision supersedes a pending release
         self._states[req_id] = state
 
     def __len__(self) -> int:
@@ -57,12 +59,22 @@ class RouteStore:
         their pool entries, the decoder their released rows)."""
         self._forget_hooks.append(hook)
 
-    def forget(self, req_ids: Iterable[str]) -> None:
+    def finish(self, req_ids: Iterable[str]) -> None:
+        """vLLM finished these requests: forget them, or hold them for a turn save."""
         gone = set(req_ids)
         if self._held is not None:
             hold = {r for r in gone if r in self._states}
             self._held |= hold
             gone -= hold
+        self._forget_now(gone)
+
+    def forget(self, req_ids: Iterable[str]) -> None:
+        """Forget now: preempted requests (recomputed from scratch when they run again;
+        holding them would let ``release_held`` drop the recomputed decision) and requests
+        that start afresh."""
+        gone = set(req_ids)
+        if self._held is not None:
+            self._held -= gone
         self._forget_now(gone)
 
     def release_held(self) -> None:

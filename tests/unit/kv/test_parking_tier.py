@@ -308,7 +308,7 @@ def test_a_kept_turn_comes_back_bit_exact_in_another_requests_pages(layout, fmt)
         io.write(*torch.randn(2, n, KV_HEADS, DIM, generator=g), torch.arange(n) + 2 * BLOCK)
     rows = [io.read(torch.arange(n) + 2 * BLOCK, BLOCK) for io in tier.io]
 
-    store.forget(["t1"])  # vLLM says t1 finished: held until the turn jobs ran
+    store.finish(["t1"])  # vLLM says t1 finished: held until the turn jobs ran
     assert store.get("t1") is not None and len(tier.pool) == 4
     save = TurnSave("t1", 7, n, ((2,),))
     turns.apply([], [save], [])

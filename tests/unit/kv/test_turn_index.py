@@ -22,8 +22,8 @@ def _hashes(tokens, images) -> list:
     return out
 
 
-def _req(tokens, images=(IMAGE,), routing=()) -> TurnRequest:
-    return TurnRequest(list(tokens), _hashes(tokens, images), tuple(images), routing)
+def _req(tokens, images=(IMAGE,), routing=(), salt=None) -> TurnRequest:
+    return TurnRequest(list(tokens), _hashes(tokens, images), tuple(images), routing, salt)
 
 
 TURN_1 = list(range(100, 111))  # 11 tokens: 2 full blocks + 3 in the tail
@@ -142,3 +142,39 @@ def test_requests_are_keyed_by_their_routing_options_and_bad_ones_never_raise():
     assert _turn_request(request({"recroute_keep": 0.25})).routing == (("keep", "0.25"),)
     bad = _turn_request(request({"recroute_bogus": 1}))  # offline API, not validated
     assert bad.routing != () and bad.routing != plain.routing
+
+
+@pytest.mark.parametrize("block_size", [BS, 64], ids=["full blocks", "shorter than a block"])
+def test_a_turn_kept_under_one_salt_is_never_loaded_under_another(block_size):
+    """cache_salt isolates tenants: a kept turn serves its own salt only, never another or
+    none, whether its key holds a chained block hash or (shorter than a block) its tokens.
+    The hashes here carry no salt: the key itself must keep tenants apart."""
+    index = TurnIndex(capacity_bytes=1000, block_size=block_size, bytes_per_token=10)
+    tenant_a, _ = index.keep(_req(TURN_1, salt="tenant-a"), 10)
+    later = [*TURN_1, 1]
+    assert index.match(_req(later, salt="tenant-b"), 11) is None
+    assert index.match(_req(later), 11) is None
+    assert index.match(_req(later, salt="tenant-a"), 11) == (tenant_a, 10)
+    # the same tokens unsalted are another tenant's turn, kept and matched on their own
+    unsalted, _ = index.keep(_req(TURN_1), 10)
+    assert index.match(_req(later), 11) == (unsalted, 10)
+    assert unsalted != tenant_a and len(index) == 2
+
+
+def test_the_scheduler_request_carries_its_cache_salt():
+    from types import SimpleNamespace
+
+    from vllm_recroute.connector.scheduler import turn_request as _turn_request
+
+    def request(salt):
+        return SimpleNamespace(
+            all_token_ids=TURN_1,
+            block_hashes=_hashes(TURN_1, [IMAGE]),
+            mm_features=[],
+            sampling_params=None,
+            cache_salt=salt,
+        )
+
+    assert _turn_request(request("tenant-a")).salt == "tenant-a"
+    assert _turn_request(request(None)).salt is None
+    assert _turn_request(request("")).salt is None  # empty salt: none, as in vLLM
