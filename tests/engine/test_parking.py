@@ -17,6 +17,7 @@ from tests.helpers import (
     generate,
     generate_as_parked_reference,
     hf_inputs,
+    hold_request,
     kv_usage,
     make_llm,
     oracle,
@@ -233,15 +234,8 @@ def test_int8_parking_holds_fewer_bytes_and_restores(
 
 def _held_mid_request(llm, model_dir) -> tuple[int, int, int]:
     """Pool (units, bytes, stages) while one routed request is decoding; then abort it."""
-    from vllm import SamplingParams
-
-    core = llm.llm_engine
-    prompt, images = request_inputs(str(model_dir), REQUESTS[0])
-    params = SamplingParams(max_tokens=100, ignore_eos=True)
-    core.add_request("held", {"prompt": prompt, "multi_modal_data": {"image": images}}, params)
-    for _ in range(3):
-        core.step()
+    hold_request(llm, model_dir)
     [held] = llm.collective_rpc(pool_state)
-    core.abort_request(["held"])
+    llm.llm_engine.abort_request(["held"])
     flush(llm)
     return held

@@ -18,6 +18,7 @@ from tests.helpers import (
     generate,
     generate_as_parked_reference,
     hf_inputs,
+    hold_request,
     oracle,
     pool_state,
     prom_counter,
@@ -93,18 +94,12 @@ def test_tp2_kept_later_turn_matches_the_reference(engine, hf_model, tiny_idefic
 
 @pytest.mark.parametrize("engine", ["tp2"], indirect=True)
 def test_tp2_metrics_count_once_and_pool_gauges_add_up(engine, tiny_idefics3):
-    from vllm import SamplingParams
-
     before = route_counters(engine)["routed_requests"]
     generate(engine, tiny_idefics3, [{**CONFIGS["pdrop-reroute"], **NO_SWAPS}] * len(REQUESTS))
     assert route_counters(engine)["routed_requests"] == before + len(REQUESTS)
     # mid-request, each rank holds its own shard of the parked units; /metrics says the sum
     core = engine.llm_engine
-    prompt, images = request_inputs(str(tiny_idefics3), REQUESTS[0])
-    params = SamplingParams(max_tokens=50, ignore_eos=True)
-    core.add_request("held", {"prompt": prompt, "multi_modal_data": {"image": images}}, params)
-    for _ in range(3):
-        core.step()
+    hold_request(engine, tiny_idefics3, max_tokens=50)
     per_rank = engine.collective_rpc(pool_state)
     assert len(per_rank) == 2 and all(blocks > 0 for blocks, _, _ in per_rank)
     assert per_rank[0] == per_rank[1]  # same decisions, same shard sizes

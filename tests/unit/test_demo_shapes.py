@@ -24,7 +24,7 @@ def _same(a: shapes.Example, b: shapes.Example) -> bool:
 @pytest.mark.parametrize("seed", [0, 1, 12345, shapes.HELDOUT_SEED_BASE + 7])
 def test_same_seed_same_example(seed):
     assert _same(shapes.make_example(seed), shapes.make_example(seed))
-    for t in shapes.QTYPES:
+    for t in shapes.ALL_QTYPES:
         assert _same(shapes.make_example(seed, t), shapes.make_example(seed, t))
     s1, q1 = shapes.make_multi_qa(seed)
     s2, q2 = shapes.make_multi_qa(seed)
@@ -109,10 +109,16 @@ def _reference_answer(scene: shapes.Scene, qtype: str, q: str) -> str:
         color, shape = re.fullmatch(r"Which row is the (\w+) (\w+) in\?", q).groups()
         (ref,) = [o for o in objs if o.color == color and o.shape == shape]
         return ("top", "middle", "bottom")[int(ref.cy // (scene.image_size / 3))]
+    if qtype == "where":
+        color, shape = re.fullmatch(r"Where is the (\w+) (\w+)\?", q).groups()
+        (ref,) = [o for o in objs if o.color == color and o.shape == shape]
+        row = ("top", "middle", "bottom")[int(ref.cy // (scene.image_size / 3))]
+        col = ("left", "midleft", "midright", "right")[int(ref.cx // (scene.image_size / 4))]
+        return f"{row} {col}"
     raise AssertionError(qtype)
 
 
-@pytest.mark.parametrize("qtype", shapes.QTYPES)
+@pytest.mark.parametrize("qtype", shapes.ALL_QTYPES)
 def test_answers_match_scene(qtype):
     for seed in SEEDS:
         ex = shapes.make_example(seed, qtype)
@@ -123,11 +129,43 @@ def test_answers_match_scene(qtype):
 
 def test_multi_qa_answers_match_scene():
     for seed in range(100):
-        scene, qas = shapes.make_multi_qa(seed)
-        _scene_ok(scene)
-        assert len({q for q, _, _ in qas}) == len(qas)
-        for q, a, t in qas:
-            assert a == _reference_answer(scene, t, q)
+        for qtypes in (shapes.QTYPES, shapes.ALL_QTYPES):
+            scene, qas = shapes.make_multi_qa(seed, qtypes=qtypes)
+            _scene_ok(scene)
+            assert len({q for q, _, _ in qas}) == len(qas)
+            assert {t for _, _, t in qas} <= set(qtypes)
+            for q, a, t in qas:
+                assert a == _reference_answer(scene, t, q)
+    # the default stays the five original types (training rows of the 4-layer checkpoint)
+    assert shapes.make_multi_qa(3) == shapes.make_multi_qa(3, qtypes=shapes.QTYPES)
+
+
+def test_where_type_added_without_changing_the_others():
+    assert shapes.ALL_QTYPES[: len(shapes.QTYPES)] == shapes.QTYPES
+    assert "where" in shapes.ALL_QTYPES and "where" not in shapes.QTYPES
+    # the held-out sets the 4-layer checkpoint was measured on are unchanged by default
+    held = shapes.make_heldout_examples(12)
+    assert [e.qtype for e in held] == [shapes.QTYPES[i % 5] for i in range(12)]
+    six = shapes.make_heldout_examples(60, qtypes=shapes.ALL_QTYPES)
+    assert Counter(e.qtype for e in six) == {t: 10 for t in shapes.ALL_QTYPES}
+    # same seed, same type: the same example whichever list it was drawn from
+    for a, b in zip(held, six, strict=False):
+        if a.qtype == b.qtype:
+            assert _same(a, b)
+    ex = shapes.make_example(0, "where")
+    assert (ex.question, ex.answer) == GOLDEN_WHERE_0
+    answers = Counter(shapes.make_example(s, "where").answer for s in range(600))
+    assert set(answers) == {
+        f"{r} {c}" for r in shapes.ROW_NAMES for c in ("left", "midleft", "midright", "right")
+    }
+    assert shapes.parse_qtypes("") == shapes.QTYPES
+    assert shapes.parse_qtypes("all") == shapes.ALL_QTYPES
+    assert shapes.parse_qtypes("where, count") == ("count", "where")
+    with pytest.raises(ValueError):
+        shapes.parse_qtypes("nowhere")
+
+
+GOLDEN_WHERE_0 = ("Where is the yellow triangle?", "bottom left")
 
 
 def test_rendered_pixels_match_scene():
@@ -193,5 +231,11 @@ def test_vocabulary_covers_all_questions_and_answers():
         words.update(re.findall(r"\w+|[^\w\s]+", line))
     for s in range(200):
         for t in shapes.QTYPES:
+            ex = shapes.make_example(s, t)
+            assert set(re.findall(r"\w+|[^\w\s]+", ex.question + " " + ex.answer)) <= words
+    for line in shapes.extra_vocabulary_corpus():
+        words.update(re.findall(r"\w+|[^\w\s]+", line))
+    for s in range(200):
+        for t in shapes.ALL_QTYPES:
             ex = shapes.make_example(s, t)
             assert set(re.findall(r"\w+|[^\w\s]+", ex.question + " " + ex.answer)) <= words

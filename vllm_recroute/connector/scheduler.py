@@ -119,6 +119,12 @@ class SchedulerSide:
             self._expect_deferred(request.request_id, None)
         if self._turns is None or not vllm_view.is_finished_normally(request):
             return False
+        if vllm_view.num_preemptions(request):
+            # Its KV was recomputed after a preemption; under the soak load such a turn's
+            # stage pages once disagreed with the worker's routing state (a consistency
+            # check in worker/turns.py caught it). Rare, and recomputing a later turn is
+            # always correct, so it is not kept.
+            return False
         turn, n = turn_request(request), request.num_computed_tokens
         if not self._turns.can_keep(turn, n):
             return False

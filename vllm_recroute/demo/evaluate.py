@@ -45,9 +45,9 @@ def accuracy_by_type(
             preds.append(p)
             total[ex.qtype] += 1
             correct[ex.qtype] += int(normalize_answer(p) == normalize_answer(ex.answer))
-    res: dict = {t: correct[t] / total[t] for t in shapes.QTYPES if total[t]}
+    res: dict = {t: correct[t] / total[t] for t in shapes.ALL_QTYPES if total[t]}
     res["overall"] = sum(correct.values()) / max(1, sum(total.values()))
-    res["n"] = {t: total[t] for t in shapes.QTYPES if total[t]}
+    res["n"] = {t: total[t] for t in shapes.ALL_QTYPES if total[t]}
     if return_predictions:
         res["predictions"] = preds
     return res
@@ -102,7 +102,7 @@ def hf_greedy_predictor(model, processor, max_new_tokens: int = 4) -> PredictFn:
 
 def format_table(acc: dict) -> str:
     lines = ["| question type | n | accuracy |", "|---|---|---|"]
-    for t in shapes.QTYPES:
+    for t in shapes.ALL_QTYPES:
         if t in acc:
             lines.append(f"| {t} | {acc['n'][t]} | {acc[t] * 100:.1f}% |")
     lines.append(f"| **overall** | {sum(acc['n'].values())} | {acc['overall'] * 100:.1f}% |")
@@ -115,6 +115,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=500, help="held-out examples (balanced over types)")
     ap.add_argument("--seed", type=int, default=shapes.HELDOUT_SEED_BASE)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--qtypes",
+        default="",
+        help='"" (default) the five original question types, "all" also the newer ones '
+        "(shapes.ALL_QTYPES), or a comma list",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -123,9 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     processor = AutoProcessor.from_pretrained(args.model)
     model = Idefics3ForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
-    acc = accuracy_by_type(
-        hf_greedy_predictor(model, processor), shapes.make_heldout_examples(args.n, args.seed)
-    )
+    qtypes = shapes.parse_qtypes(args.qtypes)
+    exs = shapes.make_heldout_examples(args.n, args.seed, qtypes=qtypes)
+    acc = accuracy_by_type(hf_greedy_predictor(model, processor), exs)
     print(format_table(acc))
     print(json.dumps(acc))
 

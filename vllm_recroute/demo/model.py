@@ -78,11 +78,17 @@ class DemoModelSize:
 
 
 def vocabulary() -> list[str]:
-    """Special tokens then every word/punctuation of the task, in a fixed order."""
+    """Special tokens then every word/punctuation of the task, in a fixed order: the words of
+    the five original question types sorted (the ids the 4-layer checkpoint was trained with),
+    then the words only the newer types use (``shapes.extra_vocabulary_corpus``: ``Where``,
+    ``midleft``, ``midright``) sorted, appended so that the original ids stay the same."""
     words: set[str] = set()
     for line in [*shapes.vocabulary_corpus(), "User: Assistant: System:"]:
         words.update(_WORD_RE.findall(line))
-    return SPECIAL_TOKENS + sorted(words)
+    extra: set[str] = set()
+    for line in shapes.extra_vocabulary_corpus():
+        extra.update(_WORD_RE.findall(line))
+    return SPECIAL_TOKENS + sorted(words) + sorted(extra - words)
 
 
 def build_tokenizer():

@@ -8,7 +8,7 @@ Scene: a light background, a 4-column x 3-row grid of cells (rows are top/middle
 6-12 of the 12 cells hold one filled shape (circle, square, triangle, star) in one of six
 colours (red, green, blue, yellow, purple, orange), jittered inside its cell.
 
-Question templates (the answer is always one word):
+Question templates (the answer is one word, two for ``where``):
 
 * ``color_of_shape``  -- ``What color is the {shape}?``      (that shape occurs once)
 * ``relation``        -- ``What shape is {left of|right of|above|below} the {color} {shape}?``
@@ -18,6 +18,12 @@ Question templates (the answer is always one word):
 * ``exists``          -- ``Is there a {color} {shape}?``       (yes/no, balanced)
 * ``row``             -- ``Which row is the {color} {shape} in?`` (top/middle/bottom;
   the referent is unique)
+* ``where``           -- ``Where is the {color} {shape}?`` (its grid cell: row word then column
+  word, e.g. ``top midleft``; the referent is unique). Not in ``QTYPES`` (the five types the
+  4-layer checkpoint was trained on, which ``make_example(seed)``, ``make_multi_qa`` and
+  ``make_heldout_examples`` draw from by default, so their examples stay as they were); it is
+  in ``ALL_QTYPES``, which the last two take as their ``qtypes`` argument
+  (``make_example(seed, "where")`` asks for it directly).
 
 Training uses seeds in ``[0, HELDOUT_SEED_BASE)``; held-out sets use seeds from
 ``HELDOUT_SEED_BASE`` up, so the two never overlap.
@@ -42,8 +48,13 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 QTYPES: tuple[str, ...] = ("color_of_shape", "relation", "count", "exists", "row")
+# grounding type added for the 16-layer demo model (issue 14); every type, in report order
+EXTRA_QTYPES: tuple[str, ...] = ("where",)
+ALL_QTYPES: tuple[str, ...] = QTYPES + EXTRA_QTYPES
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 ROW_NAMES: tuple[str, ...] = ("top", "middle", "bottom")
+# one word each (single tokens of the demo tokenizer's word-level vocabulary)
+COL_NAMES: tuple[str, ...] = ("left", "midleft", "midright", "right")
 NUMBER_WORDS: tuple[str, ...] = (
     "zero",
     "one",
@@ -199,6 +210,11 @@ def neighbour(scene: Scene, o: Obj, relation: str) -> Obj | None:
     raise ValueError(relation)
 
 
+def cell_name(row: int, col: int) -> str:
+    """The ``where`` answer for a grid cell: row word then column word, e.g. ``top midleft``."""
+    return f"{ROW_NAMES[row]} {COL_NAMES[col]}"
+
+
 def make_question(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str] | None:
     """One (question, answer) of type `qtype` about `scene`, or None if the scene can't host it."""
     if qtype == "color_of_shape":
@@ -238,6 +254,12 @@ def make_question(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, st
             return None
         o = refs[rng.randrange(len(refs))]
         return f"Which row is the {o.color} {o.shape} in?", ROW_NAMES[o.row]
+    if qtype == "where":
+        refs = _unique_refs(scene)
+        if not refs:
+            return None
+        o = refs[rng.randrange(len(refs))]
+        return f"Where is the {o.color} {o.shape}?", cell_name(o.row, o.col)
     raise ValueError(f"unknown question type {qtype!r}")
 
 
@@ -258,14 +280,16 @@ def make_example(seed: int, qtype: str | None = None) -> Example:
     raise RuntimeError(f"no scene for {qtype} from seed {seed}")  # pragma: no cover
 
 
-def make_multi_qa(seed: int, extra: int = 2) -> tuple[Scene, list[tuple[str, str, str]]]:
-    """A scene and several (question, answer, qtype) about it: every type it can host, in a
-    random order, then `extra` more of random types (used as a multi-turn training sample)."""
+def make_multi_qa(
+    seed: int, extra: int = 2, qtypes: tuple[str, ...] = QTYPES
+) -> tuple[Scene, list[tuple[str, str, str]]]:
+    """A scene and several (question, answer, qtype) about it: every type of `qtypes` it can
+    host, in a random order, then `extra` more of random types (used as a training sample)."""
     rng = random.Random(seed)
     scene = make_scene(rng)
-    order = list(QTYPES)
+    order = list(qtypes)
     rng.shuffle(order)
-    order += [QTYPES[rng.randrange(len(QTYPES))] for _ in range(extra)]
+    order += [qtypes[rng.randrange(len(qtypes))] for _ in range(extra)]
     qas: list[tuple[str, str, str]] = []
     seen: set[str] = set()
     for t in order:
@@ -276,19 +300,47 @@ def make_multi_qa(seed: int, extra: int = 2) -> tuple[Scene, list[tuple[str, str
     return scene, qas
 
 
+def parse_qtypes(spec: str) -> tuple[str, ...]:
+    """A ``--qtypes`` option: ``""`` -> ``QTYPES`` (the five original types), ``"all"`` ->
+    ``ALL_QTYPES``, else a comma-separated list of names (returned in ``ALL_QTYPES`` order)."""
+    if not spec.strip():
+        return QTYPES
+    if spec.strip() == "all":
+        return ALL_QTYPES
+    names = {x.strip() for x in spec.split(",") if x.strip()}
+    unknown = names - set(ALL_QTYPES)
+    if unknown:
+        raise ValueError(f"unknown question type(s) {sorted(unknown)}")
+    return tuple(t for t in ALL_QTYPES if t in names)
+
+
 def heldout_seeds(n: int, seed: int = HELDOUT_SEED_BASE) -> list[int]:
     if seed < HELDOUT_SEED_BASE:
         raise ValueError(f"held-out seeds start at {HELDOUT_SEED_BASE}, got {seed}")
     return list(range(seed, seed + n))
 
 
-def make_heldout_examples(n: int, seed: int = HELDOUT_SEED_BASE) -> list[Example]:
-    """`n` held-out examples, question types balanced (round-robin over QTYPES)."""
-    return [make_example(s, QTYPES[i % len(QTYPES)]) for i, s in enumerate(heldout_seeds(n, seed))]
+def make_heldout_examples(
+    n: int, seed: int = HELDOUT_SEED_BASE, qtypes: tuple[str, ...] = QTYPES
+) -> list[Example]:
+    """`n` held-out examples, question types balanced (round-robin over `qtypes`; the default,
+    the five original types, keeps the held-out sets the 4-layer checkpoint was measured on)."""
+    return [make_example(s, qtypes[i % len(qtypes)]) for i, s in enumerate(heldout_seeds(n, seed))]
+
+
+def extra_vocabulary_corpus() -> list[str]:
+    """Text with the words of ``EXTRA_QTYPES`` (kept apart from ``vocabulary_corpus`` so that
+    the tokenizer can append these words after the original ones and keep their ids)."""
+    lines = [f"Where is the {c} {s}?" for c in COLOR_NAMES for s in SHAPES]
+    cells = [cell_name(r, c) for r in range(GRID_ROWS) for c in range(GRID_COLS)]
+    lines.append(" ".join(cells))
+    lines += [f"Assistant: {a}" for a in cells]
+    return lines
 
 
 def vocabulary_corpus() -> list[str]:
-    """Text that covers every word the task uses (for training the tokenizer)."""
+    """Text that covers every word of the five original question types (for training the
+    tokenizer; ``extra_vocabulary_corpus`` has the words of the newer types)."""
     lines = []
     for s in SHAPES:
         lines.append(f"What color is the {s}?")

@@ -102,8 +102,15 @@ class TurnStore:
         kv = []
         for i, io in enumerate(self.tier.io):
             page = self.pages(i, job.block_ids)
-            rows = torch.arange(_rows(state, i, job.num_tokens))
-            kv.append(io.read(page.slots(rows), page.block_size))  # gathered copies
+            n = _rows(state, i, job.num_tokens)
+            if n > page.table.numel() * page.block_size:
+                raise RuntimeError(
+                    f"vllm-recroute: turn save of {job.request_id}: layer {i} needs {n} rows "
+                    f"but the scheduler sent {page.table.numel()} blocks of {page.block_size} "
+                    f"(num_tokens {job.num_tokens}, state {state}, blocks per group "
+                    f"{[len(g) for g in job.block_ids]})"
+                )
+            kv.append(io.read(page.slots(torch.arange(n)), page.block_size))  # copies
         record = TurnRecord(state, kv)
         if state is not None:
             record.units, record.parked = self.tier.take(job.request_id, len(state.stages))
