@@ -19,12 +19,15 @@ from vllm_recroute.config import DEFAULT_ROUTING, RoutingConfig, parse_routing_a
 from vllm_recroute.models import ROUTED_ARCHITECTURES, ROUTED_FOR_HF_ARCH
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
-# vLLM 0.32's mirrored multimodal processor cache (front end <-> engine) records a request's
-# images as sent before the request can still be rejected (prompt too long, a bad option):
-# the next request with the same image then fails once with a 500 ("cache drift"; upstream
-# vllm#46747 self-heals on the retry, vllm#51897 would roll the entries back). The server
-# turns it off unless the operator sets the flag: images are processed again per request.
-MM_CACHE_FLAG = "--mm-processor-cache-gb"
+# vLLM 0.32's default multimodal processor cache ("lru") is mirrored between the front end
+# and the engine; the front end records a request's images as sent before the request can
+# still be rejected (prompt too long, a bad option), and the next request with the same
+# image then fails once with a 500 ("cache drift"; upstream vllm#46747 self-heals on the
+# retry, vllm#51897 would roll the entries back). The shared-memory cache ("shm") has one
+# copy that both sides read, so a rejected request leaves nothing inconsistent. Turning
+# the cache off instead would also turn off image hashing (without prefix caching vLLM
+# then gives every image a per-request id), and kept turns could never match.
+MM_CACHE_FLAGS = ("--mm-processor-cache-type", "--mm-processor-cache-gb")
 
 
 class LaunchError(ValueError):
@@ -84,8 +87,8 @@ def server_argv(
         extra, "--kv-cache-memory-bytes"
     ):
         argv += ["--kv-cache-memory-bytes", str(DEFAULT_CPU_KV_BYTES)]
-    if not _has_flag(extra, MM_CACHE_FLAG):
-        argv += [MM_CACHE_FLAG, "0"]
+    if not any(_has_flag(extra, flag) for flag in MM_CACHE_FLAGS):
+        argv += ["--mm-processor-cache-type", "shm"]
     return argv + extra
 
 

@@ -28,10 +28,11 @@ def test_server_argv_selects_routed_arch_and_routing(tmp_path):
     extra = json.loads(argv[argv.index("--additional-config") + 1])
     assert RoutingConfig.from_additional_config(extra) == cfg
     assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(1 << 30)
-    assert argv[argv.index("--mm-processor-cache-gb") + 1] == "0"  # see launcher.MM_CACHE_FLAG
+    # the shared-memory processor cache (see launcher.MM_CACHE_FLAGS)
+    assert argv[argv.index("--mm-processor-cache-type") + 1] == "shm"
     assert argv[-2:] == ["--port", "9000"]
     own = server_argv(str(model), cfg, ["--mm-processor-cache-gb", "4"], on_cpu=True)
-    assert own.count("--mm-processor-cache-gb") == 1 and own[-1] == "4"  # the operator's wins
+    assert "--mm-processor-cache-type" not in own and own[-1] == "4"  # the operator's wins
 
 
 def test_user_kv_bytes_wins_and_gpu_gets_none(tmp_path):
