@@ -53,6 +53,17 @@ def _has_flag(args: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
+def _data_parallel(args: Sequence[str]) -> int:
+    """The --data-parallel-size (-dp) among vLLM flags (1 when absent)."""
+    for i, a in enumerate(args):
+        for flag in ("--data-parallel-size", "-dp"):
+            if a == flag and i + 1 < len(args):
+                return int(args[i + 1])
+            if a.startswith(flag + "="):
+                return int(a.split("=", 1)[1])
+    return 1
+
+
 def _on_cpu() -> bool:
     try:
         from vllm.platforms import current_platform
@@ -87,7 +98,9 @@ def server_argv(
         extra, "--kv-cache-memory-bytes"
     ):
         argv += ["--kv-cache-memory-bytes", str(DEFAULT_CPU_KV_BYTES)]
-    if not any(_has_flag(extra, flag) for flag in MM_CACHE_FLAGS):
+    if not any(_has_flag(extra, flag) for flag in MM_CACHE_FLAGS) and _data_parallel(extra) == 1:
+        # (vLLM 0.32's shm cache fails to start data-parallel engines: their workers do
+        # not find the segment; with --data-parallel-size > 1 vLLM's default stays)
         argv += ["--mm-processor-cache-type", "shm"]
     return argv + extra
 

@@ -147,8 +147,7 @@ PATCHES: tuple[Patch, ...] = (
         what="Reads V1 runner and scheduler internals: input_batch (req_ids, "
         "num_computed_tokens_cpu, num_prompt_tokens, block_table), query_start_loc, "
         "input_ids, requests, attn_groups, kv_cache_config; the scheduler's Request "
-        "(mm_features, sampling_params, block_hashes, cache_salt, num_preemptions) and "
-        "KVCacheManager "
+        "(mm_features, sampling_params, block_hashes, cache_salt) and KVCacheManager "
         "(coordinator.single_type_managers, block_pool.null_block).",
         why="Request identity, image spans, block tables and stage managers are not exposed "
         "through a public API.",

@@ -285,11 +285,6 @@ def null_block_id(kv_cache_manager: Any) -> int:
     return int(kv_cache_manager.block_pool.null_block.block_id)
 
 
-def num_preemptions(request: Any) -> int:
-    """Scheduler side: how often vLLM preempted (and so recomputed) the request."""
-    return int(getattr(request, "num_preemptions", 0) or 0)
-
-
 def is_finished_normally(request: Any) -> bool:
     """A request that stopped or hit its length (not aborted): its KV is complete."""
     from vllm.v1.request import RequestStatus

@@ -177,7 +177,9 @@ def _turn_2_cached_tokens_by_salt(llm, model_dir) -> tuple[int, dict]:
     another salt, none, then its own. Returns turn 1's computed tokens and, per salt of
     turn 2, its num_cached_tokens (0: nothing came from the turn store or vLLM's cache)."""
     cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 2}
-    prompt, images = request_inputs(str(model_dir), REQUESTS[2])
+    # a conversation no other test of the module sends (the engine is shared: an unsalted
+    # turn kept by another test would rightly serve the unsalted request)
+    prompt, images = request_inputs(str(model_dir), ((11,), 128, "which tenant drew this?"))
     mm = {"image": images}
     params = sampling(xargs(cfg))
     first_prompt = _salted({"prompt": prompt, "multi_modal_data": mm}, "tenant-a")

@@ -33,6 +33,8 @@ def test_server_argv_selects_routed_arch_and_routing(tmp_path):
     assert argv[-2:] == ["--port", "9000"]
     own = server_argv(str(model), cfg, ["--mm-processor-cache-gb", "4"], on_cpu=True)
     assert "--mm-processor-cache-type" not in own and own[-1] == "4"  # the operator's wins
+    for dp in (["--data-parallel-size", "2"], ["-dp=2"]):  # shm does not start DP engines
+        assert "--mm-processor-cache-type" not in server_argv(str(model), cfg, dp, on_cpu=True)
 
 
 def test_user_kv_bytes_wins_and_gpu_gets_none(tmp_path):

@@ -1,11 +1,9 @@
-"""The connector's scheduler side keeps a finished turn only when its KV is trustworthy:
-stopped or length-capped (not aborted) and never preempted (recomputed)."""
+"""The connector's scheduler side: which finished turns it keeps, and the exact blocks it
+hands the worker's save (a routed-stage row with released entries keeps its live tail)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
-
-import pytest
 
 from vllm_recroute.connector.scheduler import SchedulerSide
 from vllm_recroute.kv.turn_index import TurnIndex
@@ -27,7 +25,7 @@ def _side() -> SchedulerSide:
     return side
 
 
-def _request(preemptions: int, status=None):
+def _request(status=None):
     from vllm.v1.request import RequestStatus
 
     tokens = list(range(10, 22))
@@ -36,7 +34,6 @@ def _request(preemptions: int, status=None):
         status=status or RequestStatus.FINISHED_STOPPED,
         num_computed_tokens=11,
         num_prompt_tokens=8,
-        num_preemptions=preemptions,
         all_token_ids=tokens,
         block_hashes=["h0", "h1"],  # two full blocks of 4 tokens
         mm_features=[
@@ -49,19 +46,35 @@ def _request(preemptions: int, status=None):
 
 def test_a_finished_turn_is_kept_and_saved():
     side = _side()
-    assert side.request_finished(_request(0), ([1, 2, 3],)) is True
-    assert [job.request_id for job in side.build_meta().turn_saves] == ["r"]
-
-
-@pytest.mark.parametrize("preemptions", [1, 3])
-def test_a_preempted_turn_is_not_kept(preemptions):
-    side = _side()
-    assert side.request_finished(_request(preemptions), ([1, 2, 3],)) is False
-    assert side.build_meta().turn_saves == [] and len(side._turns) == 0
+    assert side.request_finished(_request(), ([1, 2, 3],)) is True
+    [job] = side.build_meta().turn_saves
+    assert job.request_id == "r" and job.block_ids == ((1, 2, 3),)
 
 
 def test_an_aborted_turn_is_not_kept():
     from vllm.v1.request import RequestStatus
 
     side = _side()
-    assert side.request_finished(_request(0, RequestStatus.FINISHED_ABORTED), ([1],)) is False
+    assert side.request_finished(_request(RequestStatus.FINISHED_ABORTED), ([1],)) is False
+    assert side.build_meta().turn_saves == []
+
+
+def test_a_routed_stage_row_keeps_its_live_tail_block():
+    """vLLM hands over the blocks covering num_computed_tokens counted uncompacted
+    (get_block_ids_for_computed_tokens): for a stage row [7, 8, 9, null, null, 12] and 5
+    blocks' worth of tokens that is [7, 8, 9, 0, 0], which loses block 12, where rows
+    96.. of the compacted sequence live (the soak run's crash). The save gets the live
+    blocks from the stage's manager."""
+    side = _side()
+    stage = SimpleNamespace(
+        kv_cache_group_id=1,
+        stage=1,
+        get_deferred=lambda r: 40,
+        live_block_ids=lambda r: [7, 8, 9, 12],
+        take_released=list,
+    )
+    side._stage_groups = {1: [stage]}
+    truncated = ([1, 2, 3, 4, 5], [7, 8, 9, 0, 0])  # stage 0 has no holes
+    assert side.request_finished(_request(), truncated) is True
+    [job] = side.build_meta().turn_saves
+    assert job.block_ids == ((1, 2, 3, 4, 5), (7, 8, 9, 12))

@@ -119,12 +119,6 @@ class SchedulerSide:
             self._expect_deferred(request.request_id, None)
         if self._turns is None or not vllm_view.is_finished_normally(request):
             return False
-        if vllm_view.num_preemptions(request):
-            # Its KV was recomputed after a preemption; under the soak load such a turn's
-            # stage pages once disagreed with the worker's routing state (a consistency
-            # check in worker/turns.py caught it). Rare, and recomputing a later turn is
-            # always correct, so it is not kept.
-            return False
         turn, n = turn_request(request), request.num_computed_tokens
         if not self._turns.can_keep(turn, n):
             return False
@@ -136,11 +130,28 @@ class SchedulerSide:
             stage: ms[0].get_deferred(request.request_id)
             for stage, ms in self._stage_managers().items()
         }
-        # the live rows only: pages released by kv_release hold the null block
-        null = vllm_view.null_block_id(self._kv_cache_manager)
-        ids = tuple(tuple(b for b in g if b != null) for g in block_ids)
+        ids = self._live_block_ids(request.request_id, block_ids)
         self._jobs.turn_saves.append(TurnSave(request.request_id, turn_id, n, ids))
         return True
+
+    def _live_block_ids(self, req_id: str, block_ids: Any) -> tuple[tuple[int, ...], ...]:
+        """Per KV group, the blocks that hold the finished request's rows in order.
+
+        vLLM passes the blocks covering ``num_computed_tokens`` counted *uncompacted*
+        (`get_block_ids_for_computed_tokens`): in a routed-stage group whose row has
+        released (null) entries that cuts off live blocks at the tail. Those groups are
+        read from their manager; the others lose only null entries (none without
+        kv_release)."""
+        null = vllm_view.null_block_id(self._kv_cache_manager)
+        stage_groups = {
+            m.kv_cache_group_id: m for ms in self._stage_managers().values() for m in ms
+        }
+        return tuple(
+            tuple(stage_groups[gid].live_block_ids(req_id))
+            if gid in stage_groups
+            else tuple(b for b in blocks if b != null)
+            for gid, blocks in enumerate(block_ids)
+        )
 
 
 def _turn_index(cfg: RoutingConfig, vllm_config: Any, kv_cache_config: Any) -> TurnIndex | None:
