@@ -42,12 +42,12 @@ def test_vocabulary_appends_the_new_words_after_the_original_ids(processor):
         assert len(tok(c, add_special_tokens=False)["input_ids"]) == 1
     ids = tok("bottom midright", add_special_tokens=False)["input_ids"]
     assert tok.convert_ids_to_tokens(ids) == ["bottom", "midright"]
-    # the ids of every other token are those the 4-layer checkpoint was trained with
+    # the 4-layer checkpoint's 96 ids come first, unchanged (it was grown, not retrained);
+    # the shipped (grown) checkpoint was trained with exactly these ids
+    assert len(vocab) == 96 + 3
     saved = Path(__file__).parents[2] / "vllm_recroute/demo/checkpoint/tokenizer.json"
-    if saved.exists():
-        old = json.loads(saved.read_text())["model"]["vocab"]
-        assert len(old) == len(vocab) - 3
-        assert all(old[w] == i for i, w in enumerate(vocab[: len(old)]))
+    shipped = json.loads(saved.read_text())["model"]["vocab"]
+    assert shipped == {w: i for i, w in enumerate(vocab)}
 
 
 def test_chat_template_smolvlm_style(processor):
