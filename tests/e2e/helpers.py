@@ -189,11 +189,16 @@ def serve_process(
         _wait_healthy(proc, base, log)
         yield {"base": base, "log": log, "proc": proc}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, timeout=60)
+
+
+def stop(proc: subprocess.Popen, timeout: float) -> None:
+    """Terminate a server process, killing it if it does not exit within ``timeout``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def _wait_healthy(proc: subprocess.Popen, base: str, log: Path) -> None:

@@ -26,7 +26,7 @@ import pytest
 import requests
 import yaml
 
-from tests.e2e.helpers import API_KEY, free_port, messages
+from tests.e2e.helpers import API_KEY, free_port, messages, stop
 from vllm_recroute.metrics.names import METRICS
 
 pytestmark = pytest.mark.e2e
@@ -201,11 +201,7 @@ def prometheus(server, tmp_path_factory):
             time.sleep(0.2)
         yield {"base": base, "target": target, "log": log}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, timeout=20)
 
 
 def query(prom: dict, expr: str) -> dict:

@@ -70,7 +70,7 @@ class DecisionCheck:
     def digest(masks: Sequence[torch.Tensor]) -> int:
         crc = 0
         for m in masks:
-            crc = zlib.crc32(m.to(torch.uint8).numpy().tobytes(), crc)
+            crc = zlib.crc32(m.to(torch.uint8).cpu().numpy().tobytes(), crc)
         return crc
 
     def verify(self, layer_idx: int, req_ids: Sequence[str], masks: Sequence[torch.Tensor]):
@@ -79,8 +79,9 @@ class DecisionCheck:
         crc = self.digest(masks)
         # float32 halves of the 32-bit hash: exact, and vLLM's CPU shared-memory all-gather
         # has no int64 kernel
-        mine = torch.tensor([crc >> 16, crc & 0xFFFF], dtype=torch.float32)
-        every = [int(hi) << 16 | int(lo) for hi, lo in self.group.gather(mine).tolist()]
+        # on the masks' device: NCCL gathers device tensors only
+        mine = torch.tensor([crc >> 16, crc & 0xFFFF], dtype=torch.float32, device=masks[0].device)
+        every = [int(hi) << 16 | int(lo) for hi, lo in self.group.gather(mine).cpu().tolist()]
         if len(set(every)) > 1:
             raise RankDivergence(
                 f"vllm-recroute: tensor-parallel ranks took different routing decisions at "
