@@ -266,6 +266,14 @@ def install_layer_attention(layer_name: str, metadata: Any, slot_mapping: torch.
     ctx.slot_mapping[layer_name] = slot_mapping
 
 
+def run_eager_this_forward() -> None:
+    """Run this forward's compiled modules eager (vLLM's own per-forward bypass,
+    ``ForwardContext.skip_compiled``, read by ``@support_torch_compile``'s ``__call__``)."""
+    from vllm.forward_context import get_forward_context
+
+    get_forward_context().skip_compiled = True
+
+
 # --------------------------------------------------------------------------- scheduler
 
 

@@ -19,14 +19,12 @@ def _engine_config(model, arch: str | None, recroute=None, **kwargs):
     return EngineArgs(**args).create_engine_config()
 
 
-def test_routed_arch_turns_off_prefix_caching_chunking_and_compile(tiny_idefics3):
+def test_routed_arch_turns_off_prefix_caching_chunking(tiny_idefics3):
     cfg = _engine_config(tiny_idefics3, ROUTED_IDEFICS3, {"schedule": "pdrop"})
-    from vllm.config import CompilationMode
 
     assert cfg.cache_config.enable_prefix_caching is False
     assert cfg.scheduler_config.enable_chunked_prefill is False
     assert cfg.scheduler_config.max_num_batched_tokens >= 1024
-    assert cfg.compilation_config.mode == CompilationMode.NONE
 
 
 def test_kv_release_keeps_prefix_caching(tiny_idefics3):
@@ -142,3 +140,44 @@ def test_forcing_v2_for_a_routed_arch_is_a_startup_error_naming_the_setting(
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     with pytest.raises(ValueError, match=r"vllm-recroute routed architectures.*VLLM_USE_V2"):
         _engine_config(tiny_idefics3, ROUTED_IDEFICS3, {"schedule": "pdrop"})
+
+
+def test_routed_arch_keeps_vllms_default_compilation(tiny_idefics3):
+    from vllm.config import CompilationMode
+
+    plain = _engine_config(tiny_idefics3, None)
+    routed = _engine_config(tiny_idefics3, ROUTED_IDEFICS3, {"schedule": "pdrop"})
+    # vLLM CPU's default (DYNAMO_TRACE_ONCE + inductor), not forced eager
+    assert plain.compilation_config.mode == CompilationMode.DYNAMO_TRACE_ONCE
+    assert routed.compilation_config.mode == plain.compilation_config.mode
+    assert routed.compilation_config.backend == plain.compilation_config.backend
+    assert routed.model_config.enforce_eager is False
+    eager = _engine_config(
+        tiny_idefics3, ROUTED_IDEFICS3, {"schedule": "pdrop"}, enforce_eager=True
+    )
+    assert eager.compilation_config.mode == CompilationMode.NONE  # still the user's choice
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (None, "PIECEWISE"),  # unset: vLLM would default to FULL_AND_PIECEWISE on CUDA
+        ("FULL_AND_PIECEWISE", "PIECEWISE"),
+        ("FULL_DECODE_ONLY", "NONE"),
+        ("FULL", "NONE"),
+        ("PIECEWISE", "PIECEWISE"),
+        ("NONE", "NONE"),
+    ],
+)
+def test_cuda_graphs_stay_piecewise(given, expected):
+    """Full CUDA graphs would replay baked attention metadata; a routed stage installs
+    its own per layer (CUDA hosts; the CPU platform turns graphs off anyway)."""
+    from types import SimpleNamespace
+
+    from vllm.config.compilation import CUDAGraphMode
+
+    from vllm_recroute.worker.config_hook import _keep_graphs_piecewise
+
+    comp = SimpleNamespace(cudagraph_mode=None if given is None else CUDAGraphMode[given])
+    _keep_graphs_piecewise(SimpleNamespace(compilation_config=comp))
+    assert comp.cudagraph_mode == CUDAGraphMode[expected]
