@@ -149,6 +149,25 @@ def image_spans(request: Any) -> tuple[tuple[int, int, str], ...]:
     )
 
 
+def embed_positions_in(request: Any, start: int, end: int) -> int:
+    """How many prompt positions in ``[start, end)`` take a multimodal embedding (the image
+    tokens the worker routes: vLLM marks them with ``PlaceholderRange.is_embed``)."""
+    n = 0
+    for f in _mm_features(request):
+        pos, is_embed = f.mm_position.offset, f.mm_position.is_embed
+        length = f.mm_position.length
+        idx = torch.arange(pos, pos + length)
+        if is_embed is not None:
+            idx = idx[is_embed.bool().cpu()]
+        n += int(((idx >= start) & (idx < end)).sum())
+    return n
+
+
+def num_decoder_layers(vllm_config: Any) -> int:
+    """The text model's decoder layers (the routed decoder's ``len(layers)``)."""
+    return int(vllm_config.model_config.get_num_layers(vllm_config.parallel_config))
+
+
 def request_extra_args(runner: Any, req_id: str) -> Mapping[str, Any] | None:
     """Worker side: the request's ``SamplingParams.extra_args`` (per-request options)."""
     state = runner.requests.get(req_id)

@@ -24,7 +24,14 @@ ROOT = Path(vllm_recroute.__file__).parent
 
 LAYERS: list[list[str]] = [
     ["errors", "_compat"],
-    ["routing", "routing.decision", "routing.rerouting", "routing.schedule", "routing.scorers"],
+    [
+        "routing",
+        "routing.decision",
+        "routing.deferral",
+        "routing.rerouting",
+        "routing.schedule",
+        "routing.scorers",
+    ],
     ["config"],
     ["requests", "requests.options", "metrics", "metrics.names", "metrics.accounting"],
     [
