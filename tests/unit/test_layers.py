@@ -26,7 +26,15 @@ LAYERS: list[list[str]] = [
     ["errors", "_compat"],
     ["routing", "routing.decision", "routing.rerouting", "routing.schedule", "routing.scorers"],
     ["config"],
-    ["requests", "requests.options", "metrics", "metrics.names", "metrics.accounting"],
+    [
+        "requests",
+        "requests.options",
+        "metrics",
+        "metrics.names",
+        "metrics.accounting",
+        "sched",
+        "sched.chunking",
+    ],
     [
         "kv",
         "kv.parked_pool",
@@ -36,7 +44,14 @@ LAYERS: list[list[str]] = [
         "vllm_view",
         "tiny_models",
     ],
-    ["kv.spec", "kv.manager", "metrics.stats", "metrics.prom", "requests.validation"],
+    [
+        "kv.spec",
+        "kv.manager",
+        "metrics.stats",
+        "metrics.prom",
+        "requests.validation",
+        "sched.scheduler",
+    ],
     ["patches"],
     [
         "worker",
