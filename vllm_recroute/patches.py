@@ -245,6 +245,32 @@ PATCHES: tuple[Patch, ...] = (
         ),
         where="vllm_recroute/patches.py (apply_thread_policy, from register())",
     ),
+    Patch(
+        "P11",
+        what="A subclass of vLLM's v1 Scheduler (and AsyncScheduler), installed as "
+        "SchedulerConfig.scheduler_cls: overrides _try_schedule_encoder_inputs to cut a "
+        "routed prompt's chunk back to its first image unless the chunk reaches the prompt's "
+        "end, and schedule() to move a request so cut to the front of Scheduler.running "
+        "for its next step. Reads (vllm_view): Request.num_prompt_tokens, mm_features; "
+        "Scheduler.max_num_scheduled_tokens, max_num_encoder_input_tokens, "
+        "encoder_cache_manager.cache_size.",
+        why="Question-conditioned scores need the span from the first image to the prompt's "
+        "end in one forward; with chunked prefill on, vLLM would split it anywhere. "
+        "_try_schedule_encoder_inputs is the one per-request point that both the running "
+        "and the waiting path call for multimodal requests once their chunk is known.",
+        upstream="scheduler_cls is a documented config field; the Scheduler's methods are "
+        "internal (vLLM warns that the interface is not public). No chunk-boundary hook.",
+        remove_when="vLLM exposes a per-request chunk-boundary hook (or a 'keep this range "
+        "in one chunk' request attribute).",
+        targets=(
+            "vllm.config.scheduler:SchedulerConfig.get_scheduler_cls",
+            "vllm.v1.core.sched.scheduler:Scheduler.schedule",
+            "vllm.v1.core.sched.scheduler:Scheduler._try_schedule_encoder_inputs",
+            "vllm.v1.core.sched.async_scheduler:AsyncScheduler",
+            "vllm.multimodal.inputs:PlaceholderRange.get_num_embeds",
+        ),
+        where="vllm_recroute/sched/scheduler.py (installed by worker/config_hook.py)",
+    ),
 )
 
 V2_UNSUPPORTED = (

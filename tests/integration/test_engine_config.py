@@ -19,12 +19,39 @@ def _engine_config(model, arch: str | None, recroute=None, **kwargs):
     return EngineArgs(**args).create_engine_config()
 
 
-def test_routed_arch_turns_off_prefix_caching_chunking(tiny_idefics3):
-    cfg = _engine_config(tiny_idefics3, ROUTED_IDEFICS3, {"schedule": "pdrop"})
+def test_routed_arch_turns_off_prefix_caching_keeps_chunking(tiny_idefics3):
+    cfg = _engine_config(
+        tiny_idefics3, ROUTED_IDEFICS3, {"schedule": "pdrop"}, max_num_batched_tokens=64
+    )
+
+    from vllm_recroute.sched import SCHEDULER_PATH
 
     assert cfg.cache_config.enable_prefix_caching is False
+    # chunked_prefill "routed" (default): vLLM's chunking, routed prompts aligned (sched/)
+    assert cfg.scheduler_config.enable_chunked_prefill is True
+    assert cfg.scheduler_config.max_num_batched_tokens == 64
+    assert cfg.scheduler_config.scheduler_cls == SCHEDULER_PATH
+
+
+def test_chunked_prefill_off_keeps_prompts_whole(tiny_idefics3):
+    cfg = _engine_config(
+        tiny_idefics3,
+        ROUTED_IDEFICS3,
+        {"chunked_prefill": "off"},
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=64,
+    )
     assert cfg.scheduler_config.enable_chunked_prefill is False
     assert cfg.scheduler_config.max_num_batched_tokens >= 1024
+    assert cfg.scheduler_config.scheduler_cls is None
+
+
+def test_own_scheduler_class_is_kept_with_a_warning(tiny_idefics3, caplog):
+    mine = "vllm.v1.core.sched.scheduler.Scheduler"
+    with caplog.at_level("WARNING", logger="vllm_recroute"):
+        cfg = _engine_config(tiny_idefics3, ROUTED_IDEFICS3, {}, scheduler_cls=mine)
+    assert cfg.scheduler_config.scheduler_cls == mine
+    assert "split by chunked prefill run unrouted" in caplog.text
 
 
 def test_kv_release_keeps_prefix_caching(tiny_idefics3):
@@ -40,18 +67,6 @@ def test_parked_tier_refuses_quantized_kv_cache(tiny_idefics3):
         )
 
 
-def test_chunked_prefill_fallback_keeps_chunking(tiny_idefics3):
-    cfg = _engine_config(
-        tiny_idefics3,
-        ROUTED_IDEFICS3,
-        {"chunked_prefill": "fallback"},
-        enable_chunked_prefill=True,
-        max_num_batched_tokens=64,
-    )
-    assert cfg.scheduler_config.enable_chunked_prefill is True
-    assert cfg.scheduler_config.max_num_batched_tokens == 64
-
-
 def test_plain_architecture_untouched_by_plugin(tiny_idefics3):
     cfg = _engine_config(tiny_idefics3, None)
     assert cfg.cache_config.enable_prefix_caching is True
@@ -63,7 +78,8 @@ def test_plain_architecture_untouched_by_plugin(tiny_idefics3):
         ({"mode": "on"}, "recroute.mode", "off, reroute, remove"),
         ({"schedule": "fastv", "keep": 1.5}, "recroute.keep", "(0, 1]"),
         ({"schedule": "sparse"}, "recroute.schedule", "fastv, pdrop, custom"),
-        ({"chunked_prefill": "on"}, "recroute.chunked_prefill", "off, fallback"),
+        ({"chunked_prefill": "on"}, "recroute.chunked_prefill", "routed, off"),
+        ({"chunked_prefill": "fallback"}, "recroute.chunked_prefill", "former 'fallback'"),
         ({"kep": 0.5}, "recroute.kep", "keep"),
     ],
 )

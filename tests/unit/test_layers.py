@@ -33,7 +33,15 @@ LAYERS: list[list[str]] = [
         "routing.scorers",
     ],
     ["config"],
-    ["requests", "requests.options", "metrics", "metrics.names", "metrics.accounting"],
+    [
+        "requests",
+        "requests.options",
+        "metrics",
+        "metrics.names",
+        "metrics.accounting",
+        "sched",
+        "sched.chunking",
+    ],
     [
         "kv",
         "kv.parked_pool",
@@ -43,7 +51,14 @@ LAYERS: list[list[str]] = [
         "vllm_view",
         "tiny_models",
     ],
-    ["kv.spec", "kv.manager", "metrics.stats", "metrics.prom", "requests.validation"],
+    [
+        "kv.spec",
+        "kv.manager",
+        "metrics.stats",
+        "metrics.prom",
+        "requests.validation",
+        "sched.scheduler",
+    ],
     ["patches"],
     [
         "worker",

@@ -29,8 +29,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "recroute:chunked_fallbacks",
         "counter",
-        "Prompts with images split by chunked prefill and run unrouted "
-        "(recroute.chunked_prefill='fallback').",
+        "Prompts with images split by chunked prefill and run unrouted (their span from "
+        "the first image to the prompt's end exceeds a step).",
     ),
     MetricSpec(
         "recroute:visual_tokens",

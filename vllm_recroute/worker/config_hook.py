@@ -51,6 +51,8 @@ def apply_routing_requirements(vllm_config: Any) -> RoutingConfig:
         sched.max_num_batched_tokens = max(sched.max_num_batched_tokens, max_len)
         if sched.max_num_scheduled_tokens is not None:
             sched.max_num_scheduled_tokens = max(sched.max_num_scheduled_tokens, max_len)
+    elif cfg.chunked_prefill == "routed":
+        _install_chunk_scheduler(sched)
     return cfg
 
 
@@ -78,6 +80,23 @@ def _keep_graphs_piecewise(vllm_config: Any) -> None:
             piecewise.name,
         )
         comp.cudagraph_mode = piecewise
+
+
+def _install_chunk_scheduler(sched: Any) -> None:
+    """Routed prompts take their span from the first image in one step (sched/)."""
+    from vllm_recroute.sched import SCHEDULER_PATH
+
+    if sched.scheduler_cls is None or sched.scheduler_cls == SCHEDULER_PATH:
+        sched.scheduler_cls = SCHEDULER_PATH
+        return
+    # Kept, not refused: the worker still never routes a split prompt (it runs unrouted,
+    # counted in recroute:chunked_fallbacks), so a custom scheduler costs savings only.
+    logger.warning(
+        "vllm-recroute: scheduler_cls %s is configured; routed prompts split by chunked "
+        "prefill run unrouted (recroute.chunked_prefill 'routed' needs %s, or use 'off')",
+        sched.scheduler_cls,
+        SCHEDULER_PATH,
+    )
 
 
 def _install_request_validator(vllm_config: Any, cfg: RoutingConfig) -> None:
