@@ -35,7 +35,7 @@ def _llm(model: str, routed: bool, max_len: int):
 
     kw = dict(
         model=model, dtype="float32", max_model_len=max_len, kv_cache_memory_bytes=1 << 30,
-        max_num_seqs=4, enforce_eager=True, seed=0, enable_prefix_caching=False,
+        max_num_seqs=4, seed=0, enable_prefix_caching=False,
     )  # fmt: skip
     if routed:
         kw |= dict(hf_overrides={"architectures": [ROUTED]}, additional_config={"recroute": {}})

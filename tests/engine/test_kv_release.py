@@ -79,6 +79,40 @@ def test_all_blocks_return_to_the_pool(engine, tiny_idefics3):
 
 
 @pytest.mark.parametrize("engine", ["release"], indirect=True)
+def test_mixed_run_with_aborts_returns_every_block(engine, tiny_idefics3):
+    """Planned (compacted) allocations of routed, unrouted and text requests, two of them
+    aborted mid-run (one still waiting or prefilling, one decoding): usage back to 0."""
+    from vllm import SamplingParams
+
+    from tests.helpers import request_inputs, xargs
+
+    core = engine.llm_engine
+    cfgs = [
+        CONFIGS["pdrop-reroute"],
+        CONFIGS["off"],
+        CONFIGS["pdrop-remove"],
+        CONFIGS["pdrop-reroute"],
+    ]
+    for i, cfg in enumerate(cfgs):
+        prompt, images = request_inputs(str(tiny_idefics3), REQUESTS[i % len(REQUESTS)])
+        params = SamplingParams(max_tokens=40, ignore_eos=True, extra_args=xargs(cfg))
+        core.add_request(
+            f"mix{i}", {"prompt": prompt, "multi_modal_data": {"image": images}}, params
+        )
+    core.add_request("text", "a text-only prompt " * 8, SamplingParams(max_tokens=20))
+    for _ in range(3):
+        core.step()
+    usage = {m.name: m for m in engine.get_metrics()}["vllm:kv_cache_usage_perc"]
+    assert usage.value > 0  # guard: blocks are held mid-run
+    core.abort_request(["mix0", "mix3"])
+    while core.has_unfinished_requests():
+        core.step()
+    engine.generate(["x"], SamplingParams(max_tokens=1), use_tqdm=False)
+    usage = {m.name: m for m in engine.get_metrics()}["vllm:kv_cache_usage_perc"]
+    assert usage.value == 0.0
+
+
+@pytest.mark.parametrize("engine", ["release"], indirect=True)
 def test_schedule_override_refused_with_kv_release(engine, tiny_idefics3):
     from vllm.exceptions import VLLMValidationError
 
