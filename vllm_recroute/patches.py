@@ -83,14 +83,22 @@ PATCHES: tuple[Patch, ...] = (
     Patch(
         "P3",
         what="Replaces each decoder layer's forward on the instance with a wrapper that runs "
-        "the layer on the stage's active rows and installs the stage's compacted attention.",
+        "the layer on the stage's active rows and installs the stage's compacted attention; "
+        "for a forward that runs eager under compilation, sets the text model's native "
+        "CustomOps' _forward_method to their platform kernel (forward_cpu / forward_cuda) and "
+        "back afterwards.",
         why="Deferred tokens must skip a stage's layers; wrapping instances leaves module "
         "names (and so weight loading) untouched and works for any decoder layer with the "
         "(positions, hidden_states, residual) signature.",
         upstream="Not a vLLM API; token pruning is wanted out of tree.",
         remove_when="vLLM offers a per-layer token-selection hook.",
-        targets=("vllm.model_executor.models.llama:LlamaDecoderLayer.forward",),
-        where="vllm_recroute/worker/decoder.py",
+        targets=(
+            "vllm.model_executor.models.llama:LlamaDecoderLayer.forward",
+            "vllm.model_executor.custom_op:CustomOp.forward_native",
+            "vllm.model_executor.custom_op:CustomOp.forward_cpu",
+            "vllm.model_executor.custom_op:CustomOp.forward_cuda",
+        ),
+        where="vllm_recroute/worker/decoder.py, vllm_view.native_custom_ops",
     ),
     Patch(
         "P4",

@@ -289,6 +289,36 @@ def install_layer_attention(layer_name: str, metadata: Any, slot_mapping: torch.
     ctx.slot_mapping[layer_name] = slot_mapping
 
 
+def native_custom_ops(module: torch.nn.Module) -> list[tuple[Any, Any, Any]]:
+    """``(op, native, kernel)`` for every vLLM ``CustomOp`` under ``module`` that dispatches
+    to its PyTorch-native forward (what vLLM picks when inductor compiles the model: the
+    graph fuses it), with the platform kernel vLLM runs in eager mode."""
+    from vllm.model_executor.custom_op import CustomOp
+    from vllm.platforms import current_platform
+
+    out = []
+    for op in module.modules():
+        if not isinstance(op, CustomOp):
+            continue
+        native = op._forward_method
+        if getattr(native, "__func__", None) is not type(op).forward_native:
+            continue  # already a kernel (enabled op), or a compiled native
+        if current_platform.is_cpu():
+            kernel = op.forward_cpu
+        elif current_platform.is_rocm():
+            kernel = op.forward_hip
+        else:
+            kernel = op.forward_cuda
+        out.append((op, native, kernel))
+    return out
+
+
+def use_forwards(ops: list[tuple[Any, Any, Any]], kernels: bool) -> None:
+    """Switch ``native_custom_ops``' ops to their kernels (True) or back (False)."""
+    for op, native, kernel in ops:
+        op._forward_method = kernel if kernels else native
+
+
 def run_eager_this_forward() -> None:
     """Run this forward's compiled modules eager (vLLM's own per-forward bypass,
     ``ForwardContext.skip_compiled``, read by ``@support_torch_compile``'s ``__call__``)."""

@@ -50,6 +50,10 @@ def _worker_view(worker):
         "mode": CompilationMode(runner.vllm_config.compilation_config.mode).name,
         "compiled": bool(getattr(model.model.text_model, "compiled", False)),
         "forwards": dict(model.recroute.forwards),
+        # (op, native, kernel): under inductor vLLM's norms / activation / rotary run their
+        # native forward; the eager routed forward switches to the kernels and back
+        "native_ops": len(model.recroute._native_ops),
+        "restored": all(op._forward_method == n for op, n, _ in model.recroute._native_ops),
     }
 
 
@@ -63,6 +67,7 @@ def test_engine_runs_compiled(compiled_llm):
     # guard: the engine really compiled its text model (not eager, not skipped)
     assert view["mode"] == "DYNAMO_TRACE_ONCE"
     assert view["compiled"] is True
+    assert view["native_ops"] > 0 and view["restored"]
 
 
 @pytest.mark.parametrize("name", ["fastv-reroute", "fastv-remove", "pdrop-reroute", "pdrop-remove"])

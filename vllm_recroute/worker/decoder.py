@@ -110,6 +110,10 @@ class RoutedDecoder:
         # then the ordinary forward), "plain" (no routing); read by tests and bench
         self.forwards: Counter[str] = Counter()
         self.layer_names = names
+        # Under inductor vLLM's CustomOps (norms, activation, rotary) run their native
+        # PyTorch forward, for the graph to fuse; the eager routed forward switches them to
+        # the kernels vLLM itself runs in eager mode (patch P3), and back afterwards.
+        self._native_ops = vllm_view.native_custom_ops(text_model)
         for idx, layer in enumerate(self.layers):
             layer.forward = self._wrap(idx, names[idx], layer, layer.forward)
         # The runner calls the model (not the text model) with the step's positions; the
@@ -176,11 +180,14 @@ class RoutedDecoder:
         elif step.needs_eager:
             self.forwards["eager"] += 1
             vllm_view.run_eager_this_forward()
+            vllm_view.use_forwards(self._native_ops, kernels=True)
         else:
             self.forwards["installed"] += 1
             step.install_all(self.layer_names)
 
     def _after_forward(self, *_: Any) -> None:
+        if self._step is not None and self._step.needs_eager:
+            vllm_view.use_forwards(self._native_ops, kernels=False)
         self._step = None  # never seen by another forward
 
     def _wrap(self, idx: int, name: str, layer: Any, inner: Any) -> Any:
