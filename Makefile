@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 EXTRA ?= cpu
 ARGS ?=
 
-.PHONY: setup serve test test-unit test-engine test-scale lint format bench bench-quality clean
+.PHONY: setup serve test test-unit test-engine test-scale lint format bench bench-throughput bench-serve bench-kv bench-quality clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -42,6 +42,15 @@ format: setup
 
 bench: setup  ## TTFT of routing off/fastv/pdrop vs plain vLLM (docs/benchmarks.md)
 	$(PY) bench/ttft.py
+
+bench-throughput: setup  ## tok/s, TTFT, TPOT of routed engines vs plain vLLM at its defaults
+	$(PY) bench/throughput.py $(ARGS)
+
+bench-serve: setup  ## vLLM's serving benchmark: plain vLLM server vs vllm-recroute serve
+	$(PY) bench/serve.py $(ARGS)
+
+bench-kv: setup  ## concurrency at a fixed KV budget vs plain vLLM, next to the ideal
+	$(PY) bench/kv_capacity.py $(ARGS)
 
 bench-quality: setup  ## accuracy of the demo model: full vs remove vs reroute (docs/benchmarks.md)
 	$(PY) bench/quality.py

@@ -127,7 +127,9 @@ def main() -> None:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text",
                     "text": f"Describe object number {i} please."}]}]  # fmt: skip
         prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
-        image = make_test_image(100 + i, args.image_size)
+        # One image for all (vLLM's encoder cache runs the vision tower once; prefix caching
+        # is off, so no request shares another's KV): the decoder's KV is what is measured.
+        image = make_test_image(100, args.image_size)
         requests.append({"prompt": prompt, "multi_modal_data": {"image": image}})
     ids = proc(text=[requests[0]["prompt"]], images=[[requests[0]["multi_modal_data"]["image"]]])
     prompt_len = len(ids["input_ids"][0])
