@@ -66,6 +66,9 @@ def dp_server(tiny_idefics3, tmp_path_factory):
     flags = [
         "--data-parallel-size", "2", "--max-model-len", "1024", "--block-size", "32",
         "--kv-cache-memory-bytes", str(64 << 20), "--max-num-seqs", "8",
+        # eager: this server is about per-engine counting, and two engines compiling at
+        # once on two cores cost CI a minute (the session and soak servers run compiled)
+        "--enforce-eager",
     ]  # fmt: skip
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one NUMA-free binding per engine
     with serve_process(tiny_idefics3, log, None, flags, env) as server:
