@@ -12,6 +12,10 @@ ROUTED_ARCHITECTURES: dict[str, str] = {
     "RecroutePaliGemmaForConditionalGeneration": (
         "vllm_recroute.models.paligemma:RecroutePaliGemmaForConditionalGeneration"
     ),
+    # Keye-VL: Qwen3 text with M-RoPE (the [3, T] positions path that Qwen2.5-VL takes)
+    "RecrouteKeyeForConditionalGeneration": (
+        "vllm_recroute.models.keye:RecrouteKeyeForConditionalGeneration"
+    ),
     # Not importable on this project's CPU hosts (their HF processors import torchvision);
     # registered lazily so that GPU hosts with torchvision can use them.
     "RecrouteQwen2_5_VLForConditionalGeneration": (

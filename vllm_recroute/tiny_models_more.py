@@ -1,0 +1,164 @@
+"""Tiny deterministic builders for the routed architectures beyond Idefics3 / PaliGemma.
+
+Same contract as `tiny_models.py` (whose `build_tiny_model` dispatches here): random
+weights from a seed, a byte-level BPE tokenizer, processor and chat template, no
+downloads. These checkpoints follow the published layouts that vLLM's model classes
+load; where transformers ships no class for them (Keye-VL's config and processor), the
+code is this project's own (`vllm_recroute/tiny_remote/`), copied into the checkpoint
+and loaded with ``trust_remote_code``.
+
+- ``keye`` (Keye-VL: Qwen3 text with M-RoPE, SigLIP tower with 2-D RoPE, 2x2 merge):
+  text hidden 128, 2 heads of dim 64, 4 layers, ``mrope_section`` [8, 12, 12]; tower 2
+  layers of width 64, patch 8; a 128-px image -> 16x16 patches -> 64 visual tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vllm_recroute.tiny_models import _TEXT, _VISION, _init_std, build_tokenizer
+
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _linear(n_in: int, n_out: int) -> dict[str, torch.Tensor]:
+    # 1/sqrt(fan_in) keeps a random tower's features input-dependent (see _init_std)
+    return {
+        "weight": torch.randn(n_out, n_in) * n_in**-0.5,
+        "bias": torch.randn(n_out) * 0.02,
+    }
+
+
+def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{k}": v.contiguous() for k, v in tensors.items()}
+
+
+def _save_weights(tensors: dict[str, torch.Tensor], out: Path) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        out / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+
+
+def _copy_remote(module: str, out: Path, name: str) -> None:
+    src = Path(__file__).parent / "tiny_remote" / f"{module}.py"
+    shutil.copyfile(src, out / f"{name}.py")
+
+
+def _add_auto_map(path: Path, auto_map: dict[str, str]) -> None:
+    data = json.loads(path.read_text())
+    data["auto_map"] = auto_map
+    if isinstance(data.get("image_processor"), dict):  # transformers 5 nests it here
+        data["image_processor"]["auto_map"] = auto_map
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _keye(out: Path, preset: str) -> None:
+    from transformers import Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from vllm_recroute.tiny_remote.keye import KeyeConfig, KeyeImageProcessor, KeyeProcessor
+
+    if preset != "tiny":
+        raise ValueError("keye: only the 'tiny' preset is provided")
+    specials = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    ]
+    tok = build_tokenizer(specials)
+    tok.eos_token, tok.pad_token, tok.unk_token = "<|im_end|>", "<|endoftext|>", "<|endoftext|>"
+    text = dict(_TEXT[preset])
+    head_dim = text["head_dim"]
+    text.update(
+        vocab_size=len(tok),
+        initializer_range=_init_std(text),
+        rms_norm_eps=1e-6,
+        # M-RoPE (t, h, w) over the rotary half-dims: 8 + 12 + 12 = head_dim / 2
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16],
+        },
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
+    vis = dict(_VISION[preset], hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+    merge = 2
+    config = KeyeConfig(
+        vision_config=dict(vis, spatial_merge_size=merge),
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        architectures=["KeyeForConditionalGeneration"],
+        **text,
+    )
+    lm = Qwen3ForCausalLM(Qwen3Config(**{k: v for k, v in text.items()}))
+    tensors = dict(lm.state_dict())
+    # HF initialises Qwen3's per-head q/k RMSNorm weights to 1: every key then has the
+    # same norm, the key_norm scorer sees ties only and top-k is float noise. Trained
+    # models' norms are far from uniform; so are these.
+    for name in tensors:
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            tensors[name] = 1.0 + 0.5 * torch.randn_like(tensors[name])
+    tower = SiglipVisionModel(
+        SiglipVisionConfig(**vis, vision_use_head=False, initializer_range=_init_std(vis))
+    )
+    width = vis["hidden_size"]
+    # transformers 5 names the tower's weights without the `vision_model.` level that
+    # published SigLIP-based checkpoints (and vLLM's loaders) have
+    tensors |= {
+        "visual.vision_model." + k.removeprefix("vision_model."): v
+        for k, v in tower.state_dict().items()
+    }
+    # Keye's packed-sequence position table (loaded, unused with interpolated positions)
+    tensors["visual.vision_model.embeddings.packing_position_embedding.weight"] = (
+        torch.randn(32768, width) * 0.02
+    )
+    merged = width * merge * merge
+    tensors |= _prefixed(
+        "mlp_AR.pre_norm.", {"weight": torch.ones(width), "bias": torch.zeros(width)}
+    )
+    tensors |= _prefixed("mlp_AR.linear_1.", _linear(merged, merged))
+    tensors |= _prefixed("mlp_AR.linear_2.", _linear(merged, text["hidden_size"]))
+    _save_weights(tensors, out)
+    config.auto_map = {"AutoConfig": "recroute_keye.KeyeConfig"}
+    config.save_pretrained(out)
+    image_proc = KeyeImageProcessor(patch_size=vis["patch_size"], merge_size=merge)
+    proc = KeyeProcessor(
+        image_processor=image_proc, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE
+    )
+    proc.save_pretrained(out)
+    _copy_remote("keye", out, "recroute_keye")
+    auto = {
+        "AutoImageProcessor": "recroute_keye.KeyeImageProcessor",
+        "AutoProcessor": "recroute_keye.KeyeProcessor",
+    }
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        if (out / name).exists():
+            _add_auto_map(out / name, auto)
+    lm.generation_config.save_pretrained(out)
+
+
+BUILDERS: dict[str, Any] = {"keye": _keye}
