@@ -61,10 +61,11 @@ class RoutingConfig(pydantic.BaseModel):
     block_size: StrictInt = 16
     block_reduce: Literal["max", "mean"] = "max"
     reference_layers: StrictInt = 32
-    # Engine-wide, not per request: "off" keeps every prompt in one prefill step (chunked
-    # prefill disabled) so question-conditioned scores always see the question; "fallback"
-    # keeps vLLM's chunked prefill and runs a split prompt unrouted (counted, logged).
-    chunked_prefill: Literal["off", "fallback"] = "off"
+    # Engine-wide, not per request: "routed" keeps vLLM's chunked prefill; a routed prompt
+    # chunks freely before its first image and takes the rest in one step (sched/), unless
+    # that span alone exceeds a step (then it runs unrouted, counted). "off" disables
+    # chunked prefill: every prompt in one step.
+    chunked_prefill: Literal["routed", "off"] = "routed"
     # Engine-wide: give each routing stage its own KV-cache group(s) and return the pages of
     # deferred tokens to vLLM's block pool (the scheduler sees the savings). Router points
     # are then fixed at startup: per-request schedule/router_layers/custom are refused.
@@ -335,6 +336,9 @@ _HELP: dict[str, str] = {
     "reroute_every": "must be an integer >= 0 (decode steps between re-routings; 0 = off)",
     "turn_cache_bytes": "must be an integer >= 0 (bytes of host memory for finished turns' "
     "stage KV; 0 = off)",
+    "chunked_prefill": "allowed values: routed, off (the former 'fallback' is 'routed': "
+    "chunked prefill stays on, and a prompt too long to route in one step still runs "
+    "unrouted, counted)",
 }
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "Patch",
     "apply_patches",
     "apply_runner_selection",
+    "apply_thread_policy",
     "check_runner_patched",
 ]
 
@@ -66,10 +67,10 @@ PATCHES: tuple[Patch, ...] = (
         "P2",
         what="Adds an entry per routed architecture to "
         "vllm.model_executor.models.config.MODELS_CONFIG_MAP.",
-        why="Routed models must run eager, keep prefix caching only with kv_release, keep "
-        "prompts whole, install the plugin's connector and validate per-request options at "
-        "admission; the hook runs in every process that builds a VllmConfig and raises a "
-        "startup error naming the field on a bad config.",
+        why="Routed models must keep CUDA graphs piecewise, keep prefix caching only with "
+        "kv_release, keep prompts whole, install the plugin's connector and validate "
+        "per-request options at admission; the hook runs in every process that builds a "
+        "VllmConfig and raises a startup error naming the field on a bad config.",
         upstream="MODELS_CONFIG_MAP is vLLM's per-architecture config hook table; there is no "
         "public registration API.",
         remove_when="vLLM grows a public registration API for config hooks.",
@@ -106,14 +107,19 @@ PATCHES: tuple[Patch, ...] = (
     Patch(
         "P5",
         what="Writes a routed layer's entries of forward_context.attn_metadata and "
-        "forward_context.slot_mapping for the current forward.",
+        "forward_context.slot_mapping for the current forward, and sets "
+        "forward_context.skip_compiled for a forward whose routing moves rows.",
         why="Inside a routed stage attention must see the active set only; vLLM's attention "
-        "reads its metadata from the forward context by layer name.",
+        "reads its metadata from the forward context by layer name. A forward that gathers "
+        "rows has data-dependent shapes and Python control flow, which the compiled graph "
+        "must not contain: skip_compiled is vLLM's per-forward bypass of "
+        "@support_torch_compile (used for encoder-decoder models).",
         upstream="Documented data flow, not an extension API.",
         remove_when="vLLM supports per-layer metadata overrides.",
         targets=(
             "vllm.forward_context:get_forward_context",
             "vllm.forward_context:ForwardContext",
+            "vllm.forward_context:ForwardContext.skip_compiled",
             "vllm.v1.attention.backend:CommonAttentionMetadata",
         ),
         where="vllm_recroute/vllm_view.py",
@@ -218,6 +224,53 @@ PATCHES: tuple[Patch, ...] = (
         ),
         where="vllm_recroute/patches.py (apply_runner_selection, from register())",
     ),
+    Patch(
+        "P10",
+        what="Wraps OMPProcessManager.__init__ (vLLM's CPU thread binding) so that a config "
+        "whose only KV connector is the plugin's own (RecrouteConnector) binds worker threads "
+        "exactly as the same config without a connector would.",
+        why="vLLM 0.32 reserves one more CPU per local worker whenever any KV connector is "
+        "configured ('for nixl_connector under p/d case', utils/ompmultiprocessing.py). The "
+        "plugin's connector moves no KV between processes and runs no threads, yet on a "
+        "2-CPU host that reservation changed the worker from 1 bound thread to 2 and made "
+        "every 'vs plain vLLM' figure compare two thread policies. With this patch a routed "
+        "engine follows vLLM's own serving policy for its hardware.",
+        upstream="vLLM reserves for any connector; a connector capability (e.g. "
+        "'needs_cpu_reservation') would replace this.",
+        remove_when="vLLM asks the connector whether it needs reserved CPUs, or stops "
+        "reserving for connectors other than NIXL.",
+        targets=(
+            "vllm.utils.ompmultiprocessing:OMPProcessManager.__init__",
+            "vllm.v1.executor.multiproc_executor:OMPProcessManager",
+        ),
+        where="vllm_recroute/patches.py (apply_thread_policy, from register())",
+    ),
+    Patch(
+        "P11",
+        what="A subclass of vLLM's v1 Scheduler (and AsyncScheduler), installed as "
+        "SchedulerConfig.scheduler_cls: overrides _try_schedule_encoder_inputs to cut a "
+        "routed prompt's chunk back to its first image unless the chunk reaches the prompt's "
+        "end, and schedule() to move a request so cut to the front of Scheduler.running "
+        "for its next step. Reads (vllm_view): Request.num_prompt_tokens, mm_features; "
+        "Scheduler.max_num_scheduled_tokens, max_num_encoder_input_tokens, "
+        "encoder_cache_manager.cache_size.",
+        why="Question-conditioned scores need the span from the first image to the prompt's "
+        "end in one forward; with chunked prefill on, vLLM would split it anywhere. "
+        "_try_schedule_encoder_inputs is the one per-request point that both the running "
+        "and the waiting path call for multimodal requests once their chunk is known.",
+        upstream="scheduler_cls is a documented config field; the Scheduler's methods are "
+        "internal (vLLM warns that the interface is not public). No chunk-boundary hook.",
+        remove_when="vLLM exposes a per-request chunk-boundary hook (or a 'keep this range "
+        "in one chunk' request attribute).",
+        targets=(
+            "vllm.config.scheduler:SchedulerConfig.get_scheduler_cls",
+            "vllm.v1.core.sched.scheduler:Scheduler.schedule",
+            "vllm.v1.core.sched.scheduler:Scheduler._try_schedule_encoder_inputs",
+            "vllm.v1.core.sched.async_scheduler:AsyncScheduler",
+            "vllm.multimodal.inputs:PlaceholderRange.get_num_embeds",
+        ),
+        where="vllm_recroute/sched/scheduler.py (installed by worker/config_hook.py)",
+    ),
 )
 
 V2_UNSUPPORTED = (
@@ -262,6 +315,34 @@ def apply_runner_selection(routed_architectures: Collection[str]) -> None:
 
     unsupported.__recroute_patched__ = True  # type: ignore[attr-defined]
     VllmConfig._get_v2_model_runner_unsupported_features = unsupported
+
+
+def apply_thread_policy(connector_name: str) -> None:
+    """Apply P10 (idempotent): the plugin's own connector reserves no CPU for itself."""
+    try:
+        from vllm.utils.ompmultiprocessing import OMPProcessManager
+    except ImportError:  # no CPU thread binding in this vLLM build
+        return
+    original = OMPProcessManager.__init__
+    if getattr(original, "__recroute_patched__", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self, config: Any) -> None:
+        kv = config.kv_transfer_config
+        if kv is None or kv.kv_connector != connector_name:
+            original(self, config)
+            return
+        # vLLM reads only `kv_transfer_config is not None` here; hiding it for the call
+        # gives the binding plain vLLM would choose. The config is restored at once.
+        config.kv_transfer_config = None
+        try:
+            original(self, config)
+        finally:
+            config.kv_transfer_config = kv
+
+    __init__.__recroute_patched__ = True  # type: ignore[attr-defined]
+    OMPProcessManager.__init__ = __init__
 
 
 def _wrap_execute_model(original: Callable[..., Any]) -> Callable[..., Any]:

@@ -27,15 +27,19 @@ __all__ = [
     "decoder_of",
     "first_image_offset",
     "gone_request_ids",
+    "image_embeds_from",
     "image_spans",
     "install_layer_attention",
     "kv_groups_of_layers",
     "live_block_table",
     "null_block_id",
+    "prompt_length",
     "request_extra_args",
     "routed_stage_managers",
     "scheduler_extra_args",
+    "step_embed_limit",
     "step_scope",
+    "step_token_limit",
     "tensor_parallel_rank",
 ]
 
@@ -147,6 +151,25 @@ def image_spans(request: Any) -> tuple[tuple[int, int, str], ...]:
             for f in _mm_features(request)
         )
     )
+
+
+def embed_positions_in(request: Any, start: int, end: int) -> int:
+    """How many prompt positions in ``[start, end)`` take a multimodal embedding (the image
+    tokens the worker routes: vLLM marks them with ``PlaceholderRange.is_embed``)."""
+    n = 0
+    for f in _mm_features(request):
+        pos, is_embed = f.mm_position.offset, f.mm_position.is_embed
+        length = f.mm_position.length
+        idx = torch.arange(pos, pos + length)
+        if is_embed is not None:
+            idx = idx[is_embed.bool().cpu()]
+        n += int(((idx >= start) & (idx < end)).sum())
+    return n
+
+
+def num_decoder_layers(vllm_config: Any) -> int:
+    """The text model's decoder layers (the routed decoder's ``len(layers)``)."""
+    return int(vllm_config.model_config.get_num_layers(vllm_config.parallel_config))
 
 
 def request_extra_args(runner: Any, req_id: str) -> Mapping[str, Any] | None:
@@ -266,6 +289,14 @@ def install_layer_attention(layer_name: str, metadata: Any, slot_mapping: torch.
     ctx.slot_mapping[layer_name] = slot_mapping
 
 
+def run_eager_this_forward() -> None:
+    """Run this forward's compiled modules eager (vLLM's own per-forward bypass,
+    ``ForwardContext.skip_compiled``, read by ``@support_torch_compile``'s ``__call__``)."""
+    from vllm.forward_context import get_forward_context
+
+    get_forward_context().skip_compiled = True
+
+
 # --------------------------------------------------------------------------- scheduler
 
 
@@ -328,3 +359,39 @@ def tp_all_gather(t: torch.Tensor) -> torch.Tensor:
     from vllm.distributed import tensor_model_parallel_all_gather
 
     return tensor_model_parallel_all_gather(t.unsqueeze(0), dim=0)
+
+
+# --------------------------------------------------------------------------- scheduler
+
+
+def prompt_length(request: Any) -> int:
+    """Scheduler side: the request's number of prompt tokens."""
+    return int(request.num_prompt_tokens)
+
+
+def image_embeds_from(request: Any, start: int) -> int:
+    """Scheduler side: encoder embeddings of the request's multimodal items starting at or
+    after ``start``; a repeated item once (vLLM encodes it once per step)."""
+    seen: dict[str, int] = {}
+    for f in _mm_features(request):
+        if f.mm_position.offset >= start:
+            seen[f.identifier] = f.mm_position.get_num_embeds()
+    return sum(seen.values())
+
+
+def step_token_limit(scheduler: Any) -> int:
+    """Scheduler side: the most prompt tokens one step can give one request: the token
+    budget, the input budget less draft slots, and ``long_prefill_token_threshold`` (which
+    vLLM applies whenever another request is waiting or running)."""
+    cfg = scheduler.scheduler_config
+    spec = scheduler.vllm_config.speculative_config
+    drafts = spec.max_num_new_slots_for_drafting if spec is not None else 0
+    limit = min(scheduler.max_num_scheduled_tokens, cfg.max_num_batched_tokens - drafts)
+    if cfg.long_prefill_token_threshold > 0:
+        limit = min(limit, cfg.long_prefill_token_threshold)
+    return limit
+
+
+def step_embed_limit(scheduler: Any) -> int:
+    """Scheduler side: the most encoder embeddings one step can compute and hold."""
+    return min(scheduler.max_num_encoder_input_tokens, scheduler.encoder_cache_manager.cache_size)

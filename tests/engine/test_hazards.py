@@ -28,12 +28,14 @@ pytestmark = pytest.mark.engine
 
 
 def test_chunked_prompt_falls_back_to_unrouted(tiny_idefics3, hf_model):
-    # 64-token steps split every prompt (80 visual tokens): question-conditioned scores
-    # cannot be computed, so each request must run exactly like the unrouted model.
+    # 64-token steps are shorter than every prompt's span from its image on (80 visual
+    # tokens), so no chunk alignment helps (sched/): question-conditioned scores cannot be
+    # computed, and each request must run exactly like the unrouted model. Spans that fit a
+    # step are routed: tests/engine/test_chunked_routing.py.
     llm = make_llm(
         tiny_idefics3,
         routed_arch=ROUTED_IDEFICS3,
-        recroute={"mode": "reroute", "schedule": "pdrop", "chunked_prefill": "fallback"},
+        recroute={"mode": "reroute", "schedule": "pdrop"},
         enable_chunked_prefill=True,
         max_num_batched_tokens=64,
     )

@@ -19,15 +19,13 @@ from tests.helpers import (
 pytestmark = pytest.mark.engine
 
 
-def _released() -> float:
+def _released(name: str = "recroute:kv_blocks_released_total") -> float:
     from prometheus_client import REGISTRY
 
-    return sum(
-        s.value
-        for fam in REGISTRY.collect()
-        for s in fam.samples
-        if s.name == "recroute:kv_blocks_released_total"
-    )
+    return sum(s.value for fam in REGISTRY.collect() for s in fam.samples if s.name == name)
+
+
+AFTER_FORWARD = "recroute:kv_blocks_released_after_forward_total"
 
 
 @pytest.mark.parametrize("name", ["pdrop-reroute", "pdrop-remove", "off"])
@@ -45,6 +43,29 @@ def test_kv_release_matches_oracle(engine, hf_model, tiny_idefics3, name):
         assert _released() == before
     else:
         assert _released() > before  # pages of deferred tokens went back to the pool
+
+
+@pytest.mark.parametrize("engine", ["release"], indirect=True)
+def test_compacted_allocation_from_the_first_step(engine, tiny_idefics3):
+    """Token granularity: the scheduler's plan is exact, so every saved page is one never
+    allocated (no full-length transient, no release after the forward); block granularity
+    plans a floor and the worker's report releases the rest after the forward."""
+    from vllm import SamplingParams
+
+    def flush():
+        engine.generate(["x"], SamplingParams(max_tokens=1), use_tqdm=False)
+
+    released, after = _released(), _released(AFTER_FORWARD)
+    generate(engine, tiny_idefics3, [CONFIGS["pdrop-reroute"]] * len(REQUESTS))
+    flush()
+    assert _released() > released  # guard: pages were saved
+    assert _released(AFTER_FORWARD) == after  # ... all of them before any allocation
+    released, after = _released(), _released(AFTER_FORWARD)
+    block = {"mode": "reroute", "granularity": "block"}  # server block_size 16
+    generate(engine, tiny_idefics3, [block] * len(REQUESTS))
+    flush()
+    assert _released() > released
+    assert _released(AFTER_FORWARD) >= after  # floor: may or may not need a release
 
 
 @pytest.mark.parametrize("engine", ["release"], indirect=True)

@@ -19,14 +19,39 @@ def _engine_config(model, arch: str | None, recroute=None, **kwargs):
     return EngineArgs(**args).create_engine_config()
 
 
-def test_routed_arch_turns_off_prefix_caching_chunking_and_compile(tiny_idefics3):
-    cfg = _engine_config(tiny_idefics3, ROUTED_IDEFICS3, {"schedule": "pdrop"})
-    from vllm.config import CompilationMode
+def test_routed_arch_turns_off_prefix_caching_keeps_chunking(tiny_idefics3):
+    cfg = _engine_config(
+        tiny_idefics3, ROUTED_IDEFICS3, {"schedule": "pdrop"}, max_num_batched_tokens=64
+    )
+
+    from vllm_recroute.sched import SCHEDULER_PATH
 
     assert cfg.cache_config.enable_prefix_caching is False
+    # chunked_prefill "routed" (default): vLLM's chunking, routed prompts aligned (sched/)
+    assert cfg.scheduler_config.enable_chunked_prefill is True
+    assert cfg.scheduler_config.max_num_batched_tokens == 64
+    assert cfg.scheduler_config.scheduler_cls == SCHEDULER_PATH
+
+
+def test_chunked_prefill_off_keeps_prompts_whole(tiny_idefics3):
+    cfg = _engine_config(
+        tiny_idefics3,
+        ROUTED_IDEFICS3,
+        {"chunked_prefill": "off"},
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=64,
+    )
     assert cfg.scheduler_config.enable_chunked_prefill is False
     assert cfg.scheduler_config.max_num_batched_tokens >= 1024
-    assert cfg.compilation_config.mode == CompilationMode.NONE
+    assert cfg.scheduler_config.scheduler_cls is None
+
+
+def test_own_scheduler_class_is_kept_with_a_warning(tiny_idefics3, caplog):
+    mine = "vllm.v1.core.sched.scheduler.Scheduler"
+    with caplog.at_level("WARNING", logger="vllm_recroute"):
+        cfg = _engine_config(tiny_idefics3, ROUTED_IDEFICS3, {}, scheduler_cls=mine)
+    assert cfg.scheduler_config.scheduler_cls == mine
+    assert "split by chunked prefill run unrouted" in caplog.text
 
 
 def test_kv_release_keeps_prefix_caching(tiny_idefics3):
@@ -42,18 +67,6 @@ def test_parked_tier_refuses_quantized_kv_cache(tiny_idefics3):
         )
 
 
-def test_chunked_prefill_fallback_keeps_chunking(tiny_idefics3):
-    cfg = _engine_config(
-        tiny_idefics3,
-        ROUTED_IDEFICS3,
-        {"chunked_prefill": "fallback"},
-        enable_chunked_prefill=True,
-        max_num_batched_tokens=64,
-    )
-    assert cfg.scheduler_config.enable_chunked_prefill is True
-    assert cfg.scheduler_config.max_num_batched_tokens == 64
-
-
 def test_plain_architecture_untouched_by_plugin(tiny_idefics3):
     cfg = _engine_config(tiny_idefics3, None)
     assert cfg.cache_config.enable_prefix_caching is True
@@ -65,7 +78,8 @@ def test_plain_architecture_untouched_by_plugin(tiny_idefics3):
         ({"mode": "on"}, "recroute.mode", "off, reroute, remove"),
         ({"schedule": "fastv", "keep": 1.5}, "recroute.keep", "(0, 1]"),
         ({"schedule": "sparse"}, "recroute.schedule", "fastv, pdrop, custom"),
-        ({"chunked_prefill": "on"}, "recroute.chunked_prefill", "off, fallback"),
+        ({"chunked_prefill": "on"}, "recroute.chunked_prefill", "routed, off"),
+        ({"chunked_prefill": "fallback"}, "recroute.chunked_prefill", "former 'fallback'"),
         ({"kep": 0.5}, "recroute.kep", "keep"),
     ],
 )
@@ -142,3 +156,44 @@ def test_forcing_v2_for_a_routed_arch_is_a_startup_error_naming_the_setting(
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     with pytest.raises(ValueError, match=r"vllm-recroute routed architectures.*VLLM_USE_V2"):
         _engine_config(tiny_idefics3, ROUTED_IDEFICS3, {"schedule": "pdrop"})
+
+
+def test_routed_arch_keeps_vllms_default_compilation(tiny_idefics3):
+    from vllm.config import CompilationMode
+
+    plain = _engine_config(tiny_idefics3, None)
+    routed = _engine_config(tiny_idefics3, ROUTED_IDEFICS3, {"schedule": "pdrop"})
+    # vLLM CPU's default (DYNAMO_TRACE_ONCE + inductor), not forced eager
+    assert plain.compilation_config.mode == CompilationMode.DYNAMO_TRACE_ONCE
+    assert routed.compilation_config.mode == plain.compilation_config.mode
+    assert routed.compilation_config.backend == plain.compilation_config.backend
+    assert routed.model_config.enforce_eager is False
+    eager = _engine_config(
+        tiny_idefics3, ROUTED_IDEFICS3, {"schedule": "pdrop"}, enforce_eager=True
+    )
+    assert eager.compilation_config.mode == CompilationMode.NONE  # still the user's choice
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (None, "PIECEWISE"),  # unset: vLLM would default to FULL_AND_PIECEWISE on CUDA
+        ("FULL_AND_PIECEWISE", "PIECEWISE"),
+        ("FULL_DECODE_ONLY", "NONE"),
+        ("FULL", "NONE"),
+        ("PIECEWISE", "PIECEWISE"),
+        ("NONE", "NONE"),
+    ],
+)
+def test_cuda_graphs_stay_piecewise(given, expected):
+    """Full CUDA graphs would replay baked attention metadata; a routed stage installs
+    its own per layer (CUDA hosts; the CPU platform turns graphs off anyway)."""
+    from types import SimpleNamespace
+
+    from vllm.config.compilation import CUDAGraphMode
+
+    from vllm_recroute.worker.config_hook import _keep_graphs_piecewise
+
+    comp = SimpleNamespace(cudagraph_mode=None if given is None else CUDAGraphMode[given])
+    _keep_graphs_piecewise(SimpleNamespace(compilation_config=comp))
+    assert comp.cudagraph_mode == CUDAGraphMode[expected]

@@ -24,9 +24,24 @@ ROOT = Path(vllm_recroute.__file__).parent
 
 LAYERS: list[list[str]] = [
     ["errors", "_compat"],
-    ["routing", "routing.decision", "routing.rerouting", "routing.schedule", "routing.scorers"],
+    [
+        "routing",
+        "routing.decision",
+        "routing.deferral",
+        "routing.rerouting",
+        "routing.schedule",
+        "routing.scorers",
+    ],
     ["config"],
-    ["requests", "requests.options", "metrics", "metrics.names", "metrics.accounting"],
+    [
+        "requests",
+        "requests.options",
+        "metrics",
+        "metrics.names",
+        "metrics.accounting",
+        "sched",
+        "sched.chunking",
+    ],
     [
         "kv",
         "kv.parked_pool",
@@ -39,7 +54,14 @@ LAYERS: list[list[str]] = [
         "tiny_remote",
         "tiny_remote.keye",
     ],
-    ["kv.spec", "kv.manager", "metrics.stats", "metrics.prom", "requests.validation"],
+    [
+        "kv.spec",
+        "kv.manager",
+        "metrics.stats",
+        "metrics.prom",
+        "requests.validation",
+        "sched.scheduler",
+    ],
     ["patches"],
     [
         "worker",

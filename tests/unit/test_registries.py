@@ -107,3 +107,32 @@ def test_a_scorer_that_says_it_is_causal_ignores_later_tokens(name):
         assert same
     else:  # guard: the perturbation is visible to a scorer that reads later tokens
         assert not same
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+@pytest.mark.parametrize("mode", ["reroute", "remove"])
+@pytest.mark.parametrize("granularity", ["token", "block"])
+@pytest.mark.parametrize("num_visual", [1, 7, 64, 130])
+def test_planned_deferred_counts_match_the_decision(name, mode, granularity, num_visual):
+    """The scheduler's plan (kv/manager.py allocates compacted pages from it) equals the
+    deferred counts every decision takes, whatever the scores: exactly for token
+    granularity, as a floor for block granularity."""
+    from vllm_recroute.routing import num_keep, planned_deferred, resolve_stages, route_request
+
+    cfg = _cfg(name, mode=mode, granularity=granularity, block_size=8)
+    plan = planned_deferred(cfg, 16, num_visual)
+    stages = resolve_stages(cfg, 16, num_visual)
+    assert len(plan) == len(stages) > 0  # guard: something is routed
+    block_ids = torch.arange(3, 3 + num_visual) // 8 if granularity == "block" else None
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+        prev = None
+        for k, stage in enumerate(stages):
+            scores = torch.rand(num_visual, generator=gen)
+            keep = num_keep(stage.keep, num_visual)
+            prev = route_request(scores, keep, mode, prev, block_ids=block_ids)
+            deferred = num_visual - int(prev.sum())
+            if granularity == "token":
+                assert deferred == plan[k], (seed, k)
+            else:
+                assert deferred >= plan[k], (seed, k)

@@ -16,21 +16,25 @@ from typing import Any
 from vllm_recroute import vllm_view
 from vllm_recroute.config import RoutingConfig
 from vllm_recroute.connector.messages import DeferredReport, RecrouteMetadata
-from vllm_recroute.kv.manager import RoutedStageManager
+from vllm_recroute.kv.manager import DeferralPlan, RoutedStageManager
 from vllm_recroute.kv.turn_index import TurnIndex, TurnLoad, TurnRequest, TurnSave
 from vllm_recroute.metrics.accounting import add_into, empty_data
 from vllm_recroute.metrics.stats import RouteStats
-from vllm_recroute.requests.options import routing_key
+from vllm_recroute.requests.options import routing_for_request, routing_key
+from vllm_recroute.routing import planned_deferred
 
 __all__ = ["SchedulerSide", "turn_request"]
 
 
 class SchedulerSide:
     def __init__(self, cfg: RoutingConfig, vllm_config: Any, kv_cache_config: Any) -> None:
+        self._cfg = cfg
+        self._num_layers = vllm_view.num_decoder_layers(vllm_config)
         self._turns = _turn_index(cfg, vllm_config, kv_cache_config)
         self._kv_cache_manager: Any = None
         self._stage_groups: dict[int, list[RoutedStageManager]] | None = None
         self._released_unreported = 0
+        self._released_after_forward = 0
         self._turn_matches: dict[str, tuple[int, int]] = {}  # request -> (turn id, tokens)
         self._turn_deferred: dict[int, dict[int, int]] = {}  # kv_release: turn -> stage -> n
         self._jobs = RecrouteMetadata()
@@ -53,7 +57,9 @@ class SchedulerSide:
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int):
         """The tokens of a kept turn this request starts with, beyond what vLLM's own
-        prefix cache already gave (loaded synchronously)."""
+        prefix cache already gave (loaded synchronously). Called for every waiting request
+        vLLM considers, before its allocation: kv_release plans its deferred counts here."""
+        self._plan(request, num_computed_tokens)
         if self._turns is None or not len(self._turns):
             return 0, False
         turn = turn_request(request)
@@ -64,8 +70,35 @@ class SchedulerSide:
         if hit[1] <= num_computed_tokens:
             return 0, False
         self._turn_matches[request.request_id] = hit
+        self._plan(request, None)  # arrives routed: the kept turn's counts apply
         self._expect_deferred(request.request_id, self._turn_deferred.get(hit[0], {}))
         return hit[1] - num_computed_tokens, False
+
+    def _plan(self, request: Any, num_computed_tokens: int | None) -> None:
+        """kv_release: each stage group allocates only the compacted pages of a routed
+        prompt from its first step (kv/manager.py, DeferralPlan; None withdraws)."""
+        managers = self._stage_managers()
+        if not managers:
+            return
+        plans = {} if num_computed_tokens is None else self._plans_of(request, num_computed_tokens)
+        for stage, ms in managers.items():
+            for manager in ms:
+                manager.plan(request.request_id, plans.get(stage))
+
+    def _plans_of(self, request: Any, num_computed: int) -> dict[int, DeferralPlan]:
+        """stage -> plan, from what the worker will route: the image tokens of the prompt
+        rows from ``num_computed`` on, less the last (sampled) one (worker/step.py)."""
+        first = vllm_view.first_image_offset(request)
+        prompt_len = request.num_prompt_tokens
+        if first is None or first < num_computed or num_computed >= prompt_len:
+            return {}
+        cfg = routing_for_request(
+            self._cfg, vllm_view.scheduler_extra_args(request), request.request_id
+        )
+        visual = vllm_view.embed_positions_in(request, num_computed, prompt_len - 1)
+        counts = planned_deferred(cfg, self._num_layers, visual)
+        # spec stage k + 1 is the request's k-th routed stage (worker/step.py)
+        return {k + 1: DeferralPlan(d, first, prompt_len) for k, d in enumerate(counts)}
 
     def _expect_deferred(self, req_id: str, per_stage: dict[int, int] | None) -> None:
         """kv_release: tell each stage group how many of the offered tokens are deferred
@@ -89,10 +122,16 @@ class SchedulerSide:
 
     def build_meta(self) -> RecrouteMetadata:
         # Releases happen inside this schedule()'s allocate_slots; ship them with it.
-        released = [
-            e for ms in self._stage_managers().values() for m in ms for e in m.take_released()
-        ]
-        self._released_unreported += sum(len(e.block_ids) for e in released)
+        managers = [m for ms in self._stage_managers().values() for m in ms]
+        released = [e for m in managers for e in m.take_released()]
+        # Pages of deferred tokens back in the pool: released after a forward, or never
+        # taken (a plan's compacted allocation).
+        after_forward = sum(len(e.block_ids) for e in released)
+        self._released_after_forward += after_forward
+        self._released_unreported += after_forward
+        for m in managers:
+            self._released_unreported += m.blocks_never_allocated
+            m.blocks_never_allocated = 0
         meta, self._jobs = self._jobs, RecrouteMetadata()
         meta.released = released
         return meta
@@ -108,7 +147,11 @@ class SchedulerSide:
 
     def stats(self) -> RouteStats | None:
         n, self._released_unreported = self._released_unreported, 0
-        return RouteStats(data=add_into(empty_data(), {"kv_blocks_released": n})) if n else None
+        after, self._released_after_forward = self._released_after_forward, 0
+        if not n:
+            return None
+        delta = {"kv_blocks_released": n, "kv_blocks_released_after_forward": after}
+        return RouteStats(data=add_into(empty_data(), delta))
 
     # -- later turns: keep ------------------------------------------------------------------
 

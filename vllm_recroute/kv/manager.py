@@ -3,9 +3,17 @@
 A request's active tokens at a stage are written *compacted*: compacted position ``c``
 lives in slot ``c % block_size`` of the request's ``c // block_size``-th *live* block.
 This manager allocates live blocks for ``num_tokens - deferred`` tokens (like full
-attention, just shorter) and, when a request's deferred count at the stage grows after
-its blocks were allocated (it is only known once the prefill has routed), returns the
-surplus tail blocks to the shared ``BlockPool`` at once.
+attention, just shorter).
+
+Compacted from the first step. Before a routed prompt's prefill is scheduled, the
+scheduler-side connector plans the stage's deferred count (`DeferralPlan`, from
+``routing/deferral.py``: the budget fixes the count, not the scores). The allocation that
+covers the whole prompt takes only the compacted pages; no full-length transient. An
+allocation that ends past the first image but short of the prompt's end means the prompt
+was split there: the worker runs it unrouted, so the plan is dropped. The worker's
+reported count then becomes a consistency check: equal (token granularity), or larger
+(block granularity, where the plan is a lower bound), in which case the surplus tail
+blocks go back to the shared ``BlockPool`` at once (a release event, as before plans).
 
 Row alignment with the worker. vLLM's worker block table is append-only for a running
 request (`vllm/v1/core/sched/output.py:CachedRequestData.new_block_ids`: appended unless
@@ -47,7 +55,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from vllm_recroute.kv.spec import RoutedStageSpec
 
-__all__ = ["ReleasedBlocks", "RoutedStageManager", "routing_free_prefix"]
+__all__ = ["DeferralPlan", "ReleasedBlocks", "RoutedStageManager", "routing_free_prefix"]
 
 
 def routing_free_prefix(request: Any, num_tokens: int) -> int:
@@ -55,6 +63,23 @@ def routing_free_prefix(request: Any, num_tokens: int) -> int:
     prefix whose KV is the same under every routing decision."""
     offsets = [f.mm_position.offset for f in getattr(request, "mm_features", None) or ()]
     return min([num_tokens, *offsets])
+
+
+@dataclass(frozen=True)
+class DeferralPlan:
+    """A routed prompt's deferred count at one stage, known before its prefill.
+
+    It applies to the allocation that gives slots up to ``prompt_len`` (the step that
+    computes the prompt from ``first_image`` on); one ending in ``(first_image,
+    prompt_len)`` splits the routed span, which the worker runs unrouted."""
+
+    deferred: int
+    first_image: int
+    prompt_len: int
+
+    def __post_init__(self) -> None:
+        if self.deferred < 0 or not 0 <= self.first_image < self.prompt_len:
+            raise ValueError(f"invalid DeferralPlan {self}")
 
 
 @dataclass(frozen=True)
@@ -87,6 +112,9 @@ class RoutedStageManager(FullAttentionManager):
         self._released: list[ReleasedBlocks] = []
         # later-turn restore: deferred counts of kept turns offered to waiting requests
         self._expected: dict[str, int] = {}
+        self._plans: dict[str, DeferralPlan] = {}  # planned, not yet allocated
+        self._planned: dict[str, int] = {}  # the committed plan (the consistency check)
+        self.blocks_never_allocated = 0  # pages a plan saved, drained by the connector
 
     # ------------------------------------------------------------------ deferred counts
 
@@ -102,6 +130,15 @@ class RoutedStageManager(FullAttentionManager):
             raise ValueError(f"num_deferred must be >= 0, got {num_deferred}")
         if request_id not in self.req_to_blocks:
             return False
+        planned = self._planned.get(request_id)
+        if planned is not None and num_deferred < planned:
+            # The worker wrote more tokens than the plan gave pages for: a bug in the
+            # plan (routing/deferral.py), never expected; the worker refuses to write
+            # past its live blocks (worker/compaction.py), so this only reports it.
+            raise RuntimeError(
+                f"vllm-recroute: request {request_id} stage {self.stage}: the worker "
+                f"deferred {num_deferred} tokens, fewer than the {planned} planned"
+            )
         self._deferred[request_id] = num_deferred
         return True
 
@@ -117,6 +154,39 @@ class RoutedStageManager(FullAttentionManager):
 
     def _compacted(self, request_id: str, num_tokens: int) -> int:
         return max(num_tokens - self._deferred.get(request_id, 0), 0)
+
+    # ------------------------------------------------------------------ plans (pair)
+
+    def plan(self, request_id: str, plan: DeferralPlan | None) -> None:
+        """The scheduler's plan for a waiting request (None: nothing routed, or withdrawn).
+        Re-planned each time the request is considered (a preempted one starts afresh)."""
+        if plan is None or plan.deferred == 0:
+            self._plans.pop(request_id, None)
+        else:
+            self._plans[request_id] = plan
+
+    def _plan_for(self, request_id: str, num_tokens: int) -> int:
+        """Deferred tokens an allocation up to ``num_tokens`` slots should leave out."""
+        if request_id in self._deferred:
+            return self._deferred[request_id]
+        plan = self._plans.get(request_id)
+        return plan.deferred if plan is not None and num_tokens >= plan.prompt_len else 0
+
+    def _commit_plan(self, request_id: str, num_tokens: int) -> None:
+        plan = self._plans.get(request_id)
+        if plan is None or request_id in self._deferred:
+            return
+        if num_tokens >= plan.prompt_len:
+            del self._plans[request_id]
+            self._deferred[request_id] = self._planned[request_id] = plan.deferred
+            full = cdiv(num_tokens, self.block_size)
+            self.blocks_never_allocated += full - cdiv(num_tokens - plan.deferred, self.block_size)
+        elif num_tokens > plan.first_image:
+            del self._plans[request_id]  # split inside the routed span: runs unrouted
+
+    def planned(self, request_id: str) -> int | None:
+        """The committed plan of a running request (None: it had none)."""
+        return self._planned.get(request_id)
 
     # ------------------------------------------------------------------ release (pair)
 
@@ -186,12 +256,14 @@ class RoutedStageManager(FullAttentionManager):
         prefill_end: int = 0,
     ) -> int:
         blocks = self.req_to_blocks.get(request_id, ())
-        if self._deferred.get(request_id, 0) == 0 and not any(b.is_null for b in blocks):
-            # Uncompacted so far (a new request, possibly with prefix-cache hits): exactly
-            # full attention, including its accounting of hit and evictable blocks.
+        deferred = self._plan_for(request_id, num_tokens)
+        if not any(b.is_null for b in blocks):
+            # No hole yet: full attention over the compacted length (deferred tokens all
+            # lie after the first image, so prefix-cache hits are compacted positions too),
+            # including vLLM's accounting of hit and evictable blocks.
             return super().get_num_blocks_to_allocate(
                 request_id,
-                num_tokens,
+                max(num_tokens - deferred, 0),
                 new_computed_blocks,
                 total_computed_tokens,
                 num_local_computed_tokens,
@@ -200,7 +272,7 @@ class RoutedStageManager(FullAttentionManager):
                 prefill_end,
             )
         assert not new_computed_blocks, "a running request gets no new prefix-cache hits"
-        required = cdiv(self._compacted(request_id, num_tokens), self.block_size)
+        required = cdiv(max(num_tokens - deferred, 0), self.block_size)
         return max(required - self.num_live_blocks(request_id), 0)
 
     def allocate_new_blocks(
@@ -210,6 +282,7 @@ class RoutedStageManager(FullAttentionManager):
             raise RuntimeError(
                 "vllm-recroute: partial-block prefix hits are not supported by routed stages"
             )
+        self._commit_plan(request_id, num_tokens)
         self._max_tokens[request_id] = max(self._max_tokens.get(request_id, 0), num_tokens)
         req_blocks = self.req_to_blocks[request_id]
         required = cdiv(self._compacted(request_id, num_tokens), self.block_size)
@@ -263,6 +336,8 @@ class RoutedStageManager(FullAttentionManager):
         self._deferred.pop(request_id, None)
         self._max_tokens.pop(request_id, None)
         self._expected.pop(request_id, None)
+        self._plans.pop(request_id, None)
+        self._planned.pop(request_id, None)
         blocks = super().pop_blocks_for_free(request_id)
         return [b for b in blocks if not b.is_null]
 

@@ -29,8 +29,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "recroute:chunked_fallbacks",
         "counter",
-        "Prompts with images split by chunked prefill and run unrouted "
-        "(recroute.chunked_prefill='fallback').",
+        "Prompts with images split by chunked prefill and run unrouted (their span from "
+        "the first image to the prompt's end exceeds a step).",
     ),
     MetricSpec(
         "recroute:visual_tokens",
@@ -76,8 +76,15 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "recroute:kv_blocks_released",
         "counter",
-        "KV-cache blocks of deferred tokens returned to vLLM's block pool by routed-stage "
-        "groups (recroute.kv_release); free for any request.",
+        "KV-cache blocks of deferred tokens a routed-stage group does not hold "
+        "(recroute.kv_release): never allocated (the plan's compacted allocation) or returned "
+        "to vLLM's block pool after the forward; free for any request.",
+    ),
+    MetricSpec(
+        "recroute:kv_blocks_released_after_forward",
+        "counter",
+        "The part of recroute:kv_blocks_released that was allocated first and returned after "
+        "the routed forward (the plan was a floor: granularity 'block'; 0 for 'token').",
     ),
     MetricSpec(
         "recroute:parked_blocks",

@@ -9,5 +9,5 @@ class RecrouteIdefics3ForConditionalGeneration(Idefics3ForConditionalGeneration)
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.recroute = RoutedDecoder(
-            self.model.text_model, vllm_config, image_token_id=self.config.image_token_id
+            self, self.model.text_model, vllm_config, image_token_id=self.config.image_token_id
         )

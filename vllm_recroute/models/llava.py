@@ -13,5 +13,8 @@ class RecrouteLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.recroute = RoutedDecoder(
-            self.language_model.model, vllm_config, image_token_id=self.config.image_token_index
+            self,
+            self.language_model.model,
+            vllm_config,
+            image_token_id=self.config.image_token_index,
         )

@@ -7,6 +7,7 @@ same decisions.
 """
 
 from vllm_recroute.routing.decision import route_request, select_active
+from vllm_recroute.routing.deferral import planned_deferred
 from vllm_recroute.routing.schedule import (
     Stage,
     average_retention,
@@ -35,6 +36,7 @@ __all__ = [
     "average_retention",
     "get_scorer",
     "num_keep",
+    "planned_deferred",
     "query_indices",
     "resolve_stages",
     "route_request",

@@ -74,6 +74,12 @@ class StepTables:
         self.released = released
         self._tables: dict[int, torch.Tensor] = {}
 
+    def live_counts(self, gid: int) -> torch.Tensor:
+        """Per request row: how many live blocks its compacted row holds."""
+        _, widths = vllm_view.block_table(self.runner, gid, self.batch.num_reqs)
+        dead = [len(self.released.dead(r, gid)) for r in self.batch.req_ids]
+        return torch.tensor(widths, dtype=torch.long) - torch.tensor(dead, dtype=torch.long)
+
     def __call__(self, gid: int) -> torch.Tensor:
         table = self._tables.get(gid)
         if table is None:
@@ -109,6 +115,7 @@ def compact_segment(
     for group in groups:
         table = tables(group.gid)
         b = group.block_size
+        _check_pages(pos // b, req_of_row, tables.live_counts(group.gid), batch, group.gid)
         blocks = table[req_of_row, pos // b].long()
         slots = blocks * b + pos % b
         cm = vllm_view.common_attention_metadata(
@@ -121,6 +128,24 @@ def compact_segment(
         )
         seg.attn_metadata[group.gid] = group.attn_group.build_metadata(cm)
         seg.slot_mapping[group.gid] = cm.slot_mapping
+
+
+def _check_pages(
+    block_idx: torch.Tensor,
+    req_of_row: torch.Tensor,
+    live: torch.Tensor,
+    batch: StepBatch,
+    gid: int,
+) -> None:
+    """Every compacted row must land in a live block the scheduler gave the request: a
+    write past them would go to another block (or the null block) silently."""
+    short = block_idx >= live[req_of_row]
+    if bool(short.any()):
+        req = batch.req_ids[int(req_of_row[short.nonzero()[0, 0]])]
+        raise RuntimeError(
+            f"vllm-recroute: request {req} needs more KV blocks in group {gid} than the "
+            "scheduler allocated (planned deferred count above the routed one)"
+        )
 
 
 def take_positions(positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -41,15 +41,7 @@ def apply_routing_requirements(vllm_config: Any) -> RoutingConfig:
             "with recroute.kv_release: routed stages then cache text before the first image)"
         )
         cache.enable_prefix_caching = False
-    from vllm.config import CompilationMode
-    from vllm.config.compilation import CUDAGraphMode
-
-    comp = vllm_config.compilation_config
-    # Routing gathers a data-dependent subset of tokens per stage: no graph capture.
-    comp.mode = CompilationMode.NONE
-    comp.cudagraph_mode = CUDAGraphMode.NONE
-    if vllm_config.model_config is not None:
-        vllm_config.model_config.enforce_eager = True
+    _keep_graphs_piecewise(vllm_config)
     sched = vllm_config.scheduler_config
     if cfg.chunked_prefill == "off" and sched.enable_chunked_prefill:
         # A question-conditioned score needs the whole prompt in one step; keeping prompts
@@ -59,7 +51,52 @@ def apply_routing_requirements(vllm_config: Any) -> RoutingConfig:
         sched.max_num_batched_tokens = max(sched.max_num_batched_tokens, max_len)
         if sched.max_num_scheduled_tokens is not None:
             sched.max_num_scheduled_tokens = max(sched.max_num_scheduled_tokens, max_len)
+    elif cfg.chunked_prefill == "routed":
+        _install_chunk_scheduler(sched)
     return cfg
+
+
+def _keep_graphs_piecewise(vllm_config: Any) -> None:
+    """Routed models compile like any vLLM model (worker/decoder.py: a step that gathers
+    rows runs eager, every other step is the compiled one). Full CUDA graphs would replay
+    attention metadata baked into their buffers, where a routed stage installs its own per
+    layer; piecewise graphs run attention outside the graph, so they are kept."""
+    from vllm.config.compilation import CUDAGraphMode
+
+    comp = vllm_config.compilation_config
+    mode = comp.cudagraph_mode
+    if mode is None:
+        # Unset: vLLM would later default to FULL_AND_PIECEWISE (a set value is kept; on
+        # hosts without static graphs vLLM turns it into NONE).
+        comp.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    elif mode.has_full_cudagraphs():
+        piecewise = (
+            CUDAGraphMode.PIECEWISE if mode.has_piecewise_cudagraphs() else CUDAGraphMode.NONE
+        )
+        logger.warning(
+            "vllm-recroute: cudagraph_mode %s -> %s for routed architectures (routed stages "
+            "install per-layer attention metadata, which full CUDA graphs would not read)",
+            mode.name,
+            piecewise.name,
+        )
+        comp.cudagraph_mode = piecewise
+
+
+def _install_chunk_scheduler(sched: Any) -> None:
+    """Routed prompts take their span from the first image in one step (sched/)."""
+    from vllm_recroute.sched import SCHEDULER_PATH
+
+    if sched.scheduler_cls is None or sched.scheduler_cls == SCHEDULER_PATH:
+        sched.scheduler_cls = SCHEDULER_PATH
+        return
+    # Kept, not refused: the worker still never routes a split prompt (it runs unrouted,
+    # counted in recroute:chunked_fallbacks), so a custom scheduler costs savings only.
+    logger.warning(
+        "vllm-recroute: scheduler_cls %s is configured; routed prompts split by chunked "
+        "prefill run unrouted (recroute.chunked_prefill 'routed' needs %s, or use 'off')",
+        sched.scheduler_cls,
+        SCHEDULER_PATH,
+    )
 
 
 def _install_request_validator(vllm_config: Any, cfg: RoutingConfig) -> None:
@@ -150,12 +187,11 @@ def register_config_hooks(architectures: Iterable[str]) -> None:
 
 def check_routing_requirements(vllm_config: Any) -> RoutingConfig:
     """Worker-side check that the config hook ran (it cannot be applied this late)."""
-    from vllm.config import CompilationMode
-
     cfg = RoutingConfig.from_additional_config(vllm_config.additional_config)
-    if vllm_config.compilation_config.mode != CompilationMode.NONE:
+    mode = vllm_config.compilation_config.cudagraph_mode
+    if mode is not None and mode.has_full_cudagraphs():
         raise RuntimeError(
-            "vllm-recroute: routed architectures must run without torch.compile; the config "
+            "vllm-recroute: routed architectures cannot run full CUDA graphs; the config "
             "hook did not run (is the plugin installed in the engine's environment?)"
         )
     if vllm_config.cache_config.enable_prefix_caching and not cfg.kv_release:

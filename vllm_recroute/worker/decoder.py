@@ -3,10 +3,20 @@
 Generic over decoder layers with the usual vLLM signature
 ``layer(positions, hidden_states, residual) -> (hidden_states, residual)``. Each layer's
 ``forward`` is wrapped on the instance (patch record P3; module names, and so weight
-loading, are untouched). At layer 0 the wrapper builds this forward's `StepRouter`
-(worker/step.py: the routing decision); before each layer it lets the router score and
-park, then runs the layer on the active rows only, with the stage's compacted attention
-(worker/compaction.py). Deferred rows carry their (hidden, residual) pair unchanged.
+loading, are untouched). A forward pre-hook on the model builds the step's `StepRouter`
+(worker/step.py: the routing decision) before the decoder stack runs; before each layer
+the wrapper lets the router score and park, then runs the layer on the active rows only,
+with the stage's compacted attention (worker/compaction.py). Deferred rows carry their
+(hidden, residual) pair unchanged.
+
+Compilation. The text model compiles as in plain vLLM (its ``@support_torch_compile``);
+Dynamo traces the wrappers as the plain layers (``torch.compiler.is_compiling()``), so
+the graph holds no routing. A step whose routing moves rows (a routed prefill, a decode
+re-route by the parked tier) runs the text model eager through the wrappers
+(``forward_context.skip_compiled``, vLLM's own bypass); every other step, pure decode of
+routed requests included, is the ordinary compiled one: their compacted per-stage
+attention is installed in the forward context before it, where vLLM's attention op reads
+it at run time.
 
 The decoder owns its worker state (`RouteStore`, `Ledger`, `ReleasedRows`,
 `DeferredOutbox`, the parked tier, the turn store). The connector's worker side reaches
@@ -16,6 +26,7 @@ it through the runner's model (``vllm_view.decoder_of``) and calls the methods u
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +70,9 @@ class LayerCost:
 class RoutedDecoder:
     """Routing on a vLLM decoder stack (``text_model.layers``)."""
 
-    def __init__(self, text_model: Any, vllm_config: Any, image_token_id: int) -> None:
+    def __init__(
+        self, model: torch.nn.Module, text_model: Any, vllm_config: Any, image_token_id: int
+    ) -> None:
         apply_patches()
         self.config: RoutingConfig = check_routing_requirements(vllm_config)
         self.image_token_id = int(image_token_id)
@@ -93,8 +106,16 @@ class RoutedDecoder:
                 self.tier, self.store, self._page, self.ledger, self._reroute_every_of
             )
         self._step: StepRouter | None = None
+        # forwards by path: "eager" (rows move), "installed" (compacted attention installed,
+        # then the ordinary forward), "plain" (no routing); read by tests and bench
+        self.forwards: Counter[str] = Counter()
+        self.layer_names = names
         for idx, layer in enumerate(self.layers):
             layer.forward = self._wrap(idx, names[idx], layer, layer.forward)
+        # The runner calls the model (not the text model) with the step's positions; the
+        # hooks are nn.Module's public API and run outside any compiled region.
+        model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        model.register_forward_hook(self._after_forward)
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -144,12 +165,30 @@ class RoutedDecoder:
 
     # -- the forward ------------------------------------------------------------------------
 
+    def _before_forward(self, _module: Any, args: tuple, kwargs: dict) -> None:
+        positions = kwargs["positions"] if "positions" in kwargs else args[1]
+        if vllm_view.current_step() is None:
+            return  # dummy/profiling run: plain model
+        step = self._begin_step(int(positions.shape[-1]))
+        self._step = step
+        if step is None:
+            self.forwards["plain"] += 1
+        elif step.needs_eager:
+            self.forwards["eager"] += 1
+            vllm_view.run_eager_this_forward()
+        else:
+            self.forwards["installed"] += 1
+            step.install_all(self.layer_names)
+
+    def _after_forward(self, *_: Any) -> None:
+        self._step = None  # never seen by another forward
+
     def _wrap(self, idx: int, name: str, layer: Any, inner: Any) -> Any:
         def forward(positions, hidden_states, residual, *args, **kwargs):
-            if idx == 0:
-                self._step = self._begin_step(hidden_states.shape[0])
             step = self._step
-            if step is None:
+            if step is None or not step.needs_eager or torch.compiler.is_compiling():
+                # plain layer: no routing, or attention installed before the forward,
+                # or Dynamo tracing the compiled graph (which must not contain routing)
                 return inner(positions, hidden_states, residual, *args, **kwargs)
             step.score_before(idx, layer, positions, hidden_states, residual)
             seg = step.segment(idx)

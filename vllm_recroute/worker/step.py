@@ -92,6 +92,37 @@ class StepRouter:
         self.boundaries = sorted(starts | {0, decoder.num_layers})
         self.stage_starts = starts
         self.active = bool(self.prefills or self.decodes)
+        # Rows move (gathers, scoring, parking, re-routing) only for a routed prefill or a
+        # due decode re-route; every other routed step is the ordinary (compiled) forward
+        # with its compacted attention installed before it (decoder.py, "Compilation").
+        self.needs_eager = bool(self.prefills) or self._reroute_due()
+
+    def _reroute_due(self) -> bool:
+        tier = self.decoder.tier
+        if tier is None:
+            return False
+        return any(self._due(row, state) for row, state in self.decodes.items())
+
+    def _due(self, row: int, state: RouteState) -> bool:
+        output_index = int(self.batch.num_computed[row]) - self.batch.prompt_lens[row] + 1
+        return row in self.forced or self.decoder.tier.due(output_index, state.reroute_every)
+
+    def install_all(self, layer_names: list[str]) -> None:
+        """A step that moves no rows: install every routed layer's compacted attention
+        now, before the (compiled) forward runs."""
+        for start in self.boundaries[1:-1]:
+            seg = self.segment(start)
+            if seg is None or not seg.slot_mapping:
+                continue
+            if seg.active_rows is not None:  # only padding rows may be inactive here
+                assert int(seg.active_rows.numel()) == self.batch.num_rows
+            for idx in range(seg.start, seg.end):
+                gid = self.decoder.groups.of_layer(idx).gid
+                vllm_view.install_layer_attention(
+                    layer_names[idx],
+                    seg.attn_metadata[gid],
+                    _padded(seg.slot_mapping[gid], self.num_rows),
+                )
 
     # -- classification -------------------------------------------------------------
 
@@ -234,14 +265,12 @@ class StepRouter:
     ) -> None:
         """At a stage's first layer: park its deferred units (prefill), or re-route a
         decoding request's units when due. Runs before the layer writes any KV."""
-        tier = self.decoder.tier
         for route in self.prefills:
             for k, stage in enumerate(route.stages):
                 if stage.start == layer_idx and route.cfg.mode == "reroute":
                     self._park(route, k, positions, hidden, residual)
         for row, state in self.decodes.items():
-            output_index = int(self.batch.num_computed[row]) - self.batch.prompt_lens[row] + 1
-            due = row in self.forced or tier.due(output_index, state.reroute_every)
+            due = self._due(row, state)
             for k, stage in enumerate(state.stages):
                 if stage.start == layer_idx and due:
                     self._reroute(row, k, stage, positions, hidden, residual)
@@ -315,3 +344,12 @@ class StepRouter:
         groups = self.decoder.groups.of_layers(start, end)
         compact_segment(seg, self.batch, active, offsets, groups, self.tables)
         return seg
+
+
+def _padded(slot_mapping: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """A compiled step may carry padding rows (CUDA graph sizes): they write nowhere
+    (slot -1, vLLM's PAD_SLOT_ID)."""
+    pad = num_rows - int(slot_mapping.numel())
+    if pad <= 0:
+        return slot_mapping
+    return torch.cat([slot_mapping, slot_mapping.new_full((pad,), -1)])

@@ -9,7 +9,7 @@ from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import BlockHash
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 
-from vllm_recroute.kv.manager import ReleasedBlocks, RoutedStageManager
+from vllm_recroute.kv.manager import DeferralPlan, ReleasedBlocks, RoutedStageManager
 from vllm_recroute.kv.spec import register_stage_spec, stage_spec_from
 from vllm_recroute.kv.table_view import ReleasedRows, compact_row
 
@@ -420,3 +420,100 @@ def test_a_hit_then_routing_releases_only_uncached_tail_blocks():
     # the cached text blocks (rows 0, 1) stay, still cached for the next request
     assert [m.live_block_ids("b")[:2] for m in managers] == [rows[0][:2], rows[1][:2], rows[2][:2]]
     assert all(b.block_hash is not None for m in managers[1:] for b in m.req_to_blocks["b"][:2])
+
+
+# ---------------------------------------------------------------- plans (no transient)
+
+
+def test_a_planned_prefill_takes_only_its_compacted_pages():
+    """18-token prompt, image at 2, 9 tokens deferred at this stage: 3 pages from the first
+    step (not 5 and a release of 2); decode, finish back to an empty pool."""
+    pool = make_pool()
+    m = make_manager(pool)
+    m.plan("a", DeferralPlan(deferred=9, first_image=2, prompt_len=18))
+    assert m.get_num_blocks_to_allocate("a", 18, [], 0, 0, 18) == 3
+    assert [b.block_id for b in m.allocate_new_blocks("a", 18, 18)] == [1, 2, 3]
+    assert pool.get_num_free_blocks() == 16
+    assert m.get_deferred("a") == 9 and m.planned("a") == 9
+    assert m.blocks_never_allocated == 2
+    # the worker's report equals the plan: a consistency check, nothing to release
+    assert m.set_deferred("a", 9)
+    assert m.release("a") == [] and m.take_released() == []
+    # decode: 12 compacted tokens fit, the 13th gets block 4
+    assert m.allocate_new_blocks("a", 21, 21) == []
+    assert [b.block_id for b in m.allocate_new_blocks("a", 22, 22)] == [4]
+    assert row_ids(m, "a") == [1, 2, 3, 4]
+    m.free("a")
+    assert pool.get_num_free_blocks() == 19
+    assert m.planned("a") is None
+
+
+def test_a_plan_waits_through_chunks_before_the_image():
+    """Chunked before the first image: the text chunk is uncompacted, the chunk holding
+    the rest of the prompt is compacted."""
+    pool = make_pool()
+    m = make_manager(pool)
+    m.plan("a", DeferralPlan(deferred=8, first_image=8, prompt_len=20))
+    assert [b.block_id for b in m.allocate_new_blocks("a", 8, 8)] == [1, 2]  # text
+    assert m.planned("a") is None  # still pending
+    assert m.get_num_blocks_to_allocate("a", 20, [], 8, 0, 20) == 1  # 12 compacted -> 3
+    assert [b.block_id for b in m.allocate_new_blocks("a", 20, 20)] == [3]
+    assert m.planned("a") == 8 and m.blocks_never_allocated == 2
+    m.free("a")
+    assert pool.get_num_free_blocks() == 19
+
+
+def test_a_prompt_split_inside_the_routed_span_drops_its_plan():
+    """The worker runs such a prompt unrouted: every token needs its page."""
+    pool = make_pool()
+    m = make_manager(pool)
+    m.plan("a", DeferralPlan(deferred=8, first_image=4, prompt_len=20))
+    m.allocate_new_blocks("a", 12, 12)  # ends inside the image span
+    assert [b.block_id for b in m.allocate_new_blocks("a", 20, 20)] == [4, 5]
+    assert row_ids(m, "a") == [1, 2, 3, 4, 5]
+    assert m.planned("a") is None and m.blocks_never_allocated == 0
+    m.free("a")
+
+
+def test_a_block_granularity_plan_is_a_floor_the_report_settles():
+    """Block granularity plans the fewest deferred tokens; a larger report releases the
+    surplus tail at once (the only remaining release)."""
+    pool = make_pool()
+    m = make_manager(pool)
+    m.plan("a", DeferralPlan(deferred=4, first_image=2, prompt_len=18))
+    assert [b.block_id for b in m.allocate_new_blocks("a", 18, 18)] == [1, 2, 3, 4]
+    assert m.set_deferred("a", 9)  # 9 active -> 3 blocks
+    assert m.release("a") == [4]
+    assert m.take_released() == [
+        ReleasedBlocks("a", kv_cache_group_id=1, stage=1, row_indices=(3,), block_ids=(4,))
+    ]
+    m.free("a")
+    assert pool.get_num_free_blocks() == 19
+
+
+def test_a_report_below_the_plan_is_an_error():
+    pool = make_pool()
+    m = make_manager(pool)
+    m.plan("a", DeferralPlan(deferred=9, first_image=2, prompt_len=18))
+    m.allocate_new_blocks("a", 18, 18)
+    with pytest.raises(RuntimeError, match="fewer than the 9 planned"):
+        m.set_deferred("a", 8)
+    m.free("a")
+
+
+def test_plans_of_aborted_and_preempted_requests_are_dropped():
+    pool = make_pool()
+    m = make_manager(pool)
+    m.plan("waiting", DeferralPlan(deferred=9, first_image=2, prompt_len=18))
+    m.free("waiting")  # aborted before any allocation
+    assert m._plans == {} and m._planned == {}
+    m.plan("p", DeferralPlan(deferred=9, first_image=2, prompt_len=18))
+    m.allocate_new_blocks("p", 18, 18)
+    m.free("p")  # preempted: re-planned when it is scheduled again
+    assert m.get_deferred("p") == 0 and m.planned("p") is None
+    # a re-plan of None withdraws
+    m.plan("q", DeferralPlan(deferred=9, first_image=2, prompt_len=18))
+    m.plan("q", None)
+    assert len(m.allocate_new_blocks("q", 18, 18)) == 5  # uncompacted: no plan
+    m.free("q")
+    assert pool.get_num_free_blocks() == 19

@@ -1,0 +1,208 @@
+"""Throughput, TTFT and TPOT of routed engines as ratios to plain vLLM at its defaults.
+
+One command, one run: each engine in its own process, one after the other, on the
+random-weight SmolVLM-256M-shaped checkpoint (30 Llama layers; a 1536-px image is 640
+visual tokens). Every engine takes vLLM's defaults (compiled, chunked prefill on, async
+scheduling on, vLLM's CPU thread binding) except prefix caching, off everywhere: every
+request has a different question but the same image, so only the vision encoder cache
+helps (the decoder is what is timed). The routed engines run with the plugin's defaults
+for the rest. Each process runs the workload twice, the second pass is measured
+(LLMEngine.step loop, request timestamps per step): --concurrency requests added at
+once, --max-tokens each (ignore_eos). The worker's thread binding is read from each
+engine's log and printed with the table.
+
+    python bench/throughput.py [--concurrency 8] [--max-tokens 48] [--out docs/bench_throughput.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ROUTED = "RecrouteIdefics3ForConditionalGeneration"
+PDROP = {"mode": "reroute", "schedule": "pdrop"}
+# name -> recroute config (None: plain vLLM)
+ENGINES: dict[str, dict | None] = {
+    "plain vLLM (defaults)": None,
+    "routed, mode off": {"mode": "off"},
+    "routed, pdrop reroute": PDROP,
+    "routed, pdrop + kv_release + parked tier": {
+        **PDROP,
+        "kv_release": True,
+        "parked_bytes": 256 << 20,
+        "reroute_every": 8,
+    },
+}
+QUESTIONS = [
+    "What color is the circle on the left?",
+    "How many squares are there?",
+    "Is there a red triangle?",
+    "What shape is right of the blue circle?",
+    "Which row is the green square in?",
+    "Describe the picture.",
+    "What is in the top left corner?",
+    "Is the yellow circle above the square?",
+]
+
+
+def _requests(model: str, n: int, image_size: int) -> list[dict]:
+    from transformers import AutoProcessor
+
+    from vllm_recroute.tiny_models import make_test_image
+
+    proc = AutoProcessor.from_pretrained(model)
+    image = make_test_image(7, image_size)
+    out = []
+    for i in range(n):
+        question = f"{QUESTIONS[i % len(QUESTIONS)]} ({i})"
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+        ]
+        prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
+        out.append({"prompt": prompt, "multi_modal_data": {"image": image}})
+    return out
+
+
+def _pass(llm, requests: list[dict], max_tokens: int, tag: str) -> dict:
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    for i, req in enumerate(requests):
+        engine.add_request(f"{tag}{i}", req, params)
+    first: dict[str, float] = {}
+    done: dict[str, tuple[float, int]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            now = time.perf_counter()
+            n = len(out.outputs[0].token_ids)
+            if n and out.request_id not in first:
+                first[out.request_id] = now
+            if out.finished:
+                done[out.request_id] = (now, n)
+    wall = time.perf_counter() - t0
+    generated = sum(n for _, n in done.values())
+    ttft = [first[r] - t0 for r in done]
+    tpot = [(t - first[r]) / max(1, n - 1) for r, (t, n) in done.items()]
+    return {
+        "wall_s": wall,
+        "output_tok_s": generated / wall,
+        "ttft_median_s": statistics.median(ttft),
+        "tpot_median_s": statistics.median(tpot),
+        "requests": len(done),
+    }
+
+
+def run_engine(name: str, args: argparse.Namespace) -> dict:
+    """One engine (in this process): warm pass, measured pass."""
+    from vllm import LLM
+
+    routing = ENGINES[name]
+    kw = dict(
+        model=args.model, dtype="float32", max_model_len=2048, seed=0,
+        kv_cache_memory_bytes=args.kv_mib << 20, max_num_seqs=max(8, args.concurrency),
+        enable_prefix_caching=False, disable_log_stats=False,
+    )  # fmt: skip
+    if routing is not None:
+        kw |= dict(
+            hf_overrides={"architectures": [ROUTED]}, additional_config={"recroute": routing}
+        )
+    llm = LLM(**kw)
+    requests = _requests(args.model, args.concurrency, args.image_size)
+    _pass(llm, requests, args.max_tokens, "warm")
+    result = _pass(llm, requests, args.max_tokens, "run")
+    comp = llm.llm_engine.vllm_config.compilation_config
+    sched = llm.llm_engine.vllm_config.scheduler_config
+    result["compilation"] = f"{comp.mode.name}/{comp.backend or '-'}"
+    result["chunked_prefill"] = bool(sched.enable_chunked_prefill)
+    result["max_num_batched_tokens"] = int(sched.max_num_batched_tokens)
+    llm.llm_engine.engine_core.shutdown()
+    return result
+
+
+def _binding(log: str) -> str:
+    """The worker's thread binding as vLLM logs it ('local_rank=0, core ids=[1]')."""
+    found = re.findall(r"local_rank=\d+, core ids=\[[^\]]*\]", log)
+    threads = re.findall(r"(OMP_NUM_THREADS=\d+ is set; leaving Torch threads at \d+)", log)
+    return "; ".join(sorted(set(found)) + sorted(set(threads))) or "not logged"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="default: cached smolvlm-256m preset")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--image-size", type=int, default=1536)
+    ap.add_argument("--kv-mib", type=int, default=1024)
+    ap.add_argument("--out", default=None, help="also write the markdown table here")
+    ap.add_argument("--engine", default=None, help=argparse.SUPPRESS)  # child process
+    ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.model is None:
+        from vllm_recroute.tiny_models import cached_tiny_model
+
+        args.model = str(cached_tiny_model("idefics3", preset="smolvlm-256m"))
+    if args.engine is not None:
+        Path(args.json).write_text(json.dumps(run_engine(args.engine, args)))
+        return
+
+    results, logs = {}, Path(tempfile.mkdtemp(prefix="recroute-throughput-"))
+    print("engine logs:", logs, flush=True)
+    for i, name in enumerate(ENGINES):
+        out, log = logs / f"{i}.json", logs / f"{i}.log"
+        cmd = [
+            sys.executable,
+            __file__,
+            "--engine",
+            name,
+            "--json",
+            str(out),
+            "--model",
+            args.model,
+        ]
+        cmd += ["--concurrency", str(args.concurrency), "--max-tokens", str(args.max_tokens)]
+        cmd += ["--image-size", str(args.image_size), "--kv-mib", str(args.kv_mib)]
+        with log.open("w") as f:
+            subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, env=os.environ)
+        results[name] = json.loads(out.read_text()) | {"threads": _binding(log.read_text())}
+        print(name, results[name], flush=True)
+
+    base = results["plain vLLM (defaults)"]
+    lines = [
+        f"{args.concurrency} concurrent requests x {args.max_tokens} output tokens, 640 visual "
+        f"tokens each ({args.image_size}-px image), model {Path(args.model).name}; second of "
+        "two identical passes, one process per engine.",
+        "",
+        "| engine | compile | chunked prefill | output tok/s | x plain | TTFT median (s) | "
+        "x plain | TPOT median (ms) | x plain |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['compilation']} | {'on' if r['chunked_prefill'] else 'off'} "
+            f"({r['max_num_batched_tokens']}) | {r['output_tok_s']:.1f} | "
+            f"{r['output_tok_s'] / base['output_tok_s']:.2f} | {r['ttft_median_s']:.2f} | "
+            f"{r['ttft_median_s'] / base['ttft_median_s']:.2f} | "
+            f"{1000 * r['tpot_median_s']:.1f} | {r['tpot_median_s'] / base['tpot_median_s']:.2f} |"
+        )
+    lines += ["", "Worker thread binding per engine (from the engine logs):", ""]
+    lines += [f"- {name}: {r['threads']}" for name, r in results.items()]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
