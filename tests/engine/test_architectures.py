@@ -8,9 +8,10 @@ per-request modes, schedules and budgets), and one `vllm-recroute serve` process
 diverges from the reference there (docs/architecture.md, "Architectures").
 
 The reference (`tests/oracle.py`) runs the HF text model of the architecture
-(transformers' Qwen3 / Phi-3 / Qwen2) over vLLM's own merged embeddings: routing lives
-in the decoder only, so the vision tower need not be re-implemented for it, and what
-is checked is the decoder path (scores, compaction, KV layout, positions, parking).
+(transformers' Qwen3 for Keye-VL, Phi-3 for Phi-3-Vision) over vLLM's own merged
+embeddings: routing lives in the decoder only, so the vision tower need not be
+re-implemented for it, and what is checked is the decoder path (scores, compaction, KV
+layout, positions, parking).
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ ARCHS: dict[str, Arch] = {
         mrope=True,
         engine_kwargs={"trust_remote_code": True, "limit_mm_per_prompt": _NO_VIDEO},
         serve_flags=("--trust-remote-code", "--limit-mm-per-prompt", '{"image": 2, "video": 0}'),
+    ),
+    "phi3v": Arch(
+        "RecroutePhi3VForCausalLM",
+        "language_model.model",
+        mrope=False,
+        engine_kwargs={"trust_remote_code": True},
+        serve_flags=("--trust-remote-code",),
     ),
 }
 
@@ -114,6 +122,8 @@ def text_model(arch, model_dir):
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=True)
     if arch == "keye":
         from transformers import Qwen3ForCausalLM as cls
+    elif arch == "phi3v":
+        from transformers import Phi3ForCausalLM as cls
     model = cls.from_pretrained(
         str(model_dir), config=config, dtype=torch.float32, attn_implementation="eager"
     )

@@ -16,6 +16,8 @@ ROUTED_ARCHITECTURES: dict[str, str] = {
     "RecrouteKeyeForConditionalGeneration": (
         "vllm_recroute.models.keye:RecrouteKeyeForConditionalGeneration"
     ),
+    # Phi-3-Vision: Phi-3 text (fused qkv), run by vLLM as its Llama model
+    "RecroutePhi3VForCausalLM": "vllm_recroute.models.phi3v:RecroutePhi3VForCausalLM",
     # Not importable on this project's CPU hosts (their HF processors import torchvision);
     # registered lazily so that GPU hosts with torchvision can use them.
     "RecrouteQwen2_5_VLForConditionalGeneration": (
