@@ -92,6 +92,8 @@ def language_model(hf_model: torch.nn.Module) -> LanguageModel:
         return LanguageModel(hf_model.model, hf_model.lm_head, cfg.image_token_id, 1.0, section)
     if cfg.model_type == "phi3_v":  # the HF Phi-3 text model; vLLM's fixed image token id
         return LanguageModel(hf_model.model, hf_model.lm_head, 32044, 1.0)
+    if cfg.model_type == "minicpmv":  # HF Qwen2 text; the `<unk>` placeholder id
+        return LanguageModel(hf_model.model, hf_model.lm_head, cfg.image_token_id, 1.0)
     raise ValueError(f"no oracle adapter for {cfg.model_type}")
 
 

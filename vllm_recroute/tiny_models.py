@@ -25,10 +25,10 @@ from typing import Any, Literal
 
 from PIL import Image, ImageDraw
 
-Arch = Literal["idefics3", "paligemma", "keye", "phi3v"]
+Arch = Literal["idefics3", "paligemma", "keye", "phi3v", "minicpmv"]
 Preset = Literal["tiny", "smolvlm-256m"]
 # more architectures are built by tiny_models_more.py (imported lazily: it imports this)
-ARCHS: tuple[str, ...] = ("idefics3", "paligemma", "keye", "phi3v")
+ARCHS: tuple[str, ...] = ("idefics3", "paligemma", "keye", "phi3v", "minicpmv")
 PRESETS: tuple[str, ...] = ("tiny", "smolvlm-256m")
 _FORMAT_VERSION = 4  # bump when the builder's output changes, so caches are rebuilt
 

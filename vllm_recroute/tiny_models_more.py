@@ -15,6 +15,11 @@ and loaded with ``trust_remote_code``.
   hard-codes the image token id 32044); vLLM builds the CLIP tower at its fixed width
   1024 up to ``img_processor["layer_idx"]``: here one layer. ``num_crops`` 1: every
   image is one 336-px tile plus the global view -> 313 visual tokens.
+- ``minicpmv`` (MiniCPM-V 2.6: Qwen2 text, SigLIP tower run as vLLM's Idefics2 vision
+  transformer, one-layer perceiver resampler): text hidden 128, 2 heads of dim 64, 4
+  layers; tower 2 layers of width 64, patch 8; every image is resized to one 64-px slice
+  (no slicing) -> 8x8 patches -> ``query_num`` 64 resampler queries -> 64 ``<unk>``
+  placeholders (vLLM's embedding positions) between ``<image>`` and ``</image>``.
 """
 
 from __future__ import annotations
@@ -282,4 +287,108 @@ def _phi3v(out: Path, preset: str) -> None:
     lm.generation_config.save_pretrained(out)
 
 
-BUILDERS: dict[str, Any] = {"keye": _keye, "phi3v": _phi3v}
+MINICPMV_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}(<image>./</image>)\n"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _minicpmv(out: Path, preset: str) -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from vllm_recroute.tiny_remote.minicpmv import (
+        MiniCPMVConfig,
+        MiniCPMVImageProcessor,
+        MiniCPMVProcessor,
+    )
+
+    if preset != "tiny":
+        raise ValueError("minicpmv: only the 'tiny' preset is provided")
+    specials = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<unk>",
+        "<image>",
+        "</image>",
+        "<image_id>",
+        "</image_id>",
+        "<slice>",
+        "</slice>",
+    ]
+    tok = build_tokenizer(specials)
+    tok.eos_token, tok.pad_token, tok.unk_token = "<|im_end|>", "<|endoftext|>", "<unk>"
+    # vLLM's vendored processor prepends the BOS id to the (discarded) text it encodes
+    tok.bos_token = "<|endoftext|>"
+    text = dict(_TEXT[preset])
+    text.pop("head_dim")  # Qwen2 derives it: hidden / heads = 64
+    text.update(
+        vocab_size=len(tok),
+        initializer_range=_init_std(text),
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
+    vis = dict(_VISION[preset], hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+    queries = (vis["image_size"] // vis["patch_size"]) ** 2  # 64
+    config = MiniCPMVConfig(
+        vision_config=vis,
+        version=2.6,
+        query_num=queries,
+        image_size=vis["image_size"],
+        max_slice_num=1,
+        image_token_id=tok.convert_tokens_to_ids("<unk>"),
+        architectures=["MiniCPMV"],
+        **text,
+    )
+    lm = Qwen2ForCausalLM(Qwen2Config(**text))
+    tensors = {"llm." + k: v for k, v in lm.state_dict().items()}
+    tower = SiglipVisionModel(
+        SiglipVisionConfig(**vis, vision_use_head=False, initializer_range=_init_std(vis))
+    )
+    # transformers 5 names the tower's weights without `vision_model.`; vLLM's Idefics2
+    # tower is `vpm.{embeddings,encoder,post_layernorm}`
+    tensors |= {
+        "vpm." + k.removeprefix("vision_model."): v
+        for k, v in tower.state_dict().items()
+        if "position_ids" not in k
+    }
+    d, width = text["hidden_size"], vis["hidden_size"]
+    res = "resampler."
+    tensors[res + "query"] = torch.randn(queries, d) * 0.02
+    tensors[res + "kv_proj.weight"] = torch.randn(d, width) * width**-0.5
+    tensors[res + "attn.in_proj_weight"] = torch.randn(3 * d, d) * d**-0.5
+    tensors[res + "attn.in_proj_bias"] = torch.zeros(3 * d)
+    tensors |= _prefixed(res + "attn.out_proj.", _linear(d, d))
+    for name in ("ln_q", "ln_kv", "ln_post"):
+        tensors |= _prefixed(f"{res}{name}.", {"weight": torch.ones(d), "bias": torch.zeros(d)})
+    tensors[res + "proj"] = torch.randn(d, d) * d**-0.5
+    _save_weights(tensors, out)
+    config.auto_map = {"AutoConfig": "recroute_minicpmv.MiniCPMVConfig"}
+    config.save_pretrained(out)
+    image_proc = MiniCPMVImageProcessor(
+        image_size=vis["image_size"], patch_size=vis["patch_size"], image_feature_size=queries
+    )
+    proc = MiniCPMVProcessor(
+        image_processor=image_proc, tokenizer=tok, chat_template=MINICPMV_CHAT_TEMPLATE
+    )
+    proc.save_pretrained(out)
+    _copy_remote("minicpmv", out, "recroute_minicpmv")
+    auto = {
+        "AutoImageProcessor": "recroute_minicpmv.MiniCPMVImageProcessor",
+        "AutoProcessor": "recroute_minicpmv.MiniCPMVProcessor",
+    }
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        if (out / name).exists():
+            _add_auto_map(out / name, auto)
+    lm.generation_config.save_pretrained(out)
+
+
+BUILDERS: dict[str, Any] = {"keye": _keye, "phi3v": _phi3v, "minicpmv": _minicpmv}

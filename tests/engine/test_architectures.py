@@ -7,8 +7,8 @@ parked tier on (pdrop; per-request modes, schedules and budgets), and one
 `vllm-recroute serve` process (fastv) driven with the openai client.
 
 The reference (`tests/oracle.py`) runs the HF text model of the architecture
-(transformers' Qwen3 for Keye-VL, Phi-3 for Phi-3-Vision) over vLLM's own merged
-embeddings: routing lives in the decoder only, so the vision tower need not be
+(transformers' Qwen3 for Keye-VL, Phi-3 for Phi-3-Vision, Qwen2 for MiniCPM-V 2.6) over
+vLLM's own merged embeddings: routing lives in the decoder only, so the vision tower need not be
 re-implemented for it, and what is checked is the decoder path (scores, compaction, KV
 layout, positions, parking).
 """
@@ -69,6 +69,13 @@ ARCHS: dict[str, Arch] = {
         engine_kwargs={"trust_remote_code": True},
         serve_flags=("--trust-remote-code",),
     ),
+    "minicpmv": Arch(
+        "RecrouteMiniCPMV",
+        "llm.model",
+        mrope=False,
+        engine_kwargs={"trust_remote_code": True, "limit_mm_per_prompt": _NO_VIDEO},
+        serve_flags=("--trust-remote-code", "--limit-mm-per-prompt", '{"image": 2, "video": 0}'),
+    ),
 }
 
 # released pages and the parked tier (re-routing every decode step) on one routed engine
@@ -123,6 +130,17 @@ def text_model(arch, model_dir):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=True)
+    if arch == "minicpmv":  # HF Qwen2 over the checkpoint's `llm.` weights
+        from safetensors.torch import load_file
+        from transformers import Qwen2ForCausalLM
+
+        config._attn_implementation = "eager"
+        model = Qwen2ForCausalLM(config)
+        weights = load_file(str(model_dir / "model.safetensors"))
+        model.load_state_dict(
+            {k.removeprefix("llm."): v for k, v in weights.items() if k.startswith("llm.")}
+        )
+        return model.float().eval()
     if arch == "keye":
         from transformers import Qwen3ForCausalLM as cls
     elif arch == "phi3v":
