@@ -1,17 +1,15 @@
-"""Routed MiniCPM-V 2.6 (Qwen2 text backbone; SigLIP/Idefics2 tower + resampler).
+"""Routed MiniCPM-V (the Qwen2 backbone: version 2.6; the other versions' text models too).
 
-vLLM's ``MiniCPMV`` dispatches on ``config.version`` in ``__new__``; the Qwen2 backbone is
-version 2.6 (``MiniCPMV2_6``), which this class routes. The multimodal processor is
-registered on the dispatcher class only, so it is registered here again. vLLM marks the
-``<unk>`` run inside each ``<image>...</image>`` placeholder as the image embeddings
-(``PromptUpdateDetails.select_token_ids``): the routed id is the tokenizer's ``<unk>``.
+vLLM's ``MiniCPMV`` is a dispatcher: its ``__new__`` builds the version class that
+``config.version`` names (``MiniCPMV2_6`` for the Qwen2 backbone) and returns it. The
+routed class keeps that dispatch (and the multimodal processor vLLM registers on
+``MiniCPMV``) and installs the routed decoder on the built model's text model
+(``llm.model``). vLLM marks the ``<unk>`` run inside each ``<image>...</image>``
+placeholder as the image embeddings (``PromptUpdateDetails.select_token_ids``): the
+routed id is the tokenizer's ``<unk>``.
 """
 
-from vllm.model_executor.models.minicpmv import (
-    MiniCPMV,
-    MiniCPMV2_6,
-)
-from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.model_executor.models.minicpmv import MiniCPMV
 
 from vllm_recroute.worker.decoder import RoutedDecoder
 
@@ -26,16 +24,15 @@ def unk_token_id(config, model_config) -> int:
     return int(cached_tokenizer_from_config(model_config).get_vocab()["<unk>"])
 
 
-_factories = MiniCPMV._processor_factory
-
-
-@MULTIMODAL_REGISTRY.register_processor(
-    _factories.processor, info=_factories.info, dummy_inputs=_factories.dummy_inputs
-)
-class RecrouteMiniCPMV(MiniCPMV2_6):
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        image_token_id = unk_token_id(self.config, vllm_config.model_config)
-        self.recroute = RoutedDecoder(
-            self, self.llm.model, vllm_config, image_token_id=image_token_id
+class RecrouteMiniCPMV(MiniCPMV):
+    def __new__(cls, *, vllm_config, prefix: str = ""):
+        # MiniCPMV.__new__ returns an initialised version-class instance (not a `cls`,
+        # so no __init__ runs after this)
+        model = super().__new__(cls, vllm_config=vllm_config, prefix=prefix)
+        model.recroute = RoutedDecoder(
+            model,
+            model.llm.model,
+            vllm_config,
+            image_token_id=unk_token_id(model.config, vllm_config.model_config),
         )
+        return model
