@@ -16,7 +16,8 @@ ROUTED_PALIGEMMA = "RecroutePaliGemmaForConditionalGeneration"
 def processor_for(model_dir: str):
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(model_dir)
+    # only local tiny checkpoints; Keye's processor is the project's own remote code
+    return AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
 
 
 def chat_prompt(model_dir: str, question: str, num_images: int = 1, before: str = "") -> str:

@@ -29,10 +29,53 @@ from vllm_recroute.routing import (
 
 @dataclass
 class LanguageModel:
-    decoder: torch.nn.Module  # HF LlamaModel / GemmaModel
+    decoder: torch.nn.Module  # HF LlamaModel / GemmaModel / Qwen3Model / Phi3Model
     lm_head: torch.nn.Module
     image_token_id: int
     embed_scale: float  # Gemma multiplies input embeddings by sqrt(hidden)
+    # M-RoPE (Keye-VL, Qwen2.5-VL): rotary half-dims taken from the t, h, w position rows
+    mrope_section: tuple[int, ...] | None = None
+
+    def rope(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) ``[1, n, head_dim]`` for rows ``x`` at ``pos`` ([n], or [3, n] with
+        M-RoPE: each half-dim section rotates by its own position row, then the halves
+        are repeated as HF's rotate_half expects)."""
+        rotary = self.decoder.rotary_emb
+        if pos.dim() == 1:
+            return rotary(x[None], pos[None])
+        assert self.mrope_section is not None, "3-D positions need mrope_section"
+        cs = [rotary(x[None], p[None]) for p in pos]  # per row: [1, n, D] (halves repeated)
+        half = cs[0][0].shape[-1] // 2
+        row = torch.repeat_interleave(
+            torch.arange(len(self.mrope_section)), torch.tensor(self.mrope_section)
+        )
+        assert row.numel() == half, (self.mrope_section, half)
+        out = []
+        for j in (0, 1):  # cos, sin
+            stacked = torch.stack([c[j][..., :half] for c in cs])  # [3, 1, n, half]
+            picked = stacked.gather(0, row.view(1, 1, 1, -1).expand(1, *stacked.shape[1:]))[0]
+            out.append(torch.cat([picked, picked], dim=-1))
+        return out[0], out[1]
+
+
+def take(pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Positions of ``rows`` ([n] or M-RoPE [3, n])."""
+    return pos[:, rows] if pos.dim() == 2 else pos[rows]
+
+
+def prompt_positions(inputs: dict, n: int) -> torch.Tensor:
+    """The prompt's positions: given (M-RoPE: [3, n]) or 0..n-1."""
+    pos = inputs.get("positions")
+    return torch.arange(n) if pos is None else pos
+
+
+def text_positions(prompt_pos: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+    """Positions of text tokens at sequence indices ``seq`` after the prompt: M-RoPE
+    continues all three rows at the same value, one past the prompt's largest."""
+    if prompt_pos.dim() == 1:
+        return seq
+    delta = int(prompt_pos.max()) + 1 - prompt_pos.shape[1]
+    return (seq + delta).expand(prompt_pos.shape[0], -1)
 
 
 def language_model(hf_model: torch.nn.Module) -> LanguageModel:
@@ -44,6 +87,13 @@ def language_model(hf_model: torch.nn.Module) -> LanguageModel:
         return LanguageModel(
             hf_model.model.language_model, hf_model.lm_head, cfg.image_token_index, hidden**0.5
         )
+    if cfg.model_type == "Keye":  # the HF Qwen3 text model over Keye's config and weights
+        section = tuple(cfg.rope_parameters["mrope_section"])
+        return LanguageModel(hf_model.model, hf_model.lm_head, cfg.image_token_id, 1.0, section)
+    if cfg.model_type == "phi3_v":  # the HF Phi-3 text model; vLLM's fixed image token id
+        return LanguageModel(hf_model.model, hf_model.lm_head, 32044, 1.0)
+    if cfg.model_type == "minicpmv":  # HF Qwen2 text; the `<unk>` placeholder id
+        return LanguageModel(hf_model.model, hf_model.lm_head, cfg.image_token_id, 1.0)
     raise ValueError(f"no oracle adapter for {cfg.model_type}")
 
 
@@ -53,7 +103,10 @@ class _Captured(Exception):
 
 @torch.no_grad()
 def merged_embeddings(hf_model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-    """Input embeddings with image features merged in, as the HF model builds them."""
+    """Input embeddings with image features merged in, as the HF model builds them
+    (or as given: ``inputs["inputs_embeds"]``, for text-only HF references)."""
+    if "inputs_embeds" in inputs:
+        return inputs["inputs_embeds"]
     lm = language_model(hf_model)
     box: dict = {}
 
@@ -77,11 +130,10 @@ def _causal_mask(n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _run_layer(layer, x: torch.Tensor, pos: torch.Tensor, rotary) -> torch.Tensor:
-    cos, sin = rotary(x[None], pos[None])
+    cos, sin = rotary(x, pos)
     out = layer(
         x[None],
         attention_mask=_causal_mask(x.shape[0], x.dtype),
-        position_ids=pos[None],
         position_embeddings=(cos, sin),
     )
     return (out[0] if isinstance(out, tuple) else out)[0]
@@ -112,6 +164,7 @@ def oracle_generate(
     ids = inputs["input_ids"][0]
     embeds = merged_embeddings(hf_model, inputs) * lm.embed_scale
     prompt_len = ids.shape[0]
+    prompt_pos = prompt_positions(inputs, prompt_len)
     is_visual = ids == lm.image_token_id
     is_visual[-1] = False  # the sampled (last) prompt token is never routed
     visual = torch.nonzero(is_visual).flatten()
@@ -126,13 +179,14 @@ def oracle_generate(
         return None
 
     def forward(x: torch.Tensor, decide: bool) -> torch.Tensor:
-        pos = torch.arange(x.shape[0])
+        after = text_positions(prompt_pos, torch.arange(prompt_len, x.shape[0]))
+        pos = torch.cat([prompt_pos, after], dim=-1)
         for idx, layer in enumerate(dec.layers):
             if decide:
                 for k, s in enumerate(stages):
                     if s.start == idx + 1:
                         query = query_indices(prompt_len, visual, cfg.score_query)
-                        sc = _scores(layer, x, pos, dec.rotary_emb, visual, query, cfg.scorer)
+                        sc = _scores(layer, x, pos, lm.rope, visual, query, cfg.scorer)
                         block_ids = visual // cfg.block_size if cfg.granularity == "block" else None
                         masks.append(
                             route_request(
@@ -149,7 +203,7 @@ def oracle_generate(
             if k is not None:
                 active[visual[~masks[k]]] = False
             rows = torch.nonzero(active).flatten()
-            x = x.index_copy(0, rows, _run_layer(layer, x[rows], pos[rows], dec.rotary_emb))
+            x = x.index_copy(0, rows, _run_layer(layer, x[rows], take(pos, rows), lm.rope))
         return lm.lm_head(dec.norm(x[-1:]))[0]
 
     out: list[int] = []
@@ -168,16 +222,31 @@ def oracle_generate(
 # --------------------------------------------------------------------------- parked tier
 
 
+def _project(layer, x: torch.Tensor):
+    """Pre-RoPE q, k, v ``[1, heads, n, dim]`` of rows x, as the HF attention computes
+    them: separate q/k/v projections (Llama, Gemma, Qwen3) or one fused ``qkv_proj``
+    (Phi-3), then Qwen3's per-head q/k RMSNorm where the layer has one."""
+    attn = layer.self_attn
+    d = attn.head_dim
+    h = layer.input_layernorm(x[None])
+    if hasattr(attn, "qkv_proj"):
+        q_size = attn.config.num_attention_heads * d
+        kv_size = attn.config.num_key_value_heads * d
+        q, k, v = attn.qkv_proj(h).split([q_size, kv_size, kv_size], dim=-1)
+    else:
+        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    q, k, v = (t.view(1, x.shape[0], -1, d) for t in (q, k, v))
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
 def _key_values(layer, x: torch.Tensor, pos: torch.Tensor, rotary):
     """Post-RoPE K and V ``[n, kv_heads, dim]`` the layer computes for inputs x."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    attn = layer.self_attn
-    d = attn.head_dim
-    h = layer.input_layernorm(x[None])
-    k = attn.k_proj(h).view(1, x.shape[0], -1, d).transpose(1, 2)
-    v = attn.v_proj(h).view(1, x.shape[0], -1, d).transpose(1, 2)
-    cos, sin = rotary(x[None], pos[None])
+    _, k, v = _project(layer, x)
+    cos, sin = rotary(x, pos)
     _, k = apply_rotary_pos_emb(k, k, cos, sin)
     return k[0].transpose(0, 1), v[0].transpose(0, 1)
 
@@ -185,11 +254,8 @@ def _key_values(layer, x: torch.Tensor, pos: torch.Tensor, rotary):
 def _query(layer, x: torch.Tensor, pos: torch.Tensor, rotary) -> torch.Tensor:
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    attn = layer.self_attn
-    d = attn.head_dim
-    h = layer.input_layernorm(x[None])
-    q = attn.q_proj(h).view(1, x.shape[0], -1, d).transpose(1, 2)
-    cos, sin = rotary(x[None], pos[None])
+    q, _, _ = _project(layer, x)
+    cos, sin = rotary(x, pos)
     q, _ = apply_rotary_pos_emb(q, q, cos, sin)
     return q[0].transpose(0, 1)  # [n, heads, dim]
 
@@ -258,7 +324,7 @@ def oracle_generate_parked(
 
     lm = language_model(hf_model)
     dec = lm.decoder
-    rotary = dec.rotary_emb
+    rotary = lm.rope
     ids = inputs["input_ids"][0]
     x = merged_embeddings(hf_model, inputs) * lm.embed_scale
     n = ids.shape[0]
@@ -266,7 +332,7 @@ def oracle_generate_parked(
     is_visual[-1] = False
     visual = torch.nonzero(is_visual).flatten()
     stages = resolve_stages(cfg, len(dec.layers), int(visual.numel())) if visual.numel() else ()
-    pos = torch.arange(n)
+    pos = prompt_positions(inputs, n)
     masks: list[torch.Tensor] = []
     kv: list[tuple[torch.Tensor, torch.Tensor]] = []
     # prefill: the routed forward of oracle_generate, keeping every row's K/V per layer
@@ -289,7 +355,7 @@ def oracle_generate_parked(
         if k is not None:
             active[visual[~masks[k]]] = False
         rows = torch.nonzero(active).flatten()
-        x = x.index_copy(0, rows, _run_layer(layer, x[rows], pos[rows], rotary))
+        x = x.index_copy(0, rows, _run_layer(layer, x[rows], take(pos, rows), rotary))
     out = [int(torch.argmax(lm.lm_head(dec.norm(x[-1:]))[0]))]
     # units per stage: active chunks first, then deferred chunks (models/parking.py)
     u = cfg.park_block_tokens
@@ -330,7 +396,7 @@ def oracle_generate_parked(
         for idx, layer in enumerate(dec.layers):
             k = next((k for k, s in enumerate(stages) if s.start <= idx < s.end), None)
             if k is not None and idx == stages[k].start and due and cfg.mode == "reroute":
-                restored += reroute(k, idx, _query(layer, x[-1:], p[-1:], rotary)[0])
+                restored += reroute(k, idx, _query(layer, x[-1:], p[..., -1:], rotary)[0])
             sel = present[k] if k is not None else torch.ones(n, dtype=torch.bool)
             keys = torch.cat([kv[idx][0][sel], *dec_k[idx]])
             values = torch.cat([kv[idx][1][sel], *dec_v[idx]])
@@ -350,7 +416,7 @@ def oracle_generate_parked(
         for i in range(1, steps):
             x = dec.embed_tokens(torch.tensor([out[-1]])) * lm.embed_scale
             due = cfg.reroute_every > 0 and i % cfg.reroute_every == 0
-            x = forward(x, torch.tensor([start + i - 1]), due)
+            x = forward(x, text_positions(pos, torch.tensor([start + i - 1])), due)
             out.append(int(torch.argmax(lm.lm_head(dec.norm(x))[0])))
 
     decode(out, n, max_tokens)
@@ -364,7 +430,7 @@ def oracle_generate_parked(
         for rows in (*dec_k, *dec_v):
             rows.clear()
     x = dec.embed_tokens(chunk) * lm.embed_scale
-    x = forward(x, torch.arange(start, start + len(chunk)), True)
+    x = forward(x, text_positions(pos, torch.arange(start, start + len(chunk))), True)
     out2 = [int(torch.argmax(lm.lm_head(dec.norm(x[-1:]))[0]))]
     decode(out2, start + len(chunk), max_tokens_2)
     return out2, restored

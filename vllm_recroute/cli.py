@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("make-tiny-model", help="build a deterministic random-weight VLM")
     t.add_argument("out_dir")
-    t.add_argument("--arch", default="idefics3", choices=["idefics3", "paligemma"])
+    from vllm_recroute.tiny_models import ARCHS
+
+    t.add_argument("--arch", default="idefics3", choices=list(ARCHS))
     t.add_argument("--preset", default="tiny", choices=["tiny", "smolvlm-256m"])
     t.add_argument("--seed", type=int, default=0)
 

@@ -279,6 +279,23 @@ PATCHES: tuple[Patch, ...] = (
         ),
         where="vllm_recroute/sched/scheduler.py (installed by worker/config_hook.py)",
     ),
+    Patch(
+        "P12",
+        what="On a torch built without CUDA (torch.version.cuda and .hip both None) only: "
+        "replaces torch.cuda.is_current_stream_capturing with a function answering False.",
+        why="vLLM 0.32's MiniCPM-V resampler (Resampler2_5.forward) calls "
+        "torch.cuda.is_current_stream_capturing() unguarded; on a CPU-only torch that raises "
+        "'Tried to instantiate dummy base class _cuda_isCurrentStreamCapturing', so MiniCPM-V "
+        "cannot run there at all, plain or routed. No CUDA stream exists, so none captures.",
+        upstream="vLLM bug: the call should go through current_platform (or be guarded by "
+        "torch.cuda.is_available()).",
+        remove_when="vLLM's minicpmv.py stops calling torch.cuda directly on CPU.",
+        targets=(
+            "torch.cuda:is_current_stream_capturing",
+            "vllm.model_executor.models.minicpmv:Resampler2_5.forward",
+        ),
+        where="vllm_recroute/patches.py (apply_cpu_torch_shims, from register())",
+    ),
 )
 
 V2_UNSUPPORTED = (
@@ -290,7 +307,7 @@ _applied = False
 
 
 def apply_patches() -> None:
-    """Apply P1 (idempotent, thread-safe). P2..P9 are applied where their entry says."""
+    """Apply P1 (idempotent, thread-safe). P2..P12 are applied where their entry says."""
     global _applied
     with _lock:
         if _applied:
@@ -323,6 +340,26 @@ def apply_runner_selection(routed_architectures: Collection[str]) -> None:
 
     unsupported.__recroute_patched__ = True  # type: ignore[attr-defined]
     VllmConfig._get_v2_model_runner_unsupported_features = unsupported
+
+
+def apply_cpu_torch_shims() -> None:
+    """P12 (idempotent; CPU-only torch builds only): ``torch.cuda.is_current_stream_capturing``
+    answers False instead of raising. vLLM's MiniCPM-V resampler (``Resampler2_5.forward``)
+    asks it unguarded, so on a torch built without CUDA the model cannot run at all, plain
+    or routed; a stream that does not exist is not capturing."""
+    import torch
+
+    if torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None:
+        return
+    if getattr(torch.cuda.is_current_stream_capturing, "__recroute_patched__", False):
+        return
+
+    def is_current_stream_capturing() -> bool:
+        return False
+
+    is_current_stream_capturing.__recroute_patched__ = True  # type: ignore[attr-defined]
+    torch.cuda.is_current_stream_capturing = is_current_stream_capturing
+    torch.cuda.graphs.is_current_stream_capturing = is_current_stream_capturing
 
 
 def apply_thread_policy(connector_name: str) -> None:

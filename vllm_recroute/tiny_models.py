@@ -25,9 +25,10 @@ from typing import Any, Literal
 
 from PIL import Image, ImageDraw
 
-Arch = Literal["idefics3", "paligemma"]
+Arch = Literal["idefics3", "paligemma", "keye", "phi3v", "minicpmv"]
 Preset = Literal["tiny", "smolvlm-256m"]
-ARCHS: tuple[str, ...] = ("idefics3", "paligemma")
+# more architectures are built by tiny_models_more.py (imported lazily: it imports this)
+ARCHS: tuple[str, ...] = ("idefics3", "paligemma", "keye", "phi3v", "minicpmv")
 PRESETS: tuple[str, ...] = ("tiny", "smolvlm-256m")
 _FORMAT_VERSION = 4  # bump when the builder's output changes, so caches are rebuilt
 
@@ -373,8 +374,12 @@ def build_tiny_model(
     out = Path(out_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        builder = _idefics3 if arch == "idefics3" else _paligemma
-        builder(out, preset)
+        if arch in ("idefics3", "paligemma"):
+            (_idefics3 if arch == "idefics3" else _paligemma)(out, preset)
+        else:
+            from vllm_recroute.tiny_models_more import BUILDERS
+
+            BUILDERS[arch](out, preset)
     (out / "recroute_tiny.json").write_text(
         json.dumps({"arch": arch, "seed": seed, "preset": preset, "format": _FORMAT_VERSION})
     )

@@ -50,6 +50,9 @@ LAYERS: list[list[str]] = [
         "kv.table_view",
         "vllm_view",
         "tiny_models",
+        "tiny_models_more",
+        "tiny_remote",
+        "tiny_remote.keye",
     ],
     [
         "kv.spec",
@@ -79,7 +82,7 @@ LAYERS: list[list[str]] = [
         "connector.scheduler",
         "connector.connector",
     ],
-    ["models", "models.idefics3", "models.paligemma"],
+    ["models", "models.idefics3", "models.paligemma", "models.keye"],
     ["cli", "", "demo", "demo.shapes", "demo.model", "demo.evaluate", "demo.train"],
 ]
 # Registered for GPU hosts; importing them needs torchvision (not on this CPU host).

@@ -12,6 +12,14 @@ ROUTED_ARCHITECTURES: dict[str, str] = {
     "RecroutePaliGemmaForConditionalGeneration": (
         "vllm_recroute.models.paligemma:RecroutePaliGemmaForConditionalGeneration"
     ),
+    # Keye-VL: Qwen3 text with M-RoPE (the [3, T] positions path that Qwen2.5-VL takes)
+    "RecrouteKeyeForConditionalGeneration": (
+        "vllm_recroute.models.keye:RecrouteKeyeForConditionalGeneration"
+    ),
+    # Phi-3-Vision: Phi-3 text (fused qkv), run by vLLM as its Llama model
+    "RecroutePhi3VForCausalLM": "vllm_recroute.models.phi3v:RecroutePhi3VForCausalLM",
+    # MiniCPM-V (2.6: Qwen2 text): keeps the version dispatch; routes the `<unk>` run
+    "RecrouteMiniCPMV": "vllm_recroute.models.minicpmv:RecrouteMiniCPMV",
     # Not importable on this project's CPU hosts (their HF processors import torchvision);
     # registered lazily so that GPU hosts with torchvision can use them.
     "RecrouteQwen2_5_VLForConditionalGeneration": (

@@ -34,6 +34,7 @@ from vllm_recroute.config import RoutingConfig
 from vllm_recroute.kv.pages import KVPageIO
 from vllm_recroute.kv.parked_pool import ParkedKey, ParkedPool
 from vllm_recroute.routing.rerouting import chunk_units, plan_swaps, unit_scores
+from vllm_recroute.worker.compaction import take_positions
 from vllm_recroute.worker.projections import project_qkv
 
 
@@ -109,7 +110,7 @@ class ParkingTier:
         self.units[(req_id, k)] = units  # before parking: a full pool may drop our own units
         active_idx = torch.nonzero(mask).flatten()
         if active_idx.numel():  # digests of active units: their keys at layer `start`
-            keys = _keys(self.layers[start], positions[active_idx], x[active_idx])
+            keys = _keys(self.layers[start], take_positions(positions, active_idx), x[active_idx])
             for uid, idx in enumerate(chunk_units(torch.arange(len(active_idx)), u)):
                 units.active[uid] = cpos[active_idx[idx]]
                 units.digests[uid] = keys[idx].float().mean(0)
@@ -121,7 +122,7 @@ class ParkingTier:
             return delta
         # K/V of the deferred rows only, for every layer of the stage
         kv = [
-            _key_values(self.layers[i], positions[deferred_idx], x[deferred_idx])
+            _key_values(self.layers[i], take_positions(positions, deferred_idx), x[deferred_idx])
             for i in range(start, end)
         ]
         for uid, idx in enumerate(chunk_units(torch.arange(len(deferred_idx)), u), start=first):

@@ -16,8 +16,12 @@ def project_qkv(layer: Any, positions: torch.Tensor, x: torch.Tensor):
     normed = layer.input_layernorm(x)
     qkv, _ = attn.qkv_proj(normed)
     q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-    q, k = attn.rotary_emb(positions, q.contiguous(), k.contiguous())
     n, d = x.shape[0], attn.head_dim  # explicit head counts: n may be 0
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3 (Keye-VL, Qwen3-VL): per-head
+        # RMSNorm of q and k before RoPE, as Qwen3Attention.forward does
+        q = attn.q_norm(q.reshape(n, attn.q_size // d, d)).reshape(n, attn.q_size)
+        k = attn.k_norm(k.reshape(n, attn.kv_size // d, d)).reshape(n, attn.kv_size)
+    q, k = attn.rotary_emb(positions, q.contiguous(), k.contiguous())
     return (
         q.reshape(n, attn.q_size // d, d),
         k.reshape(n, attn.kv_size // d, d),

@@ -210,7 +210,7 @@ class StepRouter:
                 num_keep(route.stages[k].keep, int(vis.numel())),
                 route.cfg.mode,
                 route.masks[k - 1] if k > 0 else None,
-                block_ids=self._block_ids(route, positions),
+                block_ids=self._block_ids(route, int(self.batch.num_computed[route.row])),
                 block_reduce=route.cfg.block_reduce,
             )
             route.masks.append(mask)
@@ -223,13 +223,15 @@ class StepRouter:
             )
 
     @staticmethod
-    def _block_ids(route: PrefillRoute, positions: torch.Tensor) -> torch.Tensor | None:
-        """granularity 'block': the routing unit of each visual token (position // size)."""
+    def _block_ids(route: PrefillRoute, computed: int) -> torch.Tensor | None:
+        """granularity 'block': the routing unit of each visual token (its sequence index
+        // size). From the sequence index, not the RoPE positions: M-RoPE positions of an
+        image's tokens are grid coordinates (every token of an image shares its temporal
+        one), not KV slots."""
         if route.cfg.granularity != "block":
             return None
-        pos = take_positions(positions, route.visual_rows)
-        pos = pos[0] if pos.dim() == 2 else pos
-        return pos.long() // route.cfg.block_size
+        seq = computed + (route.visual_rows - route.start)
+        return seq.long() // route.cfg.block_size
 
     def _remember(self, route: PrefillRoute) -> None:
         dec = self.decoder
