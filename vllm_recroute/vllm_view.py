@@ -129,6 +129,14 @@ class StepBatch:
         )
 
 
+def has_prompt_rows(runner: Any) -> bool:
+    """Whether any request of the step still computes prompt tokens (cheap: vLLM's numpy
+    counters, no copies)."""
+    batch = runner.input_batch
+    n = batch.num_reqs
+    return bool((batch.num_computed_tokens_cpu[:n] < batch.num_prompt_tokens[:n]).any())
+
+
 # --------------------------------------------------------------------------- requests
 
 

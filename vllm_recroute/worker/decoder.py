@@ -223,6 +223,8 @@ class RoutedDecoder:
         step = vllm_view.current_step()
         if step is None:
             return None  # dummy/profiling run: plain model
+        if not len(self.store) and not vllm_view.has_prompt_rows(step.runner):
+            return None  # decode of unrouted requests only: nothing to route or install
         self.runner = step.runner
         self.groups.bind(step.runner)
         router = StepRouter(self, step.runner, num_rows)
