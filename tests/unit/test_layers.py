@@ -53,6 +53,8 @@ LAYERS: list[list[str]] = [
         "tiny_models_more",
         "tiny_remote",
         "tiny_remote.keye",
+        "tiny_remote.phi3v",
+        "tiny_remote.minicpmv",
     ],
     [
         "kv.spec",
@@ -82,11 +84,18 @@ LAYERS: list[list[str]] = [
         "connector.scheduler",
         "connector.connector",
     ],
-    ["models", "models.idefics3", "models.paligemma", "models.keye"],
+    [
+        "models",
+        "models.idefics3",
+        "models.paligemma",
+        "models.keye",
+        "models.phi3v",
+        "models.minicpmv",
+    ],
     ["cli", "", "demo", "demo.shapes", "demo.model", "demo.evaluate", "demo.train"],
 ]
 # Registered for GPU hosts; importing them needs torchvision (not on this CPU host).
-NOT_IMPORTABLE_HERE = ["models.qwen2_5_vl", "models.llava"]
+NOT_IMPORTABLE_HERE = ["models.qwen2_5_vl", "models.qwen3_vl", "models.llava"]
 PURE = [m for m in LAYERS[1] + LAYERS[4] if m.startswith(("routing", "kv.")) or m == "kv"]
 
 LAYER_OF = {m: i for i, layer in enumerate(LAYERS) for m in layer}

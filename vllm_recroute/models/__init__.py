@@ -25,6 +25,9 @@ ROUTED_ARCHITECTURES: dict[str, str] = {
     "RecrouteQwen2_5_VLForConditionalGeneration": (
         "vllm_recroute.models.qwen2_5_vl:RecrouteQwen2_5_VLForConditionalGeneration"
     ),
+    "RecrouteQwen3VLForConditionalGeneration": (
+        "vllm_recroute.models.qwen3_vl:RecrouteQwen3VLForConditionalGeneration"
+    ),
     "RecrouteLlavaForConditionalGeneration": (
         "vllm_recroute.models.llava:RecrouteLlavaForConditionalGeneration"
     ),

@@ -1,0 +1,21 @@
+"""Routed Qwen3-VL (Qwen3 text backbone, M-RoPE positions, deepstack visual features).
+
+Not importable on CPU hosts without torchvision (vLLM's Qwen3-VL processing imports it);
+registered by dotted path only. Its text model's decoder layers are Qwen3's, which run
+routed here through Keye-VL (q/k norm, M-RoPE gather). Deepstack adds visual features to
+the hidden states after the first decoder layers, outside the layers: with a router point
+among those layers, deferred visual rows receive them on the residual stream like active
+ones. Not verified here (docs/architecture.md, "Architectures").
+"""
+
+from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
+
+from vllm_recroute.worker.decoder import RoutedDecoder
+
+
+class RecrouteQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.recroute = RoutedDecoder(
+            self, self.language_model.model, vllm_config, image_token_id=self.config.image_token_id
+        )
