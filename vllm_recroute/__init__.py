@@ -32,11 +32,8 @@ def register() -> None:
         if arch not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(arch, dotted)
     register_config_hooks(ROUTED_ARCHITECTURES)
-    from vllm_recroute.patches import (
-        apply_cpu_torch_shims,
-        apply_runner_selection,
-        apply_thread_policy,
-    )
+    from vllm_recroute.patches import apply_runner_selection
+    from vllm_recroute.platform_patches import apply_cpu_torch_shims, apply_thread_policy
     from vllm_recroute.worker.config_hook import CONNECTOR_NAME
 
     apply_runner_selection(ROUTED_ARCHITECTURES)

@@ -26,7 +26,6 @@ __all__ = [
     "Patch",
     "apply_patches",
     "apply_runner_selection",
-    "apply_thread_policy",
     "check_runner_patched",
 ]
 
@@ -251,7 +250,7 @@ PATCHES: tuple[Patch, ...] = (
             "vllm.utils.ompmultiprocessing:OMPProcessManager.__init__",
             "vllm.v1.executor.multiproc_executor:OMPProcessManager",
         ),
-        where="vllm_recroute/patches.py (apply_thread_policy, from register())",
+        where="vllm_recroute/platform_patches.py (apply_thread_policy, from register())",
     ),
     Patch(
         "P11",
@@ -294,7 +293,7 @@ PATCHES: tuple[Patch, ...] = (
             "torch.cuda:is_current_stream_capturing",
             "vllm.model_executor.models.minicpmv:Resampler2_5.forward",
         ),
-        where="vllm_recroute/patches.py (apply_cpu_torch_shims, from register())",
+        where="vllm_recroute/platform_patches.py (apply_cpu_torch_shims, from register())",
     ),
 )
 
@@ -340,54 +339,6 @@ def apply_runner_selection(routed_architectures: Collection[str]) -> None:
 
     unsupported.__recroute_patched__ = True  # type: ignore[attr-defined]
     VllmConfig._get_v2_model_runner_unsupported_features = unsupported
-
-
-def apply_cpu_torch_shims() -> None:
-    """P12 (idempotent; CPU-only torch builds only): ``torch.cuda.is_current_stream_capturing``
-    answers False instead of raising. vLLM's MiniCPM-V resampler (``Resampler2_5.forward``)
-    asks it unguarded, so on a torch built without CUDA the model cannot run at all, plain
-    or routed; a stream that does not exist is not capturing."""
-    import torch
-
-    if torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None:
-        return
-    if getattr(torch.cuda.is_current_stream_capturing, "__recroute_patched__", False):
-        return
-
-    def is_current_stream_capturing() -> bool:
-        return False
-
-    is_current_stream_capturing.__recroute_patched__ = True  # type: ignore[attr-defined]
-    torch.cuda.is_current_stream_capturing = is_current_stream_capturing
-    torch.cuda.graphs.is_current_stream_capturing = is_current_stream_capturing
-
-
-def apply_thread_policy(connector_name: str) -> None:
-    """Apply P10 (idempotent): the plugin's own connector reserves no CPU for itself."""
-    try:
-        from vllm.utils.ompmultiprocessing import OMPProcessManager
-    except ImportError:  # no CPU thread binding in this vLLM build
-        return
-    original = OMPProcessManager.__init__
-    if getattr(original, "__recroute_patched__", False):
-        return
-
-    @functools.wraps(original)
-    def __init__(self, config: Any) -> None:
-        kv = config.kv_transfer_config
-        if kv is None or kv.kv_connector != connector_name:
-            original(self, config)
-            return
-        # vLLM reads only `kv_transfer_config is not None` here; hiding it for the call
-        # gives the binding plain vLLM would choose. The config is restored at once.
-        config.kv_transfer_config = None
-        try:
-            original(self, config)
-        finally:
-            config.kv_transfer_config = kv
-
-    __init__.__recroute_patched__ = True  # type: ignore[attr-defined]
-    OMPProcessManager.__init__ = __init__
 
 
 def _wrap_execute_model(original: Callable[..., Any]) -> Callable[..., Any]:

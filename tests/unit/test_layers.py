@@ -64,7 +64,7 @@ LAYERS: list[list[str]] = [
         "requests.validation",
         "sched.scheduler",
     ],
-    ["patches"],
+    ["patches", "platform_patches"],
     [
         "worker",
         "worker.state",
