@@ -7,7 +7,7 @@ installed vLLM, so an upgrade that renames one fails a unit test instead of a re
 the version gate (`_compat.check_vllm_version`) runs before any patch is applied.
 
 P* entries change vLLM behaviour (wrap, override, write); R* entries only read internals
-(all reads go through `vllm_recroute/vllm_view.py`).
+(all reads go through the `vllm_recroute/vllm_view/` package).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ PATCHES: tuple[Patch, ...] = (
             "vllm.forward_context:ForwardContext.skip_compiled",
             "vllm.v1.attention.backend:CommonAttentionMetadata",
         ),
-        where="vllm_recroute/vllm_view.py",
+        where="vllm_recroute/vllm_view/kv.py, vllm_view/step.py",
     ),
     Patch(
         "P6",
@@ -175,7 +175,7 @@ PATCHES: tuple[Patch, ...] = (
             "vllm.v1.request:RequestStatus.FINISHED_STOPPED",
             "vllm.distributed.parallel_state:get_tensor_model_parallel_rank",
         ),
-        where="vllm_recroute/vllm_view.py",
+        where="vllm_recroute/vllm_view/",
     ),
     Patch(
         "P8",
@@ -222,7 +222,7 @@ PATCHES: tuple[Patch, ...] = (
         "hook V2's execute_model for P1.",
         upstream="No hook for plugins to veto V2; a model-class flag (like "
         "supports_v2_model_runner) would replace this.",
-        remove_when="A V2 adapter exists in vllm_view.py, or vLLM exposes a per-model "
+        remove_when="A V2 adapter exists in vllm_view/step.py, or vLLM exposes a per-model "
         "runner capability.",
         targets=(
             "vllm.config.vllm:VllmConfig._get_v2_model_runner_unsupported_features",

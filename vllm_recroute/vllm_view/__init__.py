@@ -1,0 +1,101 @@
+"""The one place that reads vLLM's request, runner and scheduler internals.
+
+Everything the plugin needs to know about a step, a request or a KV-cache group is read
+in this package, from vLLM 0.32's V1 model runner (`vllm/v1/worker/gpu_model_runner.py`,
+inherited by `cpu_model_runner.py`), its scheduler-side `Request` and `KVCacheManager`:
+``step`` (the step and the forward), ``requests``, ``kv`` (groups, block tables, attention
+metadata), ``scheduler`` (stage managers, step budgets), ``engine`` (depth, TP). Every
+attribute read in it is listed in patches.py's record (R1) and checked by
+``tests/unit/test_patches.py``, so a vLLM upgrade that moves one fails a unit test, not a
+request. Other modules get frozen values (``StepBatch``, ``GroupInfo``) or small functions.
+"""
+
+from __future__ import annotations
+
+from vllm_recroute.vllm_view.engine import (
+    num_decoder_layers,
+    tensor_parallel_rank,
+    tensor_parallel_size,
+    tp_all_gather,
+    tp_all_reduce_sum,
+)
+from vllm_recroute.vllm_view.kv import (
+    GroupInfo,
+    block_table,
+    common_attention_metadata,
+    install_layer_attention,
+    kv_cache_groups,
+    kv_groups_of_layers,
+    live_block_table,
+    table_device,
+)
+from vllm_recroute.vllm_view.requests import (
+    cache_salt,
+    embed_positions_in,
+    first_image_offset,
+    image_embeds_from,
+    image_spans,
+    is_finished_normally,
+    prompt_length,
+    request_extra_args,
+    scheduler_extra_args,
+    worker_request,
+)
+from vllm_recroute.vllm_view.scheduler import (
+    null_block_id,
+    routed_stage_managers,
+    step_embed_limit,
+    step_token_limit,
+)
+from vllm_recroute.vllm_view.step import (
+    StepBatch,
+    StepContext,
+    current_step,
+    decoder_of,
+    gone_request_ids,
+    has_prompt_rows,
+    native_custom_ops,
+    run_eager_this_forward,
+    step_scope,
+    use_forwards,
+)
+
+__all__ = [
+    "GroupInfo",
+    "StepBatch",
+    "StepContext",
+    "block_table",
+    "cache_salt",
+    "common_attention_metadata",
+    "current_step",
+    "decoder_of",
+    "embed_positions_in",
+    "first_image_offset",
+    "gone_request_ids",
+    "has_prompt_rows",
+    "image_embeds_from",
+    "image_spans",
+    "install_layer_attention",
+    "is_finished_normally",
+    "kv_cache_groups",
+    "kv_groups_of_layers",
+    "live_block_table",
+    "native_custom_ops",
+    "null_block_id",
+    "num_decoder_layers",
+    "prompt_length",
+    "request_extra_args",
+    "routed_stage_managers",
+    "run_eager_this_forward",
+    "scheduler_extra_args",
+    "step_embed_limit",
+    "step_scope",
+    "step_token_limit",
+    "table_device",
+    "tensor_parallel_rank",
+    "tensor_parallel_size",
+    "tp_all_gather",
+    "tp_all_reduce_sum",
+    "use_forwards",
+    "worker_request",
+]

@@ -1,0 +1,46 @@
+"""The engine's shape: decoder depth and the tensor-parallel group."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def num_decoder_layers(vllm_config: Any) -> int:
+    """The text model's decoder layers (the routed decoder's ``len(layers)``)."""
+    return int(vllm_config.model_config.get_num_layers(vllm_config.parallel_config))
+
+
+def tensor_parallel_rank() -> int:
+    """This process's tensor-parallel rank (0 outside a distributed setup)."""
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank()
+    except (AssertionError, RuntimeError):
+        return 0
+
+
+def tensor_parallel_size() -> int:
+    """Ranks in this process's tensor-parallel group (1 outside a distributed setup)."""
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_world_size
+
+        return get_tensor_model_parallel_world_size()
+    except (AssertionError, RuntimeError):
+        return 1
+
+
+def tp_all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over the tensor-parallel group (every rank calls it)."""
+    from vllm.distributed import tensor_model_parallel_all_reduce
+
+    return tensor_model_parallel_all_reduce(t)
+
+
+def tp_all_gather(t: torch.Tensor) -> torch.Tensor:
+    """``[world, *t.shape]``: every rank's ``t`` (every rank calls it)."""
+    from vllm.distributed import tensor_model_parallel_all_gather
+
+    return tensor_model_parallel_all_gather(t.unsqueeze(0), dim=0)
