@@ -56,6 +56,7 @@ LAYERS: list[list[str]] = [
         "vllm_view.step",
         "tiny_models",
         "tiny_models_more",
+        "tiny_models_paligemma",
         "tiny_remote",
         "tiny_remote.keye",
         "tiny_remote.phi3v",
