@@ -173,6 +173,8 @@ PATCHES: tuple[Patch, ...] = (
             "vllm.v1.core.kv_cache_manager:KVCacheManager",
             "vllm.v1.core.block_pool:BlockPool",
             "vllm.v1.request:RequestStatus.FINISHED_STOPPED",
+            "vllm.v1.request:RequestStatus.WAITING",
+            "vllm.v1.request:RequestStatus.PREEMPTED",
             "vllm.distributed.parallel_state:get_tensor_model_parallel_rank",
         ),
         where="vllm_recroute/vllm_view/",
@@ -258,7 +260,9 @@ PATCHES: tuple[Patch, ...] = (
         "SchedulerConfig.scheduler_cls: overrides _try_schedule_encoder_inputs to cut a "
         "routed prompt's chunk back to its first image unless the chunk reaches the prompt's "
         "end, and schedule() to move a request so cut to the front of Scheduler.running "
-        "for its next step. Reads (vllm_view): Request.num_prompt_tokens, mm_features; "
+        "for its next step (a waiting request whose remaining prompt fits one step is admitted "
+        "whole, never with only the text before its image). Reads (vllm_view): "
+        "Request.num_prompt_tokens, mm_features, status; "
         "Scheduler.max_num_scheduled_tokens, max_num_encoder_input_tokens, "
         "encoder_cache_manager.cache_size.",
         why="Question-conditioned scores need the span from the first image to the prompt's "

@@ -9,7 +9,12 @@ chunked like any prompt, so the rule only moves a chunk's end:
                                                             the next takes all 14)
 
 A chunk that would end inside ``[first image, prompt end)`` is cut back to end right before
-the first image. When the span alone is larger than any step can hold, no cut helps: the
+the first image. A request not admitted yet whose whole remaining prompt fits one step is
+not cut: it waits for a step that holds all of it (``admit_whole``). Otherwise a step with
+budget left would admit it with only the few text tokens before its image, and vLLM's
+admission check (``scheduler_reserve_full_isl``) would count its whole prompt against a
+pool that the step's other such admissions count too: over-admission, then preemption.
+When the span alone is larger than any step can hold, no cut helps: the
 chunk stays as vLLM chose it, and the worker runs the prompt unrouted (counted in
 ``chunked_fallbacks``).
 """
@@ -35,7 +40,12 @@ def span_fits(
 
 
 def aligned_chunk(
-    computed: int, num_new: int, prompt_end: int, first_image: int | None, fits: bool
+    computed: int,
+    num_new: int,
+    prompt_end: int,
+    first_image: int | None,
+    fits: bool,
+    admit_whole: bool = False,
 ) -> int:
     """Tokens to schedule for a routed prompt, given vLLM's chunk ``num_new``.
 
@@ -44,11 +54,12 @@ def aligned_chunk(
     text only); ``fits``: :func:`span_fits` of the span. Returns ``num_new`` unless the
     chunk ends strictly inside the span and the span fits one step; then the tokens up to
     the first image (0 when the chunk starts there: the request waits for a step with the
-    whole span's budget).
+    whole span's budget), or 0 with ``admit_whole`` (a waiting request whose remaining
+    prompt fits one step: it is admitted with all of it, at a later step).
     """
     if first_image is None or computed > first_image or not fits:
         return num_new  # text only, the first image already computed, or hopeless
     end = computed + num_new
     if first_image < end < prompt_end:
-        return first_image - computed
+        return 0 if admit_whole else first_image - computed
     return num_new

@@ -9,7 +9,9 @@ P11), nothing else changes:
   ``long_prefill_token_threshold`` and a prefix-cache hit have set the chunk, and it may
   already shorten a chunk to end before an image (encoder budget). A routed request's
   chunk is cut here by ``sched.chunking.aligned_chunk``: before its first image it chunks
-  freely; from the first image on, the whole rest in one step or nothing this step.
+  freely; from the first image on, the whole rest in one step or nothing this step. A
+  waiting request whose remaining prompt fits one step is admitted whole or not this step
+  (never with only the text before its image: see the rule's ``admit_whole``).
 - ``schedule``: a request cut that way needs the whole span at its next step; it is moved
   to the front of ``running``, so that step's token budget serves it before the decodes
   and chunks of older requests (otherwise those could hold it back step after step).
@@ -106,7 +108,8 @@ class RoutedChunkScheduler(Scheduler):
         embeds = vllm_view.image_embeds_from(request, first)
         if not span_fits(end, first, self._step_tokens, embeds, self._step_embeds):
             return None
-        return lambda n: aligned_chunk(computed, n, end, first, fits=True)
+        whole = vllm_view.is_waiting(request) and end - computed <= self._step_tokens
+        return lambda n: aligned_chunk(computed, n, end, first, fits=True, admit_whole=whole)
 
     def _routed(self, request: Any) -> bool:
         extra = vllm_view.scheduler_extra_args(request)

@@ -83,6 +83,13 @@ def cache_salt(request: Any) -> str | None:
     return getattr(request, "cache_salt", None) or None
 
 
+def is_waiting(request: Any) -> bool:
+    """Scheduler side: a request not admitted yet (new, or preempted and waiting again)."""
+    from vllm.v1.request import RequestStatus
+
+    return request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+
+
 def is_finished_normally(request: Any) -> bool:
     """A request that stopped or hit its length (not aborted): its KV is complete."""
     from vllm.v1.request import RequestStatus
