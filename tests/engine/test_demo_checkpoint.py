@@ -15,10 +15,11 @@ pytestmark = pytest.mark.engine
 
 CHECKPOINT = Path(__file__).resolve().parents[2] / "vllm_recroute" / "demo" / "checkpoint"
 N = 24  # the first N held-out examples, 4 per question type; never used in training
-# 21/24 measured on this machine with the shipped float16 weights (its `where` answers are
-# the weak type, TRAINING.md); the per-type answer prior is ~35%, so a broken or untrained
-# model fails, and so does the 4-layer model (its vocabulary has no `where` words).
-MIN_CORRECT = 20
+# 23/24 measured on this machine with the shipped float16 weights (one relation answer
+# wrong; TRAINING.md: 97.0% on 600 held-out); the per-type answer prior is ~35%, so a
+# broken or untrained model fails, and so does the 4-layer model (its vocabulary has no
+# `where` words) and the previous 16-layer checkpoint (29% on `where`).
+MIN_CORRECT = 22
 
 
 def _examples(n: int = N):
