@@ -314,7 +314,7 @@ def _hf_first_tokens(
                     if s.start == idx + 1 and fixed is None:
                         query = query_indices(n, visual, cfg.score_query)
                         sc = oracle._scores(
-                            layer, x, pos, dec.rotary_emb, visual, query, cfg.scorer
+                            layer, x, pos, lm.rope, visual, query, cfg.scorer
                         )
                         prev = masks[k - 1] if k else None
                         masks.append(
@@ -322,20 +322,20 @@ def _hf_first_tokens(
                         )
                 k = stage_at(stages, idx)
                 if k is None:
-                    x = oracle._run_layer(layer, x, pos, dec.rotary_emb)
+                    x = oracle._run_layer(layer, x, pos, lm.rope)
                     continue
                 active = torch.ones(n, dtype=torch.bool)
                 active[visual[~masks[k]]] = False
                 if not fresh:
                     rows = torch.nonzero(active).flatten()
-                    out = oracle._run_layer(layer, x[rows], pos[rows], dec.rotary_emb)
+                    out = oracle._run_layer(layer, x[rows], pos[rows], lm.rope)
                     x = x.index_copy(0, rows, out)
                     continue
                 allowed = causal & (active[None, :] | torch.eye(n, dtype=torch.bool))
                 bias = torch.zeros(n, n, dtype=x.dtype).masked_fill(
                     ~allowed, torch.finfo(x.dtype).min
                 )
-                cos, sin = dec.rotary_emb(x[None], pos[None])
+                cos, sin = lm.rope(x, pos)
                 out = layer(x[None], attention_mask=bias[None, None], position_ids=pos[None],
                             position_embeddings=(cos, sin))  # fmt: skip
                 x = (out[0] if isinstance(out, tuple) else out)[0]
