@@ -10,7 +10,7 @@ request (from `vllm:kv_cache_usage_perc`), preemptions, and generated tokens/s. 
 analytic ideal of the KV ratio from the schedule: per request, the stage-weighted share
 of tokens that keep KV pages, at the final length.
 
-    python bench/kv_capacity.py [--requests 16] [--max-tokens 32] [--kv-mib 96] [--parked-mib 256]
+    python bench/kv_capacity.py [--requests 24] [--max-tokens 24] [--kv-mib 270] [--parked-mib 256]
 """
 
 from __future__ import annotations
@@ -116,9 +116,9 @@ def _ideal_ratio(num_layers: int, num_visual: int, total_tokens: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="default: cached smolvlm-256m preset")
-    ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--kv-mib", type=int, default=96)
+    ap.add_argument("--requests", type=int, default=24)
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--kv-mib", type=int, default=270)
     ap.add_argument("--image-size", type=int, default=1024)
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--parked-mib", type=int, default=256, help="parked host pool size")
