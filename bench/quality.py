@@ -313,9 +313,7 @@ def _hf_first_tokens(
                 for k, s in enumerate(stages):
                     if s.start == idx + 1 and fixed is None:
                         query = query_indices(n, visual, cfg.score_query)
-                        sc = oracle._scores(
-                            layer, x, pos, lm.rope, visual, query, cfg.scorer
-                        )
+                        sc = oracle._scores(layer, x, pos, lm.rope, visual, query, cfg.scorer)
                         prev = masks[k - 1] if k else None
                         masks.append(
                             route_request(sc, num_keep(s.keep, int(visual.numel())), cfg.mode, prev)
