@@ -80,6 +80,21 @@ def _add_auto_map(path: Path, auto_map: dict[str, str]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _save_remote_processor(
+    proc: Any, out: Path, module: str, image_cls: str, proc_cls: str
+) -> None:
+    """Save a processor whose classes live in ``tiny_remote/<module>.py``: the module is
+    copied into the checkpoint as ``recroute_<module>.py`` and the processor configs point
+    to it (loaded with ``trust_remote_code``)."""
+    proc.save_pretrained(out)
+    name = f"recroute_{module}"
+    _copy_remote(module, out, name)
+    auto = {"AutoImageProcessor": f"{name}.{image_cls}", "AutoProcessor": f"{name}.{proc_cls}"}
+    for cfg in ("preprocessor_config.json", "processor_config.json"):
+        if (out / cfg).exists():
+            _add_auto_map(out / cfg, auto)
+
+
 def _keye(out: Path, preset: str) -> None:
     from transformers import Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
@@ -159,15 +174,7 @@ def _keye(out: Path, preset: str) -> None:
     proc = KeyeProcessor(
         image_processor=image_proc, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE
     )
-    proc.save_pretrained(out)
-    _copy_remote("keye", out, "recroute_keye")
-    auto = {
-        "AutoImageProcessor": "recroute_keye.KeyeImageProcessor",
-        "AutoProcessor": "recroute_keye.KeyeProcessor",
-    }
-    for name in ("preprocessor_config.json", "processor_config.json"):
-        if (out / name).exists():
-            _add_auto_map(out / name, auto)
+    _save_remote_processor(proc, out, "keye", "KeyeImageProcessor", "KeyeProcessor")
     lm.generation_config.save_pretrained(out)
 
 
@@ -275,15 +282,7 @@ def _phi3v(out: Path, preset: str) -> None:
         tokenizer=tok,
         chat_template=PHI3V_CHAT_TEMPLATE,
     )
-    proc.save_pretrained(out)
-    _copy_remote("phi3v", out, "recroute_phi3v")
-    auto = {
-        "AutoImageProcessor": "recroute_phi3v.Phi3VImageProcessor",
-        "AutoProcessor": "recroute_phi3v.Phi3VProcessor",
-    }
-    for name in ("preprocessor_config.json", "processor_config.json"):
-        if (out / name).exists():
-            _add_auto_map(out / name, auto)
+    _save_remote_processor(proc, out, "phi3v", "Phi3VImageProcessor", "Phi3VProcessor")
     lm.generation_config.save_pretrained(out)
 
 
@@ -379,15 +378,7 @@ def _minicpmv(out: Path, preset: str) -> None:
     proc = MiniCPMVProcessor(
         image_processor=image_proc, tokenizer=tok, chat_template=MINICPMV_CHAT_TEMPLATE
     )
-    proc.save_pretrained(out)
-    _copy_remote("minicpmv", out, "recroute_minicpmv")
-    auto = {
-        "AutoImageProcessor": "recroute_minicpmv.MiniCPMVImageProcessor",
-        "AutoProcessor": "recroute_minicpmv.MiniCPMVProcessor",
-    }
-    for name in ("preprocessor_config.json", "processor_config.json"):
-        if (out / name).exists():
-            _add_auto_map(out / name, auto)
+    _save_remote_processor(proc, out, "minicpmv", "MiniCPMVImageProcessor", "MiniCPMVProcessor")
     lm.generation_config.save_pretrained(out)
 
 
