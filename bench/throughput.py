@@ -7,9 +7,17 @@ scheduling on, vLLM's CPU thread binding) except prefix caching, off everywhere:
 request has a different question but the same image, so only the vision encoder cache
 helps (the decoder is what is timed). The routed engines run with the plugin's defaults
 for the rest. Each process runs the workload twice, the second pass is measured
-(LLMEngine.step loop, request timestamps per step): --concurrency requests added at
-once, --max-tokens each (ignore_eos). The worker's thread binding is read from each
+(LLMEngine.step loop, request timestamps per step): --concurrency requests added at once,
+--max-tokens each (ignore_eos). Besides TTFT and TPOT the table gives the two phases: the
+time until every request has its first token (all prompts prefilled) and the median step
+after it (a decode step of the whole batch). The worker's thread binding is read from each
 engine's log and printed with the table.
+
+Two reference rows (plain vLLM, no routing) bound what an implementation of PyramidDrop's
+budget could reach on this workload: the same requests with a 1536x512 crop of the image
+(256 visual tokens at every layer: fewer visual token-layers, and less KV per request,
+than pdrop's 307 active per layer on average), and the questions alone (no visual token at
+all: the ceiling of every visual-token reduction).
 
     python bench/throughput.py [--concurrency 8] [--max-tokens 48] [--out docs/bench_throughput.md]
 """
@@ -25,25 +33,35 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 ROUTED = "RecrouteIdefics3ForConditionalGeneration"
 PDROP = {"mode": "reroute", "schedule": "pdrop"}
-# name -> recroute config (None: plain vLLM)
-ENGINES: dict[str, dict | None] = {
-    "plain vLLM (defaults)": None,
-    "routed, mode off": {"mode": "off"},
-    "routed, pdrop reroute": PDROP,
-    "routed, pdrop + kv_release + parked tier": {
-        **PDROP,
-        "kv_release": True,
-        "parked_bytes": 256 << 20,
-        "reroute_every": 8,
-    },
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One row: the recroute config (None: plain vLLM) and the image each request gets."""
+
+    routing: dict | None
+    image: str = "full"  # "full" (the --image-size square), "wide" (its top third), "none"
+
+
+ENGINES: dict[str, Engine] = {
+    "plain vLLM (defaults)": Engine(None),
+    "routed, mode off": Engine({"mode": "off"}),
+    "routed, pdrop reroute": Engine(PDROP),
+    "routed, pdrop + kv_release + parked tier": Engine(
+        {**PDROP, "kv_release": True, "parked_bytes": 256 << 20, "reroute_every": 8}
+    ),
+    # upper bounds for pdrop's budget on this workload (module docstring)
+    "bound: plain vLLM, 256 visual tokens": Engine(None, image="wide"),
+    "bound: plain vLLM, text only": Engine(None, image="none"),
     # the same engine as the first row, last: how much the machine drifted during the run
-    "plain vLLM (defaults), again": None,
+    "plain vLLM (defaults), again": Engine(None),
 }
 QUESTIONS = [
     "What color is the circle on the left?",
@@ -57,21 +75,27 @@ QUESTIONS = [
 ]
 
 
-def _requests(model: str, n: int, image_size: int) -> list[dict]:
+def _requests(model: str, n: int, image_size: int, image: str = "full") -> list[dict]:
     from transformers import AutoProcessor
 
     from vllm_recroute.tiny_models import make_test_image
 
     proc = AutoProcessor.from_pretrained(model)
-    image = make_test_image(7, image_size)
+    picture = make_test_image(7, image_size)
+    if image == "wide":  # 3 x 1 tiles + the global one (256 tokens at 1536 px)
+        picture = picture.crop((0, 0, image_size, image_size // 3))
     out = []
     for i in range(n):
         question = f"{QUESTIONS[i % len(QUESTIONS)]} ({i})"
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
-        ]
+        content = [{"type": "text", "text": question}]
+        if image != "none":
+            content.insert(0, {"type": "image"})
+        messages = [{"role": "user", "content": content}]
         prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
-        out.append({"prompt": prompt, "multi_modal_data": {"image": image}})
+        req: dict = {"prompt": prompt}
+        if image != "none":
+            req["multi_modal_data"] = {"image": picture}
+        out.append(req)
     return out
 
 
@@ -85,24 +109,37 @@ def _pass(llm, requests: list[dict], max_tokens: int, tag: str) -> dict:
         engine.add_request(f"{tag}{i}", req, params)
     first: dict[str, float] = {}
     done: dict[str, tuple[float, int]] = {}
+    prompt_tokens: list[int] = []
+    steps: list[tuple[float, float]] = []  # (start, end) of every engine step
     while engine.has_unfinished_requests():
-        for out in engine.step():
+        started = time.perf_counter()
+        outputs = engine.step()
+        steps.append((started, time.perf_counter()))
+        for out in outputs:
             now = time.perf_counter()
             n = len(out.outputs[0].token_ids)
             if n and out.request_id not in first:
                 first[out.request_id] = now
             if out.finished:
                 done[out.request_id] = (now, n)
+                prompt_tokens.append(len(out.prompt_token_ids or ()))
     wall = time.perf_counter() - t0
     generated = sum(n for _, n in done.values())
     ttft = [first[r] - t0 for r in done]
     tpot = [(t - first[r]) / max(1, n - 1) for r, (t, n) in done.items()]
+    # Phases: until every request has its first token (all prompts prefilled), then the
+    # steps that only decode: their median is the cost of one decode step of the batch.
+    prefilled = max(first.values())
+    decode_steps = [end - start for start, end in steps if start >= prefilled]
     return {
         "wall_s": wall,
         "output_tok_s": generated / wall,
         "ttft_median_s": statistics.median(ttft),
         "tpot_median_s": statistics.median(tpot),
         "requests": len(done),
+        "prompt_tokens": statistics.median(prompt_tokens),
+        "prefill_phase_s": prefilled - t0,
+        "decode_step_median_s": statistics.median(decode_steps) if decode_steps else float("nan"),
     }
 
 
@@ -110,7 +147,8 @@ def run_engine(name: str, args: argparse.Namespace) -> dict:
     """One engine (in this process): warm pass, measured pass."""
     from vllm import LLM
 
-    routing = ENGINES[name]
+    engine = ENGINES[name]
+    routing = engine.routing
     kw = dict(
         model=args.model, dtype="float32", max_model_len=2048, seed=0,
         kv_cache_memory_bytes=args.kv_mib << 20, max_num_seqs=max(8, args.concurrency),
@@ -121,7 +159,7 @@ def run_engine(name: str, args: argparse.Namespace) -> dict:
             hf_overrides={"architectures": [ROUTED]}, additional_config={"recroute": routing}
         )
     llm = LLM(**kw)
-    requests = _requests(args.model, args.concurrency, args.image_size)
+    requests = _requests(args.model, args.concurrency, args.image_size, engine.image)
     _pass(llm, requests, args.max_tokens, "warm")
     result = _pass(llm, requests, args.max_tokens, "run")
     comp = llm.llm_engine.vllm_config.compilation_config
@@ -131,6 +169,25 @@ def run_engine(name: str, args: argparse.Namespace) -> dict:
     result["max_num_batched_tokens"] = int(sched.max_num_batched_tokens)
     llm.llm_engine.engine_core.shutdown()
     return result
+
+
+def _pdrop_budget(model: str, num_visual: int = 640) -> str:
+    """PyramidDrop's schedule on this model: its mean active visual tokens per layer."""
+    from transformers import AutoConfig
+
+    from vllm_recroute.config import RoutingConfig
+    from vllm_recroute.routing import resolve_stages
+    from vllm_recroute.routing.schedule import average_retention
+
+    layers = AutoConfig.from_pretrained(model).text_config.num_hidden_layers
+    stages = resolve_stages(RoutingConfig(**PDROP), layers, num_visual)
+    kept = average_retention(stages, layers)
+    layout = ", ".join(f"layers {s.start}-{s.end - 1} keep {s.keep}" for s in stages)
+    return (
+        f"PyramidDrop on {layers} layers ({layout})"
+        f" keeps {kept:.3f} of the visual token-layers: {kept * num_visual:.0f} of {num_visual} "
+        "visual tokens active per layer on average."
+    )
 
 
 def _binding(log: str) -> str:
@@ -191,19 +248,21 @@ def main() -> None:
         f"{args.concurrency} concurrent requests x {args.max_tokens} output tokens, 640 visual "
         f"tokens each ({args.image_size}-px image), model {Path(args.model).name}; second of "
         "two identical passes, one process per engine. Ratios (x plain) against the mean of "
-        "the two plain vLLM runs (first and last).",
+        f"the two plain vLLM runs (first and last). {_pdrop_budget(args.model)}",
         "",
-        "| engine | compile | chunked prefill | output tok/s | x plain | TTFT median (s) | "
-        "x plain | TPOT median (ms) | x plain |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| engine | prompt tokens | compile | chunked prefill | output tok/s | x plain | "
+        "TTFT median (s) | x plain | TPOT median (ms) | x plain | all prefilled (s) | "
+        "decode step median (ms) |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
         lines.append(
-            f"| {name} | {r['compilation']} | {'on' if r['chunked_prefill'] else 'off'} "
-            f"({r['max_num_batched_tokens']}) | {r['output_tok_s']:.1f} | "
-            f"{r['output_tok_s'] / base['output_tok_s']:.2f} | {r['ttft_median_s']:.2f} | "
-            f"{r['ttft_median_s'] / base['ttft_median_s']:.2f} | "
-            f"{1000 * r['tpot_median_s']:.1f} | {r['tpot_median_s'] / base['tpot_median_s']:.2f} |"
+            f"| {name} | {r['prompt_tokens']:.0f} | {r['compilation']} | "
+            f"{'on' if r['chunked_prefill'] else 'off'} ({r['max_num_batched_tokens']}) | "
+            f"{r['output_tok_s']:.1f} | {r['output_tok_s'] / base['output_tok_s']:.2f} | "
+            f"{r['ttft_median_s']:.2f} | {r['ttft_median_s'] / base['ttft_median_s']:.2f} | "
+            f"{1000 * r['tpot_median_s']:.1f} | {r['tpot_median_s'] / base['tpot_median_s']:.2f} | "
+            f"{r['prefill_phase_s']:.2f} | {1000 * r['decode_step_median_s']:.1f} |"
         )
     lines += ["", "Worker thread binding per engine (from the engine logs):", ""]
     lines += [f"- {name}: {r['threads']}" for name, r in results.items()]
