@@ -35,6 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -47,7 +48,7 @@ class Engine:
     """One row: the recroute config (None: plain vLLM) and the image each request gets."""
 
     routing: dict | None
-    image: str = "full"  # "full" (the --image-size square), "wide" (its top third), "none"
+    image: Literal["full", "wide", "none"] = "full"  # the --image-size square, its top third
 
 
 ENGINES: dict[str, Engine] = {
