@@ -247,7 +247,8 @@ def main() -> None:
     }
     lines = [
         f"{args.concurrency} concurrent requests x {args.max_tokens} output tokens, 640 visual "
-        f"tokens each ({args.image_size}-px image), model {Path(args.model).name}; second of "
+        f"tokens each ({args.image_size}-px image; the bound rows fewer, see their prompt "
+        f"tokens), model {Path(args.model).name}; second of "
         "two identical passes, one process per engine. Ratios (x plain) against the mean of "
         f"the two plain vLLM runs (first and last). {_pdrop_budget(args.model)}",
         "",
