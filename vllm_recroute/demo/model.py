@@ -52,6 +52,25 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
+# The test-bed model's template (training/testbed.py): a turn's image(s) BEFORE its text, the
+# order SmolVLM, LLaVA and Qwen-VL are trained on, whatever the order in the message; the
+# visual tokens then cannot read the question, so nothing marks them for it in early layers.
+CHAT_TEMPLATE_IMAGE_FIRST = CHAT_TEMPLATE.replace(
+    "{% for line in message['content'] %}"
+    "{% if line['type'] == 'text' %}{{ line['text'] }}{% endif %}"
+    "{% endfor %}"
+    "{% for line in message['content'] %}"
+    "{% if line['type'] == 'image' %}{{ '<image>' }}{% endif %}"
+    "{% endfor %}",
+    "{% for line in message['content'] %}"
+    "{% if line['type'] == 'image' %}{{ '<image>' }}{% endif %}"
+    "{% endfor %}"
+    "{% for line in message['content'] %}"
+    "{% if line['type'] == 'text' %}{{ line['text'] }}{% endif %}"
+    "{% endfor %}",
+)
+assert CHAT_TEMPLATE_IMAGE_FIRST != CHAT_TEMPLATE
+
 _WORD_RE = re.compile(r"\w+|[^\w\s]+")
 
 
@@ -70,6 +89,7 @@ class DemoModelSize:
     text_intermediate: int = 768
     text_layers: int = 4
     text_heads: int = 4  # head_dim = text_hidden / text_heads (vLLM CPU attention needs >= 32)
+    text_kv_heads: int = 0  # 0: as many as text_heads (no GQA)
     max_position_embeddings: int = 2048
 
     @property
@@ -132,14 +152,14 @@ def build_image_processor(size: DemoModelSize = DemoModelSize()):
     )
 
 
-def build_processor(size: DemoModelSize = DemoModelSize()):
+def build_processor(size: DemoModelSize = DemoModelSize(), image_first: bool = False):
     from transformers import Idefics3Processor
 
     return Idefics3Processor(
         image_processor=build_image_processor(size),
         tokenizer=build_tokenizer(),
         image_seq_len=size.image_seq_len,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=CHAT_TEMPLATE_IMAGE_FIRST if image_first else CHAT_TEMPLATE,
     )
 
 
@@ -153,7 +173,7 @@ def build_config(tokenizer, size: DemoModelSize = DemoModelSize()):
         intermediate_size=size.text_intermediate,
         num_hidden_layers=size.text_layers,
         num_attention_heads=size.text_heads,
-        num_key_value_heads=size.text_heads,
+        num_key_value_heads=size.text_kv_heads or size.text_heads,
         head_dim=size.text_hidden // size.text_heads,
         max_position_embeddings=size.max_position_embeddings,
         rms_norm_eps=1e-5,
@@ -182,7 +202,8 @@ def build_config(tokenizer, size: DemoModelSize = DemoModelSize()):
     )
     cfg.bos_token_id = ids(BOS)
     cfg.eos_token_id = ids(EOU)
-    cfg.demo_model_size = asdict(size)
+    # the default GQA field is left out so that older checkpoints' records stay as they were
+    cfg.demo_model_size = {k: v for k, v in asdict(size).items() if k != "text_kv_heads" or v}
     return cfg
 
 

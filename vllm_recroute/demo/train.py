@@ -313,7 +313,7 @@ def load_init(init_from: str, size: DemoModelSize, vocab_size: int | None = None
 
     model = Idefics3ForConditionalGeneration.from_pretrained(init_from, dtype=torch.float32)
     saved = getattr(model.config, "demo_model_size", None)
-    if saved is not None and saved != asdict(size):
+    if saved is not None and DemoModelSize(**saved) != size:
         raise ValueError(f"{init_from} has size {saved}, not {asdict(size)}")
     if vocab_size is not None and vocab_size != model.config.text_config.vocab_size:
         extend_vocab(model, vocab_size)
@@ -418,7 +418,7 @@ def grow_text_layers(old_model, processor, size: DemoModelSize, seed: int = 0):
 
     old_size = getattr(old_model.config, "demo_model_size", None)
     old_layers = old_model.config.text_config.num_hidden_layers
-    if old_size is not None and old_size != asdict(replace(size, text_layers=old_layers)):
+    if old_size is not None and DemoModelSize(**old_size) != replace(size, text_layers=old_layers):
         raise ValueError(f"cannot grow size {old_size} into {asdict(size)}")
     if size.text_layers % old_layers:
         raise ValueError(f"{size.text_layers} text layers is not a multiple of {old_layers}")
