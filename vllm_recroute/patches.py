@@ -176,6 +176,7 @@ PATCHES: tuple[Patch, ...] = (
             "vllm.v1.request:RequestStatus.WAITING",
             "vllm.v1.request:RequestStatus.PREEMPTED",
             "vllm.distributed.parallel_state:get_tensor_model_parallel_rank",
+            "vllm.distributed.parallel_state:get_tp_group",
         ),
         where="vllm_recroute/vllm_view/",
     ),

@@ -140,3 +140,26 @@ def test_query_indices() -> None:
     assert query_indices(4, visual, "question").tolist() == [3]
     with pytest.raises(RoutingConfigError, match=r"recroute\.score_query"):
         query_indices(8, visual, "first")
+
+
+def test_attention_scorer_chunks_its_queries_exactly(monkeypatch):
+    """The scorer's [Q, KV, G, T] logits are bounded by chunking the queries
+    (SCORE_CHUNK_ELEMENTS, the routed step's largest extra activation): chunked scores
+    equal unchunked ones, and the bound is honoured (guard: the chunk really is smaller)."""
+    import vllm_recroute.routing.scorers as S
+
+    g = torch.Generator().manual_seed(5)
+    t, heads = 50, 4
+    q, k = torch.randn(t, heads, 16, generator=g), torch.randn(t, 2, 16, generator=g)
+    vis = torch.arange(3, 40)
+    inputs = S.ScoreInputs(q, k, vis, torch.arange(40, t), 0.25)
+    whole = S.AttentionScorer().score(inputs)
+    sizes = []
+    real = S._attention_sums
+    monkeypatch.setattr(
+        S, "_attention_sums", lambda q_, *a: sizes.append(q_.shape[0]) or real(q_, *a)
+    )
+    monkeypatch.setattr(S, "SCORE_CHUNK_ELEMENTS", 3 * heads * t)
+    chunked = S.AttentionScorer().score(inputs)
+    assert sizes == [3, 3, 3, 1]
+    assert torch.allclose(chunked, whole, atol=1e-7)

@@ -29,6 +29,11 @@ def select_active(
     at least one block; non-candidate tokens of a taken block stay inactive.
     """
     num_visual = scores.shape[0]
+    # device-agnostic: decided where the scores are (the worker brings them to the host)
+    if candidates is not None:
+        candidates = candidates.to(scores.device)
+    if block_ids is not None:
+        block_ids = block_ids.to(scores.device)
     if candidates is None:
         candidates = torch.ones(num_visual, dtype=torch.bool, device=scores.device)
     active = torch.zeros(num_visual, dtype=torch.bool, device=scores.device)

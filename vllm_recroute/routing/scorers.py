@@ -3,6 +3,10 @@
 One small class per scorer behind a registry, so a new scorer is one class plus one dict
 entry. A scorer sees one request's post-RoPE queries and keys at the layer just before a
 router point and returns one float32 score per visual token.
+
+Devices (docs/architecture.md, "GPU path"): scores are computed where ``q``/``k`` live (the
+activations' device); index inputs may be host tensors and are moved there. The caller
+brings the scores of a whole router point to the host in one copy.
 """
 
 from __future__ import annotations
@@ -68,15 +72,21 @@ class AttentionScorer(Scorer):
         num_heads, num_kv = x.q.shape[1], x.k.shape[1]
         if num_heads % num_kv:
             raise ValueError(f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv}")
-        # Group query heads by their kv head instead of repeating k (GQA), same maths.
-        q = x.q[x.query_idx].float().unflatten(1, (num_kv, num_heads // num_kv))  # [Q,KV,G,D]
+        device = x.k.device
+        query_idx = x.query_idx.to(device)
         k = x.k.float()  # [T, KV, D]
-        logits = torch.einsum("qhgd,thd->qhgt", q, k) * x.scale
-        future = _future_mask(x.query_idx, k.shape[0])  # [Q, T]
-        logits = logits.masked_fill(future[:, None, None, :], float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        per_token = probs.mean(dim=(0, 1, 2))  # [T]
-        return per_token[x.visual_idx].contiguous()
+        # Group query heads by their kv head instead of repeating k (GQA), same maths.
+        q = x.q[query_idx].float().unflatten(1, (num_kv, num_heads // num_kv))  # [Q,KV,G,D]
+        # The [Q, KV, G, T] float32 logits are the routed step's largest extra activation,
+        # which vLLM's profile run never sees: bounded by chunking the queries
+        # (SCORE_CHUNK_ELEMENTS), exact (each query's softmax is its own).
+        per_query = num_heads * k.shape[0]
+        step = max(1, SCORE_CHUNK_ELEMENTS // max(1, per_query))
+        total = torch.zeros(k.shape[0], dtype=torch.float32, device=device)
+        for lo in range(0, int(query_idx.numel()), step):
+            total += _attention_sums(q[lo : lo + step], k, query_idx[lo : lo + step], x.scale)
+        per_token = total / (int(query_idx.numel()) * num_heads)  # mean over queries, heads
+        return per_token[x.visual_idx.to(device)].contiguous()
 
 
 class KeyNormScorer(Scorer):
@@ -91,7 +101,7 @@ class KeyNormScorer(Scorer):
     causal = True
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
-        keys = x.k[x.visual_idx].float()  # [V, KV, D]
+        keys = x.k[x.visual_idx.to(x.k.device)].float()  # [V, KV, D]
         return -torch.linalg.vector_norm(keys, dim=-1).mean(dim=-1)
 
 
@@ -130,6 +140,19 @@ def query_indices(num_tokens: int, visual_idx: torch.Tensor, score_query: str) -
     if start >= num_tokens:
         return last
     return torch.arange(start, num_tokens, dtype=torch.long, device=device)
+
+
+# At most this many float32 logits per chunk of queries (64 MiB): the bound on the attention
+# scorer's extra activation memory, whatever the prompt length or number of query tokens.
+SCORE_CHUNK_ELEMENTS = 16 * 1024 * 1024
+
+
+def _attention_sums(q: torch.Tensor, k: torch.Tensor, query_idx: torch.Tensor, scale: float):
+    """``[T]``: causal attention probabilities summed over these queries and all heads."""
+    logits = torch.einsum("qhgd,thd->qhgt", q, k) * scale
+    future = _future_mask(query_idx, k.shape[0])  # [Q, T], on the logits' device
+    logits = logits.masked_fill(future[:, None, None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1).sum(dim=(0, 1, 2))
 
 
 def _future_mask(query_idx: torch.Tensor, num_keys: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from vllm_recroute.vllm_view.engine import (
     tensor_parallel_size,
     tp_all_gather,
     tp_all_reduce_sum,
+    tp_device,
 )
 from vllm_recroute.vllm_view.kv import (
     GroupInfo,
@@ -98,6 +99,7 @@ __all__ = [
     "tensor_parallel_size",
     "tp_all_gather",
     "tp_all_reduce_sum",
+    "tp_device",
     "use_forwards",
     "worker_request",
 ]

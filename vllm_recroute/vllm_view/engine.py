@@ -32,6 +32,14 @@ def tensor_parallel_size() -> int:
         return 1
 
 
+def tp_device() -> torch.device:
+    """The device the tensor-parallel group communicates on (cuda:N under NCCL, cpu under
+    gloo)."""
+    from vllm.distributed.parallel_state import get_tp_group
+
+    return get_tp_group().device
+
+
 def tp_all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of ``t`` over the tensor-parallel group (every rank calls it)."""
     from vllm.distributed import tensor_model_parallel_all_reduce

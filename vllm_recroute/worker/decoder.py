@@ -40,7 +40,7 @@ from vllm_recroute.metrics.accounting import Ledger
 from vllm_recroute.patches import apply_patches
 from vllm_recroute.requests.options import decode_reroute_every, routing_for_request
 from vllm_recroute.routing import router_points
-from vllm_recroute.worker.compaction import LayerGroups, take_positions
+from vllm_recroute.worker.compaction import LayerGroups
 from vllm_recroute.worker.config_hook import check_routing_requirements
 from vllm_recroute.worker.parking import PageRow, ParkingTier
 from vllm_recroute.worker.state import DeferredOutbox, RouteStore
@@ -116,10 +116,7 @@ class RoutedDecoder:
         self._native_ops = vllm_view.native_custom_ops(text_model)
         for idx, layer in enumerate(self.layers):
             layer.forward = self._wrap(idx, names[idx], layer, layer.forward)
-        # The runner calls the model (not the text model) with the step's positions; the
-        # hooks are nn.Module's public API and run outside any compiled region.
-        model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        model.register_forward_hook(self._after_forward)
+        self._install_hooks(model)
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -169,6 +166,14 @@ class RoutedDecoder:
 
     # -- the forward ------------------------------------------------------------------------
 
+    def _install_hooks(self, model: torch.nn.Module) -> None:
+        """The runner calls the model (not the text model) with the step's positions; the
+        hooks are nn.Module's public API and run outside any compiled region.
+        ``always_call``: a forward that raises still puts the CustomOps back on their
+        native forms and drops the step, so the next forward starts clean."""
+        model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        model.register_forward_hook(self._after_forward, always_call=True)
+
     def _before_forward(self, _module: Any, args: tuple, kwargs: dict) -> None:
         positions = kwargs["positions"] if "positions" in kwargs else args[1]
         if vllm_view.current_step() is None:
@@ -205,17 +210,9 @@ class RoutedDecoder:
                 return inner(positions, hidden_states, residual, *args, **kwargs)
             gid = self.groups.of_layer(idx).gid
             vllm_view.install_layer_attention(name, seg.attn_metadata[gid], seg.slot_mapping[gid])
-            rows = seg.active_rows
-            if rows is None:
+            if seg.active_rows is None:
                 return inner(positions, hidden_states, residual, *args, **kwargs)
-            h, r = inner(
-                take_positions(positions, rows),
-                hidden_states[rows],
-                residual[rows],
-                *args,
-                **kwargs,
-            )
-            return hidden_states.index_copy(0, rows, h), residual.index_copy(0, rows, r)
+            return step.run_on_rows(inner, seg, positions, hidden_states, residual, *args, **kwargs)
 
         return forward
 

@@ -37,6 +37,9 @@ from vllm_recroute.routing.rerouting import chunk_units, plan_swaps, unit_scores
 from vllm_recroute.worker.compaction import take_positions
 from vllm_recroute.worker.projections import project_qkv
 
+# Device bytes of deferred rows' stage-wide K/V computed at once when parking (64 MiB).
+PARK_CHUNK_BYTES = 64 * 1024 * 1024
+
 
 @dataclass
 class StageUnits:
@@ -108,30 +111,49 @@ class ParkingTier:
         u = self.cfg.park_block_tokens
         units = StageUnits(start, end)
         self.units[(req_id, k)] = units  # before parking: a full pool may drop our own units
-        active_idx = torch.nonzero(mask).flatten()
+        active_idx = torch.nonzero(mask).flatten()  # host, as mask (the device rule)
         if active_idx.numel():  # digests of active units: their keys at layer `start`
-            keys = _keys(self.layers[start], take_positions(positions, active_idx), x[active_idx])
-            for uid, idx in enumerate(chunk_units(torch.arange(len(active_idx)), u)):
+            rows = active_idx.to(x.device, non_blocking=True)
+            keys = _keys(self.layers[start], take_positions(positions, rows), x[rows])
+            chunks = chunk_units(torch.arange(len(active_idx), device="cpu"), u)
+            digests = _unit_means(keys, chunks).cpu()  # one copy for every unit's digest
+            for uid, idx in enumerate(chunks):
                 units.active[uid] = cpos[active_idx[idx]]
-                units.digests[uid] = keys[idx].float().mean(0)
+                units.digests[uid] = digests[uid]
                 units.sizes[uid] = int(idx.numel())
         first = len(units.active)
         deferred_idx = torch.nonzero(~mask).flatten()
         delta = {"parked_blocks": 0, "parked_blocks_dropped": 0}
         if deferred_idx.numel() == 0:  # e.g. keep = 1.0: nothing to park
             return delta
-        # K/V of the deferred rows only, for every layer of the stage
-        kv = [
-            _key_values(self.layers[i], take_positions(positions, deferred_idx), x[deferred_idx])
-            for i in range(start, end)
-        ]
-        for uid, idx in enumerate(chunk_units(torch.arange(len(deferred_idx)), u), start=first):
+        ks_all, vs_all = self._deferred_kv(start, end, positions, x, deferred_idx)
+        for uid, idx in enumerate(
+            chunk_units(torch.arange(len(deferred_idx), device="cpu"), u), start=first
+        ):
             units.sizes[uid] = int(idx.numel())
-            ks = torch.stack([k_[idx] for k_, _ in kv])
-            vs = torch.stack([v_[idx] for _, v_ in kv])
             score = float(scores[deferred_idx[idx]].float().mean())
-            self._park_unit(ParkedKey(req_id, k, uid), ks, vs, score, delta)
+            self._park_unit(ParkedKey(req_id, k, uid), ks_all[:, idx], vs_all[:, idx], score, delta)
         return delta
+
+    def _deferred_kv(self, start, end, positions, x, deferred_idx):
+        """Host K/V ``[layers, n, kv_heads, dim]`` of the deferred rows for every layer of
+        the stage. Computed on the device in chunks of rows whose stage-wide K/V fit
+        ``PARK_CHUNK_BYTES`` (the bound on this extra activation, which vLLM's profile run
+        never sees), each chunk brought to the host in one copy."""
+        attn = self.layers[start].self_attn
+        per_row = 2 * (end - start) * attn.kv_size * x.element_size()
+        u = self.cfg.park_block_tokens
+        rows_per_chunk = max(u, PARK_CHUNK_BYTES // max(1, per_row) // u * u)
+        ks, vs = [], []
+        for lo in range(0, int(deferred_idx.numel()), rows_per_chunk):
+            rows = deferred_idx[lo : lo + rows_per_chunk].to(x.device, non_blocking=True)
+            kv = [
+                _key_values(self.layers[i], take_positions(positions, rows), x[rows])
+                for i in range(start, end)
+            ]
+            ks.append(torch.stack([k_ for k_, _ in kv]).cpu())
+            vs.append(torch.stack([v_ for _, v_ in kv]).cpu())
+        return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
 
     # -- decode -------------------------------------------------------------------------
 
@@ -189,8 +211,9 @@ class ParkingTier:
         new_v = torch.cat([vv for _, vv in back], dim=1)
         for i, (io, sl) in enumerate(zip(ios, slots, strict=True)):
             io.write(new_k[i], new_v[i], sl)
-        old_k = torch.stack([kk for kk, _ in old]).split(sizes, dim=1)
-        old_v = torch.stack([vv for _, vv in old]).split(sizes, dim=1)
+        # the evicted units' K/V to the host in one copy per re-route
+        old_k = torch.stack([kk for kk, _ in old]).cpu().split(sizes, dim=1)
+        old_v = torch.stack([vv for _, vv in old]).cpu().split(sizes, dim=1)
         for swap, pos, ek, ev in zip(plan, positions, old_k, old_v, strict=True):
             units.parked.discard(swap.restore)
             units.active[swap.restore] = pos
@@ -271,6 +294,12 @@ class ParkingTier:
             return {}
         self._reported = now
         return {"parked_pool_blocks": now[0], "parked_pool_bytes": now[1]}
+
+
+def _unit_means(keys: torch.Tensor, chunks: list[torch.Tensor]) -> torch.Tensor:
+    """``[units, kv_heads, dim]`` float32: each unit's mean key (its digest), on the keys'
+    device."""
+    return torch.stack([keys[idx.to(keys.device)].float().mean(0) for idx in chunks])
 
 
 def _keys(layer: Any, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

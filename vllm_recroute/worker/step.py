@@ -80,6 +80,7 @@ class StepRouter:
         self.prefills: list[PrefillRoute] = []
         self.decodes: dict[int, RouteState] = {}  # batch row -> state
         self._segments: dict[int, Segment] = {}
+        self._device_rows: dict[int, torch.Tensor] = {}  # segment start -> its rows there
         self.tables = StepTables(runner, self.batch, decoder.released)
         for row, req_id in enumerate(self.batch.req_ids):
             self._classify(row, req_id)
@@ -188,39 +189,51 @@ class StepRouter:
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
     ) -> None:
-        """Decide active sets of stages starting at layer_idx + 1 (run before layer_idx)."""
+        """Decide active sets of stages starting at layer_idx + 1 (run before layer_idx).
+
+        Scores are computed on the activations' device; the router point's scores (every
+        request's, reduced over TP ranks) cross to the host in one copy, and the decision
+        is made there (the device rule, docs/architecture.md "GPU path")."""
         router = layer_idx + 1
         todo = [(p, k) for p in self.prefills for k, s in enumerate(p.stages) if s.start == router]
-        for route, k in todo:
-            rows = torch.arange(route.start, route.prompt_end)
-            x = hidden[rows] if residual is None else hidden[rows] + residual[rows]
-            q, kk, _, scale = project_qkv(layer, take_positions(positions, rows), x)
-            vis = route.visual_rows - route.start
-            inputs = ScoreInputs(
-                q=q,
-                k=kk,
-                visual_idx=vis,
-                query_idx=query_indices(int(rows.numel()), vis, route.cfg.score_query),
-                scale=scale,
-            )
-            # every rank scores its own head shard: the mean over ranks is the model's
-            scores = self.decoder.tp.mean(get_scorer(route.cfg.scorer).score(inputs))
-            mask = route_request(
-                scores,
-                num_keep(route.stages[k].keep, int(vis.numel())),
-                route.cfg.mode,
-                route.masks[k - 1] if k > 0 else None,
-                block_ids=self._block_ids(route, int(self.batch.num_computed[route.row])),
-                block_reduce=route.cfg.block_reduce,
-            )
-            route.masks.append(mask)
-            route.scores.append(scores)
-            if len(route.masks) == len(route.stages):
-                self._remember(route)
-        if todo:
-            self.decoder.check.verify(
-                router, [r.req_id for r, _ in todo], [r.masks[k] for r, k in todo]
-            )
+        if not todo:
+            return
+        on_device = [
+            self._scores_on_device(route, layer, positions, hidden, residual) for route, _ in todo
+        ]
+        # every rank scores its own head shard: the mean over ranks is the model's
+        scores = self.decoder.tp.mean(torch.cat(on_device)).cpu()
+        sizes = [int(t.numel()) for t in on_device]
+        for (route, k), route_scores in zip(todo, scores.split(sizes), strict=True):
+            self._decide(route, k, route_scores)
+        self.decoder.check.verify(
+            router, [r.req_id for r, _ in todo], [r.masks[k] for r, k in todo]
+        )
+
+    def _scores_on_device(self, route: PrefillRoute, layer, positions, hidden, residual):
+        rows = slice(route.start, route.prompt_end)  # a request's rows are contiguous
+        x = hidden[rows] if residual is None else hidden[rows] + residual[rows]
+        q, kk, _, scale = project_qkv(layer, _rows_of(positions, rows), x)
+        vis = route.visual_rows - route.start
+        n = route.prompt_end - route.start
+        inputs = ScoreInputs(q, kk, vis, query_indices(n, vis, route.cfg.score_query), scale)
+        return get_scorer(route.cfg.scorer).score(inputs)
+
+    def _decide(self, route: PrefillRoute, k: int, scores: torch.Tensor) -> None:
+        """One request's active set at its k-th stage, from host scores."""
+        num_visual = int(route.visual_rows.numel())
+        mask = route_request(
+            scores,
+            num_keep(route.stages[k].keep, num_visual),
+            route.cfg.mode,
+            route.masks[k - 1] if k > 0 else None,
+            block_ids=self._block_ids(route, int(self.batch.num_computed[route.row])),
+            block_reduce=route.cfg.block_reduce,
+        )
+        route.masks.append(mask)
+        route.scores.append(scores)
+        if len(route.masks) == len(route.stages):
+            self._remember(route)
 
     @staticmethod
     def _block_ids(route: PrefillRoute, computed: int) -> torch.Tensor | None:
@@ -281,8 +294,8 @@ class StepRouter:
         mask = route.masks[k]
         # Compacted position of each prompt row at this stage: the cached prefix (never
         # deferred) plus its rank among the step's active rows.
-        active = torch.ones(route.prompt_end - route.start, dtype=torch.bool)
-        active[(vis - route.start)[~mask]] = False
+        active = torch.ones(route.prompt_end - route.start, dtype=torch.bool, device="cpu")
+        active[(vis - route.start)[~mask]] = False  # host bookkeeping (the device rule)
         ctx = int(self.batch.num_computed[route.row])
         cpos = (ctx + torch.cumsum(active.long(), 0) - 1)[vis - route.start]
         stage = route.stages[k]
@@ -301,14 +314,16 @@ class StepRouter:
 
     def _reroute(self, row: int, k: int, stage: Stage, positions, hidden, residual) -> None:
         dec = self.decoder
-        r = torch.tensor([int(self.batch.qsl[row + 1]) - 1])  # the request's last row
-        x = hidden[r] + residual[r]
-        q, _, _, scale = project_qkv(dec.layers[stage.start], take_positions(positions, r), x)
+        end = int(self.batch.qsl[row + 1])
+        last = slice(end - 1, end)  # the request's last row
+        x = hidden[last] + residual[last]
+        q, _, _, scale = project_qkv(dec.layers[stage.start], _rows_of(positions, last), x)
         pages = []
         for i in range(stage.start, stage.end):
             group = dec.groups.of_layer(i)
             pages.append(PageRow(self.tables(group.gid)[row], group.block_size))
-        delta = dec.tier.reroute(self.batch.req_ids[row], k, q[0], scale, pages)
+        # the plan is made on the host (a few digests per unit): one small copy
+        delta = dec.tier.reroute(self.batch.req_ids[row], k, q[0].cpu(), scale, pages)
         dec.ledger.record(delta, dec.tier.gauges())
 
     # -- segments ---------------------------------------------------------------------
@@ -325,10 +340,29 @@ class StepRouter:
             self._segments[start] = seg
         return seg
 
-    def _build_segment(self, start: int, end: int) -> Segment:
-        active = torch.ones(self.num_rows, dtype=torch.bool)
+    def device_rows(self, seg: Segment, device: torch.device) -> torch.Tensor:
+        """The segment's active rows on the activations' device: the gather/scatter index
+        of every layer of the segment, copied once per segment and step."""
+        rows = self._device_rows.get(seg.start)
+        if rows is None:
+            assert seg.active_rows is not None
+            rows = seg.active_rows.to(device, non_blocking=True)
+            self._device_rows[seg.start] = rows
+        return rows
+
+    def run_on_rows(self, inner, seg: Segment, positions, hidden, residual, *args, **kwargs):
+        """Run one layer (``inner``) on the segment's active rows only; deferred rows carry
+        their (hidden, residual) unchanged. Gather and scatter on the activations' device."""
+        rows = self.device_rows(seg, hidden.device)
+        h, r = inner(take_positions(positions, rows), hidden[rows], residual[rows], *args, **kwargs)
+        return hidden.index_copy(0, rows, h), residual.index_copy(0, rows, r)
+
+    def segment_rows(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host bookkeeping of the segment starting at ``start``: which step rows run it
+        (bool per row) and, per request, the tokens absent from its KV before this step."""
+        active = torch.ones(self.num_rows, dtype=torch.bool, device="cpu")
         active[self.batch.num_rows :] = False  # padding rows, if any
-        offsets = torch.zeros(self.batch.num_reqs, dtype=torch.long)
+        offsets = torch.zeros(self.batch.num_reqs, dtype=torch.long, device="cpu")
         for route in self.prefills:
             k = stage_at(route.stages, start)
             if k is not None:
@@ -337,6 +371,11 @@ class StepRouter:
             k = stage_at(state.stages, start)
             if k is not None:
                 offsets[row] = state.deferred[k]
+        return active, offsets
+
+    def _build_segment(self, start: int, end: int) -> Segment:
+        # host bookkeeping (crosses to the device once, in compact_segment and device_rows)
+        active, offsets = self.segment_rows(start)
         if bool(active.all()) and not bool(offsets.any()):
             return Segment(start, end, None)
         active_rows = None if bool(active.all()) else torch.nonzero(active).flatten()
@@ -344,6 +383,12 @@ class StepRouter:
         groups = self.decoder.groups.of_layers(start, end)
         compact_segment(seg, self.batch, active, offsets, groups, self.tables)
         return seg
+
+
+def _rows_of(positions: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Positions of a contiguous row range (a view: no index tensor crosses to the
+    device); M-RoPE positions are ``[3, T]``."""
+    return positions[:, rows] if positions.dim() == 2 else positions[rows]
 
 
 def _padded(slot_mapping: torch.Tensor, num_rows: int) -> torch.Tensor:

@@ -41,23 +41,33 @@ class TPGroup:
         size: int,
         all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
         all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.size = size
         self._sum = all_reduce_sum or vllm_view.tp_all_reduce_sum
         self._gather = all_gather or vllm_view.tp_all_gather
+        # the group's communication device: NCCL reduces and gathers device tensors only,
+        # gloo (vLLM's CPU backend) host ones
+        self.device = torch.device(device)
 
     @classmethod
     def current(cls) -> TPGroup:
-        return cls(vllm_view.tensor_parallel_size())
+        size = vllm_view.tensor_parallel_size()
+        return cls(size, device=vllm_view.tp_device() if size > 1 else "cpu")
 
     def mean(self, local_mean: torch.Tensor) -> torch.Tensor:
-        """The mean over all heads of a score averaged over this rank's heads."""
+        """The mean over all heads of a score averaged over this rank's heads, on the
+        device the scores came on (reduced on the group's device)."""
         if self.size == 1:
             return local_mean
-        return self._sum(local_mean.float().contiguous()) / self.size
+        t = local_mean.float().contiguous().to(self.device)
+        return (self._sum(t) / self.size).to(local_mean.device)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        return t.unsqueeze(0) if self.size == 1 else self._gather(t)
+        """``[world, *t.shape]`` on ``t``'s device (gathered on the group's device)."""
+        if self.size == 1:
+            return t.unsqueeze(0)
+        return self._gather(t.to(self.device)).to(t.device)
 
 
 class DecisionCheck:
@@ -78,10 +88,10 @@ class DecisionCheck:
             return
         crc = self.digest(masks)
         # float32 halves of the 32-bit hash: exact, and vLLM's CPU shared-memory all-gather
-        # has no int64 kernel
-        # on the masks' device: NCCL gathers device tensors only
-        mine = torch.tensor([crc >> 16, crc & 0xFFFF], dtype=torch.float32, device=masks[0].device)
-        every = [int(hi) << 16 | int(lo) for hi, lo in self.group.gather(mine).cpu().tolist()]
+        # has no int64 kernel. Masks are host tensors (the device rule); the gather runs on
+        # the group's device.
+        mine = torch.tensor([crc >> 16, crc & 0xFFFF], dtype=torch.float32)
+        every = [int(hi) << 16 | int(lo) for hi, lo in self.group.gather(mine).tolist()]
         if len(set(every)) > 1:
             raise RankDivergence(
                 f"vllm-recroute: tensor-parallel ranks took different routing decisions at "

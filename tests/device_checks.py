@@ -1,0 +1,333 @@
+"""The device-rule checks: the worker's routing pieces on device activations.
+
+Each check runs a real piece of the routed worker (scorers, the block decision, the step
+router's scoring / segment rows / gather-scatter, parking, re-routing and restore through
+page I/O, kept turns, the TP decision check) on activations and KV caches that live on the
+device, with host bookkeeping, and asserts the result equals the all-host computation and
+that each tensor is on the side the rule says (docs/architecture.md, "GPU path").
+
+``run_all("fake")`` runs them on this CPU under ``tests.devices.FakeCuda`` (mixes CUDA
+refuses raise); ``run_all("cuda")`` on real CUDA tensors (``tools/gpu_check.py --phase
+micro`` on a GPU host). Torch only: nothing here imports vLLM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from vllm_recroute.config import RoutingConfig
+from vllm_recroute.kv.parked_pool import ParkedKey
+from vllm_recroute.metrics.accounting import Ledger
+from vllm_recroute.routing import SCORERS, Stage, get_scorer, query_indices, route_request
+from vllm_recroute.routing.scorers import ScoreInputs
+from vllm_recroute.vllm_view.kv import GroupInfo
+from vllm_recroute.vllm_view.step import StepBatch
+from vllm_recroute.worker.parking import PageRow, ParkingTier
+from vllm_recroute.worker.state import DeferredOutbox, RouteStore
+from vllm_recroute.worker.step import PrefillRoute, StepRouter
+from vllm_recroute.worker.tp import DecisionCheck, TPGroup
+
+DEV = torch.device("cuda")
+BLOCK = 16
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """The attention-input shapes of a routed architecture's decoder layer."""
+
+    name: str
+    heads: int
+    kv_heads: int
+    dim: int = 32
+    hidden: int = 64
+    mrope: bool = False  # [3, T] positions (Qwen2.5-VL, Keye-VL)
+    qk_norm: bool = False  # per-head q/k RMSNorm before RoPE (Qwen3)
+
+
+SHAPES = (
+    LayerShape("llama-gqa", heads=4, kv_heads=2),  # Idefics3 / SmolVLM, Phi-3-V: fused QKV
+    LayerShape("mha", heads=2, kv_heads=2),
+    LayerShape("qwen3-mrope", heads=4, kv_heads=2, mrope=True, qk_norm=True),
+)
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class FlashLikeImpl:
+    """Writes like FlashAttention's reshape_and_cache_flash into [2, blocks, B, heads, dim]."""
+
+    def do_kv_cache_update(self, layer, k, v, cache, slots):
+        b = cache.shape[2]
+        cache[0, slots // b, slots % b] = k
+        cache[1, slots // b, slots % b] = v
+
+
+def flash_cache(num_blocks: int, heads: int, dim: int, device) -> torch.Tensor:
+    """vLLM's FlashAttention per-layer cache: raw memory in block-major order, viewed as
+    [2, blocks, B, heads, dim] (non-contiguous, as on a GPU host)."""
+    raw = torch.zeros(num_blocks, 2, BLOCK, heads, dim, device=device)
+    return raw.permute(1, 0, 2, 3, 4)
+
+
+def fake_layer(shape: LayerShape, seed: int, device, num_blocks: int = 8) -> SimpleNamespace:
+    """A decoder layer as the routed worker sees it (vLLM's attribute names)."""
+    g = torch.Generator().manual_seed(seed)
+    d = shape.dim
+    w = torch.randn((shape.heads + 2 * shape.kv_heads) * d, shape.hidden, generator=g) * 0.3
+    w = w.to(device)
+
+    def rotary(positions, q, k):
+        p = (positions[0] if positions.dim() == 2 else positions).float()[:, None]
+        return q * torch.cos(0.01 * p), k * (1.0 + 0.01 * p)
+
+    norm = (lambda t: _rms(t.unflatten(-1, (-1, d))).flatten(-2)) if shape.qk_norm else None
+    attn = SimpleNamespace(
+        impl=FlashLikeImpl(), kv_cache=flash_cache(num_blocks, shape.kv_heads, d, device)
+    )
+    self_attn = SimpleNamespace(
+        qkv_proj=lambda x: (x @ w.T, None),
+        rotary_emb=rotary,
+        q_norm=norm,
+        k_norm=norm,
+        q_size=shape.heads * d,
+        kv_size=shape.kv_heads * d,
+        head_dim=d,
+        num_kv_heads=shape.kv_heads,
+        scaling=d**-0.5,
+        attn=attn,
+    )
+    return SimpleNamespace(self_attn=self_attn, input_layernorm=_rms)
+
+
+def _positions(shape: LayerShape, n: int, device) -> torch.Tensor:
+    p = torch.arange(n, device=device)
+    return torch.stack([p, p, p]) if shape.mrope else p
+
+
+def _on_host(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+# ------------------------------------------------------------------ the checks
+
+
+def check_scorers() -> None:
+    """Every scorer: device q/k, host indices -> device scores equal to the host ones."""
+    for shape in SHAPES:
+        g = torch.Generator().manual_seed(1)
+        t = 40
+        q = torch.randn(t, shape.heads, shape.dim, generator=g)
+        k = torch.randn(t, shape.kv_heads, shape.dim, generator=g)
+        vis = torch.arange(5, 29, device="cpu")
+        for name in SCORERS:
+            for query in ("last", "question"):
+                qi = query_indices(t, vis, query)
+                host = get_scorer(name).score(ScoreInputs(q, k, vis, qi, 0.2))
+                dev = get_scorer(name).score(ScoreInputs(q.to(DEV), k.to(DEV), vis, qi, 0.2))
+                assert dev.device.type == DEV.type, f"{name}: scores left the device"
+                assert torch.allclose(dev.cpu(), host, atol=1e-6), f"{name}/{query} differs"
+
+
+def check_block_decision() -> None:
+    """granularity 'block': device or host scores with host block ids / candidates."""
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randn(48, generator=g)
+    blocks = torch.arange(48, device="cpu") // 5
+    prev = torch.rand(48, generator=g) > 0.3
+    for mode in ("reroute", "remove"):
+        host = route_request(scores, 17, mode, prev, block_ids=blocks)
+        dev = route_request(scores.to(DEV), 17, mode, prev, block_ids=blocks)
+        assert torch.equal(dev.cpu(), host), mode
+
+
+def _router(shape: LayerShape, mode: str, parked: bool, granularity: str = "token", device=DEV):
+    """A StepRouter over one routed prefill (the step's rows 0..T-1: text, 24 visual
+    tokens, text) and a fake decoder holding the real state objects."""
+    num_layers, t, vis = 4, 34, torch.arange(4, 28, device="cpu")
+    cfg = RoutingConfig(
+        mode=mode,
+        schedule="custom",
+        custom=((1, 0.5), (3, 0.25)),
+        granularity=granularity,
+        block_size=4,
+        parked_bytes=(1 << 20) if parked else 0,
+        park_block_tokens=2,
+        reroute_every=1 if parked else 0,
+    )
+    layers = [fake_layer(shape, seed, device) for seed in range(num_layers)]
+    tp = TPGroup(1)
+    decoder = SimpleNamespace(
+        tp=tp,
+        check=DecisionCheck(tp),
+        store=RouteStore(),
+        kv_release=False,
+        outbox=DeferredOutbox(),
+        ledger=Ledger(),
+        cost=SimpleNamespace(flops_per_token_layer=1, kv_bytes_per_token_layer=1),
+        num_layers=num_layers,
+        layers=layers,
+        tier=ParkingTier(cfg, layers) if parked else None,
+        groups=SimpleNamespace(of_layer=lambda i: GroupInfo(0, BLOCK, None)),
+    )
+    batch = StepBatch(
+        req_ids=("r0",),
+        qsl=torch.tensor([0, t], device="cpu"),
+        num_computed=torch.zeros(1, dtype=torch.long, device="cpu"),
+        prompt_lens=(t + 1,),
+        token_ids=torch.zeros(t, dtype=torch.long, device="cpu"),
+    )
+    step = StepRouter.__new__(StepRouter)
+    step.decoder, step.batch, step.num_rows = decoder, batch, t
+    step.decodes, step._segments, step._device_rows, step.forced = {}, {}, {}, set()
+    stages = (Stage(1, 3, 0.5), Stage(3, 4, 0.25))
+    step.prefills = [PrefillRoute("r0", 0, 0, t, vis, stages, cfg)]
+    table = torch.arange(8, device="cpu")  # the request's block table (host, as vLLM's)
+    step.tables = lambda gid: table[None]
+    return step, layers, cfg
+
+
+def _activations(shape: LayerShape, t: int, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(t, shape.hidden, generator=g)
+    residual = torch.randn(t, shape.hidden, generator=g)
+    return hidden, residual, _positions(shape, t, "cpu")
+
+
+def check_step_router() -> None:
+    """Scoring at both router points, segment rows and the layer's gather/scatter: masks
+    and rows on the host, activations on the device, results equal to the host run."""
+    for shape in SHAPES:
+        for mode, gran in (("reroute", "token"), ("remove", "block")):
+            results = []
+            for device in (DEV, "cpu"):
+                step, layers, _ = _router(shape, mode, False, gran, device)
+                hidden, residual, pos = (x.to(device) for x in _activations(shape, 34))
+                for layer_idx in (0, 2):
+                    step.score_before(layer_idx, layers[layer_idx], pos, hidden, residual)
+                route = step.prefills[0]
+                assert all(_on_host(m) for m in route.masks), "masks must be host tensors"
+                active, offsets = step.segment_rows(1)
+                assert _on_host(active) and _on_host(offsets)
+                seg = SimpleNamespace(start=1, active_rows=torch.nonzero(active).flatten())
+                h, r = step.run_on_rows(_double, seg, pos, hidden, residual)
+                assert h.device.type == hidden.device.type
+                results.append((route.masks, h.cpu(), r.cpu()))
+            (m1, h1, r1), (m0, h0, r0) = results
+            assert all(torch.equal(a, b) for a, b in zip(m0, m1, strict=True)), shape.name
+            assert torch.allclose(h0, h1) and torch.allclose(r0, r1), shape.name
+
+
+def _double(positions, hidden, residual):
+    return hidden * 2 + positions.float().reshape(-1, positions.shape[-1]).sum(0)[:, None], residual
+
+
+def check_parking() -> None:
+    """Park at prefill (digests and K/V to the host pool), re-route at decode (a swap
+    forced by a query aimed at a parked unit), restore written into the device cache:
+    bit-exact against the unit's K/V projected directly."""
+    for shape in SHAPES:
+        step, layers, _ = _router(shape, "reroute", parked=True)
+        hidden, residual, pos = (x.to(DEV) for x in _activations(shape, 34))
+        step.score_before(0, layers[0], pos, hidden, residual)
+        step._park(step.prefills[0], 0, pos, hidden, residual)
+        tier = step.decoder.tier
+        units = tier.units[("r0", 0)]
+        assert units.parked, "nothing parked: the check would be vacuous"
+        assert all(_on_host(d) for d in units.digests.values())
+        uid = min(units.parked)
+        digest = tier.pool.digest(ParkedKey("r0", 0, uid))[0]
+        assert _on_host(digest)
+        group = shape.heads // shape.kv_heads
+        q = 50.0 * digest.repeat_interleave(group, dim=0)  # aimed at the parked unit
+        pages = [PageRow(torch.arange(8, device="cpu"), BLOCK) for _ in range(1, 3)]
+        delta = tier.reroute("r0", 0, q, shape.dim**-0.5, pages)
+        assert delta["restored_blocks"] >= 1, f"{shape.name}: no swap, vacuous"
+        assert uid in units.active and uid not in units.parked
+        _check_restored(tier, units, uid, layers, step.prefills[0], pos, hidden, residual)
+
+
+def _check_restored(tier, units, uid, layers, route, pos, hidden, residual) -> None:
+    from vllm_recroute.worker.parking import _key_values
+
+    mask = route.masks[0]
+    deferred = route.visual_rows[~mask]
+    # park_prefill numbers the active units first (units of 2 tokens), then the deferred
+    first_deferred_uid = (int(mask.sum()) + 1) // 2
+    lo = (uid - first_deferred_uid) * 2
+    idx = deferred[lo : lo + 2]
+    rows = idx.to(hidden.device)
+    x = hidden[rows] + residual[rows]
+    k, v = _key_values(layers[1], pos[..., rows], x)
+    page = PageRow(torch.arange(8, device="cpu"), BLOCK)
+    slots = page.slots(units.active[uid])
+    rk, rv = tier.io[1].read(slots, BLOCK)
+    assert torch.equal(rk.cpu(), k.cpu()) and torch.equal(rv.cpu(), v.cpu()), "restore"
+
+
+def check_tp_decision() -> None:
+    """TP: host masks hashed, the gather and the score reduction on the group's device."""
+    seen = []
+
+    def gather(t):
+        seen.append(t.device.type)
+        return torch.stack([t, t])
+
+    def reduce_sum(t):
+        seen.append(t.device.type)
+        return t * 2
+
+    group = TPGroup(2, all_reduce_sum=reduce_sum, all_gather=gather, device=DEV)
+    DecisionCheck(group).verify(3, ["r0"], [torch.rand(9) > 0.5])
+    scores = torch.rand(9)
+    for s in (scores, scores.to(DEV)):
+        out = group.mean(s)
+        assert out.device.type == s.device.type and torch.allclose(out.cpu(), scores)
+    assert seen == [DEV.type] * 3, seen
+
+
+CHECKS: dict[str, Callable[[], None]] = {
+    "scorers": check_scorers,
+    "block_decision": check_block_decision,
+    "step_router": check_step_router,
+    "parking": check_parking,
+    "tp_decision": check_tp_decision,
+}
+
+
+@contextlib.contextmanager
+def device_context(device: str) -> Iterator[None]:
+    """``fake``: CUDA's rules on this CPU (tests/devices.py); ``cuda``: real tensors."""
+    if device == "fake":
+        from tests.devices import FakeCuda
+
+        with FakeCuda():
+            yield
+    elif device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' asked for but torch sees no CUDA device")
+        yield
+    else:
+        raise ValueError(f"device must be 'fake' or 'cuda', got {device!r}")
+
+
+def run_check(name: str, device: str) -> str:
+    """``"ok"`` or the error (type, message, innermost frame) of one check."""
+    try:
+        with device_context(device), torch.no_grad():
+            CHECKS[name]()
+        return "ok"
+    except Exception as e:  # a report, not a crash: every check runs
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        return f"{type(e).__name__}: {e} ({frame.filename}:{frame.lineno})"
+
+
+def run_all(device: str) -> dict[str, str]:
+    return {name: run_check(name, device) for name in CHECKS}
