@@ -3,16 +3,29 @@
 Writing goes through the attention backend's own ``do_kv_cache_update`` (the op vLLM uses
 for every new token), so the bytes land in whatever layout the kernel expects. Reading has
 no backend API, and layouts differ: vLLM's CPU backend packs keys inside a block (values
-stay plain); FlashAttention uses ``[2, blocks, block_size, heads, dim]``. So the layout of
-one block is *measured* once per (cache shape, dtype): the backend writes a probe whose
-every element encodes its own (token, head, dim) index into a one-block scratch cache, and
-the resulting permutation becomes a gather index. A layout that is not a permutation of the
-written elements (e.g. quantized pages) is refused with an error, never read wrongly.
+stay plain); FlashAttention reads ``[blocks, heads, block_size, 2 * dim]`` as K and V
+halves of the last dim. So the layout of one block is *measured* once per (cache shape,
+strides, dtype, device): the backend writes a probe whose every element encodes its own
+(token, head, dim) index into a one-block scratch cache, and the resulting permutation
+becomes a gather index. A layout that is not a permutation of the written elements (e.g.
+quantized pages) is refused with an error, never read wrongly.
 
-    real cache (block dim = the dim of size num_blocks)       one block, flattened
-    ┌────────┬────────┬────────┐  select(block_dim, b)        [ k k v k v ... ]
-    │ blk 0  │ blk 1  │ ...    │  ────────────────────►       gather(key_index[off])  -> K [H, D]
-    └────────┴────────┴────────┘                              gather(value_index[off]) -> V [H, D]
+The per-layer cache is a *view* of vLLM's one raw allocation, in the stride order of the
+resolved KV cache layout (``vllm/v1/kv_cache_interface.py``, ``create_kv_cache_views``).
+FlashAttention declares no layout, so it gets the default ``LBNHC`` (physical ``[B, N, H,
+C]`` under the logical ``[B, H, N, C]`` view): not contiguous once ``num_kv_heads > 1``,
+and no layer-interleaved (``BL..``) layout is ever contiguous. Flattening such a view
+copies the whole layer; so reads never flatten the cache: the probe's positions become
+storage offsets through the real cache's strides, and the gather runs on a 1-D
+``as_strided`` view of the layer's storage span, touching only the slots' elements.
+
+    real cache (any strides)                            storage of the layer's span
+    ┌────────┬────────┬────────┐   slot s -> block b, offset o     [ . k . v . . k . v ]
+    │ blk 0  │ blk 1  │ ...    │   b * block_stride + key_offset[o]   -> K [H, D]
+    └────────┴────────┴────────┘   b * block_stride + value_offset[o] -> V [H, D]
+
+Devices: K/V, slots and the gather index live on the cache's device; inputs are moved there
+explicitly (asynchronously from pinned host memory), and reads come back on the device.
 """
 
 from __future__ import annotations
@@ -30,11 +43,13 @@ _BASE = 128
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """Where each (token offset, head, dim) of K and of V sits in a flattened block."""
+    """Where each (token offset, head, dim) of K and of V sits in the real cache: storage
+    offsets (in elements) from the start of the block, on the cache's device."""
 
     block_dim: int
-    key_index: torch.Tensor  # long [block_size, heads, dim]
-    value_index: torch.Tensor  # long [block_size, heads, dim]
+    block_stride: int  # elements from block b to block b + 1
+    key_offset: torch.Tensor  # long [block_size, heads, dim]
+    value_offset: torch.Tensor  # long [block_size, heads, dim]
 
 
 class KVPageIO:
@@ -45,72 +60,124 @@ class KVPageIO:
         self.heads = num_kv_heads
         self.dim = head_dim
         self._layout: BlockLayout | None = None
-        self._shape: tuple[int, ...] | None = None
+        self._key: tuple | None = None
 
     @property
     def cache(self) -> torch.Tensor:
         return self.attn.kv_cache
 
     def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """Store ``k``/``v`` ``[n, heads, dim]`` at flat slots ``[n]`` (block * B + offset)."""
+        """Store ``k``/``v`` ``[n, heads, dim]`` at flat slots ``[n]`` (block * B + offset);
+        host inputs are copied to the cache's device first."""
         cache = self.cache
+        dev = cache.device
         self.attn.impl.do_kv_cache_update(
-            self.attn, k.to(cache.dtype), v.to(cache.dtype), cache, slots.to(cache.device)
+            self.attn,
+            _onto(k, dev, cache.dtype),
+            _onto(v, dev, cache.dtype),
+            cache,
+            _onto(slots, dev),
         )
 
     def read(self, slots: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V ``[n, heads, dim]`` held at flat slots ``[n]``."""
+        """K and V ``[n, heads, dim]`` held at flat slots ``[n]``, on the cache's device."""
         cache = self.cache
         layout = self.layout(block_size)
-        n = len(slots)
-        per_block = cache.movedim(layout.block_dim, 0)  # a view when the block dim is first
-        flat = per_block.reshape(-1)
-        # element index = block * (elements per block) + in-block position of (slot, h, d):
-        # gathers exactly the slots' elements, never whole blocks
-        base = (slots // block_size).to(cache.device) * (flat.numel() // per_block.shape[0])
-        offsets = (slots % block_size).to(cache.device)
-        kidx = base[:, None] + layout.key_index.to(cache.device)[offsets].reshape(n, -1)
-        vidx = base[:, None] + layout.value_index.to(cache.device)[offsets].reshape(n, -1)
-        shape = (n, self.heads, self.dim)
-        return flat[kidx].reshape(shape), flat[vidx].reshape(shape)
+        slots = _onto(slots, cache.device)
+        # a view, never a copy: reshaping a non-contiguous layer view would copy the layer
+        flat = cache.as_strided((_span(cache),), (1,))
+        base = (slots // block_size) * layout.block_stride
+        offsets = slots % block_size
+        k = _gather(flat, layout.key_offset, offsets, base)
+        return k, _gather(flat, layout.value_offset, offsets, base)
 
     def layout(self, block_size: int) -> BlockLayout:
         cache = self.cache
-        if self._layout is None or self._shape != tuple(cache.shape):
+        key = (tuple(cache.shape), cache.stride(), cache.dtype, str(cache.device), block_size)
+        if self._layout is None or self._key != key:
             self._layout = self._measure(block_size)
-            self._shape = tuple(cache.shape)
+            self._key = key
         return self._layout
 
     def _measure(self, block_size: int) -> BlockLayout:
         cache = self.cache
         num_blocks = _num_blocks(cache, block_size, self.heads, self.dim)
-        dims = [i for i, n in enumerate(cache.shape) if n == num_blocks]
-        block_dim = dims[0]
+        block_dim = next(i for i, n in enumerate(cache.shape) if n == num_blocks)
         probe_shape = list(cache.shape)
         probe_shape[block_dim] = 1
+        kind, element = self._probe(block_size, probe_shape)
         count = block_size * self.heads * self.dim
-        idx = torch.arange(count)
-        slots = torch.arange(block_size, dtype=torch.long, device=cache.device)
-        element = None  # per probe position: index of the K or V element stored there
-        kind = None  # per probe position: +1 key, -1 value, 0 untouched
+        kpos, vpos = _positions_from_probe(element, kind, count, self)
+        # probe positions are row-major in probe_shape; the real strides place them
+        offsets = _storage_offsets(torch.stack([kpos, vpos]), probe_shape, cache.stride())
+        offsets = offsets.reshape(2, block_size, self.heads, self.dim).to(cache.device)
+        return BlockLayout(block_dim, cache.stride(block_dim), offsets[0], offsets[1])
+
+    def _probe(self, block_size: int, probe_shape: list[int]) -> tuple[torch.Tensor, ...]:
+        """Per probe position (row-major): +1 key / -1 value / 0 untouched, and the index of
+        the K or V element the backend stored there; brought to the host once."""
+        cache = self.cache
+        dev = cache.device
+        count = block_size * self.heads * self.dim
+        idx = torch.arange(count, device=dev)
+        slots = torch.arange(block_size, dtype=torch.long, device=dev)
+        element = kind = None
         place = 1
         while True:
             digit = (idx // place) % _BASE + 1  # 1..128, so 0 marks untouched positions
-            probe = torch.zeros(probe_shape, dtype=cache.dtype, device=cache.device)
+            probe = _zeros_in_stride_order(cache, probe_shape)
             k = digit.to(cache.dtype).reshape(block_size, self.heads, self.dim)
             self.attn.impl.do_kv_cache_update(self.attn, k, -k, probe, slots)
-            flat = probe.reshape(-1).float().cpu()
+            flat = probe.reshape(-1).float()  # one block: a small copy
             if kind is None:
                 kind = torch.sign(flat).long()
-                element = torch.zeros(flat.numel(), dtype=torch.long)
+                element = torch.zeros_like(kind)
             element += (flat.abs().long() - 1).clamp(min=0) * place
             place *= _BASE
             if place >= count:
                 break
-        return _layout_from_probe(block_dim, element, kind, count, block_size, self)
+        kind, element = torch.stack([kind, element]).cpu()
+        return kind, element
 
 
-def _layout_from_probe(block_dim, element, kind, count, block_size, io) -> BlockLayout:
+def _onto(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` on ``device``: asynchronous from pinned memory (the copy is stream-ordered
+    before the kernel that reads it), a no-op when it is there already."""
+    return t.to(device, dtype or t.dtype, non_blocking=t.is_pinned())
+
+
+def _span(t: torch.Tensor) -> int:
+    """Elements from ``t``'s first element to its last in storage (gaps included)."""
+    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+
+
+def _gather(
+    flat: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, base: torch.Tensor
+) -> torch.Tensor:
+    idx = table[offsets]  # [n, heads, dim]
+    idx += base[:, None, None]  # in place: one index tensor per read of K or V
+    return flat[idx]
+
+
+def _zeros_in_stride_order(cache: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """Zeros of ``shape`` whose dims are ordered in memory as ``cache``'s: a kernel that
+    honours strides writes the probe as it writes the cache."""
+    order = sorted(range(cache.dim()), key=lambda d: (-cache.stride(d), d))
+    phys = torch.zeros([shape[d] for d in order], dtype=cache.dtype, device=cache.device)
+    return phys.permute([order.index(d) for d in range(cache.dim())])
+
+
+def _storage_offsets(pos: torch.Tensor, shape: list[int], strides: tuple[int, ...]) -> torch.Tensor:
+    """Row-major positions in ``shape`` as element offsets under ``strides``."""
+    out = torch.zeros_like(pos)
+    rest = pos.clone()
+    for n, s in zip(reversed(shape), reversed(strides), strict=True):
+        out += (rest % n) * s
+        rest //= n
+    return out
+
+
+def _positions_from_probe(element, kind, count, io) -> tuple[torch.Tensor, torch.Tensor]:
     out = []
     for sign in (1, -1):
         pos = torch.nonzero(kind == sign).flatten()
@@ -122,8 +189,8 @@ def _layout_from_probe(block_dim, element, kind, count, block_size, io) -> Block
                 "not a plain permutation of K/V elements (quantized pages?); set "
                 "recroute.parked_bytes to 0"
             )
-        out.append(index.reshape(block_size, io.heads, io.dim))
-    return BlockLayout(block_dim, out[0], out[1])
+        out.append(index)
+    return out[0], out[1]
 
 
 def _num_blocks(cache: torch.Tensor, block_size: int, heads: int, dim: int) -> int:

@@ -16,6 +16,13 @@ evict → save → load, all before the forward pass that reads the loaded pages
 
 A record is read-only once saved, so several later turns (branches of one conversation)
 can load it. Its bytes belong to this store until the scheduler evicts it.
+
+Devices: a record lives in host memory (pinned where CUDA is available, so the load's
+copies back are asynchronous), never on the device: device memory outside vLLM's KV budget
+would be unaccounted for, and ``turn_cache_bytes`` is a host budget. ``save`` copies the
+pages' rows device -> host; ``load`` writes them back through ``KVPageIO.write``, which
+moves them to the cache's device. The parked units handed over by the tier are the pool's
+own host tensors already.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ class TurnRecord:
 
     @property
     def nbytes(self) -> int:
+        """Host bytes of the record's K/V (the scheduler's ``turn_cache_bytes`` budget)."""
         tensors = [t for kv in self.kv for t in kv]
         tensors += [t for k, v, _ in self.parked.values() for t in (k, v)]
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -110,10 +118,13 @@ class TurnStore:
                     f"(num_tokens {job.num_tokens}, state {state}, blocks per group "
                     f"{[len(g) for g in job.block_ids]})"
                 )
-            kv.append(io.read(page.slots(torch.arange(n)), page.block_size))  # copies
+            k, v = io.read(page.slots(torch.arange(n)), page.block_size)
+            kv.append((_to_host(k), _to_host(v)))
         record = TurnRecord(state, kv)
         if state is not None:
-            record.units, record.parked = self.tier.take(job.request_id, len(state.stages))
+            record.units, parked = self.tier.take(job.request_id, len(state.stages))
+            # the pool's tensors are host ones: _to_host keeps them as they are
+            record.parked = {u: (_to_host(k), _to_host(v), s) for u, (k, v, s) in parked.items()}
         self.records[job.turn_id] = record
         self._sent.add(job.request_id)
         self.ledger.record({"turn_saves": 1})
@@ -148,6 +159,17 @@ class TurnStore:
             "turn_store_entries": len(self.records),
             "turn_store_bytes": sum(r.nbytes for r in self.records.values()),
         }
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in host memory: a host tensor as it is (``KVPageIO.read`` gathers a fresh one,
+    the pool hands over its own), a device one copied into pinned memory where CUDA is
+    available. The copy is synchronous: the pages are freed once this step's saves ran."""
+    if t.device.type == "cpu":
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+    out.copy_(t)
+    return out
 
 
 def _rows(state: RouteState | None, layer_idx: int, num_tokens: int) -> int:
