@@ -62,19 +62,24 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
 
 
 class FlashLikeImpl:
-    """Writes like FlashAttention's reshape_and_cache_flash into [2, blocks, B, heads, dim]."""
+    """Writes like vLLM 0.32's FlashAttention ``do_kv_cache_update``: the per-layer cache is
+    ``[blocks, kv_heads, block_size, 2 * dim]``, split into K and V ``[blocks, block_size,
+    kv_heads, dim]`` views (``reshape_and_cache_flash`` written out in torch)."""
 
     def do_kv_cache_update(self, layer, k, v, cache, slots):
-        b = cache.shape[2]
-        cache[0, slots // b, slots % b] = k
-        cache[1, slots // b, slots % b] = v
+        key_cache, value_cache = cache.transpose(1, 2).split(k.shape[-1], -1)
+        b = key_cache.shape[1]
+        key_cache[slots // b, slots % b] = k
+        value_cache[slots // b, slots % b] = v
 
 
 def flash_cache(num_blocks: int, heads: int, dim: int, device) -> torch.Tensor:
-    """vLLM's FlashAttention per-layer cache: raw memory in block-major order, viewed as
-    [2, blocks, B, heads, dim] (non-contiguous, as on a GPU host)."""
-    raw = torch.zeros(num_blocks, 2, BLOCK, heads, dim, device=device)
-    return raw.permute(1, 0, 2, 3, 4)
+    """FlashAttention's per-layer cache on a GPU host (vLLM's default ``LBNHC`` layout):
+    physically ``[blocks, block_size, heads, 2 * dim]``, viewed as ``[blocks, heads,
+    block_size, 2 * dim]``: non-contiguous for ``heads > 1`` (tests/kv_layouts.py builds
+    it with vLLM's own code)."""
+    raw = torch.zeros(num_blocks, BLOCK, heads, 2 * dim, device=device)
+    return raw.permute(0, 2, 1, 3)
 
 
 def fake_layer(shape: LayerShape, seed: int, device, num_blocks: int = 8) -> SimpleNamespace:
@@ -262,10 +267,11 @@ def _check_restored(tier, units, uid, layers, route, pos, hidden, residual) -> N
     # park_prefill numbers the active units first (units of 2 tokens), then the deferred
     first_deferred_uid = (int(mask.sum()) + 1) // 2
     lo = (uid - first_deferred_uid) * 2
-    idx = deferred[lo : lo + 2]
-    rows = idx.to(hidden.device)
-    x = hidden[rows] + residual[rows]
-    k, v = _key_values(layers[1], pos[..., rows], x)
+    # projected over all deferred rows, as the tier does (another row subset may round
+    # differently), then the unit's two rows
+    rows = deferred.to(hidden.device)
+    k, v = _key_values(layers[1], pos[..., rows], hidden[rows] + residual[rows])
+    k, v = k[lo : lo + 2], v[lo : lo + 2]
     page = PageRow(torch.arange(8, device="cpu"), BLOCK)
     slots = page.slots(units.active[uid])
     rk, rv = tier.io[1].read(slots, BLOCK)

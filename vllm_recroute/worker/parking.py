@@ -79,7 +79,10 @@ class ParkingTier:
         # tensor parallelism: unit scores are head means over this rank's shard; the mean
         # over ranks makes every rank plan the same swaps (worker/tp.py)
         self.head_mean = head_mean or (lambda scores: scores)
-        self.pool = ParkedPool(cfg.parked_bytes, cfg.park_format)
+        # host memory, pinned on a GPU host so restores copy asynchronously (the device rule)
+        self.pool = ParkedPool(
+            cfg.parked_bytes, cfg.park_format, pin_memory=torch.cuda.is_available()
+        )
         self.units: dict[tuple[str, int], StageUnits] = {}
         self.io = [
             KVPageIO(layer.self_attn.attn, layer.self_attn.num_kv_heads, layer.self_attn.head_dim)
