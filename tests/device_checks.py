@@ -278,6 +278,39 @@ def _check_restored(tier, units, uid, layers, route, pos, hidden, residual) -> N
     assert torch.equal(rk.cpu(), k.cpu()) and torch.equal(rv.cpu(), v.cpu()), "restore"
 
 
+def check_turns() -> None:
+    """A kept turn: saved from the device cache into host memory, loaded back into the
+    device cache at another request's pages, values equal."""
+    from vllm_recroute.kv.turn_index import TurnLoad, TurnSave
+    from vllm_recroute.worker.turns import TurnStore
+
+    shape = SHAPES[0]
+    layers = [fake_layer(shape, seed, DEV) for seed in range(3)]
+    cfg = RoutingConfig(mode="reroute", parked_bytes=1 << 20, park_block_tokens=2)
+    tier = ParkingTier(cfg, layers)
+    store = RouteStore(hold_finished=True)
+
+    def pages(layer_idx, block_ids):  # block tables are host tensors
+        return PageRow(torch.tensor(block_ids[0], dtype=torch.long, device="cpu"), BLOCK)
+
+    turns = TurnStore(tier, store, pages, Ledger(), lambda req_id: 1)
+    g = torch.Generator().manual_seed(4)
+    n = 20
+    truth = [(torch.randn(n, 2, 32, generator=g), torch.randn(n, 2, 32, generator=g))] * 3
+    src = PageRow(torch.tensor([2, 5], device="cpu"), BLOCK)
+    for io, (k, v) in zip(tier.io, truth, strict=True):
+        io.write(k, v, src.slots(torch.arange(n, device="cpu")))
+    turns.apply([], [TurnSave("t1", 7, n, ((2, 5),))], [])
+    record = turns.records[7]
+    assert all(_on_host(t) for kv in record.kv for t in kv), "a kept turn is host memory"
+    turns.apply([], [], [TurnLoad("t2", 7, 0, n, ((6, 3),))])
+    dst = PageRow(torch.tensor([6, 3], device="cpu"), BLOCK)
+    for io, (k, v) in zip(tier.io, truth, strict=True):
+        rk, rv = io.read(dst.slots(torch.arange(n, device="cpu")), BLOCK)
+        assert rk.device.type == DEV.type and torch.equal(rk.cpu(), k)
+        assert torch.equal(rv.cpu(), v)
+
+
 def check_tp_decision() -> None:
     """TP: host masks hashed, the gather and the score reduction on the group's device."""
     seen = []
@@ -304,6 +337,7 @@ CHECKS: dict[str, Callable[[], None]] = {
     "block_decision": check_block_decision,
     "step_router": check_step_router,
     "parking": check_parking,
+    "turns": check_turns,
     "tp_decision": check_tp_decision,
 }
 
