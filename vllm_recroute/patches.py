@@ -86,10 +86,12 @@ PATCHES: tuple[Patch, ...] = (
             "vllm.config.vllm:VllmConfig.try_verify_and_update_config",
             "vllm.config.vllm:VllmConfig._verify_kv_transfer_compat",
             "vllm.config.vllm:VllmConfig._apply_optimization_level_defaults",
-            "vllm.config.compilation:CompilationConfig.use_inductor_graph_partition",
-            "vllm.config.compilation:PassConfig.fuse_rope_kvcache",
-            "vllm.config.compilation:PassConfig.fuse_qk_norm_rope_kvcache",
-            "vllm.config.compilation:PassConfig.fuse_rope_kvcache_cat_mla",
+            # use_inductor_graph_partition and PassConfig.fuse_rope_kvcache /
+            # fuse_qk_norm_rope_kvcache / fuse_rope_kvcache_cat_mla are pydantic fields (no
+            # class attribute to resolve); the methods that read them stand in for them
+            "vllm.config.compilation:CompilationConfig.set_splitting_ops_for_v1",
+            "vllm.config.compilation:CompilationConfig.splitting_ops_contain_kv_cache_update",
+            "vllm.config.compilation:PassConfig",
             "vllm.config.parallel:ParallelConfig.use_ubatching",
             "vllm.config.parallel:ParallelConfig.decode_context_parallel_size",
             "vllm.config.parallel:ParallelConfig.prefill_context_parallel_size",
