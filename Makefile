@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 EXTRA ?= cpu
 ARGS ?=
 
-.PHONY: setup serve test test-unit test-engine test-scale lint format bench bench-throughput bench-serve bench-kv bench-quality clean
+.PHONY: setup serve test test-unit test-engine test-scale lint format bench bench-throughput bench-serve bench-kv bench-quality gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -54,6 +54,9 @@ bench-kv: setup  ## concurrency at a fixed KV budget vs plain vLLM, next to the 
 
 bench-quality: setup  ## accuracy of the demo model: full vs remove vs reroute (docs/benchmarks.md)
 	$(PY) bench/quality.py
+
+gpu-check: setup  ## GPU host checks, one JSON line per phase (ARGS="--phase micro|configs|engine|oracle|speed|all")
+	$(PY) tools/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -69,13 +69,34 @@ PATCHES: tuple[Patch, ...] = (
         why="Routed models must keep CUDA graphs piecewise, keep prefix caching only with "
         "kv_release, keep prompts whole, install the plugin's connector and validate "
         "per-request options at admission; the hook runs in every process that builds a "
-        "VllmConfig and raises a startup error naming the field on a bad config.",
+        "VllmConfig and raises a startup error naming the field on a bad config. It also "
+        "refuses (RefusedSettingError, naming the setting) what would bypass a routed "
+        "stage's installed metadata: VLLM_USE_BREAKABLE_CUDAGRAPH=1, Inductor graph "
+        "partition and the rope+KV-cache fusion passes (pinned off when unset, since "
+        "vLLM's O2/O3 defaults are applied after the hook), micro-batching (DBO), context "
+        "parallelism; and PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, which "
+        "VllmConfig._verify_kv_transfer_compat refuses later for any connector, the "
+        "plugin's included.",
         upstream="MODELS_CONFIG_MAP is vLLM's per-architecture config hook table; there is no "
         "public registration API.",
         remove_when="vLLM grows a public registration API for config hooks.",
         targets=(
             "vllm.model_executor.models.config:MODELS_CONFIG_MAP",
             "vllm.model_executor.models.config:VerifyAndUpdateConfig",
+            "vllm.config.vllm:VllmConfig.try_verify_and_update_config",
+            "vllm.config.vllm:VllmConfig._verify_kv_transfer_compat",
+            "vllm.config.vllm:VllmConfig._apply_optimization_level_defaults",
+            # use_inductor_graph_partition and PassConfig.fuse_rope_kvcache /
+            # fuse_qk_norm_rope_kvcache / fuse_rope_kvcache_cat_mla are pydantic fields (no
+            # class attribute to resolve); the methods that read them stand in for them
+            "vllm.config.compilation:CompilationConfig.set_splitting_ops_for_v1",
+            "vllm.config.compilation:CompilationConfig.splitting_ops_contain_kv_cache_update",
+            "vllm.config.compilation:PassConfig",
+            "vllm.config.parallel:ParallelConfig.use_ubatching",
+            "vllm.config.parallel:ParallelConfig.decode_context_parallel_size",
+            "vllm.config.parallel:ParallelConfig.prefill_context_parallel_size",
+            "vllm.config.model:ModelConfig.enable_cumem_allocator",
+            "vllm.envs:VLLM_USE_BREAKABLE_CUDAGRAPH",
         ),
         where="vllm_recroute/worker/config_hook.py",
     ),
@@ -84,8 +105,9 @@ PATCHES: tuple[Patch, ...] = (
         what="Replaces each decoder layer's forward on the instance with a wrapper that runs "
         "the layer on the stage's active rows and installs the stage's compacted attention; "
         "for a forward that runs eager under compilation, sets the text model's native "
-        "CustomOps' _forward_method to their platform kernel (forward_cpu / forward_cuda) and "
-        "back afterwards.",
+        "CustomOps' _forward_method to their platform kernel (forward_cpu / forward_hip / "
+        "forward_cuda) and back afterwards, only for ops whose class overrides it (the base "
+        "CustomOp.forward_cuda raises NotImplementedError).",
         why="Deferred tokens must skip a stage's layers; wrapping instances leaves module "
         "names (and so weight loading) untouched and works for any decoder layer with the "
         "(positions, hidden_states, residual) signature.",
@@ -96,6 +118,7 @@ PATCHES: tuple[Patch, ...] = (
             "vllm.model_executor.custom_op:CustomOp.forward_native",
             "vllm.model_executor.custom_op:CustomOp.forward_cpu",
             "vllm.model_executor.custom_op:CustomOp.forward_cuda",
+            "vllm.model_executor.custom_op:CustomOp.forward_hip",
         ),
         where="vllm_recroute/worker/decoder.py, vllm_view.native_custom_ops",
     ),

@@ -197,3 +197,101 @@ def test_cuda_graphs_stay_piecewise(given, expected):
     comp = SimpleNamespace(cudagraph_mode=None if given is None else CUDAGraphMode[given])
     _keep_graphs_piecewise(SimpleNamespace(compilation_config=comp))
     assert comp.cudagraph_mode == CUDAGraphMode[expected]
+
+
+# ------------------------------------------------------------------ refused GPU-host settings
+
+
+def _routed_config_with(model, **sections):
+    """A routed config (built once through the hook) with ``sections`` replaced, for the
+    hook to check again (it only reads these sections)."""
+    import copy
+
+    from vllm.config import VllmConfig
+
+    cfg = _engine_config(model, ROUTED_IDEFICS3, {"schedule": "pdrop"})
+    out = VllmConfig.__new__(VllmConfig)
+    out.__dict__.update(cfg.__dict__)
+    for name, changes in sections.items():
+        section = copy.deepcopy(getattr(cfg, name))
+        for key, value in changes.items():
+            setattr(section, key, value)
+        out.__dict__[name] = section
+    return out
+
+
+def _refusal(vllm_config) -> str:
+    from vllm_recroute.worker.config_hook import RefusedSettingError, apply_routing_requirements
+
+    with pytest.raises(RefusedSettingError) as info:
+        apply_routing_requirements(vllm_config)
+    return str(info.value)
+
+
+def test_breakable_cudagraphs_are_refused(tiny_idefics3, monkeypatch):
+    monkeypatch.setenv("VLLM_USE_BREAKABLE_CUDAGRAPH", "1")
+    with pytest.raises(ValueError, match=r"VLLM_USE_BREAKABLE_CUDAGRAPH: .*=0"):
+        _engine_config(tiny_idefics3, ROUTED_IDEFICS3, {"schedule": "pdrop"})
+    _engine_config(tiny_idefics3, ROUTED_IDEFICS3, {"mode": "off"})  # unrouted: allowed
+
+
+def test_inductor_graph_partition_is_refused(tiny_idefics3):
+    cfg = _routed_config_with(
+        tiny_idefics3, compilation_config={"use_inductor_graph_partition": True}
+    )
+    assert "compilation_config.use_inductor_graph_partition: " in _refusal(cfg)
+
+
+@pytest.mark.parametrize(
+    "fusion", ["fuse_rope_kvcache", "fuse_qk_norm_rope_kvcache", "fuse_rope_kvcache_cat_mla"]
+)
+def test_rope_kv_cache_fusions_are_refused(tiny_idefics3, fusion):
+    import copy
+
+    cfg = _routed_config_with(tiny_idefics3)
+    comp = copy.deepcopy(cfg.compilation_config)
+    setattr(comp.pass_config, fusion, True)
+    cfg.__dict__["compilation_config"] = comp
+    assert f"compilation_config.pass_config.{fusion}: " in _refusal(cfg)
+
+
+def test_unset_kv_write_fusions_are_pinned_off(tiny_idefics3):
+    from vllm_recroute.worker.config_hook import KV_WRITE_FUSIONS
+
+    comp = _engine_config(tiny_idefics3, ROUTED_IDEFICS3, {}).compilation_config
+    assert comp.use_inductor_graph_partition is False
+    assert all(getattr(comp.pass_config, name) is False for name in KV_WRITE_FUSIONS)
+
+
+@pytest.mark.parametrize(
+    ("changes", "setting"),
+    [
+        ({"enable_dbo": True}, "parallel_config.enable_dbo"),
+        ({"ubatch_size": 2}, "parallel_config.enable_dbo"),
+        ({"decode_context_parallel_size": 2}, "parallel_config.decode_context_parallel_size"),
+        ({"prefill_context_parallel_size": 2}, "parallel_config.prefill_context_parallel_size"),
+    ],
+)
+def test_micro_batching_and_context_parallelism_are_refused(tiny_idefics3, changes, setting):
+    cfg = _routed_config_with(tiny_idefics3, parallel_config=changes)
+    message = _refusal(cfg)
+    assert f"{setting}: " in message
+    flag = "--enable-dbo" if "dbo" in setting else "-".join(setting.split(".")[1].split("_"))
+    assert flag in message
+
+
+def test_refusals_only_apply_while_routing(tiny_idefics3):
+    from vllm_recroute.worker.config_hook import apply_routing_requirements
+
+    cfg = _routed_config_with(tiny_idefics3, parallel_config={"enable_dbo": True})
+    cfg.additional_config = {"recroute": {"mode": "off"}}
+    apply_routing_requirements(cfg)
+
+
+def test_expandable_segments_get_the_plugins_error(tiny_idefics3, monkeypatch):
+    # vLLM would refuse it later blaming "KV connector RecrouteConnector"; ours comes first
+    # and applies with routing off too (the connector is installed either way).
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    for recroute in ({"schedule": "pdrop"}, {"mode": "off"}):
+        with pytest.raises(ValueError, match=r"PYTORCH_CUDA_ALLOC_CONF: .*remove"):
+            _engine_config(tiny_idefics3, ROUTED_IDEFICS3, recroute)

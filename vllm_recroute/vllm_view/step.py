@@ -104,10 +104,12 @@ def has_prompt_rows(runner: Any) -> bool:
 def native_custom_ops(module: torch.nn.Module) -> list[tuple[Any, Any, Any]]:
     """``(op, native, kernel)`` for every vLLM ``CustomOp`` under ``module`` that dispatches
     to its PyTorch-native forward (what vLLM picks when inductor compiles the model: the
-    graph fuses it), with the platform kernel vLLM runs in eager mode."""
+    graph fuses it) and whose class has its own platform kernel, the one vLLM runs in eager
+    mode. An op without one stays native: CustomOp.forward_cuda raises NotImplementedError."""
     from vllm.model_executor.custom_op import CustomOp
     from vllm.platforms import current_platform
 
+    names = _kernel_names(current_platform)
     out = []
     for op in module.modules():
         if not isinstance(op, CustomOp):
@@ -115,14 +117,32 @@ def native_custom_ops(module: torch.nn.Module) -> list[tuple[Any, Any, Any]]:
         native = op._forward_method
         if getattr(native, "__func__", None) is not type(op).forward_native:
             continue  # already a kernel (enabled op), or a compiled native
-        if current_platform.is_cpu():
-            kernel = op.forward_cpu
-        elif current_platform.is_rocm():
-            kernel = op.forward_hip
-        else:
-            kernel = op.forward_cuda
-        out.append((op, native, kernel))
+        kernel = platform_kernel(op, names, CustomOp)
+        if kernel is not None:
+            out.append((op, native, kernel))
     return out
+
+
+def _kernel_names(platform: Any) -> tuple[str, ...]:
+    """The CustomOp methods that are this platform's kernel, in dispatch order (vLLM's
+    CustomOp.dispatch_forward; forward_hip falls back to forward_cuda)."""
+    if platform.is_cpu():
+        return ("forward_cpu",)
+    if platform.is_rocm():
+        return ("forward_hip", "forward_cuda")
+    if platform.is_cuda():
+        return ("forward_cuda",)
+    return ()  # XPU, TPU, out-of-tree: their base kernels are the native forward anyway
+
+
+def platform_kernel(op: Any, names: tuple[str, ...], base: type) -> Any | None:
+    """The bound kernel of the first of ``names`` that ``type(op)`` overrides (relative to
+    ``base``, vLLM's CustomOp), or None: the base's kernels are the native forward or raise
+    NotImplementedError, so switching to them gains nothing or crashes."""
+    for name in names:
+        if getattr(type(op), name) is not getattr(base, name):
+            return getattr(op, name)
+    return None
 
 
 def use_forwards(ops: list[tuple[Any, Any, Any]], kernels: bool) -> None:

@@ -9,6 +9,7 @@ routing config is a startup error naming the field, never a crash in a worker.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,6 +28,9 @@ def apply_routing_requirements(vllm_config: Any) -> RoutingConfig:
     """Validate the routing config and adapt the engine config to what routing needs."""
     cfg = RoutingConfig.from_additional_config(vllm_config.additional_config)
     _refuse_unsupported(vllm_config, cfg)
+    if cfg.enabled:
+        _refuse_graph_and_parallel_settings(vllm_config)
+    _refuse_expandable_segments(vllm_config)
     _install_request_validator(vllm_config, cfg)
     _install_stats_connector(vllm_config)
     cache = vllm_config.cache_config
@@ -157,6 +161,113 @@ def _refuse_unsupported(vllm_config: Any, cfg: RoutingConfig) -> None:
             f"attention (model_type {model.hf_config.model_type!r}); use mode 'off', or a "
             "checkpoint with is_mm_prefix_lm=false",
         )
+
+
+# vLLM's fusion passes that write the KV cache inside the compiled graph (the rope + KV
+# update fusions; config/compilation.py PassConfig), in the order of its field list.
+KV_WRITE_FUSIONS = ("fuse_rope_kvcache", "fuse_qk_norm_rope_kvcache", "fuse_rope_kvcache_cat_mla")
+_EXPANDABLE = "expandable_segments:True"
+
+
+class RefusedSettingError(ValueError):
+    """An engine setting routing cannot run under; ``setting`` names it as the user sets it."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        self.setting = setting
+        super().__init__(f"vllm-recroute: {setting}: {message}")
+
+
+def _refuse_graph_and_parallel_settings(vllm_config: Any) -> None:
+    """Settings under which a routed stage's installed attention metadata, compacted slots
+    or step context would be ignored (wrong tokens, or KV written into other requests'
+    blocks with kv_release); refused while routing is on (docs/deploy.md, "GPU hosts:
+    refused settings")."""
+    _refuse_breakable_cudagraph(vllm_config)
+    _refuse_kv_write_in_graph(vllm_config.compilation_config)
+    _refuse_parallel_modes(vllm_config.parallel_config)
+
+
+def _refuse_breakable_cudagraph(vllm_config: Any) -> None:
+    # The env var is read here as vLLM reads it (envs.py: exactly "1"); vLLM's own
+    # auto-enable (VllmConfig._maybe_enable_breakable_cudagraph) runs after this hook.
+    if os.environ.get("VLLM_USE_BREAKABLE_CUDAGRAPH", "0") != "1":
+        return
+    model = vllm_config.model_config
+    mode = vllm_config.compilation_config.cudagraph_mode
+    if (model is not None and model.enforce_eager) or (mode is not None and mode.name == "NONE"):
+        return  # no graphs are captured, so nothing is replayed
+    raise RefusedSettingError(
+        "VLLM_USE_BREAKABLE_CUDAGRAPH",
+        "breakable CUDA graphs replay the whole model without calling its modules, so "
+        "routing's layer hooks, per-layer attention metadata and eager bypass never run; "
+        "unset it or set VLLM_USE_BREAKABLE_CUDAGRAPH=0 (piecewise graphs are kept)",
+    )
+
+
+def _refuse_kv_write_in_graph(comp: Any) -> None:
+    """A KV-cache write captured in a graph replays vLLM's own slot-mapping buffer, not the
+    compacted slots a routed stage installs (with kv_release: other requests' blocks)."""
+    if comp.use_inductor_graph_partition:
+        raise RefusedSettingError(
+            "compilation_config.use_inductor_graph_partition",
+            "Inductor graph partition captures the KV-cache update inside the CUDA graph, "
+            "which ignores routed stages' compacted slot mappings; leave it False",
+        )
+    comp.use_inductor_graph_partition = False  # unset: vLLM's defaults also say False
+    passes = comp.pass_config
+    for name in KV_WRITE_FUSIONS:
+        if getattr(passes, name, None):
+            raise RefusedSettingError(
+                f"compilation_config.pass_config.{name}",
+                "this fusion writes the KV cache inside the compiled graph with vLLM's "
+                "slot mapping, not routed stages' compacted slots; set it to false",
+            )
+        if hasattr(passes, name):
+            # Unset: vLLM's O2/O3 defaults may turn it on later (ROCm AITER); keep it off.
+            setattr(passes, name, False)
+
+
+def _refuse_parallel_modes(par: Any) -> None:
+    if par.use_ubatching:
+        # Micro-batches run in their own threads (gpu_ubatch_wrapper.py), without the
+        # step context P1 publishes, and per-layer metadata become one dict per ubatch.
+        raise RefusedSettingError(
+            "parallel_config.enable_dbo",
+            "dual batch overlap / micro-batching (--enable-dbo, --ubatch-size > 1) is not "
+            "supported with routing; drop --enable-dbo and leave ubatch_size at 0 or 1",
+        )
+    for name, flag in (
+        ("decode_context_parallel_size", "--decode-context-parallel-size"),
+        ("prefill_context_parallel_size", "--prefill-context-parallel-size"),
+    ):
+        if getattr(par, name) > 1:
+            # Context parallelism interleaves a request's KV slots over ranks
+            # (block_table.py, cp_kv_cache_interleave_size); compaction writes dense slots.
+            raise RefusedSettingError(
+                f"parallel_config.{name}",
+                f"context parallelism is not supported with routing; set {flag} to 1 "
+                "(use tensor or data parallelism)",
+            )
+
+
+def _refuse_expandable_segments(vllm_config: Any) -> None:
+    """vLLM 0.32 refuses every KV connector with expandable segments (config/vllm.py,
+    VllmConfig._verify_kv_transfer_compat, after this hook) and the plugin always installs
+    its own, so say so here, in the plugin's words, rather than blame the connector."""
+    kv = vllm_config.kv_transfer_config
+    if kv is not None and kv.kv_connector not in (None, CONNECTOR_NAME):
+        return  # the user's own connector: vLLM's message names it rightly
+    if _EXPANDABLE not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        return
+    model = vllm_config.model_config
+    if model is not None and model.enable_cumem_allocator:
+        return  # vLLM's exemption: its pool turns expandable segments off
+    raise RefusedSettingError(
+        "PYTORCH_CUDA_ALLOC_CONF",
+        f"{_EXPANDABLE} is refused by vLLM for any KV connector, and vllm-recroute always "
+        f"installs one ({CONNECTOR_NAME}: routing metrics, page releases, kept turns); "
+        "remove expandable_segments:True from PYTORCH_CUDA_ALLOC_CONF",
+    )
 
 
 def _refuse_unsupported_parking(vllm_config: Any) -> None:
