@@ -1,7 +1,7 @@
 """tools/gpu_check.py: the phases that run on this CPU host.
 
-The micro phase (tests.device_checks.run_all, no vLLM imported) gets its test with
-tests/device_checks.py; engine, oracle and speed start engines (minutes) and are run by
+micro (tests.device_checks under FakeCuda, no vLLM module imported) and configs (a
+simulated Triton host); engine, oracle and speed start engines (minutes) and are run by
 hand here, on a GPU host by ``make gpu-check``.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_configs_phase_prints_ok_with_every_refusal():
+def _phase(name: str) -> tuple[dict, int]:
     proc = subprocess.run(
-        [sys.executable, "tools/gpu_check.py", "--phase", "configs"],
+        [sys.executable, "tools/gpu_check.py", "--phase", name],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -25,10 +25,23 @@ def test_configs_phase_prints_ok_with_every_refusal():
     )
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1, proc.stderr[-2000:]
-    [result] = lines
+    return lines[0], proc.returncode
+
+
+def test_micro_phase_runs_every_device_check_without_vllm():
+    from tests.device_checks import CHECKS
+
+    result, rc = _phase("micro")
+    assert result["ok"] is True and rc == 0, result
+    assert result["device"] == "fake" and result["checks"] == len(CHECKS) >= 6
+    assert result["failed"] == {} and result["vllm_modules_imported"] == []
+
+
+def test_configs_phase_prints_ok_with_every_refusal():
+    result, returncode = _phase("configs")
     assert result["phase"] == "configs"
     assert result["ok"] is True, result
-    assert proc.returncode == 0
+    assert returncode == 0
     assert result["routed"]["runner"] == "V1"
     assert result["plain"]["runner"] == "V2"  # the simulated Triton host
     assert set(result["refusals"].values()) == {"ok"}
