@@ -20,7 +20,10 @@ from vllm_recroute.vllm_view.engine import (
     tp_all_reduce_sum,
 )
 from vllm_recroute.vllm_view.kv import (
+    CompactedIndices,
     GroupInfo,
+    SegmentBuffers,
+    SegmentIO,
     block_table,
     common_attention_metadata,
     install_layer_attention,
@@ -62,7 +65,10 @@ from vllm_recroute.vllm_view.step import (
 )
 
 __all__ = [
+    "CompactedIndices",
     "GroupInfo",
+    "SegmentBuffers",
+    "SegmentIO",
     "StepBatch",
     "StepContext",
     "block_table",
