@@ -182,9 +182,15 @@ PATCHES: tuple[Patch, ...] = (
         "R1",
         what="Reads V1 runner and scheduler internals: input_batch (req_ids, "
         "num_computed_tokens_cpu, num_prompt_tokens, block_table), query_start_loc, "
-        "input_ids, requests, attn_groups, kv_cache_config; the scheduler's Request "
-        "(mm_features, sampling_params, block_hashes, cache_salt) and KVCacheManager "
-        "(coordinator.single_type_managers, block_pool.null_block).",
+        "input_ids, requests, attn_groups, kv_cache_config, vllm_config, device; an "
+        "AttentionGroup's kernel_block_size, and a copy of it (dataclasses.replace) given "
+        "builders of its own through create_metadata_builders, one per routed segment and "
+        "KV group (vllm_view.SegmentIO; FlashInfer's builders share the float workspace "
+        "through _get_workspace_buffer / set_workspace_buffer, duck-typed, as the V2 runner "
+        "does); the scheduler's Request (mm_features, sampling_params, block_hashes, "
+        "cache_salt, num_computed_tokens less num_output_placeholders: the KV written under "
+        "async scheduling) and KVCacheManager (coordinator.single_type_managers, "
+        "block_pool.null_block).",
         why="Request identity, image spans, block tables and stage managers are not exposed "
         "through a public API.",
         upstream="Internal; Model Runner V2 exposes different structures.",
@@ -193,6 +199,13 @@ PATCHES: tuple[Patch, ...] = (
             "vllm.v1.worker.gpu_input_batch:InputBatch",
             "vllm.v1.worker.block_table:BlockTable.get_cpu_tensor",
             "vllm.v1.worker.block_table:BlockTable.get_device_tensor",
+            "vllm.v1.worker.utils:AttentionGroup.create_metadata_builders",
+            "vllm.v1.worker.utils:AttentionGroup.build_metadata",
+            "vllm.v1.worker.utils:AttentionGroup.get_metadata_builder",
+            "vllm.v1.worker.utils:AttentionGroup.map_to_kernel_block_table",
+            "vllm.v1.worker.utils:AttentionGroup.__dataclass_fields__",
+            "vllm.v1.worker.gpu_model_runner:GPUModelRunner.synchronize_input_prep",
+            "vllm.v1.core.sched.async_scheduler:AsyncScheduler._update_request_with_output",
             "vllm.v1.core.kv_cache_manager:KVCacheManager",
             "vllm.v1.core.block_pool:BlockPool",
             "vllm.v1.request:RequestStatus.FINISHED_STOPPED",

@@ -34,6 +34,7 @@ def _request(status=None):
         request_id="r",
         status=status or RequestStatus.FINISHED_STOPPED,
         num_computed_tokens=11,
+        num_output_placeholders=0,
         num_prompt_tokens=8,
         all_token_ids=tokens,
         block_hashes=["h0", "h1"],  # two full blocks of 4 tokens

@@ -23,7 +23,7 @@ from vllm_recroute.metrics.stats import RouteStats
 from vllm_recroute.requests.options import routing_for_request, routing_key
 from vllm_recroute.routing import planned_deferred
 
-__all__ = ["SchedulerSide", "turn_request"]
+__all__ = ["SchedulerSide", "kv_written", "turn_request"]
 
 
 class SchedulerSide:
@@ -162,7 +162,7 @@ class SchedulerSide:
             self._expect_deferred(request.request_id, None)
         if self._turns is None or not vllm_view.is_finished_normally(request):
             return False
-        turn, n = turn_request(request), request.num_computed_tokens
+        turn, n = turn_request(request), kv_written(request)
         if not self._turns.can_keep(turn, n):
             return False
         turn_id, evicted = self._turns.keep(turn, n, also_at=(request.num_prompt_tokens,))
@@ -195,6 +195,21 @@ class SchedulerSide:
             else tuple(b for b in blocks if b != null)
             for gid, blocks in enumerate(block_ids)
         )
+
+
+def kv_written(request: Any) -> int:
+    """Tokens of ``request`` whose KV a finished step has written.
+
+    Under async scheduling (vLLM's `AsyncScheduler`, on by default on CUDA) the scheduler
+    advances ``num_computed_tokens`` when it schedules a step, and counts the step's
+    not-yet-sampled tokens in ``num_output_placeholders`` until its output arrives
+    (`_update_after_schedule` adds, `_update_request_with_output` subtracts). When a
+    request finishes, the next step is already scheduled: ``num_computed_tokens``
+    includes its input token, whose KV that in-flight step is still writing. vLLM's own
+    frontier of materialized KV is the difference (`Scheduler._handle_stopped_request`:
+    ``safe_frontier``; `cache_blocks` in `AsyncScheduler._update_request_with_output`).
+    Synchronous scheduling: no placeholders, the same number."""
+    return request.num_computed_tokens - request.num_output_placeholders
 
 
 def _turn_index(cfg: RoutingConfig, vllm_config: Any, kv_cache_config: Any) -> TurnIndex | None:

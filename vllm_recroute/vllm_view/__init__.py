@@ -21,7 +21,10 @@ from vllm_recroute.vllm_view.engine import (
     tp_device,
 )
 from vllm_recroute.vllm_view.kv import (
+    CompactedIndices,
     GroupInfo,
+    SegmentBuffers,
+    SegmentIO,
     block_table,
     common_attention_metadata,
     install_layer_attention,
@@ -63,7 +66,10 @@ from vllm_recroute.vllm_view.step import (
 )
 
 __all__ = [
+    "CompactedIndices",
     "GroupInfo",
+    "SegmentBuffers",
+    "SegmentIO",
     "StepBatch",
     "StepContext",
     "block_table",

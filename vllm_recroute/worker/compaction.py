@@ -31,9 +31,12 @@ class Segment:
 
     start: int
     end: int
-    active_rows: torch.Tensor | None  # None: every row active
+    active_rows: torch.Tensor | None  # host, sorted step rows; None: every row active
     attn_metadata: dict[int, Any] = field(default_factory=dict)  # kv group -> metadata
     slot_mapping: dict[int, torch.Tensor] = field(default_factory=dict)  # empty: vLLM's own
+    # active_rows on the table's device (int64; the same tensor on a CPU device), carried
+    # by the first group's packed copy; None while active_rows is None
+    device_rows: torch.Tensor | None = None
 
 
 class LayerGroups:
@@ -100,6 +103,11 @@ def compact_segment(
 
     ``active``: bool per step row; ``offsets``: per request, tokens absent from the
     stage's KV before this step (decode: its deferred count at the stage).
+
+    Device rule: every index is computed on the host (``active`` and the block tables
+    as read from vLLM's CPU block table are host tensors), then each group's indices
+    cross to the table's device in one packed non-blocking copy (`vllm_view.SegmentIO`);
+    the segment's active rows ride along with its first group's (``seg.device_rows``).
     """
     n = batch.num_reqs
     rows = batch.num_rows
@@ -112,22 +120,39 @@ def compact_segment(
     req_of_row = torch.repeat_interleave(torch.arange(n), counts)
     rank = torch.arange(int(qsl[-1])) - qsl[:-1].long()[req_of_row]
     pos = ctx[req_of_row] + rank
-    for group in groups:
+    # vLLM's rule (gpu_model_runner.py, _build_attention_metadata): a request is
+    # prefilling while it computes prompt tokens, whatever it computed before.
+    is_prefilling = batch.num_computed < torch.tensor(batch.prompt_lens, dtype=torch.long)
+    device = vllm_view.table_device(tables.runner, groups[0].gid, n) if groups else None
+    for i, group in enumerate(groups):
         table = tables(group.gid)
         b = group.block_size
         _check_pages(pos // b, req_of_row, tables.live_counts(group.gid), batch, group.gid)
         blocks = table[req_of_row, pos // b].long()
-        slots = blocks * b + pos % b
-        cm = vllm_view.common_attention_metadata(
+        host = vllm_view.CompactedIndices(
             qsl=qsl,
             seq_lens=seq_lens,
-            num_computed=batch.num_computed,
-            block_table_tensor=table,
-            slot_mapping=slots,
-            device=vllm_view.table_device(tables.runner, group.gid, n),
+            block_table=table[:, : _table_width(seq_lens, b, table.shape[1])],
+            slot_mapping=blocks * b + pos % b,
+            rows=seg.active_rows if i == 0 else None,
         )
-        seg.attn_metadata[group.gid] = group.attn_group.build_metadata(cm)
-        seg.slot_mapping[group.gid] = cm.slot_mapping
+        io = group.io(seg.start)
+        dev = io.send(host, device)
+        cm = vllm_view.common_attention_metadata(host, dev, is_prefilling)
+        seg.attn_metadata[group.gid] = io.build(cm)
+        seg.slot_mapping[group.gid] = dev.slot_mapping
+        if dev.rows is not None:
+            seg.device_rows = dev.rows
+
+
+def _table_width(seq_lens: torch.Tensor, block_size: int, width: int) -> int:
+    """Columns the compacted table needs: the widest row's blocks for its compacted
+    ``seq_lens`` (attention reads no further; the KV write goes by slot mapping), not
+    vLLM's full-width row (max_model_len's blocks), which would cross every step."""
+    if not seq_lens.numel():
+        return 1
+    need = (int(seq_lens.max()) + block_size - 1) // block_size
+    return max(1, min(need, width))
 
 
 def _check_pages(
