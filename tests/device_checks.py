@@ -221,7 +221,8 @@ def check_step_router() -> None:
                 assert all(_on_host(m) for m in route.masks), "masks must be host tensors"
                 active, offsets = step.segment_rows(1)
                 assert _on_host(active) and _on_host(offsets)
-                seg = SimpleNamespace(start=1, active_rows=torch.nonzero(active).flatten())
+                rows = torch.nonzero(active).flatten()
+                seg = SimpleNamespace(start=1, active_rows=rows, device_rows=None)
                 h, r = step.run_on_rows(_double, seg, pos, hidden, residual)
                 assert h.device.type == hidden.device.type
                 results.append((route.masks, h.cpu(), r.cpu()))

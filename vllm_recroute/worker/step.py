@@ -342,7 +342,10 @@ class StepRouter:
 
     def device_rows(self, seg: Segment, device: torch.device) -> torch.Tensor:
         """The segment's active rows on the activations' device: the gather/scatter index
-        of every layer of the segment, copied once per segment and step."""
+        of every layer of the segment. Normally carried by the segment's packed metadata
+        copy (``compact_segment``); else copied once per segment and step."""
+        if seg.device_rows is not None and seg.device_rows.device == device:
+            return seg.device_rows
         rows = self._device_rows.get(seg.start)
         if rows is None:
             assert seg.active_rows is not None
