@@ -4,7 +4,9 @@ PY := $(VENV)/bin/python
 EXTRA ?= cpu
 ARGS ?=
 
-.PHONY: setup serve test test-unit test-engine test-scale lint format bench bench-throughput bench-serve bench-kv bench-quality clean
+VERSION ?=
+
+.PHONY: check-vllm setup serve test test-unit test-engine test-scale lint format bench bench-throughput bench-serve bench-kv bench-quality clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -54,6 +56,9 @@ bench-kv: setup  ## concurrency at a fixed KV budget vs plain vLLM, next to the 
 
 bench-quality: setup  ## accuracy of the demo model: full vs remove vs reroute (docs/benchmarks.md)
 	$(PY) bench/quality.py
+
+check-vllm: setup  ## resolve the patch record against vLLM $(VERSION)'s wheel by AST (no install)
+	$(PY) tools/check_vllm.py $(VERSION)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
