@@ -4,7 +4,9 @@ PY := $(VENV)/bin/python
 EXTRA ?= cpu
 ARGS ?=
 
-.PHONY: setup serve test test-unit test-engine test-scale lint format bench bench-throughput bench-serve bench-kv bench-quality gpu-check clean
+VERSION ?=
+
+.PHONY: check-vllm setup serve test test-unit test-engine test-scale lint format bench bench-throughput bench-serve bench-kv bench-quality gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -57,6 +59,9 @@ bench-quality: setup  ## accuracy of the demo model: full vs remove vs reroute (
 
 gpu-check: setup  ## GPU host checks, one JSON line per phase (ARGS="--phase micro|configs|engine|oracle|speed|all")
 	$(PY) tools/gpu_check.py $(ARGS)
+
+check-vllm: setup  ## resolve the patch record against vLLM $(VERSION)'s wheel by AST (no install)
+	$(PY) tools/check_vllm.py $(VERSION)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

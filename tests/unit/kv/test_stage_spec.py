@@ -104,7 +104,7 @@ def test_block_table_row_has_room_for_released_holes(vllm_config):
     ],
 )
 def test_vllm_forms_one_group_set_per_stage(vllm_config, stages, expected):
-    from vllm.v1.core.kv_cache_utils import get_kv_cache_groups
+    from vllm_recroute.vllm_view.compat import get_kv_cache_groups
 
     groups = get_kv_cache_groups(vllm_config, stage_specs(stages))
     got = [(g.kv_cache_spec.stage, [int(n.split(".")[2]) for n in g.layer_names]) for g in groups]
@@ -117,7 +117,7 @@ def test_vllm_forms_one_group_set_per_stage(vllm_config, stages, expected):
 def test_a_plain_first_layer_collapses_all_groups(vllm_config):
     """Why stage 0 layers must report RoutedStageSpec too: FullAttentionSpec.merge accepts
     the subclass, and vLLM then builds one group; the startup guard catches it."""
-    from vllm.v1.core.kv_cache_utils import get_kv_cache_groups
+    from vllm_recroute.vllm_view.compat import get_kv_cache_groups
 
     stages = [0, 0, 1, 1]
     specs = stage_specs(stages)
@@ -132,7 +132,8 @@ def test_stage_groups_need_the_hybrid_kv_cache_manager():
     """With HMA disabled (e.g. by a KV connector that does not implement SupportsHMA),
     vLLM tries to unify all specs into one type and fails at startup: loud, not silent."""
     from vllm.config import VllmConfig
-    from vllm.v1.core.kv_cache_utils import get_kv_cache_groups
+
+    from vllm_recroute.vllm_view.compat import get_kv_cache_groups
 
     config = VllmConfig()
     config.cache_config.kv_cache_layout = "LBHNC"
