@@ -150,6 +150,8 @@ def _star_imports(tree: ast.Module) -> list[tuple]:
 
 
 def _class_member(cls: ast.ClassDef, name: str) -> ast.AST | None:
+    if name == "__dataclass_fields__" and any(_is_dataclass(d) for d in cls.decorator_list):
+        return cls  # made by @dataclass, not written in the source
     for node in cls.body:
         if (
             isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
@@ -172,6 +174,11 @@ def _class_member(cls: ast.ClassDef, name: str) -> ast.AST | None:
             ):
                 return node
     return None
+
+
+def _is_dataclass(decorator: ast.expr) -> bool:
+    func = decorator.func if isinstance(decorator, ast.Call) else decorator
+    return getattr(func, "id", getattr(func, "attr", None)) == "dataclass"
 
 
 def _base_name(base: ast.expr) -> str | None:

@@ -65,3 +65,20 @@ def test_reports_missing_names_and_changed_signatures(tmp_path, monkeypatch):
         "    now (self, request, n, budget, shift=0)",
     ]
     assert check_vllm.check(old, old) == []
+
+
+def test_a_dataclass_has_its_generated_fields(tmp_path):
+    """``__dataclass_fields__`` (read to copy vLLM's AttentionGroup) exists on a
+    @dataclass class although no source line writes it; not on a plain class."""
+    from tools.check_vllm import SourceTree
+
+    pkg = tmp_path / "vllm"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "m.py").write_text(
+        "from dataclasses import dataclass\n\n@dataclass(eq=False)\nclass A:\n    x: int = 0\n\n"
+        "class B:\n    pass\n"
+    )
+    tree = SourceTree(tmp_path)
+    assert tree.resolve("vllm.m:A.__dataclass_fields__") is not None
+    assert tree.resolve("vllm.m:B.__dataclass_fields__") is None
