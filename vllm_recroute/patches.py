@@ -78,7 +78,9 @@ PATCHES: tuple[Patch, ...] = (
         "vLLM's O2/O3 defaults are applied after the hook), micro-batching (DBO), context "
         "parallelism; and PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, which "
         "VllmConfig._verify_kv_transfer_compat refuses later for any connector, the "
-        "plugin's included.",
+        "plugin's included; and sleep mode (enable_sleep_mode), which discards or remaps "
+        "the KV cache that routing state points into (0.33 asks the connector too: "
+        "RecrouteConnector.supports_sleep_mode is False).",
         upstream="MODELS_CONFIG_MAP is vLLM's per-architecture config hook table; there is no "
         "public registration API.",
         remove_when="vLLM grows a public registration API for config hooks.",
@@ -98,6 +100,7 @@ PATCHES: tuple[Patch, ...] = (
             "vllm.config.parallel:ParallelConfig.decode_context_parallel_size",
             "vllm.config.parallel:ParallelConfig.prefill_context_parallel_size",
             "vllm.config.model:ModelConfig.enable_cumem_allocator",
+            "vllm.config.model:ModelConfig.enable_sleep_mode",
             "vllm.envs:VLLM_USE_BREAKABLE_CUDAGRAPH",
         ),
         where="vllm_recroute/worker/config_hook.py",
@@ -131,8 +134,14 @@ PATCHES: tuple[Patch, ...] = (
         why="vLLM forms KV-cache groups from per-layer specs; a spec per stage gives every "
         "stage its own group, block table and RoutedStageManager.",
         upstream="Specs are registered through the public KVCacheSpecRegistry; the per-layer "
-        "report has no hook.",
-        remove_when="vLLM lets a model choose a layer's KV-cache spec class.",
+        "report has no hook. vLLM 0.33 adds SupportsKVCacheGrouping (experimental: a model "
+        "defines its own KV-cache grouping, v1/core/kv_cache_config_builder.py). Considered "
+        "and not adopted: it does not exist in 0.32, which this plugin still supports on "
+        "CPU and CUDA (two grouping paths to keep equal), it is marked experimental, and "
+        "grouping is only half of what P4 gives: the per-stage RoutedStageManager still "
+        "needs the registered spec (P6). Revisit when 0.32 leaves the supported range.",
+        remove_when="vLLM lets a model choose a layer's KV-cache spec class (0.33's "
+        "SupportsKVCacheGrouping, once 0.32 is dropped and it is no longer experimental).",
         targets=("vllm.model_executor.layers.attention.attention:Attention.get_kv_cache_spec",),
         where="vllm_recroute/worker/decoder.py",
     ),

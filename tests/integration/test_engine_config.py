@@ -295,3 +295,20 @@ def test_expandable_segments_get_the_plugins_error(tiny_idefics3, monkeypatch):
     for recroute in ({"schedule": "pdrop"}, {"mode": "off"}):
         with pytest.raises(ValueError, match=r"PYTORCH_CUDA_ALLOC_CONF: .*remove"):
             _engine_config(tiny_idefics3, ROUTED_IDEFICS3, recroute)
+
+
+def test_sleep_mode_is_refused_for_routed_architectures(tiny_idefics3, monkeypatch):
+    """Sleep mode discards or remaps the KV cache routing state points into: refused with
+    the setting's name for a routed architecture (any request may route, so with the
+    server's mode off too), allowed for the plain one. The CPU platform has no sleep mode,
+    so the test lends it one (the refusal is ours, not the platform's)."""
+    from vllm.platforms import current_platform
+
+    from vllm_recroute.connector.connector import RecrouteConnector
+
+    monkeypatch.setattr(type(current_platform), "is_sleep_mode_available", lambda self: True)
+    for recroute in ({"schedule": "pdrop"}, {"mode": "off"}):
+        with pytest.raises(ValueError, match=r"enable_sleep_mode: .*routed architectures"):
+            _engine_config(tiny_idefics3, ROUTED_IDEFICS3, recroute, enable_sleep_mode=True)
+    _engine_config(tiny_idefics3, None, None, enable_sleep_mode=True)  # plain: vLLM's own
+    assert RecrouteConnector.supports_sleep_mode(None) is False  # vLLM 0.33's hook

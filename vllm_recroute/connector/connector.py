@@ -46,6 +46,14 @@ class RecrouteConnector(KVConnectorBase_V1, SupportsHMA):
         else:
             self.worker = WorkerSide()
 
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any) -> bool:
+        """vLLM 0.33's hook (a startup error naming this connector when sleep mode is on):
+        the routing state this connector carries points into the KV cache that sleep mode
+        discards or remaps. The config hook refuses sleep mode first, with the setting's
+        name (worker/config_hook.py); this covers a connector configured by hand."""
+        return False
+
     # -- worker side ----------------------------------------------------------------
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         assert self.worker is not None

@@ -31,6 +31,7 @@ def apply_routing_requirements(vllm_config: Any) -> RoutingConfig:
     if cfg.enabled:
         _refuse_graph_and_parallel_settings(vllm_config)
     _refuse_expandable_segments(vllm_config)
+    _refuse_sleep_mode(vllm_config)
     _install_request_validator(vllm_config, cfg)
     _install_stats_connector(vllm_config)
     cache = vllm_config.cache_config
@@ -267,6 +268,24 @@ def _refuse_expandable_segments(vllm_config: Any) -> None:
         f"{_EXPANDABLE} is refused by vLLM for any KV connector, and vllm-recroute always "
         f"installs one ({CONNECTOR_NAME}: routing metrics, page releases, kept turns); "
         "remove expandable_segments:True from PYTORCH_CUDA_ALLOC_CONF",
+    )
+
+
+def _refuse_sleep_mode(vllm_config: Any) -> None:
+    """Sleep mode discards (level 2) or offloads and remaps (level 1) the KV cache behind
+    the engine's back, while the worker and scheduler hold routing state that points into
+    it: released pages, compacted stage tables, parked units, kept turns. Any request may
+    turn routing on (per-request options), so it is refused for every routed architecture,
+    whatever the server's mode. On vLLM 0.33 the connector's ``supports_sleep_mode`` says
+    the same (connector/connector.py)."""
+    model = vllm_config.model_config
+    if model is None or not getattr(model, "enable_sleep_mode", False):
+        return
+    raise RefusedSettingError(
+        "enable_sleep_mode",
+        "sleep mode is not supported with routed architectures (it discards or remaps the "
+        "KV cache while routing state points into it); drop --enable-sleep-mode, or serve "
+        "the base architecture (without the Recroute* --hf-overrides) to use it",
     )
 
 
