@@ -317,9 +317,10 @@ def test_positions_survive_compaction(routed, text_model, captured, model_dir):
     cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 0}
 
     def break_positions(worker):
-        import vllm_recroute.worker.decoder as decoder
+        # the gather of a segment's active rows lives in the step router (run_on_rows)
+        import vllm_recroute.worker.step as step
 
-        original = decoder.take_positions
+        original = step.take_positions
 
         def renumbered(positions, rows):
             kept = original(positions, rows)
@@ -327,12 +328,12 @@ def test_positions_survive_compaction(routed, text_model, captured, model_dir):
             return first + torch.arange(rows.numel(), device=kept.device)
 
         worker._recroute_take_positions = original
-        decoder.take_positions = renumbered
+        step.take_positions = renumbered
 
     def restore(worker):
-        import vllm_recroute.worker.decoder as decoder
+        import vllm_recroute.worker.step as step
 
-        decoder.take_positions = worker._recroute_take_positions
+        step.take_positions = worker._recroute_take_positions
 
     routed.collective_rpc(break_positions)
     try:
