@@ -49,6 +49,7 @@ LAYERS: list[list[str]] = [
         "kv.turn_index",
         "kv.table_view",
         "vllm_view",
+        "vllm_view.compat",
         "vllm_view.engine",
         "vllm_view.kv",
         "vllm_view.requests",
