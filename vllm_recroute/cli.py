@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,7 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("out_dir")
     from vllm_recroute.tiny_models import ARCHS
 
-    t.add_argument("--arch", default="idefics3", choices=list(ARCHS))
+    t.add_argument(
+        "--arch",
+        default="idefics3",
+        choices=list(ARCHS),
+        help="serve keye, phi3v and minicpmv with --trust-remote-code (their config and "
+        "processors are remote code, as the published checkpoints' are)",
+    )
     t.add_argument("--preset", default="tiny", choices=["tiny", "smolvlm-256m"])
     t.add_argument("--seed", type=int, default=0)
 
@@ -61,6 +68,61 @@ def _split_serve_model(argv: list[str]) -> tuple[list[str], str | None]:
     return argv, None
 
 
+# the files in which transformers finds a checkpoint's remote classes (their `auto_map`)
+_REMOTE_CODE_FILES = (
+    "config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "tokenizer_config.json",
+)
+
+
+def remote_code_files(model_dir: str | Path) -> list[str]:
+    """The files of a local checkpoint that name remote code (a top-level ``auto_map``)."""
+    found = []
+    for name in _REMOTE_CODE_FILES:
+        path = Path(model_dir) / name
+        if path.is_file() and "auto_map" in json.loads(path.read_text()):
+            found.append(name)
+    return found
+
+
+def check_remote_code(model: str | Path, vllm_args: Sequence[str]) -> str | None:
+    """What is missing to load ``model``, or None. Without --trust-remote-code vLLM fails on
+    such a checkpoint only after its startup is under way, in a traceback that names the
+    Python keyword (``trust_remote_code=True``), not the flag."""
+    if any(a == "--trust-remote-code" or a.startswith("--trust-remote-code=") for a in vllm_args):
+        return None
+    files = remote_code_files(model)
+    if not files:
+        return None
+    return (
+        f"{model}: its {', '.join(files)} name remote code (auto_map), which vLLM runs "
+        "only with --trust-remote-code; add that flag"
+    )
+
+
+def serve_command(model: str | Path) -> str:
+    """The command that serves a checkpoint (the flags it needs, nothing else)."""
+    flag = " --trust-remote-code" if remote_code_files(model) else ""
+    return f"vllm-recroute serve {model} --routing pdrop{flag}"
+
+
+def _serve(model: str, args: argparse.Namespace, rest: list[str]) -> int:
+    from vllm_recroute_server.launcher import LaunchError, serve
+
+    missing = check_remote_code(model, rest)
+    if missing:
+        print(f"vllm-recroute: {missing}", file=sys.stderr)
+        return 2
+    try:
+        serve(model, args.routing, args.keep, rest)
+    except LaunchError as err:
+        print(f"vllm-recroute: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, model = _split_serve_model(argv)
@@ -71,18 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _parser().error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "serve":
-            from vllm_recroute_server.launcher import LaunchError, serve
-
-            try:
-                serve(str(args.model or default_model()), args.routing, args.keep, rest)
-            except LaunchError as err:
-                print(f"vllm-recroute: {err}", file=sys.stderr)
-                return 2
+            return _serve(str(args.model or default_model()), args, rest)
         elif args.command == "make-tiny-model":
             from vllm_recroute.tiny_models import build_tiny_model
 
             out = build_tiny_model(args.out_dir, arch=args.arch, seed=args.seed, preset=args.preset)
             print(out)
+            print(f"serve it: {serve_command(out)}", file=sys.stderr)
         elif args.command == "show-config":
             print(parse_routing_arg(args.routing, args.keep).model_dump_json(indent=2))
     except RoutingConfigError as err:

@@ -319,11 +319,22 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "vllm-recroute" / "models"
 
 
+def _cache_key(arch: str, seed: int, preset: str) -> str:
+    """The cache directory's key. A checkpoint with remote code carries a copy of
+    ``tiny_remote/<arch>.py``, so that source's digest is in the key: editing it rebuilds
+    only that architecture's cached model (the others keep their directories and bytes)."""
+    text = f"{arch}-{seed}-{preset}-{_FORMAT_VERSION}"
+    source = Path(__file__).parent / "tiny_remote" / f"{arch}.py"
+    if source.exists():
+        text += "-" + hashlib.sha1(source.read_bytes()).hexdigest()
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
 def cached_tiny_model(
     arch: str = "idefics3", seed: int = 0, preset: str = "tiny", root: str | None = None
 ) -> Path:
     """Build once into the cache (``$RECROUTE_CACHE_DIR``) and return the directory."""
-    key = hashlib.sha1(f"{arch}-{seed}-{preset}-{_FORMAT_VERSION}".encode()).hexdigest()[:10]
+    key = _cache_key(arch, seed, preset)
     out = (Path(root) if root else cache_dir()) / f"{arch}-{preset}-s{seed}-{key}"
     if (out / "recroute_tiny.json").exists():
         return out

@@ -134,3 +134,32 @@ def test_serve_defaults_to_the_savings_on(monkeypatch, tmp_path, capsys):
         json.loads(execs[-1][execs[-1].index("--additional-config") + 1])
     )
     assert not named.kv_release and named.parked_bytes == 0
+
+
+def test_remote_code_checkpoint_without_the_flag_is_refused_before_vllm(
+    monkeypatch, tmp_path, capsys
+):
+    """A checkpoint whose config names remote code (auto_map: Keye-VL, Phi-3-Vision,
+    MiniCPM-V, real and tiny) needs --trust-remote-code: said before vLLM starts."""
+    import vllm_recroute_server.launcher as launcher
+
+    execs = []
+    monkeypatch.setattr(launcher.os, "execv", lambda exe, argv: execs.append(argv))
+    config = {"architectures": ["KeyeForConditionalGeneration"], "auto_map": {"AutoConfig": "x.C"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["serve", str(tmp_path), "--routing", "pdrop"]) == 2
+    err = capsys.readouterr().err
+    assert "--trust-remote-code" in err and "config.json" in err and not execs
+    assert main(["serve", str(tmp_path), "--routing", "pdrop", "--trust-remote-code"]) == 0
+    assert "--trust-remote-code" in execs[-1]
+
+
+def test_make_tiny_model_prints_how_to_serve_it(tmp_path, capsys):
+    from vllm_recroute.cli import serve_command
+
+    assert main(["make-tiny-model", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == str(tmp_path / "m")  # stdout: the directory only
+    assert f"vllm-recroute serve {tmp_path / 'm'} --routing pdrop\n" in out.err
+    (tmp_path / "m" / "preprocessor_config.json").write_text('{"auto_map": {}}')
+    assert serve_command(tmp_path / "m").endswith("--routing pdrop --trust-remote-code")

@@ -14,7 +14,9 @@ raster order), ``image_sizes`` (the originals' ``(width, height)``) and ``tgt_si
 This checkpoint never slices: every image is resized to one ``image_size`` square
 (``get_sliced_grid`` is None), so an image is ``<image_id>i</image_id><image>`` +
 ``query_num`` x ``<unk>`` + ``</image>``; vLLM marks the ``<unk>`` run as the image
-embeddings. Images only.
+embeddings. Video frames (vLLM's memory profiling sends a clip at startup unless
+``--limit-mm-per-prompt`` sets video to 0) arrive as a sample of ``[H, W, 3]`` arrays,
+which are converted to images first, as the published image processor does.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from PIL import Image
 from transformers import Qwen2Config, SiglipVisionConfig
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_transforms import to_pil_image
 from transformers.processing_utils import ProcessorMixin
 
 IMAGE_PATTERN = "(<image>./</image>)"
@@ -119,7 +122,7 @@ class MiniCPMVImageProcessor(BaseImageProcessor):
     def _slice(self, image: Image.Image) -> tuple[torch.Tensor, list[int]]:
         """One slice ``[3, p, n * p]`` (patches side by side) and its (rows, columns)."""
         side, p = self.image_size, self.patch_size
-        image = image.convert("RGB").resize((side, side), Image.BICUBIC)
+        image = image.resize((side, side), Image.BICUBIC)
         x = np.asarray(image, dtype=np.float32) / 255.0
         x = (x - np.array(self.image_mean, np.float32)) / np.array(self.image_std, np.float32)
         x = torch.from_numpy(x).permute(2, 0, 1)  # [3, H, W]
@@ -136,6 +139,8 @@ class MiniCPMVImageProcessor(BaseImageProcessor):
             images = [list(images)]
         pixel_values, image_sizes, tgt_sizes = [], [], []
         for sample in images:
+            # a video is one sample of frames (a [T, H, W, 3] array iterates as frames)
+            sample = [_to_pil(im) for im in sample]
             slices = [self._slice(im) for im in sample]
             pixel_values.append([s[0] for s in slices])
             image_sizes.append([(im.width, im.height) for im in sample])
@@ -144,6 +149,14 @@ class MiniCPMVImageProcessor(BaseImageProcessor):
         return BatchFeature(data=data)  # nested lists of tensors: left as they are
 
     preprocess = __call__
+
+
+def _to_pil(image) -> Image.Image:
+    # video frames come as uint8 arrays; to_pil_image infers the channel axis and
+    # rescaling as the published processor's to_pil_image step does
+    if not isinstance(image, Image.Image):
+        image = to_pil_image(image)
+    return image.convert("RGB")
 
 
 class MiniCPMVProcessor(ProcessorMixin):
