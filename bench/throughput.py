@@ -64,6 +64,24 @@ ENGINES: dict[str, Engine] = {
     # the same engine as the first row, last: how much the machine drifted during the run
     "plain vLLM (defaults), again": Engine(None),
 }
+# short names for --rows (a subset keeps both plain rows: they are the base of every ratio)
+ROW_IDS: dict[str, str] = dict(
+    zip(("off", "pdrop", "default", "bound256", "boundtext"), list(ENGINES)[1:6], strict=True)
+)
+PLAIN_ROWS = ("plain vLLM (defaults)", "plain vLLM (defaults), again")
+
+
+def selected_rows(spec: str) -> list[str]:
+    """The engines of ``--rows`` (comma-separated short names, or ``all``), in table order,
+    both plain rows always included."""
+    if spec == "all":
+        return list(ENGINES)
+    asked = {r.strip() for r in spec.split(",") if r.strip()}
+    unknown = asked - set(ROW_IDS)
+    if unknown:
+        raise SystemExit(f"--rows: unknown {sorted(unknown)}; choose from {sorted(ROW_IDS)}")
+    keep = set(PLAIN_ROWS) | {ROW_IDS[r] for r in asked}
+    return [name for name in ENGINES if name in keep]
 QUESTIONS = [
     "What color is the circle on the left?",
     "How many squares are there?",
@@ -206,6 +224,11 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=1536)
     ap.add_argument("--kv-mib", type=int, default=1024)
     ap.add_argument("--out", default=None, help="also write the markdown table here")
+    ap.add_argument(
+        "--rows",
+        default="all",
+        help=f"comma-separated subset of {', '.join(ROW_IDS)} (plain vLLM always runs, twice)",
+    )
     ap.add_argument("--engine", default=None, help=argparse.SUPPRESS)  # child process
     ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -219,7 +242,7 @@ def main() -> None:
 
     results, logs = {}, Path(tempfile.mkdtemp(prefix="recroute-throughput-"))
     print("engine logs:", logs, flush=True)
-    for i, name in enumerate(ENGINES):
+    for i, name in enumerate(selected_rows(args.rows)):
         out, log = logs / f"{i}.json", logs / f"{i}.log"
         cmd = [
             sys.executable,
@@ -240,7 +263,7 @@ def main() -> None:
 
     # the base is the mean of the two plain runs (first and last), so drift does not favour
     # the engines that ran early or late
-    plains = [results["plain vLLM (defaults)"], results["plain vLLM (defaults), again"]]
+    plains = [results[name] for name in PLAIN_ROWS]
     base = {
         k: statistics.mean(p[k] for p in plains)
         for k in ("output_tok_s", "ttft_median_s", "tpot_median_s")
