@@ -82,6 +82,8 @@ def selected_rows(spec: str) -> list[str]:
         raise SystemExit(f"--rows: unknown {sorted(unknown)}; choose from {sorted(ROW_IDS)}")
     keep = set(PLAIN_ROWS) | {ROW_IDS[r] for r in asked}
     return [name for name in ENGINES if name in keep]
+
+
 QUESTIONS = [
     "What color is the circle on the left?",
     "How many squares are there?",
