@@ -1,0 +1,70 @@
+"""The test-bed trainer's data and resume pieces (training/testbed.py, outside the wheel)."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_recroute.demo import shapes
+
+TRAINING = Path(__file__).resolve().parents[2] / "training"
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    sys.path.insert(0, str(TRAINING))
+    try:
+        spec = importlib.util.spec_from_file_location("testbed", TRAINING / "testbed.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["testbed"] = mod  # its dataclasses look their module up
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop("testbed", None)
+        sys.path.remove(str(TRAINING))
+
+
+def test_describe_answer_reads_every_cell_in_order(testbed):
+    scene = shapes.make_scene(random.Random(3))
+    words = testbed.describe_answer(scene).split()
+    cells = [(r, c) for r in range(shapes.GRID_ROWS) for c in range(shapes.GRID_COLS)]
+    i = 0
+    for r, c in cells:  # guard: a scene with empty cells, so "no" is exercised
+        o = scene.at(r, c)
+        if o is None:
+            assert words[i] == "no"
+            i += 1
+        else:
+            assert words[i : i + 2] == [o.color, o.shape]
+            i += 2
+    assert i == len(words)
+    assert len(scene.objects) < len(cells), "the guard needs a scene with an empty cell"
+
+
+def test_every_scene_gets_its_dense_rows_and_steps_are_pure(testbed):
+    h = testbed.Hyper(batch_scenes=4)
+    rows = testbed.step_rows(h, 7)
+    assert rows == testbed.step_rows(h, 7)  # a resumed run sees the same data
+    for scene, qas in rows:
+        assert len(qas) == h.rows_per_scene
+        assert [t for _, _, t in qas[: h.dense_rows]] in (["describe"], ["cell"])
+        assert all(t in shapes.ALL_QTYPES for _, _, t in qas[h.dense_rows :])
+    assert all(s.objects for s, _ in rows)
+
+
+def test_compact_state_drops_the_optimiser_and_stores_float16(testbed, tmp_path):
+    import torch
+
+    state = tmp_path / "state.pt"
+    w = torch.randn(3, 4)
+    torch.save({"model": {"w": w, "n": torch.tensor(2)}, "opt": {"x": 1}, "step": 5}, state)
+    out = tmp_path / "compact.pt"
+    testbed.save_compact(str(state), str(out))
+    st = torch.load(out, weights_only=False)
+    assert "opt" not in st and st["step"] == 5
+    assert st["model"]["w"].dtype == torch.float16 and st["model"]["n"].dtype == torch.int64
+    assert torch.allclose(st["model"]["w"].float(), w, atol=1e-2)
