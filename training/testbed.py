@@ -288,9 +288,7 @@ def save_compact(state_path: str, out: str) -> None:
     st.pop("opt", None)
     # float16 on disk (26 MB instead of 51 for the 12.8 M trainable weights: it is committed
     # once per session); loading copies it into the float32 parameters
-    st["model"] = {
-        k: v.half() if v.is_floating_point() else v for k, v in st["model"].items()
-    }
+    st["model"] = {k: v.half() if v.is_floating_point() else v for k, v in st["model"].items()}
     tmp = out + ".tmp"
     torch.save(st, tmp)
     os.replace(tmp, out)

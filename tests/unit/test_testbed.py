@@ -49,7 +49,7 @@ def test_every_scene_gets_its_dense_rows_and_steps_are_pure(testbed):
     h = testbed.Hyper(batch_scenes=4)
     rows = testbed.step_rows(h, 7)
     assert rows == testbed.step_rows(h, 7)  # a resumed run sees the same data
-    for scene, qas in rows:
+    for _scene, qas in rows:
         assert len(qas) == h.rows_per_scene
         assert [t for _, _, t in qas[: h.dense_rows]] in (["describe"], ["cell"])
         assert all(t in shapes.ALL_QTYPES for _, _, t in qas[h.dense_rows :])
