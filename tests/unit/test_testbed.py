@@ -68,3 +68,18 @@ def test_compact_state_drops_the_optimiser_and_stores_float16(testbed, tmp_path)
     assert "opt" not in st and st["step"] == 5
     assert st["model"]["w"].dtype == torch.float16 and st["model"]["n"].dtype == torch.int64
     assert torch.allclose(st["model"]["w"].float(), w, atol=1e-2)
+
+
+def test_per_row_loss_weighs_rows_not_tokens(testbed):
+    import torch
+
+    logits = torch.zeros(2, 5, 3)
+    logits[0, :, 0] = 10.0  # row 0 predicts token 0 everywhere: right on its 3 answer tokens
+    labels = torch.full((2, 5), -100)
+    labels[0, 1:4] = 0
+    labels[1, 4] = 1  # row 1: one answer token, wrong (uniform logits)
+    tok = testbed.answer_loss(logits, labels)
+    row = testbed.answer_loss(logits, labels, per_row=True)
+    uniform = float(torch.log(torch.tensor(3.0)))
+    assert abs(float(row) - uniform / 2) < 1e-3  # each row half
+    assert abs(float(tok) - uniform / 4) < 1e-3  # each token a quarter
