@@ -99,7 +99,7 @@ LAYERS: list[list[str]] = [
         "models.phi3v",
         "models.minicpmv",
     ],
-    ["cli", "", "demo", "demo.shapes", "demo.model", "demo.evaluate", "demo.train"],
+    ["cli", "", "demo", "demo.shapes", "demo.model", "demo.evaluate"],
 ]
 # Registered for GPU hosts; importing them needs torchvision (not on this CPU host).
 NOT_IMPORTABLE_HERE = ["models.qwen2_5_vl", "models.qwen3_vl", "models.llava"]
