@@ -48,10 +48,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the root: bench.common
 
-ROUTED = "RecrouteIdefics3ForConditionalGeneration"
+from bench import common
+
 RETENTIONS = (1 / 3, 2 / 9, 1 / 9)  # 192, 128, 64 of 576
 SCHEDULES = ("fastv", "pdrop", "sparsevlm")
 MODES = ("remove", "reroute")
@@ -118,11 +118,9 @@ def _scaled_points(fractions: tuple[float, ...], num_layers: int) -> tuple[int, 
 
 def _resolve(xargs: dict, num_layers: int, num_visual: int):
     from vllm_recroute.config import RoutingConfig
-    from vllm_recroute.requests.options import config_for_extra_args
-    from vllm_recroute.routing import average_retention, num_keep, resolve_stages
+    from vllm_recroute.routing import average_retention, num_keep
 
-    cfg = config_for_extra_args(RoutingConfig(mode="reroute"), xargs)
-    stages = resolve_stages(cfg, num_layers, num_visual)
+    _, stages = common.request_stages(xargs, num_layers, num_visual, RoutingConfig(mode="reroute"))
     keeps = tuple(num_keep(s.keep, num_visual) for s in stages)
     return tuple(s.start for s in stages), keeps, average_retention(stages, num_layers)
 
@@ -254,7 +252,7 @@ def _oracle():
 
     name = "_recroute_oracle"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "oracle.py")
+        spec = importlib.util.spec_from_file_location(name, common.ROOT / "tests" / "oracle.py")
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
@@ -603,7 +601,7 @@ def _plot(rows: list[Row], qtypes: tuple[str, ...], scorers: tuple[str, ...], pa
 def _shown(path: str) -> str:
     """A path as the docs show it: relative to the repository when inside it."""
     p = Path(path).resolve()
-    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+    return str(p.relative_to(common.ROOT)) if p.is_relative_to(common.ROOT) else str(p)
 
 
 def _write_docs(md: str, doc: Path) -> None:
@@ -628,15 +626,15 @@ def _model_qtypes(processor) -> tuple[str, ...]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=str(ROOT / "vllm_recroute" / "demo" / "checkpoint"))
+    ap.add_argument("--model", default=str(common.ROOT / "vllm_recroute" / "demo" / "checkpoint"))
     ap.add_argument("--n", type=int, default=100, help="held-out examples per question type")
     ap.add_argument(
         "--scorers", default=",".join(SCORERS), help="comma-separated: " + ", ".join(SCORERS)
     )
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
     ap.add_argument("--no-exists-study", action="store_true")
-    ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
-    ap.add_argument("--plot", default=str(ROOT / "docs" / "quality.png"))
+    ap.add_argument("--doc", default=str(common.ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--plot", default=str(common.ROOT / "docs" / "quality.png"))
     ap.add_argument("--kv-mib", type=int, default=512)
     ap.add_argument("--replot", metavar="JSON", help="only redraw --plot from a quality.json")
     args = ap.parse_args()
@@ -657,15 +655,14 @@ def main() -> None:
     # collective_rpc with a callable (the ledger reader) needs pickled functions
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
-    from transformers import AutoConfig, AutoProcessor
-    from vllm import LLM
+    from transformers import AutoProcessor
 
     from vllm_recroute.demo import shapes
     from vllm_recroute.demo.model import prompt_text
 
     t_start = time.time()
     processor = AutoProcessor.from_pretrained(args.model)
-    num_layers = AutoConfig.from_pretrained(args.model).text_config.num_hidden_layers
+    layers = common.num_layers(args.model)
     qtypes = _model_qtypes(processor)
     examples = shapes.make_heldout_examples(args.n * len(qtypes), seed=BENCH_SEED, qtypes=qtypes)
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
@@ -673,13 +670,11 @@ def main() -> None:
         text=[prompt_text(processor, examples[0].question)], images=[[examples[0].image]]
     )
     num_visual = ids["input_ids"][0].count(image_id)
-    rows = plan(num_layers, num_visual, scorers, schedules)
+    rows = plan(layers, num_visual, scorers, schedules)
 
-    llm = LLM(
-        model=args.model, dtype="float32", max_model_len=1024,
-        kv_cache_memory_bytes=args.kv_mib << 20, max_num_seqs=64, enforce_eager=True, seed=0,
-        hf_overrides={"architectures": [ROUTED]},
-        additional_config={"recroute": {"mode": "reroute"}},
+    llm = common.make_llm(
+        args.model, {"mode": "reroute"}, max_model_len=1024,
+        kv_cache_memory_bytes=args.kv_mib << 20, max_num_seqs=64, enforce_eager=True,
     )  # fmt: skip
     t_engine = time.time()
     preds: dict[str, list[str]] = {}
@@ -725,7 +720,7 @@ def main() -> None:
     cmd = " ".join(["python bench/quality.py", *extra])
     md = (
         f"Command: `{cmd}` ({wall / 60:.1f} min on this machine, engine start "
-        f"{(t_engine - t_start):.0f} s). Model: `{Path(args.model).name}`, {num_layers} decoder "
+        f"{(t_engine - t_start):.0f} s). Model: `{Path(args.model).name}`, {layers} decoder "
         f"layers, {num_visual} visual tokens per image; {len(examples)} held-out examples (seeds "
         f"{BENCH_SEED}..{BENCH_SEED + len(examples) - 1}, {args.n} per type: "
         f"{', '.join(qtypes)}), prompt `User: {{question}}<image>` (the demo model's format), "
@@ -735,7 +730,7 @@ def main() -> None:
         "non-grounding types. Router points and keeps are the resolved stages (keeps in visual "
         "tokens per stage); measured retention = 1 - deferred / visual token-layers from the "
         "engine's accounting over the row. pdrop rows with router points other than "
-        f"{'/'.join(map(str, _resolve({'recroute_schedule': 'pdrop'}, num_layers, num_visual)[0]))}"
+        f"{'/'.join(map(str, _resolve({'recroute_schedule': 'pdrop'}, layers, num_visual)[0]))}"
         " use PyramidDrop's 64-token layout (2, 6, 12 of 32, scaled) where the default cannot "
         "reach the budget. An unreachable budget (the router points' floor is above it) is not "
         f"run.\n\n{_tables(rows, qtypes, scorers)}\n\n"
@@ -748,7 +743,7 @@ def main() -> None:
     _plot(rows, qtypes, scorers, Path(args.plot))
     _write_docs(md, Path(args.doc))
     out = {
-        "command": cmd, "model": _shown(args.model), "num_layers": num_layers,
+        "command": cmd, "model": _shown(args.model), "num_layers": layers,
         "num_visual": num_visual,
         "qtypes": qtypes, "n_per_type": args.n,
         "seeds": [BENCH_SEED, BENCH_SEED + len(examples) - 1],
