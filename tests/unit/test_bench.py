@@ -16,7 +16,13 @@ from bench import common
 from vllm_recroute.models import ROUTED_ARCHITECTURES
 
 BENCH = Path(common.__file__).parent
-SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if p.name not in ("__init__.py", "common.py"))
+MODULES = sorted(p.name for p in BENCH.glob("*.py") if p.name not in ("__init__.py", "common.py"))
+# the ones run by path (the rest are pieces of them, e.g. quality_*.py of quality.py)
+SCRIPTS = [m for m in MODULES if 'if __name__ == "__main__":' in (BENCH / m).read_text()]
+
+
+def test_the_scripts_are_found():
+    assert {"quality.py", "throughput.py", "ttft.py"} <= set(SCRIPTS) < set(MODULES)
 
 
 def test_the_routed_architecture_is_registered():
@@ -88,7 +94,7 @@ def test_write_table(tmp_path, capsys):
     assert out.read_text() == "a\n"
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", MODULES)
 def test_what_is_shared_lives_in_common(script):
     """The routed architecture, the engine's routed overrides and the default model are
     spelt once, in common.py."""
