@@ -357,7 +357,7 @@ def oracle_generate_parked(
         rows = torch.nonzero(active).flatten()
         x = x.index_copy(0, rows, run_layer(layer, x[rows], take(pos, rows), rotary))
     out = [int(torch.argmax(lm.lm_head(dec.norm(x[-1:]))[0]))]
-    # units per stage: active chunks first, then deferred chunks (models/parking.py)
+    # units per stage: active chunks first, then deferred chunks (vllm_recroute/worker/parking.py)
     u = cfg.park_block_tokens
     units, active_units, present = [], [], []
     for k in range(len(stages)):

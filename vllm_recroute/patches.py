@@ -491,7 +491,7 @@ _applied = False
 
 
 def apply_patches() -> None:
-    """Apply P1 (idempotent, thread-safe). P2..P12 are applied where their entry says."""
+    """Apply P1 (idempotent, thread-safe). P2..P14 are applied where their entry says."""
     global _applied
     with _lock:
         if _applied:
