@@ -142,11 +142,10 @@ def plugin_vllm_imports() -> dict[str, set[str]]:
     """Every vLLM name the plugin imports (module level and inside functions), as
     ``module:name`` (``module`` for ``import vllm...``), with the files importing it."""
     found: dict[str, set[str]] = {}
-    for top in ("vllm_recroute", "server"):
-        for path in sorted((ROOT / top).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text())):
-                for name in _vllm_names(node):
-                    found.setdefault(name, set()).add(str(path.relative_to(ROOT)))
+    for path in sorted((ROOT / "vllm_recroute").rglob("*.py")):  # its server/ included
+        for node in ast.walk(ast.parse(path.read_text())):
+            for name in _vllm_names(node):
+                found.setdefault(name, set()).add(str(path.relative_to(ROOT)))
     return found
 
 
@@ -193,8 +192,8 @@ def test_every_moved_symbol_resolves_in_one_of_its_modules():
 # -- the record's `where` and the ids quoted around the repo --------------------------------
 
 # the files that quote patch ids or name plugin paths (the checkpoint is data)
-TEXT_ROOTS = ("vllm_recroute", "server", "tests", "bench", "tools", "training", "reference",
-              "docs", "deploy", ".ci")  # fmt: skip
+TEXT_ROOTS = ("vllm_recroute", "tests", "bench", "tools", "training", "reference", "docs",
+              "deploy", ".ci")  # fmt: skip
 TEXT_FILES = ("README.md", "Makefile", "pyproject.toml")
 TEXT_SUFFIXES = {".py", ".md", ".toml", ".yml", ".yaml", ".sh", ""}
 # a patch id where it is quoted: P1..P99 / R1..R99 as a word (also in a range, "P2..P14";
@@ -279,7 +278,7 @@ def _defines(path: Path, name: str) -> bool:
 
 
 def _plugin_files() -> list[Path]:
-    return [p for top in ("vllm_recroute", "server") for p in sorted((ROOT / top).rglob("*.py"))]
+    return sorted((ROOT / "vllm_recroute").rglob("*.py"))
 
 
 @pytest.mark.parametrize("patch", patches.PATCHES, ids=lambda p: p.id)
