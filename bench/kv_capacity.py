@@ -15,30 +15,22 @@ of tokens that keep KV pages, at the final length.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the root: bench.common
 
-ROUTED = "RecrouteIdefics3ForConditionalGeneration"
+from bench import common
 
 
 def _engine(model: str, routing: dict | None, kv_bytes: int, max_seqs: int, block_size: int):
-    from vllm import LLM
-
-    kw = dict(
-        model=model, dtype="float32", max_model_len=1024, kv_cache_memory_bytes=kv_bytes,
-        max_num_seqs=max_seqs, seed=0, enable_prefix_caching=False,
+    return common.make_llm(
+        model, routing, max_model_len=1024, kv_cache_memory_bytes=kv_bytes,
+        max_num_seqs=max_seqs, enable_prefix_caching=False,
         disable_log_stats=False, block_size=block_size,
         # otherwise vLLM's defaults for every engine: compiled, chunked prefill on
     )  # fmt: skip
-    if routing is not None:
-        kw |= dict(
-            hf_overrides={"architectures": [ROUTED]}, additional_config={"recroute": routing}
-        )
-    return LLM(**kw)
 
 
 def _run(llm, requests, max_tokens: int) -> dict:
@@ -55,7 +47,7 @@ def _pass(llm, requests, max_tokens: int, tag: str) -> dict:
     preempt0 = int({x.name: x for x in llm.get_metrics()}["vllm:num_preemptions"].value)
     for i, req in enumerate(requests):
         engine.add_request(f"{tag}{i}", req, params)
-    restored0 = _metric(llm, "recroute:restored_blocks")
+    restored0 = common.plugin_metric(llm, "recroute:restored_blocks")
     peak, usage_per_req, generated, parked_peak, peak_gen = 0, [], 0, 0, 0
     t0 = time.perf_counter()
     while engine.has_unfinished_requests():
@@ -72,7 +64,7 @@ def _pass(llm, requests, max_tokens: int, tag: str) -> dict:
         peak = max(peak, running)
         if running:
             usage_per_req.append(m["vllm:kv_cache_usage_perc"].value / running)
-        parked_peak = max(parked_peak, _metric(llm, "recroute:parked_pool_bytes"))
+        parked_peak = max(parked_peak, common.plugin_metric(llm, "recroute:parked_pool_bytes"))
     wall = time.perf_counter() - t0
     m = {x.name: x for x in llm.get_metrics()}
     return {
@@ -84,21 +76,9 @@ def _pass(llm, requests, max_tokens: int, tag: str) -> dict:
         "wall_s": wall,
         "final_usage": m["vllm:kv_cache_usage_perc"].value,
         "parked_peak_mib": parked_peak / (1 << 20),
-        "restored": _metric(llm, "recroute:restored_blocks") - restored0,
-        "parked_after": _metric(llm, "recroute:parked_pool_bytes"),
+        "restored": common.plugin_metric(llm, "recroute:restored_blocks") - restored0,
+        "parked_after": common.plugin_metric(llm, "recroute:parked_pool_bytes"),
     }
-
-
-def _metric(llm, name: str) -> float:
-    """A plugin metric from the in-process registry (0 if the engine has none)."""
-    from prometheus_client import REGISTRY
-
-    return sum(
-        s.value
-        for fam in REGISTRY.collect()
-        for s in fam.samples
-        if s.name in (name, name + "_total")
-    )
 
 
 def _ideal_ratio(num_layers: int, num_visual: int, total_tokens: int) -> float:
@@ -114,8 +94,7 @@ def _ideal_ratio(num_layers: int, num_visual: int, total_tokens: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None, help="default: cached smolvlm-256m preset")
+    ap = common.parser()
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--kv-mib", type=int, default=270)
@@ -124,25 +103,24 @@ def main() -> None:
     ap.add_argument("--parked-mib", type=int, default=256, help="parked host pool size")
     args = ap.parse_args()
 
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoProcessor
 
-    from vllm_recroute.tiny_models import cached_tiny_model, make_test_image
+    from vllm_recroute.tiny_models import make_test_image
 
-    model = args.model or str(cached_tiny_model("idefics3", preset="smolvlm-256m"))
+    model = common.default_model(args.model)
     proc = AutoProcessor.from_pretrained(model)
     requests = []
     for i in range(args.requests):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text",
-                    "text": f"Describe object number {i} please."}]}]  # fmt: skip
-        prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
+        prompt = common.chat_prompt(proc, f"Describe object number {i} please.")
         # One image for all (vLLM's encoder cache runs the vision tower once; prefix caching
         # is off, so no request shares another's KV): the decoder's KV is what is measured.
         image = make_test_image(100, args.image_size)
         requests.append({"prompt": prompt, "multi_modal_data": {"image": image}})
-    ids = proc(text=[requests[0]["prompt"]], images=[[requests[0]["multi_modal_data"]["image"]]])
-    prompt_len = len(ids["input_ids"][0])
-    num_visual = ids["input_ids"][0].count(proc.tokenizer.convert_tokens_to_ids("<image>"))
-    layers = AutoConfig.from_pretrained(model).text_config.num_hidden_layers
+    first = requests[0]
+    prompt_len, num_visual = common.prompt_token_counts(
+        proc, first["prompt"], first["multi_modal_data"]["image"]
+    )
+    layers = common.num_layers(model)
 
     results = {}
     release = {"schedule": "pdrop", "kv_release": True}
@@ -155,7 +133,7 @@ def main() -> None:
     for name, routing in engines:
         llm = _engine(model, routing, args.kv_mib << 20, args.requests, args.block_size)
         results[name] = _run(llm, requests, args.max_tokens)
-        llm.llm_engine.engine_core.shutdown()
+        common.shutdown(llm)
         del llm
     base = results["plain vLLM"]
     ideal = _ideal_ratio(layers, num_visual, prompt_len + args.max_tokens)

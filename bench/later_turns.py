@@ -21,31 +21,23 @@ per new tensor shape) and once measured, with other images.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the root: bench.common
 
-ROUTED = "RecrouteIdefics3ForConditionalGeneration"
+from bench import common
 
 
 def _engine(model: str, routing: dict | None, kv_bytes: int):
-    from vllm import LLM
-
-    kw = dict(
-        model=model, dtype="float32", max_model_len=2048, kv_cache_memory_bytes=kv_bytes,
-        max_num_seqs=8, enforce_eager=True, seed=0, disable_log_stats=False,
+    return common.make_llm(
+        model, routing, max_model_len=2048, kv_cache_memory_bytes=kv_bytes,
+        max_num_seqs=8, enforce_eager=True, disable_log_stats=False,
         enable_chunked_prefill=False, max_num_batched_tokens=4096,
         enable_prefix_caching=routing is None,
     )  # fmt: skip
-    if routing is not None:
-        kw |= dict(
-            hf_overrides={"architectures": [ROUTED]}, additional_config={"recroute": routing}
-        )
-    return LLM(**kw)
 
 
 def _conversations(proc, seeds: list[int], image_size: int) -> list[tuple[str, object]]:
@@ -53,9 +45,7 @@ def _conversations(proc, seeds: list[int], image_size: int) -> list[tuple[str, o
 
     out = []
     for seed in seeds:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text",
-                    "text": f"What is in region {seed} of the picture?"}]}]  # fmt: skip
-        prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
+        prompt = common.chat_prompt(proc, f"What is in region {seed} of the picture?")
         out.append((prompt, make_test_image(seed, image_size)))
     return out
 
@@ -92,8 +82,7 @@ def _pass(llm, convs, max_tokens: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None, help="default: cached smolvlm-256m preset")
+    ap = common.parser()
     ap.add_argument("--conversations", type=int, default=4)
     ap.add_argument("--image-size", type=int, default=1024)
     ap.add_argument("--max-tokens", type=int, default=8)
@@ -102,10 +91,7 @@ def main() -> None:
 
     from transformers import AutoProcessor
 
-    from bench.kv_capacity import _metric
-    from vllm_recroute.tiny_models import cached_tiny_model
-
-    model = args.model or str(cached_tiny_model("idefics3", preset="smolvlm-256m"))
+    model = common.default_model(args.model)
     proc = AutoProcessor.from_pretrained(model)
     n = args.conversations
     warm = _conversations(proc, list(range(200, 200 + n)), args.image_size)
@@ -120,11 +106,12 @@ def main() -> None:
     for name, routing in engines:
         llm = _engine(model, routing, args.kv_mib << 20)
         _pass(llm, warm, args.max_tokens)
-        loads0 = _metric(llm, "recroute:turn_loads")
+        loads0 = common.plugin_metric(llm, "recroute:turn_loads")
         results[name] = _pass(llm, measured, args.max_tokens)
-        results[name]["turn_loads"] = _metric(llm, "recroute:turn_loads") - loads0
-        results[name]["store_mib"] = _metric(llm, "recroute:turn_store_bytes") / (1 << 20)
-        llm.llm_engine.engine_core.shutdown()
+        results[name]["turn_loads"] = common.plugin_metric(llm, "recroute:turn_loads") - loads0
+        store = common.plugin_metric(llm, "recroute:turn_store_bytes")
+        results[name]["store_mib"] = store / (1 << 20)
+        common.shutdown(llm)
         del llm
     base = results[engines[0][0]]
     print(

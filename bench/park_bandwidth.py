@@ -26,25 +26,17 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the root: bench.common
 
 import torch
 
+from bench import common
 from vllm_recroute.kv.pages import KVPageIO
 from vllm_recroute.kv.parked_pool import ParkedKey, ParkedPool
 
 
 def _gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
-
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -75,9 +67,9 @@ def main() -> None:
             dst[2 * i].copy_(ks[i])
             dst[2 * i + 1].copy_(vs[i])
 
-    t_copy = _median_time(plain_copy, args.repeats)
+    t_copy = common.median_seconds(plain_copy, args.repeats)
     rows.append(("torch copy_ (preallocated)", t_copy, t_copy))
-    t_clone = _median_time(
+    t_clone = common.median_seconds(
         lambda: [(k.clone(), v.clone()) for k, v in zip(ks, vs, strict=True)], args.repeats
     )
     rows.append(("torch clone()", t_clone, t_clone))

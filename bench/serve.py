@@ -24,7 +24,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the root: bench.common
+
+from bench import common
 
 METRICS = [
     ("request_throughput", "requests/s"),
@@ -112,8 +114,7 @@ def _bench(model: str, port: int, args: argparse.Namespace, result: Path) -> dic
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None, help="default: cached smolvlm-256m preset")
+    ap = common.parser()
     ap.add_argument("--num-prompts", type=int, default=40)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--input-len", type=int, default=32, help="random text tokens")
@@ -121,12 +122,9 @@ def main() -> None:
     ap.add_argument("--image-px", type=int, default=1536, help="640 visual tokens at 1536")
     ap.add_argument("--slo-ttft-ms", type=float, default=20000)
     ap.add_argument("--slo-tpot-ms", type=float, default=500)
-    ap.add_argument("--out", default=None, help="also write the markdown table here")
+    common.add_out_arg(ap)
     args = ap.parse_args()
-    if args.model is None:
-        from vllm_recroute.tiny_models import cached_tiny_model
-
-        args.model = str(cached_tiny_model("idefics3", preset="smolvlm-256m"))
+    args.model = common.default_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="recroute-serve-bench-"))
     print("logs and results:", work, flush=True)
     results = {}
@@ -154,10 +152,7 @@ def main() -> None:
             continue
         ratio = f"{b / a:.2f}" if a else "-"
         lines.append(f"| {label} | {a:.2f} | {b:.2f} | {ratio} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    common.write_table(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -37,9 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the root: bench.common
 
-ROUTED = "RecrouteIdefics3ForConditionalGeneration"
+from bench import common
+
 PDROP = {"mode": "reroute", "schedule": "pdrop"}
 
 
@@ -108,12 +109,7 @@ def _requests(model: str, n: int, image_size: int, image: str = "full") -> list[
     out = []
     for i in range(n):
         question = f"{QUESTIONS[i % len(QUESTIONS)]} ({i})"
-        content = [{"type": "text", "text": question}]
-        if image != "none":
-            content.insert(0, {"type": "image"})
-        messages = [{"role": "user", "content": content}]
-        prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
-        req: dict = {"prompt": prompt}
+        req: dict = {"prompt": common.chat_prompt(proc, question, image=image != "none")}
         if image != "none":
             req["multi_modal_data"] = {"image": picture}
         out.append(req)
@@ -166,20 +162,12 @@ def _pass(llm, requests: list[dict], max_tokens: int, tag: str) -> dict:
 
 def run_engine(name: str, args: argparse.Namespace) -> dict:
     """One engine (in this process): warm pass, measured pass."""
-    from vllm import LLM
-
     engine = ENGINES[name]
-    routing = engine.routing
-    kw = dict(
-        model=args.model, dtype="float32", max_model_len=2048, seed=0,
+    llm = common.make_llm(
+        args.model, engine.routing, max_model_len=2048,
         kv_cache_memory_bytes=args.kv_mib << 20, max_num_seqs=max(8, args.concurrency),
         enable_prefix_caching=False, disable_log_stats=False,
     )  # fmt: skip
-    if routing is not None:
-        kw |= dict(
-            hf_overrides={"architectures": [ROUTED]}, additional_config={"recroute": routing}
-        )
-    llm = LLM(**kw)
     requests = _requests(args.model, args.concurrency, args.image_size, engine.image)
     _pass(llm, requests, args.max_tokens, "warm")
     result = _pass(llm, requests, args.max_tokens, "run")
@@ -188,19 +176,17 @@ def run_engine(name: str, args: argparse.Namespace) -> dict:
     result["compilation"] = f"{comp.mode.name}/{comp.backend or '-'}"
     result["chunked_prefill"] = bool(sched.enable_chunked_prefill)
     result["max_num_batched_tokens"] = int(sched.max_num_batched_tokens)
-    llm.llm_engine.engine_core.shutdown()
+    common.shutdown(llm)
     return result
 
 
 def _pdrop_budget(model: str, num_visual: int = 640) -> str:
     """PyramidDrop's schedule on this model: its mean active visual tokens per layer."""
-    from transformers import AutoConfig
-
     from vllm_recroute.config import RoutingConfig
     from vllm_recroute.routing import resolve_stages
     from vllm_recroute.routing.schedule import average_retention
 
-    layers = AutoConfig.from_pretrained(model).text_config.num_hidden_layers
+    layers = common.num_layers(model)
     stages = resolve_stages(RoutingConfig(**PDROP), layers, num_visual)
     kept = average_retention(stages, layers)
     layout = ", ".join(f"layers {s.start}-{s.end - 1} keep {s.keep}" for s in stages)
@@ -219,13 +205,12 @@ def _binding(log: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None, help="default: cached smolvlm-256m preset")
+    ap = common.parser()
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--image-size", type=int, default=1536)
     ap.add_argument("--kv-mib", type=int, default=1024)
-    ap.add_argument("--out", default=None, help="also write the markdown table here")
+    common.add_out_arg(ap)
     ap.add_argument(
         "--rows",
         default="all",
@@ -234,10 +219,7 @@ def main() -> None:
     ap.add_argument("--engine", default=None, help=argparse.SUPPRESS)  # child process
     ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.model is None:
-        from vllm_recroute.tiny_models import cached_tiny_model
-
-        args.model = str(cached_tiny_model("idefics3", preset="smolvlm-256m"))
+    args.model = common.default_model(args.model)
     if args.engine is not None:
         Path(args.json).write_text(json.dumps(run_engine(args.engine, args)))
         return
@@ -293,10 +275,7 @@ def main() -> None:
         )
     lines += ["", "Worker thread binding per engine (from the engine logs):", ""]
     lines += [f"- {name}: {r['threads']}" for name, r in results.items()]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    common.write_table(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,13 @@ row shares one engine. Median of --repeats after one warm-up.
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the root: bench.common
 
-ROUTED = "RecrouteIdefics3ForConditionalGeneration"
+from bench import common
+
 CONFIGS = {
     "routed, mode off": {"recroute_mode": "off"},
     "fastv keep 0.5 (reroute)": {"recroute_schedule": "fastv", "recroute_keep": 0.5},
@@ -31,89 +29,68 @@ CONFIGS = {
 
 
 def _llm(model: str, routed: bool, max_len: int):
-    from vllm import LLM
-
-    kw = dict(
-        model=model, dtype="float32", max_model_len=max_len, kv_cache_memory_bytes=1 << 30,
-        max_num_seqs=4, seed=0, enable_prefix_caching=False,
+    return common.make_llm(
+        model, {} if routed else None, max_model_len=max_len, kv_cache_memory_bytes=1 << 30,
+        max_num_seqs=4, enable_prefix_caching=False,
     )  # fmt: skip
-    if routed:
-        kw |= dict(hf_overrides={"architectures": [ROUTED]}, additional_config={"recroute": {}})
-    return LLM(**kw)
 
 
 def _time(llm, request, xargs, repeats: int) -> tuple[float, int]:
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=1, extra_args=xargs)
-    llm.generate([request], params, use_tqdm=False)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = llm.generate([request], params, use_tqdm=False)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), len(out[0].prompt_token_ids)
+    warm = llm.generate([request], params, use_tqdm=False)  # warm-up
+    t = common.median_seconds(lambda: llm.generate([request], params, use_tqdm=False), repeats)
+    return t, len(warm[0].prompt_token_ids)
 
 
 def _retention(xargs: dict, num_layers: int, num_visual: int) -> float:
-    from vllm_recroute.config import RoutingConfig
-    from vllm_recroute.requests.options import config_for_extra_args
-    from vllm_recroute.routing import average_retention, resolve_stages
+    from vllm_recroute.routing import average_retention
 
-    cfg = config_for_extra_args(RoutingConfig(), xargs)
-    if not cfg.enabled:
-        return 1.0
-    return average_retention(resolve_stages(cfg, num_layers, num_visual), num_layers)
+    cfg, stages = common.request_stages(xargs, num_layers, num_visual)
+    return average_retention(stages, num_layers) if cfg.enabled else 1.0
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None, help="default: cached smolvlm-256m preset")
+    ap = common.parser()
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--image-size", type=int, default=1536)
-    ap.add_argument("--out", default=None, help="also write the markdown table here")
+    common.add_out_arg(ap)
     args = ap.parse_args()
 
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoProcessor
 
-    from vllm_recroute.tiny_models import cached_tiny_model, make_test_image
+    from vllm_recroute.tiny_models import make_test_image
 
-    model = args.model or str(cached_tiny_model("idefics3", preset="smolvlm-256m"))
+    model = common.default_model(args.model)
     proc = AutoProcessor.from_pretrained(model)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text",
-                "text": "What color is the circle on the left?"}]}]  # fmt: skip
-    prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
-    request = {"prompt": prompt, "multi_modal_data": {"image": make_test_image(7, args.image_size)}}
-    num_layers = AutoConfig.from_pretrained(model).text_config.num_hidden_layers
+    prompt = common.chat_prompt(proc, "What color is the circle on the left?")
+    image = make_test_image(7, args.image_size)
+    request = {"prompt": prompt, "multi_modal_data": {"image": image}}
+    layers = common.num_layers(model)
 
     rows = []
     plain = _llm(model, routed=False, max_len=2048)
     base, prompt_len = _time(plain, request, None, args.repeats)
-    plain.llm_engine.engine_core.shutdown()
+    common.shutdown(plain)
     del plain
     rows.append(("plain vLLM", base, 1.0))
     routed = _llm(model, routed=True, max_len=2048)
-    image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
-    num_visual = proc(text=[prompt], images=[[request["multi_modal_data"]["image"]]])["input_ids"][
-        0
-    ].count(image_id)
+    _, num_visual = common.prompt_token_counts(proc, prompt, image)
     for name, xargs in CONFIGS.items():
         t, _ = _time(routed, request, xargs, args.repeats)
-        rows.append((name, t, _retention(xargs, num_layers, num_visual)))
-    routed.llm_engine.engine_core.shutdown()
+        rows.append((name, t, _retention(xargs, layers, num_visual)))
+    common.shutdown(routed)
 
     lines = [
-        f"Model: {model} ({num_layers} layers), prompt {prompt_len} tokens of which "
+        f"Model: {model} ({layers} layers), prompt {prompt_len} tokens of which "
         f"{num_visual} visual; median of {args.repeats} runs, max_tokens=1.",
         "",
         "| config | TTFT (s) | TTFT / plain vLLM | avg visual-token retention |",
         "|---|---:|---:|---:|",
     ]
     lines += [f"| {n} | {t:.3f} | {t / base:.3f} | {r:.3f} |" for n, t, r in rows]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    common.write_table(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def generate(llm, model_dir, cfgs: list[dict]):
 
 def oracle(hf_model, model_dir, spec, cfg: dict) -> tuple[list[int], list[int]]:
     """(prompt ids, greedy tokens) of the plain-PyTorch reference for one request."""
-    from tests.oracle import oracle_generate
+    from reference.oracle import oracle_generate
     from vllm_recroute.config import RoutingConfig
 
     prompt, images = request_inputs(str(model_dir), spec)
@@ -231,7 +231,7 @@ def generate_as_parked_reference(
 ) -> int:
     """Run REQUESTS with ``cfg``; assert the parked reference's tokens (the engine's
     parked tier ``parking``, default PARKING); return the reference's restores."""
-    from tests.oracle import oracle_generate_parked
+    from reference.oracle import oracle_generate_parked
     from vllm_recroute.config import RoutingConfig
 
     outs = generate(llm, model_dir, [cfg] * len(REQUESTS))

@@ -215,13 +215,12 @@ def names_to_check() -> dict[str, str]:
 
 def plugin_imports() -> set[str]:
     found: set[str] = set()
-    for top in ("vllm_recroute", "server"):
-        for path in (ROOT / top).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.ImportFrom) and node.level == 0 and _vllm(node.module):
-                    found |= {f"{node.module}:{a.name}" for a in node.names}
-                elif isinstance(node, ast.Import):
-                    found |= {a.name for a in node.names if _vllm(a.name)}
+    for path in (ROOT / "vllm_recroute").rglob("*.py"):  # its server/ included
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and _vllm(node.module):
+                found |= {f"{node.module}:{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if _vllm(a.name)}
     return found
 
 

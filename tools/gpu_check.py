@@ -16,7 +16,7 @@ refused settings", says what each phase shows and how long it takes.
   refusal of worker/config_hook.py with the setting it names;
 * engine: a routed tiny Idefics3 at vLLM's defaults (GPU: bf16, CUDA graphs, async
   scheduling), routed and unrouted requests, forwards by path;
-* oracle: float32 (GPU: Triton attention) against tests/oracle.py, greedy tokens, with the
+* oracle: float32 (GPU: Triton attention) against reference/oracle.py, greedy tokens, with the
   attention metadata each routed layer received;
 * speed: TPOT of plain vLLM V1 piecewise, plain vLLM at its defaults and routed pdrop.
 """
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-# tests.device_checks, tests.helpers, tests.oracle and bench/ import from the repo root.
+# tests.device_checks, tests.helpers, reference.oracle and bench/ import from the repo root.
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

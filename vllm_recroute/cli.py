@@ -109,7 +109,7 @@ def serve_command(model: str | Path) -> str:
 
 
 def _serve(model: str, args: argparse.Namespace, rest: list[str]) -> int:
-    from vllm_recroute_server.launcher import LaunchError, serve
+    from vllm_recroute.server.launcher import LaunchError, serve
 
     missing = check_remote_code(model, rest)
     if missing:

@@ -264,7 +264,7 @@ PATCHES: tuple[Patch, ...] = (
             "vllm.exceptions:VLLMValidationError",
             "PIL.Image:DecompressionBombError",
         ),
-        where="server/media.py (applied by the endpoint plugin, server/endpoints.py)",
+        where="vllm_recroute/server/media.py (applied by the endpoint plugin, server/endpoints.py)",
     ),
     Patch(
         "P9",
@@ -451,7 +451,7 @@ PATCHES: tuple[Patch, ...] = (
 
 # Public vLLM APIs the plugin imports without a record entry (documented extension points
 # and user-facing names). tests/unit/test_patches.py requires every `from vllm... import`
-# in vllm_recroute/ and server/ to be a record target (or an attribute of one) or listed
+# in vllm_recroute/ (its server/ included) to be a record target (or an attribute of one) or listed
 # here; tools/check_vllm.py resolves both against a candidate release.
 PUBLIC_APIS: tuple[str, ...] = (
     "vllm",  # vllm.__version__ (the gate)
@@ -491,7 +491,7 @@ _applied = False
 
 
 def apply_patches() -> None:
-    """Apply P1 (idempotent, thread-safe). P2..P12 are applied where their entry says."""
+    """Apply P1 (idempotent, thread-safe). P2..P14 are applied where their entry says."""
     global _applied
     with _lock:
         if _applied:

@@ -1,6 +1,6 @@
 """Every bad input is a client error: HTTP 400 with a message, raised in the API server
-before any engine work, and the engine keeps serving (patch P8, server/media.py, for the
-media vLLM itself answers with 500 or 501)."""
+before any engine work, and the engine keeps serving (patch P8,
+vllm_recroute/server/media.py, for the media vLLM itself answers with 500 or 501)."""
 
 from __future__ import annotations
 

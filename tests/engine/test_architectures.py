@@ -6,7 +6,7 @@ the text-only reference starts from), one routed engine with ``kv_release`` and 
 parked tier on (pdrop; per-request modes, schedules and budgets), and one
 `vllm-recroute serve` process (fastv) driven with the openai client.
 
-The reference (`tests/oracle.py`) runs the HF text model of the architecture
+The reference (`reference/oracle.py`) runs the HF text model of the architecture
 (transformers' Qwen3 for Keye-VL, Phi-3 for Phi-3-Vision, Qwen2 for MiniCPM-V 2.6) over
 vLLM's own merged embeddings: routing lives in the decoder only, so the vision tower need not be
 re-implemented for it, and what is checked is the decoder path (scores, compaction, KV
@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from reference.oracle import oracle_generate, oracle_generate_parked
 from tests.helpers import (
     CONFIGS,
     MAX_TOKENS,
@@ -38,7 +39,6 @@ from tests.helpers import (
     shutdown,
     xargs,
 )
-from tests.oracle import oracle_generate, oracle_generate_parked
 from vllm_recroute.config import RoutingConfig
 
 pytestmark = pytest.mark.engine

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 
+from reference.oracle import oracle_generate
 from tests.helpers import (
     CONFIGS,
     MAX_TOKENS,
@@ -22,7 +23,6 @@ from tests.helpers import (
     shutdown,
     xargs,
 )
-from tests.oracle import oracle_generate
 from vllm_recroute.config import RoutingConfig
 from vllm_recroute.tiny_models import make_test_image
 

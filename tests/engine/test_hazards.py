@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from reference.oracle import oracle_generate
 from tests.helpers import (
     CONFIGS,
     ROUTED_IDEFICS3,
@@ -20,7 +21,6 @@ from tests.helpers import (
     route_counters,
     shutdown,
 )
-from tests.oracle import oracle_generate
 from vllm_recroute.config import RoutingConfig
 from vllm_recroute.tiny_models import make_test_image
 

@@ -125,8 +125,8 @@ def test_released_pages_reused_under_pressure_stay_correct(tiny_idefics3, hf_mod
     other requests (and preemption may happen) while the routed ones keep decoding."""
     from vllm import SamplingParams
 
+    from reference.oracle import oracle_generate
     from tests.helpers import chat_prompt, hf_inputs
-    from tests.oracle import oracle_generate
     from vllm_recroute.config import RoutingConfig
     from vllm_recroute.tiny_models import make_test_image
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from reference.oracle import oracle_generate_parked
 from tests.helpers import (
     CONFIGS,
     MAX_TOKENS,
@@ -25,7 +26,6 @@ from tests.helpers import (
     two_turns,
     xargs,
 )
-from tests.oracle import oracle_generate_parked
 from vllm_recroute.config import RoutingConfig
 
 pytestmark = pytest.mark.engine

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from reference.oracle import oracle_generate_parked
 from tests.helpers import (
     CONFIGS,
     MAX_TOKENS,
@@ -27,7 +28,6 @@ from tests.helpers import (
     shutdown,
     xargs,
 )
-from tests.oracle import oracle_generate_parked
 from vllm_recroute.config import RoutingConfig
 from vllm_recroute.tiny_models import make_test_image
 

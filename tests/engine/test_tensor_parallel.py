@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from reference.oracle import oracle_generate_parked
 from tests.helpers import (
     CONFIGS,
     MAX_TOKENS,
@@ -26,7 +27,6 @@ from tests.helpers import (
     route_counters,
     two_turns,
 )
-from tests.oracle import oracle_generate_parked
 from vllm_recroute.config import RoutingConfig
 
 pytestmark = pytest.mark.engine

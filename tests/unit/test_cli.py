@@ -10,7 +10,7 @@ import pytest
 
 from vllm_recroute.cli import main
 from vllm_recroute.config import RoutingConfig
-from vllm_recroute_server.launcher import LaunchError, routed_architecture, server_argv
+from vllm_recroute.server.launcher import LaunchError, routed_architecture, server_argv
 
 
 def _model_dir(tmp_path: Path, archs: list[str]) -> Path:
@@ -89,7 +89,7 @@ def test_make_tiny_model_is_deterministic(tmp_path, capsys):
 
 def test_serve_model_is_only_the_first_token(monkeypatch, tmp_path):
     """`--port 8000` must reach vLLM, not be taken as MODEL (argparse would)."""
-    import vllm_recroute_server.launcher as launcher
+    import vllm_recroute.server.launcher as launcher
 
     calls = []
     monkeypatch.setattr(launcher, "serve", lambda *a: calls.append(a))
@@ -104,7 +104,7 @@ def test_serve_model_is_only_the_first_token(monkeypatch, tmp_path):
 def test_serve_defaults_to_the_savings_on(monkeypatch, tmp_path, capsys):
     """No --routing: pdrop reroute, kv_release and the parked tier sized from the host's
     available memory (5%, 64 MiB..4 GiB), printed at startup; the argv carries it."""
-    import vllm_recroute_server.launcher as launcher
+    import vllm_recroute.server.launcher as launcher
     from vllm_recroute.config import default_parked_bytes
 
     execs = []
@@ -141,7 +141,7 @@ def test_remote_code_checkpoint_without_the_flag_is_refused_before_vllm(
 ):
     """A checkpoint whose config names remote code (auto_map: Keye-VL, Phi-3-Vision,
     MiniCPM-V, real and tiny) needs --trust-remote-code: said before vLLM starts."""
-    import vllm_recroute_server.launcher as launcher
+    import vllm_recroute.server.launcher as launcher
 
     execs = []
     monkeypatch.setattr(launcher.os, "execv", lambda exe, argv: execs.append(argv))

@@ -96,7 +96,7 @@ def test_config_image_seq_len_and_head_dim(processor):
 
 
 def test_training_batch_labels_only_answers(processor):
-    from vllm_recroute.demo.train import make_batch, relevant_objects, sample_rows
+    from training.train import make_batch, relevant_objects, sample_rows
 
     seeds = [1, 2]
     batch = make_batch(processor, seeds, qper=3, grid=16)
@@ -127,7 +127,7 @@ def test_training_batch_labels_only_answers(processor):
 
 
 def test_patch_labels_match_scene():
-    from vllm_recroute.demo.train import AUX_LABELS, centre_patch, patch_labels
+    from training.train import AUX_LABELS, centre_patch, patch_labels
 
     scene = shapes.make_example(5).scene
     lab = dict(zip(AUX_LABELS, patch_labels(scene, 16), strict=True))
@@ -159,7 +159,7 @@ def test_accuracy_by_type():
 def test_weighted_aux_loss_scales_only_the_neighbour_terms():
     import torch
 
-    from vllm_recroute.demo.train import AUX_LABELS, weighted_aux_loss
+    from training.train import AUX_LABELS, weighted_aux_loss
 
     terms = [torch.tensor(float(i + 1)) for i in range(len(AUX_LABELS))]
     plain = sum(range(1, len(AUX_LABELS) + 1))
@@ -170,7 +170,7 @@ def test_weighted_aux_loss_scales_only_the_neighbour_terms():
 
 
 def test_batch_with_where_rows(processor):
-    from vllm_recroute.demo.train import make_batch, relevant_objects, sample_rows
+    from training.train import make_batch, relevant_objects, sample_rows
 
     weights = {"where": 5.0}
     seeds = [3, 4, 5]
@@ -223,7 +223,7 @@ def test_grown_model_computes_the_small_one_at_init(processor):
 
     import torch
 
-    from vllm_recroute.demo.train import forward, grow_text_layers, layer_source, make_batch
+    from training.train import forward, grow_text_layers, layer_source, make_batch
 
     assert [layer_source(j, 4, 16) for j in (0, 3, 4, 7, 15)] == [
         (0, False),
@@ -271,7 +271,7 @@ def test_grown_model_computes_the_small_one_at_init(processor):
 def test_extend_vocab_keeps_old_rows(processor):
     import torch
 
-    from vllm_recroute.demo.train import extend_vocab
+    from training.train import extend_vocab
 
     model = M.build_model(processor, M.DemoModelSize(**TINY), seed=3)
     n = len(processor.tokenizer)
@@ -287,7 +287,7 @@ def test_extend_vocab_keeps_old_rows(processor):
 def test_freeze_keeps_copied_weights(processor):
     import torch
 
-    from vllm_recroute.demo.train import (
+    from training.train import (
         copied_param_names,
         forward,
         freeze_old_grads,

@@ -213,7 +213,7 @@ def test_every_question_type_produced():
 
 
 def test_heldout_seeds_disjoint_from_training():
-    from vllm_recroute.demo.train import training_seeds
+    from training.train import training_seeds
 
     held = shapes.heldout_seeds(2000)
     assert min(held) >= shapes.HELDOUT_SEED_BASE

@@ -99,7 +99,18 @@ LAYERS: list[list[str]] = [
         "models.phi3v",
         "models.minicpmv",
     ],
-    ["cli", "", "demo", "demo.shapes", "demo.model", "demo.evaluate", "demo.train"],
+    [
+        "cli",
+        "",
+        "demo",
+        "demo.shapes",
+        "demo.model",
+        "demo.evaluate",
+        "server",
+        "server.launcher",
+        "server.media",
+        "server.endpoints",
+    ],
 ]
 # Registered for GPU hosts; importing them needs torchvision (not on this CPU host).
 NOT_IMPORTABLE_HERE = ["models.qwen2_5_vl", "models.qwen3_vl", "models.llava"]
@@ -227,3 +238,33 @@ def test_every_package_is_installed_by_pyproject():
         if "checkpoint" not in p.parts
     }
     assert dirs - listed == set()
+
+
+def test_every_entry_point_resolves():
+    """pyproject's console script and vLLM plugin entry points name objects that exist (the
+    endpoint plugin's `vllm_recroute.server.endpoints` included)."""
+    import importlib
+
+    import tomllib
+
+    project = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["project"]
+    groups = {"scripts": project["scripts"], **project["entry-points"]}
+    targets = [(g, v) for g, eps in groups.items() for v in eps.values()]
+    assert ("vllm.endpoint_plugins", "vllm_recroute.server.endpoints:RecrouteEndpoints") in targets
+    for group, value in targets:
+        module, _, attr = value.partition(":")
+        obj = importlib.import_module(module)
+        for name in attr.split("."):
+            obj = getattr(obj, name)
+        assert callable(obj), (group, value)
+
+
+def test_register_does_not_load_the_server():
+    """vLLM calls register() in every process; the serving surface (launcher, endpoint
+    plugin, P8) loads only in `vllm-recroute serve` and through VLLM_PLUGINS. Every other
+    module is in a lower layer than server/ (so cannot import it); the package root, in
+    server/'s layer, must not either."""
+    assert LAYER_OF["server.endpoints"] == LAYER_OF[""] == len(LAYERS) - 1
+    assert max(LAYER_OF[m] for m in LAYER_OF if m not in LAYERS[-1]) < LAYER_OF["server"]
+    root = [t for t, _ in _imports(ROOT / "__init__.py")]
+    assert root and not [t for t in root if t == "server" or t.startswith("server.")], root

@@ -1,5 +1,7 @@
 """The patch record: P1 publishes the step and reports requests that are gone; every vLLM
-attribute any patch or read depends on exists in the installed vLLM."""
+attribute any patch or read depends on exists in the installed vLLM; every entry's
+``where`` names files (and symbols) that exist in the repository; every patch id quoted in
+code or docs is in the record."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import ast
 import importlib
 import importlib.util
 import inspect
+import re
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -139,11 +142,10 @@ def plugin_vllm_imports() -> dict[str, set[str]]:
     """Every vLLM name the plugin imports (module level and inside functions), as
     ``module:name`` (``module`` for ``import vllm...``), with the files importing it."""
     found: dict[str, set[str]] = {}
-    for top in ("vllm_recroute", "server"):
-        for path in sorted((ROOT / top).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text())):
-                for name in _vllm_names(node):
-                    found.setdefault(name, set()).add(str(path.relative_to(ROOT)))
+    for path in sorted((ROOT / "vllm_recroute").rglob("*.py")):  # its server/ included
+        for node in ast.walk(ast.parse(path.read_text())):
+            for name in _vllm_names(node):
+                found.setdefault(name, set()).add(str(path.relative_to(ROOT)))
     return found
 
 
@@ -185,3 +187,115 @@ def test_every_moved_symbol_resolves_in_one_of_its_modules():
 
     for entry in MOVED:
         assert callable(moved_symbol(entry.name)), entry
+
+
+# -- the record's `where` and the ids quoted around the repo --------------------------------
+
+# the files that quote patch ids or name plugin paths (the checkpoint is data)
+TEXT_ROOTS = ("vllm_recroute", "tests", "bench", "tools", "training", "reference", "docs",
+              "deploy", ".ci")  # fmt: skip
+TEXT_FILES = ("README.md", "Makefile", "pyproject.toml")
+TEXT_SUFFIXES = {".py", ".md", ".toml", ".yml", ".yaml", ".sh", ""}
+# a patch id where it is quoted: P1..P99 / R1..R99 as a word (also in a range, "P2..P14";
+# not an attribute, "x.P1"), and not a latency percentile ("TTFT P99", "p99_itl_ms")
+PATCH_ID = re.compile(
+    r"(?<![\w-])(?<!\w\.)(?<!TTFT )(?<!TPOT )(?<!ITL )(?<!E2EL )([PR]\d{1,2})(?![\w-])"
+)
+
+
+def _text_files() -> list[Path]:
+    out = [ROOT / f for f in TEXT_FILES]
+    for top in TEXT_ROOTS:
+        for path in sorted((ROOT / top).rglob("*")):
+            if path.is_file() and path.suffix in TEXT_SUFFIXES and "checkpoint" not in path.parts:
+                out.append(path)
+    return out
+
+
+def quoted_patch_ids(text: str) -> list[tuple[int, str]]:
+    """(line, id) of every patch id quoted in ``text``."""
+    return [
+        (i, m.group(1))
+        for i, line in enumerate(text.splitlines(), 1)
+        for m in PATCH_ID.finditer(line)
+    ]
+
+
+def test_every_quoted_patch_id_is_in_the_record():
+    record = {p.id for p in patches.PATCHES}
+    unknown = [
+        f"{path.relative_to(ROOT)}:{i}: {pid}"
+        for path in _text_files()
+        if path != Path(__file__).resolve()
+        for i, pid in quoted_patch_ids(path.read_text(errors="replace"))
+        if pid not in record
+    ]
+    assert not unknown, f"patch ids quoted but not in patches.PATCHES: {unknown}"
+
+
+def test_the_id_scan_finds_ids_and_skips_percentiles():
+    """Guard: the scan is not vacuous, and latency percentiles are not patch ids."""
+    text = "patch P1 (P2..P14); R1 reads\n| TTFT P99 (ms) | p99_itl_ms | ITL P99 |"
+    assert quoted_patch_ids(text) == [(1, "P1"), (1, "P2"), (1, "P14"), (1, "R1")]
+    assert any(pid == "P9" for _, pid in quoted_patch_ids((ROOT / "docs/deploy.md").read_text()))
+
+
+def where_parts(where: str) -> tuple[list[Path], list[tuple[str, bool]]]:
+    """The files a record entry's ``where`` names (repository paths, or paths under
+    vllm_recroute/; a directory stands for its .py files) and its symbols, as (name, whether
+    the entry says it is called *from* there: ``from register()``). ``vllm_view.x`` is
+    symbol ``x`` of the plugin's ``vllm_view`` package."""
+    files: list[Path] = []
+    symbols: list[tuple[str, bool]] = []
+    for m in re.finditer(r"(from )?([A-Za-z_][\w./]*)(\(\))?", where):
+        called_from, token, call = m.group(1) is not None, m.group(2), m.group(3)
+        if "/" in token or token.endswith(".py"):
+            path = next((p for p in (ROOT / token, ROOT / "vllm_recroute" / token) if p.exists()),
+                        None)  # fmt: skip
+            assert path is not None, f"{token!r} does not exist"
+            files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        elif "." in token:
+            package, _, name = token.rpartition(".")
+            path = ROOT / "vllm_recroute" / package.replace(".", "/")
+            assert path.is_dir() or path.with_suffix(".py").exists(), f"{token!r}: no {package}"
+            files += sorted(path.rglob("*.py")) if path.is_dir() else [path.with_suffix(".py")]
+            symbols.append((name, False))
+        elif call or "_" in token:  # a code name, not a word of the sentence
+            symbols.append((token, called_from))
+    return files, symbols
+
+
+def _defines(path: Path, name: str) -> bool:
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            if node.name == name:
+                return True
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(getattr(t, "id", None) == name for t in targets):
+                return True
+    return False
+
+
+def _plugin_files() -> list[Path]:
+    return sorted((ROOT / "vllm_recroute").rglob("*.py"))
+
+
+@pytest.mark.parametrize("patch", patches.PATCHES, ids=lambda p: p.id)
+def test_every_where_names_files_and_symbols_that_exist(patch):
+    files, symbols = where_parts(patch.where)
+    assert files, f"{patch.id}: where names no file: {patch.where!r}"
+    for name, called_from in symbols:
+        scope = _plugin_files() if called_from else files
+        assert any(_defines(p, name) for p in scope), f"{patch.id}: {name} not defined in {scope}"
+
+
+def test_the_where_check_fails_on_a_stale_path():
+    """Guard: a path of the old layout, or a symbol its file lacks, is reported."""
+    with pytest.raises(AssertionError, match="does not exist"):
+        where_parts("vllm_recroute/models/parking.py")
+    files, symbols = where_parts("vllm_recroute/patches.py (apply_patches, from register())")
+    assert files == [ROOT / "vllm_recroute/patches.py"]
+    assert symbols == [("apply_patches", False), ("register", True)]
+    assert not _defines(files[0], "register") and _defines(ROOT / "vllm_recroute/__init__.py",
+                                                           "register")  # fmt: skip

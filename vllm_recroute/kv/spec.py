@@ -130,7 +130,7 @@ def register_stage_spec() -> None:
 
     from vllm_recroute.kv.manager import RoutedStageManager
 
-    KVCacheSpecRegistry._ensure_registered()  # patch record R3
+    KVCacheSpecRegistry._ensure_registered()  # patch record P6
     KVCacheSpecRegistry.register(
         RoutedStageSpec, RoutedStageManager, uniform_type_base_spec=RoutedStageSpec
     )

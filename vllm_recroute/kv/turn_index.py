@@ -3,7 +3,7 @@
 A conversation's turn 2 prompt starts with turn 1's prompt and answer. When turn 1
 finishes, the connector asks this index whether to keep its stage KV (pages of every
 layer, in the stage layout turn 1 used, plus its parked units); the worker copies it to
-its host store (models/turns.py) and only then are turn 1's pages freed. When a new
+its host store (worker/turns.py) and only then are turn 1's pages freed. When a new
 request arrives, the index finds the longest kept turn whose tokens are a prefix of the
 request's: those tokens are offered to vLLM as externally computed.
 

@@ -71,7 +71,8 @@ METRICS: tuple[MetricSpec, ...] = (
         "recroute:kv_bytes_saved",
         "counter",
         "Bytes of K/V not written to routed stages' active KV (deferred token-layers x K/V "
-        "bytes per token-layer). Pages stay allocated until the parked-block tier frees them.",
+        "bytes per token-layer at the model dtype, all tensor-parallel ranks). Their pages "
+        "stay allocated unless recroute.kv_release returns them (recroute:kv_blocks_released).",
     ),
     MetricSpec(
         "recroute:kv_blocks_released",

@@ -47,7 +47,7 @@ class RecroutePromMetrics(KVConnectorPromMetrics):
         # registered counter: counters are per process, as Prometheus expects.
         from prometheus_client import REGISTRY
 
-        existing = REGISTRY._names_to_collectors.get(spec.name)  # patch record R4
+        existing = REGISTRY._names_to_collectors.get(spec.name)  # patch record P7
         if existing is not None:
             return existing
         cls = self._gauge_cls if spec.kind == "gauge" else self._counter_cls

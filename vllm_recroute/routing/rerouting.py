@@ -7,8 +7,8 @@ post-RoPE key at the stage's first layer, per KV head); the best-scoring units f
 stage's active budget. Only full-size units swap, so the budget (and the pages holding it)
 never changes: every restored unit takes the slots of one evicted unit.
 
-Pure torch, shared by the vLLM integration (`vllm_recroute/models/parking.py`) and the
-reference implementation in the tests, so both take the same decisions.
+Pure torch, shared by the vLLM integration (`vllm_recroute/worker/parking.py`) and the
+reference implementation (`reference/oracle.py`), so both take the same decisions.
 """
 
 from __future__ import annotations

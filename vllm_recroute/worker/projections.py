@@ -1,6 +1,6 @@
 """The one place that projects residual-stream rows through a decoder layer's attention
 input path (input norm -> qkv_proj -> RoPE), as the layer itself would. Used for routing
-scores (`routed.py`) and for parking deferred tokens' K/V (`parking.py`)."""
+scores (`step.py`) and for parking deferred tokens' K/V (`parking.py`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """Train the demo VLM from scratch on CPU on the synthetic shapes VQA task.
 
-    python -m vllm_recroute.demo.train --out vllm_recroute/demo/checkpoint --steps 3000 --seed 0
+    python training/train.py --out vllm_recroute/demo/checkpoint --steps 3000 --seed 0
+
+(from the repository root; outside the installed package, like the rest of ``training/``.
+The shipped checkpoint, ``vllm_recroute/demo/checkpoint``, stays in the package.)
 
 Each training row is one single-turn question about a scene (from a training seed, always
 < shapes.HELDOUT_SEED_BASE), in the demo model's prompt format: the question BEFORE the
@@ -34,7 +37,9 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict, replace
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from vllm_recroute.demo import shapes
 from vllm_recroute.demo.evaluate import accuracy_by_type, format_table, hf_greedy_predictor
@@ -697,8 +702,8 @@ def write_notes(out: str, info: dict) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def _add_run_args(ap: argparse.ArgumentParser) -> None:
+    """Output, schedule, evaluation and time limits."""
     ap.add_argument("--out", default="vllm_recroute/demo/checkpoint")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0, help="training data + init seed")
@@ -724,6 +729,10 @@ def main(argv: list[str] | None = None) -> None:
         "its cosine decay when the time limit stops it",
     )
     ap.add_argument("--no-save", action="store_true")
+
+
+def _add_loss_args(ap: argparse.ArgumentParser) -> None:
+    """The training-only auxiliary losses."""
     ap.add_argument(
         "--aux-weight",
         type=float,
@@ -751,6 +760,10 @@ def main(argv: list[str] | None = None) -> None:
         "question is about (-log mass); training only; needs eager attention",
     )
     ap.add_argument("--attn-sup-layers", default="2,3")
+
+
+def _add_model_args(ap: argparse.ArgumentParser) -> None:
+    """Precision, architecture, and where the weights start (fresh, a checkpoint, grown)."""
     ap.add_argument(
         "--bf16-autocast",
         type=int,
@@ -792,6 +805,10 @@ def main(argv: list[str] | None = None) -> None:
         "the same direction; for the 4-layer demo checkpoint one such step at 1e-4 took the "
         "answer loss from 0.03 to 14",
     )
+
+
+def _add_data_args(ap: argparse.ArgumentParser) -> None:
+    """Question types and mix, the heads' warm-up, the neighbour terms."""
     ap.add_argument(
         "--qtypes",
         default="",
@@ -823,23 +840,28 @@ def main(argv: list[str] | None = None) -> None:
         default=1.0,
         help="weight of the four neighbour-shape terms inside the auxiliary loss (others 1)",
     )
-    args = ap.parse_args(argv)
 
-    import platform
 
-    import torch
-    import transformers
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    for add in (_add_run_args, _add_loss_args, _add_model_args, _add_data_args):
+        add(ap)
+    return ap
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    size = DemoModelSize(**json.loads(args.size))
+
+def check_args(args: argparse.Namespace) -> None:
     if args.grow_layers and not args.init_from:
         raise SystemExit("--grow-layers needs --init-from")
     if args.freeze_old_steps and not args.grow_layers:
         raise SystemExit("--freeze-old-steps needs --grow-layers")
-    processor = build_processor(size)
-    grown_from = None
-    n_old_vocab = 0
+
+
+def initial_model(args: argparse.Namespace, size: DemoModelSize, processor):
+    """(model, its size, text layers of the checkpoint it was grown from or None, that
+    checkpoint's vocabulary size or 0): a fresh model, ``--init-from``'s, or ``--init-from``'s
+    grown to ``--grow-layers`` text layers."""
+    import torch
+
     if args.init_from and args.grow_layers:
         from transformers import Idefics3ForConditionalGeneration
 
@@ -850,15 +872,17 @@ def main(argv: list[str] | None = None) -> None:
         model = grow_text_layers(old, processor, size, seed=args.seed)
         del old
         torch.manual_seed(args.seed)  # the fresh training-only heads below
-    elif args.init_from:
+        return model, size, grown_from, n_old_vocab
+    if args.init_from:
         model = load_init(args.init_from, size, vocab_size=len(processor.tokenizer))
         torch.manual_seed(args.seed)  # the fresh training-only heads below
-    else:
-        model = build_model(processor, size, seed=args.seed)
-    qtypes = shapes.parse_qtypes(args.qtypes)
-    type_weights = parse_type_weights(args.type_weights, qtypes)
-    model.train()
-    n_params = sum(p.numel() for p in model.parameters())
+        return model, size, None, 0
+    return build_model(processor, size, seed=args.seed), size, None, 0
+
+
+def param_groups(model, args: argparse.Namespace, grown_from: int | None) -> list[dict]:
+    """The optimiser's parameter groups: fresh / copied / zeroed parameters (the last two
+    only in a grown model), each with and without weight decay; empty groups left out."""
     copied = copied_param_names(model, grown_from) if grown_from else set()
     zeroed = zeroed_param_names(model, grown_from) if grown_from else set()
     groups = []
@@ -876,26 +900,56 @@ def main(argv: list[str] | None = None) -> None:
             {"params": decay, "weight_decay": args.weight_decay, **extra},
             {"params": no_decay, "weight_decay": 0.0, **extra},
         ]
-    opt = torch.optim.AdamW(
-        [g for g in groups if g["params"]],
-        lr=args.lr,
-        betas=(0.9, 0.98),
-        eps=1e-8,
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model, args: argparse.Namespace, grown_from: int | None):
+    import torch
+
+    return torch.optim.AdamW(
+        param_groups(model, args, grown_from), lr=args.lr, betas=(0.9, 0.98), eps=1e-8
     )
-    if args.attn_sup_weight > 0:
-        model.set_attn_implementation("eager")
-    sup_layers = [int(x) for x in args.attn_sup_layers.split(",") if x]
-    grid = size.image_size // size.patch_size // size.scale_factor
+
+
+def training_heads(opt, size: DemoModelSize) -> tuple:
+    """The training-only heads (dense auxiliary head on the connector output, relevance probe
+    on the text model's visual tokens), fresh, and added to ``opt`` without weight decay."""
+    import torch
+
     aux_head = torch.nn.Linear(size.text_hidden, sum(AUX_LABELS.values()))
     rel_head = torch.nn.Linear(size.text_hidden, 1)
     opt.add_param_group(
         {"params": [*aux_head.parameters(), *rel_head.parameters()], "weight_decay": 0.0}
     )
-    cmd = "python -m vllm_recroute.demo.train " + " ".join(
-        shlex.quote(a) for a in (argv or sys.argv[1:])
-    )
+    return aux_head, rel_head
+
+
+# how TRAINING.md says to run this file (from the repository root); same CLI as the
+# `python -m vllm_recroute.demo.train` it was until issue 23
+COMMAND = "python training/train.py"
+
+
+def command_line(argv: list[str] | None) -> str:
+    return COMMAND + " " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+
+
+def run_info(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    model,
+    size: DemoModelSize,
+    qtypes: tuple[str, ...],
+    type_weights: dict[str, float],
+    grown_from: int | None,
+) -> dict:
+    """The run's record (``training_info.json``, and TRAINING.md through ``write_notes``)."""
+    import platform
+
+    import torch
+    import transformers
+
     info = {
-        "command": cmd,
+        "command": command_line(argv),
         "status": "running",
         "steps": args.steps,
         "step": 0,
@@ -928,150 +982,275 @@ def main(argv: list[str] | None = None) -> None:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "params": n_params,
+        "params": sum(p.numel() for p in model.parameters()),
         "size": asdict(size),
         "wall_time_s": 0.0,
         "history": [],
     }
     if args.init_from:
         info["previous"] = previous_run(args.init_from)
-    print(f"params {n_params / 1e6:.2f}M image_seq_len {size.image_seq_len}", flush=True)
-    heldout = shapes.make_heldout_examples(args.eval_n, qtypes=qtypes)
-    seeds = training_seeds(args.seed)
-    predictor = hf_greedy_predictor(model, processor)
-    t0 = time.time()
-    loss_ema = None
-    step = 0
+    return info
 
-    def evaluate(n_examples=None) -> dict:
+
+@dataclass
+class Run:
+    """One run's state, shared by the training loop, the evaluations and the checkpoints."""
+
+    args: argparse.Namespace
+    model: Any
+    processor: Any
+    opt: Any
+    heads: tuple
+    info: dict
+    qtypes: tuple[str, ...]
+    type_weights: dict[str, float]
+    grid: int  # visual tokens per side (the auxiliary targets' grid)
+    sup_layers: list[int]  # --attn-sup-layers
+    grown_from: int | None
+    n_old_vocab: int
+    heldout: list  # the periodic evaluations' examples
+    seeds: Iterator[int]  # training scene seeds
+    predictor: Callable
+    t0: float  # start time
+    step: int = 0
+    loss_ema: float | None = None
+    aux_ema: dict[str, float] = field(default_factory=dict)
+
+    def evaluate(self, n_examples: int | None = None) -> dict:
         exs = (
-            heldout
+            self.heldout
             if n_examples is None
-            else shapes.make_heldout_examples(n_examples, qtypes=qtypes)
+            else shapes.make_heldout_examples(n_examples, qtypes=self.qtypes)
         )
         te = time.time()
-        acc = accuracy_by_type(predictor, exs)
+        acc = accuracy_by_type(self.predictor, exs)
         print(
-            f"[eval] step {step} n={len(exs)} ({time.time() - te:.0f}s) "
+            f"[eval] step {self.step} n={len(exs)} ({time.time() - te:.0f}s) "
             f"overall {acc['overall']:.3f} "
-            + " ".join(f"{t}={acc[t]:.3f}" for t in qtypes if t in acc),
+            + " ".join(f"{t}={acc[t]:.3f}" for t in self.qtypes if t in acc),
             flush=True,
         )
         return acc
 
-    def checkpoint(acc: dict, status: str, eval_n: int) -> None:
-        info.update(
-            step=step,
+    def checkpoint(self, acc: dict, status: str, eval_n: int) -> None:
+        self.info.update(
+            step=self.step,
             status=status,
-            wall_time_s=time.time() - t0,
-            loss_ema=loss_ema if loss_ema is not None else float("nan"),
+            wall_time_s=time.time() - self.t0,
+            loss_ema=self.loss_ema if self.loss_ema is not None else float("nan"),
             heldout_accuracy=acc,
             eval_n=eval_n,
         )
-        info["history"].append({"step": step, "minutes": (time.time() - t0) / 60, "acc": acc})
-        if not args.no_save:
-            save_checkpoint(model, processor, args.out)
-            write_notes(args.out, info)
+        minutes = (time.time() - self.t0) / 60
+        self.info["history"].append({"step": self.step, "minutes": minutes, "acc": acc})
+        if not self.args.no_save:
+            save_checkpoint(self.model, self.processor, self.args.out)
+            write_notes(self.args.out, self.info)
 
-    def make(with_aux: bool = True):
+    def make(self, with_aux: bool = True):
+        """The next training batch (with the auxiliary targets unless ``with_aux`` is off)."""
+        a = self.args
         return make_batch(
-            processor,
-            [next(seeds) for _ in range(args.batch_size)],
-            args.qper,
-            grid if with_aux else 0,
-            args.extra,
-            type_weights,
-            qtypes,
+            self.processor,
+            [next(self.seeds) for _ in range(a.batch_size)],
+            a.qper,
+            self.grid if with_aux else 0,
+            a.extra,
+            self.type_weights,
+            self.qtypes,
         )
 
-    heads = (aux_head, rel_head)
-    if args.head_warmup:
-        info["aux_terms_after_head_warmup"] = warm_up_heads(model, heads, opt, make, args)
-    aux_ema: dict[str, float] = {}
-    ce = torch.nn.functional.cross_entropy
-    stop_reason = "completed"
-    t_loop = time.time()
-    while step < args.steps:
-        use_aux = step < args.aux_until * args.steps
-        use_attn = args.attn_sup_weight > 0 and use_aux
-        batch = make(use_aux)
-        labels = batch.pop("labels")
-        sched_step = step
-        if args.lr_by_time and args.max_minutes and step >= args.warmup:
-            # after the warm-up the schedule runs on whichever is further along: steps or the
-            # time left after the head warm-up (so a slowed-down run still anneals)
-            frac = (time.time() - t_loop) / max(1.0, 60 * args.max_minutes - (t_loop - t0))
-            sched_step = max(step, min(args.steps, int(frac * args.steps)))
-        for g in opt.param_groups:
-            g["lr"] = lr_at(sched_step, args.steps, args.lr, args.warmup, args.final_lr_frac)
-            g["lr"] *= g.get("lr_mult", 1.0)
-            if g.get("copied") and step >= args.freeze_old_steps:
-                # the copied weights' own warm-up once they are unfrozen (fresh Adam moments)
-                g["lr"] *= min(1.0, (step - args.freeze_old_steps + 1) / max(1, args.warmup))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16_autocast)):
-            logits, feats, out = forward(model, batch, output_attentions=use_attn)
-        logits = logits.float()
-        shift_logits = logits[:, :-1]
-        shift_labels = labels[:, 1:]
-        mask = shift_labels != -100
-        loss = ce(shift_logits[mask], shift_labels[mask])
-        total = loss
-        aux_loss = rel_loss = attn_loss = None
-        if use_aux:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16_autocast)):
-                terms, rel_loss = head_losses(
-                    *heads, feats, out, batch, args.rel_layer, bool(args.nb_object_only)
-                )
-            aux_loss = weighted_aux_loss(terms, args.nb_weight)
-            update_ema(aux_ema, terms)
-            info["aux_terms_ema"] = aux_ema
-            total = total + args.aux_weight * aux_loss + args.rel_weight * rel_loss
-        if use_attn:
-            terms = []
-            for layer in sup_layers:
-                att = out.attentions[layer]
-                for b in range(att.shape[0]):
-                    tgt = batch["image_pos"][b][batch["relevant"][b] > 0]
-                    if len(tgt):
-                        pos = batch["answer_pos"][b]
-                        terms.append(-torch.log(att[b, 0, pos, tgt].float().sum() + 1e-6))
-            if terms:
-                attn_loss = torch.stack(terms).mean()
-                total = total + args.attn_sup_weight * attn_loss
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        if step < args.freeze_old_steps:
-            freeze_old_grads(model, grown_from, n_old_vocab)
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
-        if step % 10 == 0 or step <= 5:
-            el = time.time() - t0
-            print(
-                f"step {step} loss {loss.item():.4f} ema {loss_ema:.4f} gnorm {gn:.2f} "
-                + (f"aux {aux_loss.item():.3f} " if aux_loss is not None else "")
-                + (f"rel {rel_loss.item():.3f} " if rel_loss is not None else "")
-                + (f"attn {attn_loss.item():.3f} " if attn_loss is not None else "")
-                + f"lr {opt.param_groups[0]['lr']:.2e} elapsed {el / 60:.1f}m "
-                + f"({el / step:.2f}s/step)",
-                flush=True,
+
+@dataclass
+class StepLosses:
+    total: Any  # what is back-propagated
+    answer: Any  # next-token loss on the answer tokens
+    aux: Any = None
+    rel: Any = None
+    attn: Any = None
+
+
+def _autocast(args: argparse.Namespace):
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16_autocast))
+
+
+def set_learning_rates(run: Run, t_loop: float) -> int:
+    """Set every parameter group's learning rate for ``run.step``; returns the schedule's
+    step (``run.step``, or further along with ``--lr-by-time``)."""
+    args, step = run.args, run.step
+    sched_step = step
+    if args.lr_by_time and args.max_minutes and step >= args.warmup:
+        # after the warm-up the schedule runs on whichever is further along: steps or the
+        # time left after the head warm-up (so a slowed-down run still anneals)
+        frac = (time.time() - t_loop) / max(1.0, 60 * args.max_minutes - (t_loop - run.t0))
+        sched_step = max(step, min(args.steps, int(frac * args.steps)))
+    for g in run.opt.param_groups:
+        g["lr"] = lr_at(sched_step, args.steps, args.lr, args.warmup, args.final_lr_frac)
+        g["lr"] *= g.get("lr_mult", 1.0)
+        if g.get("copied") and step >= args.freeze_old_steps:
+            # the copied weights' own warm-up once they are unfrozen (fresh Adam moments)
+            g["lr"] *= min(1.0, (step - args.freeze_old_steps + 1) / max(1, args.warmup))
+    return sched_step
+
+
+def attention_sup_loss(out, batch, sup_layers: list[int]):
+    """Mean over rows and ``sup_layers`` of -log(attention mass of head 0 at the answer
+    position on the centre tokens of the question's objects); None if no row has any."""
+    import torch
+
+    terms = []
+    for layer in sup_layers:
+        att = out.attentions[layer]
+        for b in range(att.shape[0]):
+            tgt = batch["image_pos"][b][batch["relevant"][b] > 0]
+            if len(tgt):
+                pos = batch["answer_pos"][b]
+                terms.append(-torch.log(att[b, 0, pos, tgt].float().sum() + 1e-6))
+    return torch.stack(terms).mean() if terms else None
+
+
+def step_losses(run: Run, batch, labels, use_aux: bool, use_attn: bool) -> StepLosses:
+    """One step's forward pass and losses (updates the auxiliary terms' EMA)."""
+    import torch
+
+    args = run.args
+    with _autocast(args):
+        logits, feats, out = forward(run.model, batch, output_attentions=use_attn)
+    logits = logits.float()
+    shift_logits = logits[:, :-1]
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != -100
+    loss = torch.nn.functional.cross_entropy(shift_logits[mask], shift_labels[mask])
+    res = StepLosses(total=loss, answer=loss)
+    if use_aux:
+        with _autocast(args):
+            terms, res.rel = head_losses(
+                *run.heads, feats, out, batch, args.rel_layer, bool(args.nb_object_only)
             )
-        if step % 100 == 0 and aux_ema:
-            print("aux terms " + " ".join(f"{k}={v:.3f}" for k, v in aux_ema.items()), flush=True)
-        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            checkpoint(evaluate(), "running (partial checkpoint)", args.eval_n)
-        if args.lr_by_time and sched_step >= args.steps:
-            stop_reason = f"stopped at the --max-minutes {args.max_minutes} limit (schedule done)"
-            break
-        if args.max_minutes and (time.time() - t0) / 60 >= args.max_minutes:
-            stop_reason = f"stopped at the --max-minutes {args.max_minutes} limit"
-            break
-    info["steps_run"] = step
-    acc = evaluate(args.final_eval_n)
-    checkpoint(acc, stop_reason, args.final_eval_n)
+        res.aux = weighted_aux_loss(terms, args.nb_weight)
+        update_ema(run.aux_ema, terms)
+        run.info["aux_terms_ema"] = run.aux_ema
+        res.total = res.total + args.aux_weight * res.aux + args.rel_weight * res.rel
+    if use_attn:
+        res.attn = attention_sup_loss(out, batch, run.sup_layers)
+        if res.attn is not None:
+            res.total = res.total + args.attn_sup_weight * res.attn
+    return res
+
+
+def optimiser_step(run: Run, total) -> Any:
+    """Back-propagate ``total`` and step (gradients of the copied weights dropped during
+    ``--freeze-old-steps``, norm clipped to 1); returns the gradient norm before clipping."""
+    import torch
+
+    run.opt.zero_grad(set_to_none=True)
+    total.backward()
+    if run.step < run.args.freeze_old_steps:
+        freeze_old_grads(run.model, run.grown_from, run.n_old_vocab)
+    gn = torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
+    run.opt.step()
+    return gn
+
+
+def log_step(run: Run, losses: StepLosses, gn) -> None:
+    step = run.step
+    if step % 10 == 0 or step <= 5:
+        el = time.time() - run.t0
+        print(
+            f"step {step} loss {losses.answer.item():.4f} ema {run.loss_ema:.4f} gnorm {gn:.2f} "
+            + (f"aux {losses.aux.item():.3f} " if losses.aux is not None else "")
+            + (f"rel {losses.rel.item():.3f} " if losses.rel is not None else "")
+            + (f"attn {losses.attn.item():.3f} " if losses.attn is not None else "")
+            + f"lr {run.opt.param_groups[0]['lr']:.2e} elapsed {el / 60:.1f}m "
+            + f"({el / step:.2f}s/step)",
+            flush=True,
+        )
+    if step % 100 == 0 and run.aux_ema:
+        print("aux terms " + " ".join(f"{k}={v:.3f}" for k, v in run.aux_ema.items()), flush=True)
+
+
+def time_limit_reason(args: argparse.Namespace, sched_step: int, t0: float) -> str | None:
+    """Why the run stops now (``--max-minutes``), or None."""
+    if args.lr_by_time and sched_step >= args.steps:
+        return f"stopped at the --max-minutes {args.max_minutes} limit (schedule done)"
+    if args.max_minutes and (time.time() - t0) / 60 >= args.max_minutes:
+        return f"stopped at the --max-minutes {args.max_minutes} limit"
+    return None
+
+
+def train(run: Run) -> str:
+    """The training loop, from ``run.step`` to ``--steps`` or the time limit; returns why it
+    stopped. Checkpoints (with an evaluation) every ``--eval-every`` steps."""
+    args = run.args
+    t_loop = time.time()
+    while run.step < args.steps:
+        use_aux = run.step < args.aux_until * args.steps
+        use_attn = args.attn_sup_weight > 0 and use_aux
+        batch = run.make(use_aux)
+        labels = batch.pop("labels")
+        sched_step = set_learning_rates(run, t_loop)
+        losses = step_losses(run, batch, labels, use_aux, use_attn)
+        gn = optimiser_step(run, losses.total)
+        run.step += 1
+        loss = losses.answer.item()
+        run.loss_ema = loss if run.loss_ema is None else 0.98 * run.loss_ema + 0.02 * loss
+        log_step(run, losses, gn)
+        if args.eval_every and run.step % args.eval_every == 0 and run.step < args.steps:
+            run.checkpoint(run.evaluate(), "running (partial checkpoint)", args.eval_n)
+        reason = time_limit_reason(args, sched_step, run.t0)
+        if reason:
+            return reason
+    return "completed"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    size = DemoModelSize(**json.loads(args.size))
+    check_args(args)
+    processor = build_processor(size)
+    model, size, grown_from, n_old_vocab = initial_model(args, size, processor)
+    qtypes = shapes.parse_qtypes(args.qtypes)
+    type_weights = parse_type_weights(args.type_weights, qtypes)
+    model.train()
+    opt = make_optimizer(model, args, grown_from)
+    if args.attn_sup_weight > 0:
+        model.set_attn_implementation("eager")
+    heads = training_heads(opt, size)
+    info = run_info(args, argv, model, size, qtypes, type_weights, grown_from)
+    print(f"params {info['params'] / 1e6:.2f}M image_seq_len {size.image_seq_len}", flush=True)
+    run = Run(
+        args=args,
+        model=model,
+        processor=processor,
+        opt=opt,
+        heads=heads,
+        info=info,
+        qtypes=qtypes,
+        type_weights=type_weights,
+        grid=size.image_size // size.patch_size // size.scale_factor,
+        sup_layers=[int(x) for x in args.attn_sup_layers.split(",") if x],
+        grown_from=grown_from,
+        n_old_vocab=n_old_vocab,
+        heldout=shapes.make_heldout_examples(args.eval_n, qtypes=qtypes),
+        seeds=training_seeds(args.seed),
+        predictor=hf_greedy_predictor(model, processor),
+        t0=time.time(),
+    )
+    if args.head_warmup:
+        info["aux_terms_after_head_warmup"] = warm_up_heads(model, heads, opt, run.make, args)
+    stop_reason = train(run)
+    info["steps_run"] = run.step
+    acc = run.evaluate(args.final_eval_n)
+    run.checkpoint(acc, stop_reason, args.final_eval_n)
     print(format_table(acc), flush=True)
-    print(f"done in {(time.time() - t0) / 60:.1f} min", flush=True)
+    print(f"done in {(time.time() - run.t0) / 60:.1f} min", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ class RecrouteEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
-        from vllm_recroute_server.media import apply_media_patch
+        from vllm_recroute.server.media import apply_media_patch
 
         apply_media_patch()  # the API server process renders requests: bad media is a 400
         app.include_router(router)

@@ -129,7 +129,7 @@ def _causal_mask(n: int, dtype: torch.dtype) -> torch.Tensor:
     return mask[None, None]
 
 
-def _run_layer(layer, x: torch.Tensor, pos: torch.Tensor, rotary) -> torch.Tensor:
+def run_layer(layer, x: torch.Tensor, pos: torch.Tensor, rotary) -> torch.Tensor:
     cos, sin = rotary(x, pos)
     out = layer(
         x[None],
@@ -139,7 +139,7 @@ def _run_layer(layer, x: torch.Tensor, pos: torch.Tensor, rotary) -> torch.Tenso
     return (out[0] if isinstance(out, tuple) else out)[0]
 
 
-def _scores(layer, x, pos, rotary, visual, query, scorer) -> torch.Tensor:
+def layer_scores(layer, x, pos, rotary, visual, query, scorer) -> torch.Tensor:
     inputs = ScoreInputs(
         q=_query(layer, x, pos, rotary),
         k=_key_values(layer, x, pos, rotary)[0],
@@ -186,7 +186,7 @@ def oracle_generate(
                 for k, s in enumerate(stages):
                     if s.start == idx + 1:
                         query = query_indices(prompt_len, visual, cfg.score_query)
-                        sc = _scores(layer, x, pos, lm.rope, visual, query, cfg.scorer)
+                        sc = layer_scores(layer, x, pos, lm.rope, visual, query, cfg.scorer)
                         block_ids = visual // cfg.block_size if cfg.granularity == "block" else None
                         masks.append(
                             route_request(
@@ -203,7 +203,7 @@ def oracle_generate(
             if k is not None:
                 active[visual[~masks[k]]] = False
             rows = torch.nonzero(active).flatten()
-            x = x.index_copy(0, rows, _run_layer(layer, x[rows], take(pos, rows), lm.rope))
+            x = x.index_copy(0, rows, run_layer(layer, x[rows], take(pos, rows), lm.rope))
         return lm.lm_head(dec.norm(x[-1:]))[0]
 
     out: list[int] = []
@@ -340,7 +340,7 @@ def oracle_generate_parked(
         for k, s in enumerate(stages):
             if s.start == idx + 1:
                 query = query_indices(n, visual, cfg.score_query)
-                sc = _scores(layer, x, pos, rotary, visual, query, cfg.scorer)
+                sc = layer_scores(layer, x, pos, rotary, visual, query, cfg.scorer)
                 block_ids = visual // cfg.block_size if cfg.granularity == "block" else None
                 keep = num_keep(s.keep, int(visual.numel()))
                 prev = masks[k - 1] if k else None
@@ -355,9 +355,9 @@ def oracle_generate_parked(
         if k is not None:
             active[visual[~masks[k]]] = False
         rows = torch.nonzero(active).flatten()
-        x = x.index_copy(0, rows, _run_layer(layer, x[rows], take(pos, rows), rotary))
+        x = x.index_copy(0, rows, run_layer(layer, x[rows], take(pos, rows), rotary))
     out = [int(torch.argmax(lm.lm_head(dec.norm(x[-1:]))[0]))]
-    # units per stage: active chunks first, then deferred chunks (models/parking.py)
+    # units per stage: active chunks first, then deferred chunks (vllm_recroute/worker/parking.py)
     u = cfg.park_block_tokens
     units, active_units, present = [], [], []
     for k in range(len(stages)):
