@@ -49,7 +49,7 @@ def _engine(model: str, routing: dict | None, kv_bytes: int):
 
 
 def _conversations(proc, seeds: list[int], image_size: int) -> list[tuple[str, object]]:
-    from vllm_recroute.tiny_models import make_test_image
+    from vllm_recroute.tiny import make_test_image
 
     out = []
     for seed in seeds:
@@ -103,7 +103,7 @@ def main() -> None:
     from transformers import AutoProcessor
 
     from bench.kv_capacity import _metric
-    from vllm_recroute.tiny_models import cached_tiny_model
+    from vllm_recroute.tiny import cached_tiny_model
 
     model = args.model or str(cached_tiny_model("idefics3", preset="smolvlm-256m"))
     proc = AutoProcessor.from_pretrained(model)

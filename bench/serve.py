@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     args = ap.parse_args()
     if args.model is None:
-        from vllm_recroute.tiny_models import cached_tiny_model
+        from vllm_recroute.tiny import cached_tiny_model
 
         args.model = str(cached_tiny_model("idefics3", preset="smolvlm-256m"))
     work = Path(tempfile.mkdtemp(prefix="recroute-serve-bench-"))

@@ -99,7 +99,7 @@ QUESTIONS = [
 def _requests(model: str, n: int, image_size: int, image: str = "full") -> list[dict]:
     from transformers import AutoProcessor
 
-    from vllm_recroute.tiny_models import make_test_image
+    from vllm_recroute.tiny import make_test_image
 
     proc = AutoProcessor.from_pretrained(model)
     picture = make_test_image(7, image_size)
@@ -235,7 +235,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.model is None:
-        from vllm_recroute.tiny_models import cached_tiny_model
+        from vllm_recroute.tiny import cached_tiny_model
 
         args.model = str(cached_tiny_model("idefics3", preset="smolvlm-256m"))
     if args.engine is not None:

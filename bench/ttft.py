@@ -76,7 +76,7 @@ def main() -> None:
 
     from transformers import AutoConfig, AutoProcessor
 
-    from vllm_recroute.tiny_models import cached_tiny_model, make_test_image
+    from vllm_recroute.tiny import cached_tiny_model, make_test_image
 
     model = args.model or str(cached_tiny_model("idefics3", preset="smolvlm-256m"))
     proc = AutoProcessor.from_pretrained(model)
