@@ -34,7 +34,7 @@ def default_model(model: str | None) -> str:
     """``--model``, or the random-weight SmolVLM-256M-shaped checkpoint (built once, cached)."""
     if model:
         return model
-    from vllm_recroute.tiny_models import cached_tiny_model
+    from vllm_recroute.tiny import cached_tiny_model
 
     return str(cached_tiny_model("idefics3", preset="smolvlm-256m"))
 

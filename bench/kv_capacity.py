@@ -105,7 +105,7 @@ def main() -> None:
 
     from transformers import AutoProcessor
 
-    from vllm_recroute.tiny_models import make_test_image
+    from vllm_recroute.tiny import make_test_image
 
     model = common.default_model(args.model)
     proc = AutoProcessor.from_pretrained(model)

@@ -41,7 +41,7 @@ def _engine(model: str, routing: dict | None, kv_bytes: int):
 
 
 def _conversations(proc, seeds: list[int], image_size: int) -> list[tuple[str, object]]:
-    from vllm_recroute.tiny_models import make_test_image
+    from vllm_recroute.tiny import make_test_image
 
     out = []
     for seed in seeds:

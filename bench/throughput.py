@@ -100,7 +100,7 @@ QUESTIONS = [
 def _requests(model: str, n: int, image_size: int, image: str = "full") -> list[dict]:
     from transformers import AutoProcessor
 
-    from vllm_recroute.tiny_models import make_test_image
+    from vllm_recroute.tiny import make_test_image
 
     proc = AutoProcessor.from_pretrained(model)
     picture = make_test_image(7, image_size)

@@ -16,14 +16,14 @@ from tests.helpers import ROUTED_IDEFICS3, make_llm, shutdown
 
 @pytest.fixture(scope="session")
 def tiny_idefics3():
-    from vllm_recroute.tiny_models import cached_tiny_model
+    from vllm_recroute.tiny import cached_tiny_model
 
     return cached_tiny_model("idefics3")
 
 
 @pytest.fixture(scope="session")
 def tiny_paligemma():
-    from vllm_recroute.tiny_models import cached_tiny_model
+    from vllm_recroute.tiny import cached_tiny_model
 
     return cached_tiny_model("paligemma")
 

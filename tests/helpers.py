@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 from functools import lru_cache
 
-from vllm_recroute.tiny_models import make_test_image
+from vllm_recroute.tiny import make_test_image
 
 ROUTED_IDEFICS3 = "RecrouteIdefics3ForConditionalGeneration"
 ROUTED_PALIGEMMA = "RecroutePaliGemmaForConditionalGeneration"

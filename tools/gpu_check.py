@@ -6,7 +6,7 @@ Each phase prints one JSON object on its own line, ``{"phase": ..., "ok": true|f
 the exit code is 0 iff every phase run is ok. ``all`` runs each phase in its own
 interpreter (a fresh CUDA context, no engine left over, and ``micro`` without vLLM).
 Nothing is downloaded: the models are the project's random-weight tiny checkpoints, built
-locally (``vllm_recroute.tiny_models.cached_tiny_model``). docs/deploy.md, "GPU hosts:
+locally (``vllm_recroute.tiny.cached_tiny_model``). docs/deploy.md, "GPU hosts:
 refused settings", says what each phase shows and how long it takes.
 
 * micro: ``tests.device_checks.run_all(device)`` ("cuda" on a GPU, "fake" = FakeCuda on
@@ -224,7 +224,7 @@ def check_refusal(case: Refusal, model: str, built: Any) -> str:
 
 def phase_configs() -> PhaseResult:
     import vllm_recroute
-    from vllm_recroute.tiny_models import cached_tiny_model
+    from vllm_recroute.tiny import cached_tiny_model
 
     vllm_recroute.register()
     model = str(cached_tiny_model("idefics3"))
@@ -287,7 +287,7 @@ def _forwards(worker: Any) -> dict[str, int]:
 
 def phase_engine() -> PhaseResult:
     from tests.helpers import CONFIGS, MAX_TOKENS, generate, make_llm, route_counters, shutdown
-    from vllm_recroute.tiny_models import cached_tiny_model
+    from vllm_recroute.tiny import cached_tiny_model
 
     model = cached_tiny_model("idefics3")
     llm = make_llm(
@@ -388,7 +388,7 @@ def phase_oracle() -> PhaseResult:
     from transformers import AutoModelForImageTextToText
 
     from tests.helpers import CONFIGS, REQUESTS, generate, make_llm, oracle, shutdown
-    from vllm_recroute.tiny_models import cached_tiny_model
+    from vllm_recroute.tiny import cached_tiny_model
 
     model = cached_tiny_model("idefics3")
     llm = make_llm(
@@ -483,7 +483,7 @@ def measure(engine: SpeedEngine, model: Path, requests: list[dict], max_tokens: 
 
 def phase_speed(preset: str | None) -> PhaseResult:
     from bench.throughput import _requests
-    from vllm_recroute.tiny_models import cached_tiny_model
+    from vllm_recroute.tiny import cached_tiny_model
 
     preset = preset or ("smolvlm-256m" if on_gpu() else "tiny")
     model = cached_tiny_model("idefics3", preset=preset)

@@ -16,7 +16,7 @@ def default_model() -> Path:
     checkpoint = Path(__file__).parent / "demo" / "checkpoint"
     if (checkpoint / "config.json").exists():
         return checkpoint
-    from vllm_recroute.tiny_models import cached_tiny_model
+    from vllm_recroute.tiny import cached_tiny_model
 
     return cached_tiny_model("idefics3")
 
@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("make-tiny-model", help="build a deterministic random-weight VLM")
     t.add_argument("out_dir")
-    from vllm_recroute.tiny_models import ARCHS
+    from vllm_recroute.tiny import ARCHS, PRESETS
 
     t.add_argument(
         "--arch",
@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         help="serve keye, phi3v and minicpmv with --trust-remote-code (their config and "
         "processors are remote code, as the published checkpoints' are)",
     )
-    t.add_argument("--preset", default="tiny", choices=["tiny", "smolvlm-256m"])
+    t.add_argument("--preset", default="tiny", choices=list(PRESETS))
     t.add_argument("--seed", type=int, default=0)
 
     c = sub.add_parser("show-config", help="print the effective routing config as JSON")
@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(str(args.model or default_model()), args, rest)
         elif args.command == "make-tiny-model":
-            from vllm_recroute.tiny_models import build_tiny_model
+            from vllm_recroute.tiny import build_tiny_model
 
             out = build_tiny_model(args.out_dir, arch=args.arch, seed=args.seed, preset=args.preset)
             print(out)

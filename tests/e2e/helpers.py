@@ -18,7 +18,7 @@ from pathlib import Path
 
 import requests
 
-from vllm_recroute.tiny_models import make_test_image
+from vllm_recroute.tiny import make_test_image
 
 API_KEY = "test-key"
 STARTUP_TIMEOUT_S = 300

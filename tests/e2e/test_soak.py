@@ -30,7 +30,7 @@ from tests.e2e.helpers import (
     png_url,
     post_chat,
 )
-from vllm_recroute.tiny_models import make_test_image
+from vllm_recroute.tiny import make_test_image
 
 pytestmark = pytest.mark.e2e
 

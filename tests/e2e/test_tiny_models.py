@@ -16,7 +16,7 @@ import pytest
 
 from tests.e2e.helpers import messages, post_chat, serve_process
 from vllm_recroute.cli import serve_command
-from vllm_recroute.tiny_models import cached_tiny_model
+from vllm_recroute.tiny import cached_tiny_model
 
 pytestmark = pytest.mark.e2e
 

@@ -96,7 +96,7 @@ def arch(request) -> str:
 
 @pytest.fixture(scope="module")
 def model_dir(arch) -> Path:
-    from vllm_recroute.tiny_models import cached_tiny_model
+    from vllm_recroute.tiny import cached_tiny_model
 
     return cached_tiny_model(arch)
 
@@ -378,7 +378,7 @@ def test_served_with_an_image_matches_reference(server, text_model, captured, mo
     from openai import OpenAI
 
     from tests.e2e.helpers import image_data_url
-    from vllm_recroute.tiny_models import make_test_image
+    from vllm_recroute.tiny import make_test_image
 
     seeds, size, question = REQUESTS[0]
     client = OpenAI(base_url=server["base"] + "/v1", api_key="none", max_retries=0)

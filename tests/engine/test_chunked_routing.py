@@ -24,7 +24,7 @@ from tests.helpers import (
     xargs,
 )
 from vllm_recroute.config import RoutingConfig
-from vllm_recroute.tiny_models import make_test_image
+from vllm_recroute.tiny import make_test_image
 
 pytestmark = pytest.mark.engine
 

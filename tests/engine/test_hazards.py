@@ -22,7 +22,7 @@ from tests.helpers import (
     shutdown,
 )
 from vllm_recroute.config import RoutingConfig
-from vllm_recroute.tiny_models import make_test_image
+from vllm_recroute.tiny import make_test_image
 
 pytestmark = pytest.mark.engine
 

@@ -128,7 +128,7 @@ def test_released_pages_reused_under_pressure_stay_correct(tiny_idefics3, hf_mod
     from reference.oracle import oracle_generate
     from tests.helpers import chat_prompt, hf_inputs
     from vllm_recroute.config import RoutingConfig
-    from vllm_recroute.tiny_models import make_test_image
+    from vllm_recroute.tiny import make_test_image
 
     cfg = {"mode": "reroute", "schedule": "pdrop", "kv_release": True}
     llm = make_llm(

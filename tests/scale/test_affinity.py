@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from tests.e2e.helpers import free_port, image_data_url, serve_process
-from vllm_recroute.tiny_models import make_test_image
+from vllm_recroute.tiny import make_test_image
 
 pytestmark = pytest.mark.scale
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 import vllm_recroute
-from vllm_recroute.tiny_models import ARCHS, _cache_key, build_tokenizer, make_test_image
-from vllm_recroute.tiny_remote.keye import KeyeImageProcessor, KeyeProcessor
-from vllm_recroute.tiny_remote.minicpmv import MiniCPMVImageProcessor
+from vllm_recroute.tiny import ARCHS, TINY_ARCHS, build_tokenizer, make_test_image
+from vllm_recroute.tiny.remote.keye import KeyeImageProcessor, KeyeProcessor
+from vllm_recroute.tiny.remote.minicpmv import MiniCPMVImageProcessor
 
 # what vLLM's dummy-input builder makes: white frames, uint8, channels last
 CLIP = np.full((3, 128, 128, 3), 255, dtype=np.uint8)
@@ -57,32 +56,22 @@ def test_minicpmv_video_frames_become_slices():
     assert out["pixel_values"][0][0].equal(image)
 
 
-@pytest.mark.parametrize(
-    ("arch", "key"),
-    # the directories of the checkpoints without remote code stay what they were
-    [("idefics3", "a002d32eb4"), ("paligemma", "1446027dae")],
-)
-def test_cache_key_of_native_checkpoints_is_stable(arch, key):
-    assert _cache_key(arch, 0, "tiny") == key
-
-
 def test_cache_key_follows_the_remote_code(monkeypatch, tmp_path):
-    import vllm_recroute.tiny_models as tiny_models
+    import vllm_recroute.tiny.common as common
 
-    before = _cache_key("keye", 0, "tiny")
-    remote = tmp_path / "tiny_remote"
-    remote.mkdir()
-    (remote / "keye.py").write_text("# edited\n")
-    monkeypatch.setattr(tiny_models, "__file__", str(tmp_path / "tiny_models.py"))
-    assert _cache_key("keye", 0, "tiny") != before
+    keye, idefics3 = TINY_ARCHS["keye"], TINY_ARCHS["idefics3"]
+    before, native = keye.cache_key(0, "tiny"), idefics3.cache_key(0, "tiny")
+    (tmp_path / "keye.py").write_text("# edited\n")
+    monkeypatch.setattr(common, "REMOTE_DIR", tmp_path)
+    assert keye.cache_key(0, "tiny") != before
+    assert idefics3.cache_key(0, "tiny") == native
 
 
 def test_readme_serves_each_tiny_model_with_the_flags_it_needs():
     """README.md's architecture section: the commands `make-tiny-model` prints."""
-    root = Path(vllm_recroute.__file__).parent
-    readme = (root.parent / "README.md").read_text()
+    readme = (Path(vllm_recroute.__file__).parent.parent / "README.md").read_text()
     for arch in ARCHS:
-        remote = (root / "tiny_remote" / f"{arch}.py").exists()  # copied: auto_map
+        remote = TINY_ARCHS[arch].remote is not None  # copied: auto_map
         flag = " --trust-remote-code" if remote else ""
         assert f"vllm-recroute make-tiny-model /tmp/tiny-{arch} --arch {arch}\n" in readme
         assert f"vllm-recroute serve /tmp/tiny-{arch} --routing pdrop{flag}\n" in readme

@@ -1,20 +1,17 @@
-"""The tiny deterministic PaliGemma builder (Gemma text, SigLIP tower), split from
-`tiny_models.py` (whose `build_tiny_model` dispatches here; same contract: random weights
-from a seed, a byte-level BPE tokenizer and processor, no downloads)."""
+"""The tiny PaliGemma: Gemma text, SigLIP tower (``tiny`` preset only: the shapes of
+`common.py`'s ``TEXT`` / ``VISION``; 64-px images, patch 8 -> 64 visual tokens)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from vllm_recroute.tiny_models import _TEXT, _VISION, _init_std, _save, build_tokenizer
+from vllm_recroute.tiny.common import TEXT, VISION, build_tokenizer, init_std, save
 
 
-def build_paligemma(out: Path, preset: str) -> None:
+def build(out: Path, preset: str) -> None:
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    if preset != "tiny":
-        raise ValueError("paligemma: only the 'tiny' preset is provided")
     tok = build_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>", "<image>"])
     tok.pad_token, tok.eos_token, tok.bos_token, tok.unk_token = "<pad>", "<eos>", "<bos>", "<unk>"
     # PaliGemma prompts end in "\n" and vLLM looks that token up by its literal text (as in
@@ -22,7 +19,7 @@ def build_paligemma(out: Path, preset: str) -> None:
     from tokenizers import AddedToken
 
     tok.add_tokens([AddedToken("\n", normalized=False)])
-    vis = _VISION[preset]
+    vis = VISION[preset]
     image_proc = SiglipImageProcessorPil(
         size={"height": vis["image_size"], "width": vis["image_size"]},
         image_mean=[0.5, 0.5, 0.5],
@@ -31,11 +28,11 @@ def build_paligemma(out: Path, preset: str) -> None:
     num_tokens = (vis["image_size"] // vis["patch_size"]) ** 2
     image_proc.image_seq_length = num_tokens
     proc = PaliGemmaProcessor(image_processor=image_proc, tokenizer=tok)  # adds loc/seg tokens
-    text = dict(_TEXT[preset])
+    text = dict(TEXT[preset])
     text.update(
         model_type="gemma",
         vocab_size=len(tok),
-        initializer_range=_init_std(text),
+        initializer_range=init_std(text),
         rms_norm_eps=1e-6,
         hidden_act="gelu_pytorch_tanh",
         hidden_activation="gelu_pytorch_tanh",
@@ -48,7 +45,7 @@ def build_paligemma(out: Path, preset: str) -> None:
         vision_config=dict(
             vis,
             model_type="siglip_vision_model",
-            initializer_range=_init_std(vis),
+            initializer_range=init_std(vis),
             num_image_tokens=num_tokens,
             projection_dim=text["hidden_size"],
             vision_use_head=False,
@@ -65,11 +62,11 @@ def build_paligemma(out: Path, preset: str) -> None:
     # so this test model is declared causal; see docs/architecture.md.
     config.is_mm_prefix_lm = False
     model = PaliGemmaForConditionalGeneration(config)
-    _save(model, proc, out)
-    _paligemma_hub_layout(out / "model.safetensors")
+    save(model, proc, out)
+    _hub_layout(out / "model.safetensors")
 
 
-def _paligemma_hub_layout(path: Path) -> None:
+def _hub_layout(path: Path) -> None:
     # transformers 5 saves the SigLIP tower without its `vision_model.` level; published
     # PaliGemma checkpoints (and so vLLM's weight mapper) have it. HF loads either.
     from safetensors.torch import load_file, save_file
