@@ -135,7 +135,7 @@ def plan(
 
 def _ledger_totals(llm) -> dict:
     def read(worker):  # runs in the worker process
-        return copy.deepcopy(worker.model_runner.model.recroute.ledger.totals)
+        return copy.deepcopy(worker.model_runner.model.recroute.runtime.ledger.totals)
 
     return llm.collective_rpc(read)[0]
 

@@ -28,9 +28,11 @@ from vllm_recroute.routing import SCORERS, Stage, get_scorer, query_indices, rou
 from vllm_recroute.routing.scorers import ScoreInputs
 from vllm_recroute.vllm_view.kv import GroupInfo
 from vllm_recroute.vllm_view.step import StepBatch
-from vllm_recroute.worker.parking import PageRow, ParkingTier
-from vllm_recroute.worker.state import DeferredOutbox, RouteStore
-from vllm_recroute.worker.step import PrefillRoute, StepRouter
+from vllm_recroute.worker.parking import PageRow, ParkingTier, page_io
+from vllm_recroute.worker.rows import PrefillRoute
+from vllm_recroute.worker.runtime import LayerCost, WorkerRuntime
+from vllm_recroute.worker.state import RouteStore
+from vllm_recroute.worker.step import StepRouter
 from vllm_recroute.worker.tp import DecisionCheck, TPGroup
 
 DEV = torch.device("cuda")
@@ -155,7 +157,7 @@ def check_block_decision() -> None:
 
 def _router(shape: LayerShape, mode: str, parked: bool, granularity: str = "token", device=DEV):
     """A StepRouter over one routed prefill (the step's rows 0..T-1: text, 24 visual
-    tokens, text) and a fake decoder holding the real state objects."""
+    tokens, text) and a real runtime (its state objects) on fake layers."""
     num_layers, t, vis = 4, 34, torch.arange(4, 28, device="cpu")
     cfg = RoutingConfig(
         mode=mode,
@@ -168,20 +170,9 @@ def _router(shape: LayerShape, mode: str, parked: bool, granularity: str = "toke
         reroute_every=1 if parked else 0,
     )
     layers = [fake_layer(shape, seed, device) for seed in range(num_layers)]
-    tp = TPGroup(1)
-    decoder = SimpleNamespace(
-        tp=tp,
-        check=DecisionCheck(tp),
-        store=RouteStore(),
-        kv_release=False,
-        outbox=DeferredOutbox(),
-        ledger=Ledger(),
-        cost=SimpleNamespace(flops_per_token_layer=1, kv_bytes_per_token_layer=1),
-        num_layers=num_layers,
-        layers=layers,
-        tier=ParkingTier(cfg, layers) if parked else None,
-        groups=SimpleNamespace(of_layer=lambda i: GroupInfo(0, BLOCK, None)),
-    )
+    names = [f"layer.{i}" for i in range(num_layers)]
+    rt = WorkerRuntime(cfg, layers, names, LayerCost(1, 1), image_token_id=0, tp=TPGroup(1))
+    rt.groups = SimpleNamespace(of_layer=lambda i: GroupInfo(0, BLOCK, None))
     batch = StepBatch(
         req_ids=("r0",),
         qsl=torch.tensor([0, t], device="cpu"),
@@ -190,7 +181,7 @@ def _router(shape: LayerShape, mode: str, parked: bool, granularity: str = "toke
         token_ids=torch.zeros(t, dtype=torch.long, device="cpu"),
     )
     step = StepRouter.__new__(StepRouter)
-    step.decoder, step.batch, step.num_rows = decoder, batch, t
+    step.rt, step.batch, step.num_rows = rt, batch, t
     step.decodes, step._segments, step._device_rows, step.forced = {}, {}, {}, set()
     stages = (Stage(1, 3, 0.5), Stage(3, 4, 0.25))
     step.prefills = [PrefillRoute("r0", 0, 0, t, vis, stages, cfg)]
@@ -244,7 +235,7 @@ def check_parking() -> None:
         hidden, residual, pos = (x.to(DEV) for x in _activations(shape, 34))
         step.score_before(0, layers[0], pos, hidden, residual)
         step._park(step.prefills[0], 0, pos, hidden, residual)
-        tier = step.decoder.tier
+        tier = step.rt.tier
         units = tier.units[("r0", 0)]
         assert units.parked, "nothing parked: the check would be vacuous"
         assert all(_on_host(d) for d in units.digests.values())
@@ -288,23 +279,23 @@ def check_turns() -> None:
     shape = SHAPES[0]
     layers = [fake_layer(shape, seed, DEV) for seed in range(3)]
     cfg = RoutingConfig(mode="reroute", parked_bytes=1 << 20, park_block_tokens=2)
-    tier = ParkingTier(cfg, layers)
+    tier = ParkingTier(cfg, layers, page_io(layers))
     store = RouteStore(hold_finished=True)
 
     def pages(layer_idx, block_ids):  # block tables are host tensors
         return PageRow(torch.tensor(block_ids[0], dtype=torch.long, device="cpu"), BLOCK)
 
-    turns = TurnStore(tier, store, pages, Ledger(), lambda req_id: 1)
+    turns = TurnStore(tier.io, store, Ledger(), tier)
     g = torch.Generator().manual_seed(4)
     n = 20
     truth = [(torch.randn(n, 2, 32, generator=g), torch.randn(n, 2, 32, generator=g))] * 3
     src = PageRow(torch.tensor([2, 5], device="cpu"), BLOCK)
     for io, (k, v) in zip(tier.io, truth, strict=True):
         io.write(k, v, src.slots(torch.arange(n, device="cpu")))
-    turns.apply([], [TurnSave("t1", 7, n, ((2, 5),))], [])
+    turns.apply([], [TurnSave("t1", 7, n, ((2, 5),))], [], pages, lambda req_id: 1)
     record = turns.records[7]
     assert all(_on_host(t) for kv in record.kv for t in kv), "a kept turn is host memory"
-    turns.apply([], [], [TurnLoad("t2", 7, 0, n, ((6, 3),))])
+    turns.apply([], [], [TurnLoad("t2", 7, 0, n, ((6, 3),))], pages, lambda req_id: 1)
     dst = PageRow(torch.tensor([6, 3], device="cpu"), BLOCK)
     for io, (k, v) in zip(tier.io, truth, strict=True):
         rk, rv = io.read(dst.slots(torch.arange(n, device="cpu")), BLOCK)

@@ -140,9 +140,15 @@ def flush(llm) -> None:
     llm.generate(["x"], SamplingParams(max_tokens=1), use_tqdm=False)
 
 
+def runtime_of(worker):
+    """The routed worker runtime of a worker (worker/runtime.py; inside collective_rpc):
+    its routing state (store, ledger, parked tier, turn store, TP group)."""
+    return worker.model_runner.model.recroute.runtime
+
+
 def pool_state(worker):
     """(entries, bytes, request units) of the worker's parked tier (collective_rpc)."""
-    tier = worker.model_runner.model.recroute.tier
+    tier = runtime_of(worker).tier
     return len(tier.pool), tier.pool.used_bytes, len(tier.units)
 
 
@@ -189,7 +195,7 @@ def route_counters(llm) -> dict:
     def read(worker):
         import copy
 
-        return copy.deepcopy(worker.model_runner.model.recroute.ledger.totals)
+        return copy.deepcopy(runtime_of(worker).ledger.totals)
 
     totals = llm.collective_rpc(read)[0]
     totals["routed_by"] = totals["routed_requests"]

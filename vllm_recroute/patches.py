@@ -47,8 +47,8 @@ PATCHES: tuple[Patch, ...] = (
         "P1",
         what="Wraps GPUModelRunner.execute_model (inherited by CPUModelRunner): for the "
         "duration of the call vllm_view.current_step() returns the runner and the scheduler "
-        "output, and the model's routed decoder is told which requests finished or were "
-        "preempted.",
+        "output, and the model's routed worker runtime is told which requests finished or "
+        "were preempted.",
         why="A model's forward receives only flattened tokens and positions; routing keeps "
         "per-request state across steps and honours per-request options, which need request "
         "identity in batch order (input_batch.req_ids).",
@@ -531,9 +531,9 @@ def _wrap_execute_model(original: Callable[..., Any]) -> Callable[..., Any]:
     def execute_model(self, scheduler_output, *args, **kwargs):
         finished, preempted = vllm_view.gone_request_ids(scheduler_output)
         if finished or preempted:
-            decoder = vllm_view.decoder_of(self)
-            if decoder is not None:
-                decoder.requests_gone(finished, preempted)
+            runtime = vllm_view.runtime_of(self)
+            if runtime is not None:
+                runtime.requests_gone(finished, preempted)
         with vllm_view.step_scope(self, scheduler_output):
             return original(self, scheduler_output, *args, **kwargs)
 

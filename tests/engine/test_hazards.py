@@ -19,6 +19,7 @@ from tests.helpers import (
     make_llm,
     oracle,
     route_counters,
+    runtime_of,
     shutdown,
 )
 from vllm_recroute.config import RoutingConfig
@@ -100,7 +101,7 @@ def test_preempted_requests_recompute_the_same_routing(tiny_idefics3, hf_model):
 
 
 def _parked_pool(worker):
-    pool = worker.model_runner.model.recroute.tier.pool
+    pool = runtime_of(worker).tier.pool
     return len(pool), pool.used_bytes, pool.parks, pool.drops, pool.discards
 
 

@@ -21,6 +21,7 @@ from tests.helpers import (
     pool_state,
     prom_counter,
     request_inputs,
+    runtime_of,
     sampling,
     shutdown,
     two_turns,
@@ -164,7 +165,7 @@ def test_kept_turns_hold_no_pages_and_stay_within_the_store(engine, tiny_idefics
 
 
 def _turn_store(worker):
-    g = worker.model_runner.model.recroute.turns.gauges()
+    g = runtime_of(worker).turns.gauges()
     return g["turn_store_entries"], g["turn_store_bytes"]
 
 

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import CONFIGS, REQUESTS, generate, oracle, request_inputs, route_counters, xargs
+from tests.helpers import (
+    CONFIGS,
+    REQUESTS,
+    generate,
+    oracle,
+    request_inputs,
+    route_counters,
+    runtime_of,
+    xargs,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -45,7 +54,7 @@ def test_finished_requests_leave_no_routing_state(routed_llm, tiny_idefics3):
     assert route_counters(routed_llm)["routed_requests"] == before + 3
 
     def stored(worker):
-        return len(worker.model_runner.model.recroute.store)
+        return len(runtime_of(worker).store)
 
     # vLLM reports finished ids with the next step; run one more (text-only) request.
     from vllm import SamplingParams
@@ -69,7 +78,7 @@ def test_aborted_requests_leave_no_routing_state(routed_llm, tiny_idefics3):
         engine.step()
 
     def stored(worker):
-        return worker.model_runner.model.recroute.store.request_ids()
+        return runtime_of(worker).store.request_ids()
 
     # state exists mid-request (vLLM suffixes the external id internally)
     [[held]] = routed_llm.collective_rpc(stored)

@@ -7,7 +7,16 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import CONFIGS, REQUESTS, ROUTED_IDEFICS3, generate, make_llm, oracle, shutdown
+from tests.helpers import (
+    CONFIGS,
+    REQUESTS,
+    ROUTED_IDEFICS3,
+    generate,
+    make_llm,
+    oracle,
+    runtime_of,
+    shutdown,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -29,9 +38,7 @@ def test_a_simulated_triton_host_runs_the_v1_runner_and_routes(tiny_idefics3, hf
                 expected = oracle(hf_eager, tiny_idefics3, spec, CONFIGS["pdrop-reroute"])[1]
                 assert list(out.outputs[0].token_ids) == expected
             routed = llm.collective_rpc(
-                lambda w: sum(
-                    w.model_runner.model.recroute.ledger.totals["routed_requests"].values()
-                )
+                lambda w: sum(runtime_of(w).ledger.totals["routed_requests"].values())
             )
             assert routed == [len(REQUESTS)]
         finally:

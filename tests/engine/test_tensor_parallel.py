@@ -25,6 +25,7 @@ from tests.helpers import (
     prom_counter,
     request_inputs,
     route_counters,
+    runtime_of,
     two_turns,
 )
 from vllm_recroute.config import RoutingConfig
@@ -115,14 +116,14 @@ def test_tp2_metrics_count_once_and_pool_gauges_add_up(engine, tiny_idefics3):
 def _skip_reduction(worker, skip: bool):
     from vllm_recroute.worker.tp import DecisionCheck, TPGroup
 
-    dec = worker.model_runner.model.recroute
+    rt = runtime_of(worker)
     if skip:
-        dec._real_tp = dec.tp
-        dec.tp = TPGroup(1)  # each rank routes on its own head shard (the old bug)
-        dec.check = DecisionCheck(TPGroup(1))
+        rt._real_tp = rt.tp
+        rt.tp = TPGroup(1)  # each rank routes on its own head shard (the old bug)
+        rt.check = DecisionCheck(TPGroup(1))
     else:
-        dec.tp = dec._real_tp
-        dec.check = DecisionCheck(dec.tp)
+        rt.tp = rt._real_tp
+        rt.check = DecisionCheck(rt.tp)
     return True
 
 

@@ -81,11 +81,13 @@ LAYERS: list[list[str]] = [
         "worker",
         "worker.state",
         "worker.projections",
-        "worker.parking",
-        "worker.turns",
         "worker.compaction",
         "worker.tp",
         "worker.config_hook",
+        "worker.rows",
+        "worker.parking",
+        "worker.turns",
+        "worker.runtime",
         "worker.step",
         "worker.decoder",
     ],
@@ -135,13 +137,14 @@ def _modules() -> dict[str, Path]:
     return {_name(p): p for p in ROOT.rglob("*.py") if "checkpoint" not in p.parts}
 
 
-def _imports(path: Path) -> list[tuple[str, bool]]:
-    """(imported plugin module, at module level) for every import in ``path``."""
+def _imports(path: Path, type_only: bool = False) -> list[tuple[str, bool]]:
+    """(imported plugin module, at module level) for every import in ``path``; with
+    ``type_only``, the imports of ``if TYPE_CHECKING:`` blocks too."""
     tree = ast.parse(path.read_text())
     skip: set[int] = set()
     for node in ast.walk(tree):  # `if TYPE_CHECKING:` blocks are not imports at run time
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skip |= {id(n) for n in ast.walk(node)}
+            skip |= set() if type_only else {id(n) for n in ast.walk(node)}
     top = {id(n) for n in tree.body}
     out = []
     for node in ast.walk(tree):
@@ -178,6 +181,28 @@ def test_imports_go_downwards(module):
 def test_pure_rooms_do_not_reach_the_worker_or_the_connector(module):
     for target, _ in _imports(_modules()[module]):
         assert not target.startswith(("worker", "connector", "models", "vllm_view")), target
+
+
+# The worker wing is a straight stack: each module imports only those to its right (and
+# the worker's leaves), never one to its left, not even for types (docs/architecture.md).
+WORKER_STACK = [
+    "worker.decoder",
+    "worker.step",
+    "worker.runtime",
+    "worker.turns",
+    "worker.parking",
+]
+WORKER_LEAVES = [m for m in LAYERS[7] if m.startswith("worker.") and m not in WORKER_STACK]
+
+
+@pytest.mark.parametrize("module", WORKER_STACK + WORKER_LEAVES)
+def test_the_worker_wing_is_a_straight_stack(module):
+    allowed = set(WORKER_LEAVES) - {module}
+    if module in WORKER_STACK:
+        allowed |= set(WORKER_STACK[WORKER_STACK.index(module) + 1 :])
+    for target, _ in _imports(_modules()[module], type_only=True):
+        if target.startswith("worker.") or target == "worker":
+            assert target in allowed, f"{module} imports {target}"
 
 
 def test_no_module_level_import_cycle():
@@ -228,6 +253,18 @@ def test_the_static_check_would_catch_an_upward_import(tmp_path):
     bad.write_text("from vllm_recroute.worker.decoder import RoutedDecoder\n")
     assert _imports(bad) == [("worker.decoder", True)]
     assert LAYER_OF["worker.decoder"] > LAYER_OF["routing.schedule"]
+
+
+def test_the_stack_check_sees_type_only_imports(tmp_path):
+    """Guard: a back reference for types only is an import to the stack check."""
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from vllm_recroute.worker.decoder import RoutedDecoder\n"
+    )
+    assert _imports(bad) == []
+    assert _imports(bad, type_only=True) == [("worker.decoder", False)]
 
 
 def test_every_package_is_installed_by_pyproject():

@@ -35,8 +35,8 @@ def test_wrapper_publishes_step_and_notifies_gone_requests():
 
     class Runner:
         def get_model(self):
-            decoder = SimpleNamespace(requests_gone=lambda f, p: gone.append((f, p)))
-            return SimpleNamespace(recroute=decoder)
+            runtime = SimpleNamespace(requests_gone=lambda f, p: gone.append((f, p)))
+            return SimpleNamespace(recroute=SimpleNamespace(runtime=runtime))
 
     def inner(runner, scheduler_output):
         seen["step"] = vllm_view.current_step()

@@ -1,8 +1,9 @@
-"""Worker side of the connector: the scheduler's jobs applied to the routed decoder.
+"""Worker side of the connector: the scheduler's jobs applied to the routed worker runtime.
 
-The decoder is the runner's model's (``vllm_view.decoder_of``); every connector call below
-runs inside ``execute_model``, where patch P1 publishes the runner, so no registry is
-needed. A process whose model is not routed has no decoder: every call is a no-op.
+The runtime (worker/runtime.py) is the runner's model's (``vllm_view.runtime_of``); every
+connector call below runs inside ``execute_model``, where patch P1 publishes the runner, so
+no registry is needed. A process whose model is not routed has no runtime: every call is a
+no-op.
 """
 
 from __future__ import annotations
@@ -25,33 +26,33 @@ class WorkerSide:
         self._sent: set[str] = set()  # kept turns saved since the last get_finished
 
     @staticmethod
-    def _decoder() -> Any | None:
+    def _runtime() -> Any | None:
         step = vllm_view.current_step()
-        return None if step is None else vllm_view.decoder_of(step.runner)
+        return None if step is None else vllm_view.runtime_of(step.runner)
 
     def start_load_kv(self, meta: Any) -> None:
         """Runs every step, with this step's metadata: releases, then turn jobs (before the
         forward when the step loads a turn; releases and saves only concern pages the
         forward does not use)."""
-        decoder = self._decoder()
-        if not isinstance(meta, RecrouteMetadata) or decoder is None:
+        runtime = self._runtime()
+        if not isinstance(meta, RecrouteMetadata) or runtime is None:
             return
         if meta.released:
-            decoder.apply_released(meta.released)
-        self._sent |= decoder.apply_turn_jobs(meta.turn_evictions, meta.turn_saves, meta.turn_loads)
+            runtime.apply_released(meta.released)
+        self._sent |= runtime.apply_turn_jobs(meta.turn_evictions, meta.turn_saves, meta.turn_loads)
 
     def get_finished(self) -> set[str] | None:
         sent, self._sent = self._sent, set()
         return sent or None
 
     def stats(self) -> RouteStats | None:
-        decoder = self._decoder()
-        if decoder is None:
+        runtime = self._runtime()
+        if runtime is None:
             return None
-        data = per_rank(decoder.drain_stats(), self._rank, counters=self._rank == 0)
+        data = per_rank(runtime.drain_stats(), self._rank, counters=self._rank == 0)
         return None if is_empty(data) else RouteStats(data=data)
 
     def worker_meta(self) -> DeferredReport | None:
-        decoder = self._decoder()
-        deferred = decoder.drain_deferred() if decoder is not None else {}
+        runtime = self._runtime()
+        deferred = runtime.drain_deferred() if runtime is not None else {}
         return DeferredReport(deferred) if deferred else None

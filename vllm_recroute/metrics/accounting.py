@@ -7,6 +7,7 @@ Scalars are sums; gauges are levels (latest wins); mappings are sums per label k
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from vllm_recroute.metrics.names import METRICS, PREFIX
@@ -84,3 +85,54 @@ class Ledger:
     def drain(self) -> dict[str, Any]:
         out, self._pending = self._pending, empty_data()
         return out
+
+
+# -- what one routed prompt adds (worker/runtime.py) ---------------------------------------
+# The ledger keys the routing decision writes, named once beside the Ledger; each is a
+# metric of names.py without its prefix (in SCALARS or MAPPINGS above; checked by
+# tests/unit/test_prompt_delta.py), so a check of a delta's keys can use them.
+ROUTED_REQUESTS = "routed_requests"  # {"mode/schedule": requests}
+VISUAL_TOKENS = "visual_tokens"
+VISUAL_TOKEN_LAYERS = "visual_token_layers"
+DEFERRED_VISUAL_TOKEN_LAYERS = "deferred_visual_token_layers"
+DECODER_FLOPS_SAVED = "decoder_flops_saved"
+KV_BYTES_SAVED = "kv_bytes_saved"
+STAGE_VISUAL_TOKENS = "stage_visual_tokens"  # {"stage": tokens}
+STAGE_ACTIVE_VISUAL_TOKENS = "stage_active_visual_tokens"  # {"stage": tokens}
+CHUNKED_FALLBACKS = "chunked_fallbacks"  # prompts split by chunked prefill: unrouted
+ROUTED_PROMPT_KEYS = (
+    ROUTED_REQUESTS,
+    VISUAL_TOKENS,
+    VISUAL_TOKEN_LAYERS,
+    DEFERRED_VISUAL_TOKEN_LAYERS,
+    DECODER_FLOPS_SAVED,
+    KV_BYTES_SAVED,
+    STAGE_VISUAL_TOKENS,
+    STAGE_ACTIVE_VISUAL_TOKENS,
+    CHUNKED_FALLBACKS,
+)
+
+
+def routed_prompt_delta(
+    label: str,
+    visual: int,
+    num_layers: int,
+    stage_layers: Sequence[int],
+    deferred: Sequence[int],
+    cost: tuple[int, int],
+) -> dict[str, Any]:
+    """One routed prompt's delta: ``label`` "mode/schedule"; ``visual`` its visual tokens;
+    per routed stage its layer count and deferred tokens; ``cost``: FLOPs and K/V bytes
+    one token spends in one decoder layer (estimates)."""
+    deferred_layers = sum(d * n for n, d in zip(stage_layers, deferred, strict=True))
+    flops, kv_bytes = cost
+    return {
+        ROUTED_REQUESTS: {label: 1},
+        VISUAL_TOKENS: visual,
+        VISUAL_TOKEN_LAYERS: visual * num_layers,
+        DEFERRED_VISUAL_TOKEN_LAYERS: deferred_layers,
+        DECODER_FLOPS_SAVED: flops * deferred_layers,
+        KV_BYTES_SAVED: kv_bytes * deferred_layers,
+        STAGE_VISUAL_TOKENS: {str(k + 1): visual for k in range(len(deferred))},
+        STAGE_ACTIVE_VISUAL_TOKENS: {str(k + 1): visual - d for k, d in enumerate(deferred)},
+    }

@@ -52,13 +52,14 @@ def gone_request_ids(scheduler_output: Any) -> tuple[set[str], set[str]]:
     return finished, preempted
 
 
-def decoder_of(runner: Any) -> Any | None:
-    """The routed decoder of the runner's model (``model.recroute``), or None."""
+def runtime_of(runner: Any) -> Any | None:
+    """The routed worker runtime of the runner's model (``model.recroute.runtime``: the
+    routed decoder's, worker/runtime.py), or None."""
     try:
         model = runner.get_model()
     except (AttributeError, ValueError):  # no model loaded yet
         return None
-    return getattr(model, "recroute", None)
+    return getattr(getattr(model, "recroute", None), "runtime", None)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ the request (``forget``); a preempted request re-routes and re-parks when it run
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -60,9 +60,46 @@ class PageRow:
     table: torch.Tensor  # live block ids of the request's row in the layer's group
     block_size: int
 
+    @classmethod
+    def of_ids(cls, block_ids: Sequence[int], block_size: int) -> PageRow:
+        """A row given as the scheduler's block ids (a kept turn's job)."""
+        return cls(torch.tensor(block_ids, dtype=torch.long), block_size)
+
     def slots(self, positions: torch.Tensor) -> torch.Tensor:
         b = self.block_size
         return self.table[positions // b].long() * b + positions % b
+
+
+# -- tier geometry: where a request's rows of a stage live ------------------------------
+
+
+def page_io(layers: Sequence[Any]) -> list[KVPageIO]:
+    """Slot reads and writes of each decoder layer's KV cache (the runtime owns them and
+    hands them to the tier and the turn store)."""
+    return [
+        KVPageIO(layer.self_attn.attn, layer.self_attn.num_kv_heads, layer.self_attn.head_dim)
+        for layer in layers
+    ]
+
+
+def compacted_positions(
+    num_rows: int, visual: torch.Tensor, mask: torch.Tensor, cached: int
+) -> torch.Tensor:
+    """Compacted position at a stage of each of a prompt's visual rows: the cached prefix
+    (never deferred) plus its rank among the step's active rows (meaningful for active
+    ones). ``num_rows``: the prompt's rows in the step; ``visual``: its visual rows
+    (relative to its first row), ``mask``: active at the stage. Host bookkeeping (the
+    device rule)."""
+    active = torch.ones(num_rows, dtype=torch.bool, device="cpu")
+    active[visual[~mask]] = False
+    return (cached + torch.cumsum(active.long(), 0) - 1)[visual]
+
+
+def stage_page_rows(row_of: Callable[[int], torch.Tensor], groups: Sequence[Any]) -> list[PageRow]:
+    """Per layer of a stage (``groups``: each layer's KV group, with ``gid`` and
+    ``block_size``): where the request's compacted positions live; ``row_of(gid)`` is the
+    request's live block-table row in that group."""
+    return [PageRow(row_of(group.gid), group.block_size) for group in groups]
 
 
 class ParkingTier:
@@ -72,10 +109,12 @@ class ParkingTier:
         self,
         cfg: RoutingConfig,
         layers: list[Any],
+        io: Sequence[KVPageIO],
         head_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.cfg = cfg
         self.layers = layers
+        self.io = list(io)  # per layer: the runtime's page I/O (page_io)
         # tensor parallelism: unit scores are head means over this rank's shard; the mean
         # over ranks makes every rank plan the same swaps (worker/tp.py)
         self.head_mean = head_mean or (lambda scores: scores)
@@ -84,10 +123,6 @@ class ParkingTier:
             cfg.parked_bytes, cfg.park_format, pin_memory=torch.cuda.is_available()
         )
         self.units: dict[tuple[str, int], StageUnits] = {}
-        self.io = [
-            KVPageIO(layer.self_attn.attn, layer.self_attn.num_kv_heads, layer.self_attn.head_dim)
-            for layer in layers
-        ]
         self._reported = (-1, -1)
 
     # -- prefill ------------------------------------------------------------------------
@@ -315,4 +350,11 @@ def _key_values(layer: Any, positions: torch.Tensor, x: torch.Tensor):
     return k, v
 
 
-__all__ = ["PageRow", "ParkingTier", "StageUnits"]
+__all__ = [
+    "PageRow",
+    "ParkingTier",
+    "StageUnits",
+    "compacted_positions",
+    "page_io",
+    "stage_page_rows",
+]

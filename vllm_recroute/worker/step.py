@@ -1,8 +1,8 @@
-"""One forward pass of a routed decoder: which rows are routed, scored, and kept.
+"""One forward pass of a routed decoder: scoring, decisions, and the eager routed layer.
 
 The routing *decision* is made here, at the layer just before each router point: scores
-from `routing/scorers.py`, top-k by `routing/decision.py`. The step is built at layer 0
-from the step's batch (`vllm_view.StepBatch`):
+from `routing/scorers.py`, top-k by `routing/decision.py`. The step's rows come classified
+from the runtime (worker/rows.py, read at step start by `WorkerRuntime.begin_step`):
 
     rows of the step:    r0 (prefill)           r1 (decode)   r2 (prefill)
     stage 0 layers:      t t v v v v v v t t    t             t v v v v t
@@ -12,85 +12,66 @@ from the step's batch (`vllm_view.StepBatch`):
     stage 2 layers:      t t . v v . v . t t    t             t v . v . t   (reroute:
                          a token deferred at stage 1 may be active again)
 
-Deferred rows skip the stage's layers (worker/decoder.py carries their hidden state);
-attention inside a stage sees the active set only (worker/compaction.py). A prompt is
-routed only if its whole prompt from the first image on is in the step (question-
-conditioned scores need the question); a prompt split there runs unrouted, counted in
-``chunked_fallbacks``: never silently routed on partial information.
+`StepRouter.run_layer` is the whole eager routed layer: score (before a router point),
+park or re-route (a stage's first layer, parked tier), the segment's compacted attention
+installed, the layer run on the active rows only; deferred rows carry their (hidden,
+residual) pair unchanged. A step that moves no rows installs every routed layer's
+attention before the (compiled) forward instead (`install_all`); both go through one
+install helper. Attention inside a stage sees the active set only (worker/compaction.py).
+The state the step changes is the runtime's, through its methods (``remember``,
+``record``) and the parked tier's.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from vllm_recroute import vllm_view
-from vllm_recroute.config import RoutingConfig
-from vllm_recroute.requests.options import decode_reroute_every
 from vllm_recroute.routing import (
     ScoreInputs,
     Stage,
     get_scorer,
     num_keep,
     query_indices,
-    resolve_stages,
     route_request,
     stage_at,
 )
-from vllm_recroute.vllm_view import StepBatch
 from vllm_recroute.worker.compaction import Segment, StepTables, compact_segment, take_positions
-from vllm_recroute.worker.parking import PageRow
+from vllm_recroute.worker.parking import compacted_positions, stage_page_rows
 from vllm_recroute.worker.projections import project_qkv
+from vllm_recroute.worker.rows import PrefillRoute, StepRows
+from vllm_recroute.worker.runtime import WorkerRuntime
 from vllm_recroute.worker.state import RouteState
 
-if TYPE_CHECKING:
-    from vllm_recroute.worker.decoder import RoutedDecoder
-
-logger = logging.getLogger("vllm_recroute")
-
-__all__ = ["PrefillRoute", "StepRouter"]
-
-
-@dataclass
-class PrefillRoute:
-    """A request whose prompt (from its first image on) is in this step: routed now."""
-
-    req_id: str
-    row: int  # index in the batch
-    start: int  # first token row of the request in the step
-    prompt_end: int  # row after the last prompt token
-    visual_rows: torch.Tensor  # rows (absolute) of routable visual tokens
-    stages: tuple[Stage, ...]
-    cfg: RoutingConfig
-    masks: list[torch.Tensor] = field(default_factory=list)  # per stage, bool [V]
-    scores: list[torch.Tensor] = field(default_factory=list)  # per stage, float [V]
+__all__ = ["StepRouter"]
 
 
 class StepRouter:
-    """Routing of one forward pass; built at layer 0 from the step's batch."""
+    """Routing of one forward pass, over the rows the runtime classified at step start."""
 
-    def __init__(self, decoder: RoutedDecoder, runner: Any, num_rows: int) -> None:
-        self.decoder = decoder
-        self.runner = runner
-        self.batch = StepBatch.of(runner)
+    @classmethod
+    def start(cls, rt: WorkerRuntime, runner: Any, num_rows: int) -> StepRouter | None:
+        """This forward's router, or None when it routes and installs nothing."""
+        if rt.routes_nothing(runner):
+            return None
+        router = cls(rt, runner, rt.begin_step(runner), num_rows)
+        return router if router.active else None
+
+    def __init__(self, rt: WorkerRuntime, runner: Any, rows: StepRows, num_rows: int) -> None:
+        self.rt = rt
+        self.batch = rows.batch
         self.num_rows = num_rows
-        self.prefills: list[PrefillRoute] = []
-        self.decodes: dict[int, RouteState] = {}  # batch row -> state
+        self.prefills: list[PrefillRoute] = rows.prefills
+        self.decodes: dict[int, RouteState] = rows.decodes  # batch row -> state
+        self.forced = rows.forced  # decode rows re-routed at this forward (later turns)
         self._segments: dict[int, Segment] = {}
         self._device_rows: dict[int, torch.Tensor] = {}  # segment start -> its rows there
-        self.tables = StepTables(runner, self.batch, decoder.released)
-        for row, req_id in enumerate(self.batch.req_ids):
-            self._classify(row, req_id)
+        self.tables = StepTables(runner, self.batch, rt.released)
         starts = {s.start for p in self.prefills for s in p.stages}
         starts |= {s.start for st in self.decodes.values() for s in st.stages}
-        # loaded later turns re-route once, at this forward, for their own question
-        decoding = [self.batch.req_ids[row] for row in self.decodes]
-        forced = decoder.store.take_reroutes(decoding)
-        self.forced = {row for row in self.decodes if self.batch.req_ids[row] in forced}
-        self.boundaries = sorted(starts | {0, decoder.num_layers})
+        self.boundaries = sorted(starts | {0, rt.num_layers})
         self.stage_starts = starts
         self.active = bool(self.prefills or self.decodes)
         # Rows move (gathers, scoring, parking, re-routing) only for a routed prefill or a
@@ -99,16 +80,31 @@ class StepRouter:
         self.needs_eager = bool(self.prefills) or self._reroute_due()
 
     def _reroute_due(self) -> bool:
-        tier = self.decoder.tier
-        if tier is None:
+        if self.rt.tier is None:
             return False
         return any(self._due(row, state) for row, state in self.decodes.items())
 
     def _due(self, row: int, state: RouteState) -> bool:
         output_index = int(self.batch.num_computed[row]) - self.batch.prompt_lens[row] + 1
-        return row in self.forced or self.decoder.tier.due(output_index, state.reroute_every)
+        return row in self.forced or self.rt.tier.due(output_index, state.reroute_every)
 
-    def install_all(self, layer_names: list[str]) -> None:
+    # -- the two paths: eager routed layers, or attention installed before the forward ------
+
+    def run_layer(self, idx: int, layer: Any, inner: Any, positions, hidden, residual, *a, **kw):
+        """The eager routed layer ``idx`` (``inner``: its own forward): score before a
+        router point, park / re-route at a stage's first layer, install the segment's
+        compacted attention, run the layer on the segment's active rows."""
+        self.score_before(idx, layer, positions, hidden, residual)
+        seg = self.segment(idx)
+        if self.rt.tier is not None and idx in self.stage_starts:
+            self.tier_before(idx, positions, hidden, residual)
+        if seg is None or not self._install(idx, seg):
+            return inner(positions, hidden, residual, *a, **kw)
+        if seg.active_rows is None:
+            return inner(positions, hidden, residual, *a, **kw)
+        return self.run_on_rows(inner, seg, positions, hidden, residual, *a, **kw)
+
+    def install_all(self) -> None:
         """A step that moves no rows: install every routed layer's compacted attention
         now, before the (compiled) forward runs."""
         for start in self.boundaries[1:-1]:
@@ -118,66 +114,20 @@ class StepRouter:
             if seg.active_rows is not None:  # only padding rows may be inactive here
                 assert int(seg.active_rows.numel()) == self.batch.num_rows
             for idx in range(seg.start, seg.end):
-                gid = self.decoder.groups.of_layer(idx).gid
-                vllm_view.install_layer_attention(
-                    layer_names[idx],
-                    seg.attn_metadata[gid],
-                    _padded(seg.slot_mapping[gid], self.num_rows),
-                )
+                self._install(idx, seg, pad_to=self.num_rows)
 
-    # -- classification -------------------------------------------------------------
-
-    def _classify(self, row: int, req_id: str) -> None:
-        dec, batch = self.decoder, self.batch
-        start, end = int(batch.qsl[row]), int(batch.qsl[row + 1])
-        computed = int(batch.num_computed[row])
-        prompt_len = batch.prompt_lens[row]
-        if computed > 0:
-            state = dec.store.get(req_id)
-            if state is not None:
-                if any(state.deferred):
-                    self.decodes[row] = state
-                return
-            # No state: an unrouted request's decode, a later chunk of a split prompt, or a
-            # prompt after a prefix-cache hit. Only a prompt whose images all lie ahead can
-            # still be routed (kv/manager.py caches routed stages before the first image
-            # only, so a hit never reaches one).
-            if computed >= prompt_len:
-                return
-            first_image = self._first_image(req_id)
-            if first_image is None or first_image < computed:
-                return
-        dec.store.forget([req_id])  # a new or recomputed (preempted) request starts afresh
-        cfg = dec.config_of(self.runner, req_id)
-        if not cfg.enabled:
-            return
-        prompt_len -= computed  # the prompt rows in this step (after a prefix-cache hit)
-        if end - start < prompt_len:
-            # Counted once per prompt: by the chunk that holds its first image.
-            first_image = self._first_image(req_id)
-            if first_image is not None and first_image < computed + end - start:
-                dec.ledger.record({"chunked_fallbacks": 1})
-                logger.warning(
-                    "vllm-recroute: request %s prompt split by chunked prefill; running it "
-                    "unrouted (set recroute.chunked_prefill='off' to keep prompts whole)",
-                    req_id,
-                )
-            return
-        # The last prompt token is never routed: its logits are sampled.
-        ids = batch.token_ids[start : start + prompt_len - 1]
-        is_visual = ids == dec.image_token_id
-        if not bool(is_visual.any()):
-            return
-        visual_rows = torch.nonzero(is_visual).flatten() + start
-        stages = resolve_stages(cfg, dec.num_layers, int(visual_rows.numel()))
-        if not stages:
-            return
-        self.prefills.append(
-            PrefillRoute(req_id, row, start, start + prompt_len, visual_rows, stages, cfg)
-        )
-
-    def _first_image(self, req_id: str) -> int | None:
-        return vllm_view.first_image_offset(vllm_view.worker_request(self.runner, req_id))
+    def _install(self, idx: int, seg: Segment, pad_to: int | None = None) -> bool:
+        """Layer ``idx``'s compacted attention of ``seg`` into the forward context (False:
+        the segment keeps vLLM's own). ``pad_to``: a compiled step's rows, padding
+        included (the eager path runs on the segment's rows, unpadded)."""
+        if not seg.slot_mapping:
+            return False
+        gid = self.rt.groups.of_layer(idx).gid
+        slots = seg.slot_mapping[gid]
+        if pad_to is not None:
+            slots = _padded(slots, pad_to)
+        vllm_view.install_layer_attention(self.rt.layer_names[idx], seg.attn_metadata[gid], slots)
+        return True
 
     # -- scoring at the layer before a router point ----------------------------------
 
@@ -202,13 +152,11 @@ class StepRouter:
             self._scores_on_device(route, layer, positions, hidden, residual) for route, _ in todo
         ]
         # every rank scores its own head shard: the mean over ranks is the model's
-        scores = self.decoder.tp.mean(torch.cat(on_device)).cpu()
+        scores = self.rt.tp.mean(torch.cat(on_device)).cpu()
         sizes = [int(t.numel()) for t in on_device]
         for (route, k), route_scores in zip(todo, scores.split(sizes), strict=True):
             self._decide(route, k, route_scores)
-        self.decoder.check.verify(
-            router, [r.req_id for r, _ in todo], [r.masks[k] for r, k in todo]
-        )
+        self.rt.check.verify(router, [r.req_id for r, _ in todo], [r.masks[k] for r, k in todo])
 
     def _scores_on_device(self, route: PrefillRoute, layer, positions, hidden, residual):
         rows = slice(route.start, route.prompt_end)  # a request's rows are contiguous
@@ -233,7 +181,7 @@ class StepRouter:
         route.masks.append(mask)
         route.scores.append(scores)
         if len(route.masks) == len(route.stages):
-            self._remember(route)
+            self.rt.remember(route.req_id, route.cfg, route.stages, route.masks)
 
     @staticmethod
     def _block_ids(route: PrefillRoute, computed: int) -> torch.Tensor | None:
@@ -245,31 +193,6 @@ class StepRouter:
             return None
         seq = computed + (route.visual_rows - route.start)
         return seq.long() // route.cfg.block_size
-
-    def _remember(self, route: PrefillRoute) -> None:
-        dec = self.decoder
-        v = int(route.visual_rows.numel())
-        deferred = tuple(v - int(m.sum()) for m in route.masks)
-        every = decode_reroute_every(route.cfg)
-        dec.store.put(route.req_id, RouteState(route.stages, deferred, every))
-        if dec.kv_release:  # spec stage k+1 = this request's k-th routed stage
-            dec.outbox.report(route.req_id, {k + 1: d for k, d in enumerate(deferred)})
-        deferred_layers = sum(
-            d * (s.end - s.start) for s, d in zip(route.stages, deferred, strict=True)
-        )
-        cost = dec.cost
-        dec.ledger.record(
-            {
-                "routed_requests": {f"{route.cfg.mode}/{route.cfg.schedule}": 1},
-                "visual_tokens": v,
-                "visual_token_layers": v * dec.num_layers,
-                "deferred_visual_token_layers": deferred_layers,
-                "decoder_flops_saved": cost.flops_per_token_layer * deferred_layers,
-                "kv_bytes_saved": cost.kv_bytes_per_token_layer * deferred_layers,
-                "stage_visual_tokens": {str(k + 1): v for k in range(len(deferred))},
-                "stage_active_visual_tokens": {str(k + 1): v - d for k, d in enumerate(deferred)},
-            }
-        )
 
     # -- parked tier (worker/parking.py) ------------------------------------------------
 
@@ -289,15 +212,11 @@ class StepRouter:
                     self._reroute(row, k, stage, positions, hidden, residual)
 
     def _park(self, route: PrefillRoute, k: int, positions, hidden, residual) -> None:
-        tier = self.decoder.tier
+        tier = self.rt.tier
         vis = route.visual_rows
         mask = route.masks[k]
-        # Compacted position of each prompt row at this stage: the cached prefix (never
-        # deferred) plus its rank among the step's active rows.
-        active = torch.ones(route.prompt_end - route.start, dtype=torch.bool, device="cpu")
-        active[(vis - route.start)[~mask]] = False  # host bookkeeping (the device rule)
-        ctx = int(self.batch.num_computed[route.row])
-        cpos = (ctx + torch.cumsum(active.long(), 0) - 1)[vis - route.start]
+        cached = int(self.batch.num_computed[route.row])
+        cpos = compacted_positions(route.prompt_end - route.start, vis - route.start, mask, cached)
         stage = route.stages[k]
         delta = tier.park_prefill(
             route.req_id,
@@ -310,21 +229,19 @@ class StepRouter:
             cpos,
             route.scores[k],
         )
-        self.decoder.ledger.record(delta, tier.gauges())
+        self.rt.record(delta, tier.gauges())
 
     def _reroute(self, row: int, k: int, stage: Stage, positions, hidden, residual) -> None:
-        dec = self.decoder
+        rt = self.rt
         end = int(self.batch.qsl[row + 1])
         last = slice(end - 1, end)  # the request's last row
         x = hidden[last] + residual[last]
-        q, _, _, scale = project_qkv(dec.layers[stage.start], _rows_of(positions, last), x)
-        pages = []
-        for i in range(stage.start, stage.end):
-            group = dec.groups.of_layer(i)
-            pages.append(PageRow(self.tables(group.gid)[row], group.block_size))
+        q, _, _, scale = project_qkv(rt.layers[stage.start], _rows_of(positions, last), x)
+        groups = [rt.groups.of_layer(i) for i in range(stage.start, stage.end)]
+        pages = stage_page_rows(lambda gid: self.tables(gid)[row], groups)
         # the plan is made on the host (a few digests per unit): one small copy
-        delta = dec.tier.reroute(self.batch.req_ids[row], k, q[0].cpu(), scale, pages)
-        dec.ledger.record(delta, dec.tier.gauges())
+        delta = rt.tier.reroute(self.batch.req_ids[row], k, q[0].cpu(), scale, pages)
+        rt.record(delta, rt.tier.gauges())
 
     # -- segments ---------------------------------------------------------------------
 
@@ -383,7 +300,7 @@ class StepRouter:
             return Segment(start, end, None)
         active_rows = None if bool(active.all()) else torch.nonzero(active).flatten()
         seg = Segment(start, end, active_rows)
-        groups = self.decoder.groups.of_layers(start, end)
+        groups = self.rt.groups.of_layers(start, end)
         compact_segment(seg, self.batch, active, offsets, groups, self.tables)
         return seg
 

@@ -27,11 +27,12 @@ own host tensors already.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from vllm_recroute.kv.pages import KVPageIO
 from vllm_recroute.kv.turn_index import TurnLoad, TurnSave
 from vllm_recroute.metrics.accounting import Ledger
 from vllm_recroute.routing import stage_at
@@ -40,6 +41,8 @@ from vllm_recroute.worker.state import RouteState, RouteStore
 
 # Where a layer's rows of a request live, from the scheduler's block ids per KV group.
 PageLocator = Callable[[int, tuple[tuple[int, ...], ...]], PageRow]
+# A request's decode re-route pace (its options' ``reroute_every``), for this step.
+Pace = Callable[[str], int]
 
 
 @dataclass
@@ -62,41 +65,47 @@ class TurnRecord:
 
 
 class TurnStore:
-    """Kept turns of one routed decoder, by the scheduler's turn id.
+    """Kept turns of one routed worker, by the scheduler's turn id.
 
-    Collaborators: the parked tier (page I/O, units), the routing state store, where a
-    layer's pages are (``pages``), the ledger, and each request's decode re-route pace
-    (``reroute_every_of``, from its options).
+    Collaborators, given at construction: each layer's page I/O, the routing state store,
+    the ledger, and the parked tier when there is one (a record then carries the turn's
+    units). Given with each step's jobs (``apply``): where a layer's pages are
+    (``pages``) and each request's decode re-route pace (``pace``, from its options).
     """
 
     def __init__(
         self,
-        tier: ParkingTier,
+        io: Sequence[KVPageIO],
         store: RouteStore,
-        pages: PageLocator,
         ledger: Ledger,
-        reroute_every_of: Callable[[str], int],
+        tier: ParkingTier | None = None,
     ) -> None:
-        self.tier = tier
+        self.io = list(io)
         self.store = store
-        self.pages = pages
         self.ledger = ledger
-        self.reroute_every_of = reroute_every_of
+        self.tier = tier
         self.records: dict[int, TurnRecord] = {}
         self._sent: set[str] = set()
 
     # -- one step's jobs ----------------------------------------------------------------
 
-    def apply(self, evicted: list[int], saves: list[TurnSave], loads: list[TurnLoad]) -> None:
+    def apply(
+        self,
+        evicted: list[int],
+        saves: list[TurnSave],
+        loads: list[TurnLoad],
+        pages: PageLocator,
+        pace: Pace,
+    ) -> None:
         for turn_id in evicted:
             self.records.pop(turn_id, None)
         for job in saves:
-            self.save(job)
+            self.save(job, pages)
         for job in loads:
-            self.load(job)
+            self.load(job, pages, pace)
         self.store.release_held()
         if evicted or saves or loads:
-            self.ledger.record(self.gauges(), self.tier.gauges())
+            self.ledger.record(self.gauges(), self._tier_gauges())
 
     def take_sent(self) -> set[str]:
         """Requests whose pages were copied since the last call (vLLM may free them)."""
@@ -105,11 +114,11 @@ class TurnStore:
 
     # -- save / load ----------------------------------------------------------------------
 
-    def save(self, job: TurnSave) -> None:
+    def save(self, job: TurnSave, pages: PageLocator) -> None:
         state = self.store.get(job.request_id)  # held since vLLM said it finished
         kv = []
-        for i, io in enumerate(self.tier.io):
-            page = self.pages(i, job.block_ids)
+        for i, io in enumerate(self.io):
+            page = pages(i, job.block_ids)
             n = _rows(state, i, job.num_tokens)
             if n > page.table.numel() * page.block_size:
                 raise RuntimeError(
@@ -121,7 +130,7 @@ class TurnStore:
             k, v = io.read(page.slots(torch.arange(n)), page.block_size)
             kv.append((_to_host(k), _to_host(v)))
         record = TurnRecord(state, kv)
-        if state is not None:
+        if state is not None and self.tier is not None:
             record.units, parked = self.tier.take(job.request_id, len(state.stages))
             # the pool's tensors are host ones: _to_host keeps them as they are
             record.parked = {u: (_to_host(k), _to_host(v), s) for u, (k, v, s) in parked.items()}
@@ -129,7 +138,7 @@ class TurnStore:
         self._sent.add(job.request_id)
         self.ledger.record({"turn_saves": 1})
 
-    def load(self, job: TurnLoad) -> None:
+    def load(self, job: TurnLoad, pages: PageLocator, pace: Pace) -> None:
         record = self.records.get(job.turn_id)
         if record is None:
             raise RuntimeError(
@@ -139,18 +148,19 @@ class TurnStore:
         for i, (k, v) in enumerate(record.kv):
             # an entry shorter than the record (its prompt alone) loads a prefix of the rows
             end = _rows(record.state, i, job.num_tokens)
-            page = self.pages(i, job.block_ids)
+            page = pages(i, job.block_ids)
             rows = torch.arange(job.start, end)
-            self.tier.io[i].write(k[job.start : end], v[job.start : end], page.slots(rows))
+            self.io[i].write(k[job.start : end], v[job.start : end], page.slots(rows))
         delta = {"turn_loads": 1, "turn_loaded_tokens": job.num_tokens - job.start}
         state = record.state
         if state is not None:
-            every = self.reroute_every_of(job.request_id)
+            every = pace(job.request_id)
             self.store.put(job.request_id, RouteState(state.stages, state.deferred, every))
-            delta.update(self.tier.adopt(job.request_id, record.units, record.parked))
+            if self.tier is not None:
+                delta.update(self.tier.adopt(job.request_id, record.units, record.parked))
             if record.parked:
                 self.store.request_reroute(job.request_id)
-        self.ledger.record(delta, self.tier.gauges())
+        self.ledger.record(delta, self._tier_gauges())
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -159,6 +169,9 @@ class TurnStore:
             "turn_store_entries": len(self.records),
             "turn_store_bytes": sum(r.nbytes for r in self.records.values()),
         }
+
+    def _tier_gauges(self) -> dict[str, int]:
+        return {} if self.tier is None else self.tier.gauges()
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from vllm_recroute.config import RoutingConfig
 from vllm_recroute.kv.pages import KVPageIO
 from vllm_recroute.kv.parked_pool import ParkedKey
-from vllm_recroute.worker.parking import PageRow, ParkingTier, _key_values
+from vllm_recroute.worker.parking import PageRow, ParkingTier, _key_values, page_io
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -135,7 +135,7 @@ def tier_setup(fmt: str = "none", parked_bytes: int = 1 << 20, layout: str = "pl
         reroute_every=1,
     )
     layers = [make_layer(i, layout) for i in range(3)]
-    tier = ParkingTier(cfg, layers)
+    tier = ParkingTier(cfg, layers, page_io(layers))
     g = torch.Generator().manual_seed(7)
     x = torch.randn(V, HIDDEN, generator=g)
     positions = torch.arange(5, 5 + V)
@@ -271,8 +271,9 @@ def test_a_stage_with_nothing_deferred_or_nothing_active(active):
 
 
 def _turn_store(tier):
-    """A TurnStore on its narrow collaborators: the tier, a store holding finished
-    requests, one KV group of BLOCK-token pages, a ledger, a fixed decode pace."""
+    """A TurnStore on its narrow collaborators: the tier's page I/O and the tier, a store
+    holding finished requests, a ledger; and ``apply`` for one step's jobs, given with
+    them: one KV group of BLOCK-token pages, a fixed decode pace."""
     from vllm_recroute.metrics.accounting import Ledger
     from vllm_recroute.worker.state import RouteStore
     from vllm_recroute.worker.turns import TurnStore
@@ -283,7 +284,12 @@ def _turn_store(tier):
     def pages(layer_idx, block_ids):
         return PageRow(torch.tensor(block_ids[0], dtype=torch.long), BLOCK)
 
-    return TurnStore(tier, store, pages, Ledger(), lambda req_id: tier.cfg.reroute_every)
+    turns = TurnStore(tier.io, store, Ledger(), tier)
+
+    def apply(evicted, saves, loads):
+        turns.apply(evicted, saves, loads, pages, lambda req_id: tier.cfg.reroute_every)
+
+    return turns, apply
 
 
 @pytest.mark.parametrize(("layout", "fmt"), [("plain", "none"), ("cpu", "none"), ("plain", "int8")])
@@ -295,7 +301,7 @@ def test_a_kept_turn_comes_back_bit_exact_in_another_requests_pages(layout, fmt)
     from vllm_recroute.worker.state import RouteState
 
     tier, _, x, positions, mask, cpos, scores, _ = tier_setup(fmt, layout=layout)
-    turns = _turn_store(tier)
+    turns, apply = _turn_store(tier)
     store = turns.store
     tier.park_prefill("t1", 0, 1, 3, positions, x, mask, cpos, scores)
     parked = {uid: tier.pool.restore(ParkedKey("t1", 0, uid)) for uid in (2, 3, 4, 5)}
@@ -311,13 +317,13 @@ def test_a_kept_turn_comes_back_bit_exact_in_another_requests_pages(layout, fmt)
     store.finish(["t1"])  # vLLM says t1 finished: held until the turn jobs ran
     assert store.get("t1") is not None and len(tier.pool) == 4
     save = TurnSave("t1", 7, n, ((2,),))
-    turns.apply([], [save], [])
+    apply([], [save], [])
     assert turns.take_sent() == {"t1"}
     assert store.get("t1") is None and len(tier.pool) == 0 and not tier.units
     record = turns.records[7]
     assert [k.shape[0] for k, _ in record.kv] == [n, n - 8, n - 8]  # compacted at the stage
 
-    turns.apply([], [], [TurnLoad("t2", 7, 0, n, ((3,),))])
+    apply([], [], [TurnLoad("t2", 7, 0, n, ((3,),))])
     for i, io in enumerate(tier.io):
         got = io.read(torch.arange(record.kv[i][0].shape[0]) + 3 * BLOCK, BLOCK)
         want = (rows[i][0][: got[0].shape[0]], rows[i][1][: got[0].shape[0]])
@@ -327,5 +333,5 @@ def test_a_kept_turn_comes_back_bit_exact_in_another_requests_pages(layout, fmt)
     for uid, (k, v) in parked.items():
         k2, v2 = tier.pool.restore(ParkedKey("t2", 0, uid))
         assert torch.equal(k2, k) and torch.equal(v2, v)
-    turns.apply([7], [], [])
+    apply([7], [], [])
     assert turns.records == {}

@@ -22,7 +22,7 @@ from vllm_recroute.kv.parked_pool import ParkedKey
 from vllm_recroute.kv.turn_index import TurnLoad, TurnSave
 from vllm_recroute.metrics.accounting import Ledger
 from vllm_recroute.routing import Stage
-from vllm_recroute.worker.parking import PageRow, ParkingTier, StageUnits
+from vllm_recroute.worker.parking import PageRow, ParkingTier, StageUnits, page_io
 from vllm_recroute.worker.state import RouteState, RouteStore
 from vllm_recroute.worker.turns import TurnStore
 
@@ -52,19 +52,23 @@ def setup(fc: FakeCuda):
         for c in caches
     ]
     cfg = RoutingConfig(mode="reroute", parked_bytes=1 << 20, park_block_tokens=2)
-    tier = ParkingTier(cfg, layers)
+    tier = ParkingTier(cfg, layers, page_io(layers))
     store = RouteStore(hold_finished=True)
     store.on_forget(lambda gone: tier.forget(sorted(gone)))
+    turns = TurnStore(tier.io, store, Ledger(), tier)
 
     def pages(layer_idx, block_ids):  # block tables are host tensors
         return PageRow(torch.tensor(block_ids[0], dtype=torch.long), BLOCK)
 
-    return tier, store, TurnStore(tier, store, pages, Ledger(), lambda req_id: 1)
+    def apply(evicted, saves, loads):  # one step's jobs, where the pages are, the pace
+        turns.apply(evicted, saves, loads, pages, lambda req_id: 1)
+
+    return tier, store, turns, apply
 
 
 def test_a_kept_turn_is_host_memory_and_loads_back_onto_the_device():
     with FakeCuda() as fc:
-        tier, store, turns = setup(fc)
+        tier, store, turns, apply = setup(fc)
         t1, t2 = PageRow(torch.tensor([2, 5]), BLOCK), PageRow(torch.tensor([7, 9]), BLOCK)
         rows = [N, N - DEFERRED, N - DEFERRED]
         truth = [
@@ -85,7 +89,7 @@ def test_a_kept_turn_is_host_memory_and_loads_back_onto_the_device():
             io.layout(BLOCK)  # measured once per cache, not part of the save
         fc.reset()
 
-        turns.apply([], [TurnSave("t1", 7, N, ((2, 5),))], [])
+        apply([], [TurnSave("t1", 7, N, ((2, 5),))], [])
         record = turns.records[7]
         on_device = list(iter_device((record.kv, record.parked)))
         assert not on_device, f"{len(on_device)} device tensors in the record (not host memory)"
@@ -100,7 +104,7 @@ def test_a_kept_turn_is_host_memory_and_loads_back_onto_the_device():
         assert (fc.d2h, fc.d2h_bytes) == (2 * LAYERS, kv_bytes)  # the rows, nothing more
         fc.reset()
 
-        turns.apply([], [], [TurnLoad("t2", 7, 0, N, ((7, 9),))])
+        apply([], [], [TurnLoad("t2", 7, 0, N, ((7, 9),))])
         assert fc.d2h == 0 and fc.h2d_bytes >= kv_bytes
         for io, (tk, tv) in zip(tier.io, truth, strict=True):
             slots = t2.slots(torch.arange(tk.shape[0]))
