@@ -71,6 +71,9 @@ class TurnStore:
     the ledger, and the parked tier when there is one (a record then carries the turn's
     units). Given with each step's jobs (``apply``): where a layer's pages are
     (``pages``) and each request's decode re-route pace (``pace``, from its options).
+    Without a tier a record holds pages only; the config still asks for ``parked_bytes``
+    with ``turn_cache_bytes`` (config.py, docs/configuration.md): a later turn re-routes
+    for its own question through the parked units.
     """
 
     def __init__(
