@@ -74,7 +74,7 @@ def test_a_routed_stage_row_keeps_its_live_tail_block():
         get_deferred=lambda r: 40,
         live_block_ids=lambda r: [7, 8, 9, 12],
         take_released=list,
-        blocks_never_allocated=0,
+        take_never_allocated=lambda: 0,
     )
     side._stage_groups = {1: [stage]}
     truncated = ([1, 2, 3, 4, 5], [7, 8, 9, 0, 0])  # stage 0 has no holes

@@ -129,9 +129,7 @@ class SchedulerSide:
         after_forward = sum(len(e.block_ids) for e in released)
         self._released_after_forward += after_forward
         self._released_unreported += after_forward
-        for m in managers:
-            self._released_unreported += m.blocks_never_allocated
-            m.blocks_never_allocated = 0
+        self._released_unreported += sum(m.take_never_allocated() for m in managers)
         meta, self._jobs = self._jobs, RecrouteMetadata()
         meta.released = released
         return meta

@@ -114,7 +114,7 @@ class RoutedStageManager(FullAttentionManager):
         self._expected: dict[str, int] = {}
         self._plans: dict[str, DeferralPlan] = {}  # planned, not yet allocated
         self._planned: dict[str, int] = {}  # the committed plan (the consistency check)
-        self.blocks_never_allocated = 0  # pages a plan saved, drained by the connector
+        self._never_allocated = 0  # pages a plan saved (take_never_allocated)
 
     # ------------------------------------------------------------------ deferred counts
 
@@ -180,9 +180,15 @@ class RoutedStageManager(FullAttentionManager):
             del self._plans[request_id]
             self._deferred[request_id] = self._planned[request_id] = plan.deferred
             full = cdiv(num_tokens, self.block_size)
-            self.blocks_never_allocated += full - cdiv(num_tokens - plan.deferred, self.block_size)
+            self._never_allocated += full - cdiv(num_tokens - plan.deferred, self.block_size)
         elif num_tokens > plan.first_image:
             del self._plans[request_id]  # split inside the routed span: runs unrouted
+
+    def take_never_allocated(self) -> int:
+        """Pages plans saved (never taken from the pool) since the last call, drained by
+        the scheduler-side connector for ``kv_blocks_released``."""
+        n, self._never_allocated = self._never_allocated, 0
+        return n
 
     def planned(self, request_id: str) -> int | None:
         """The committed plan of a running request (None: it had none)."""

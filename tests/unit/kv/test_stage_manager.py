@@ -435,7 +435,7 @@ def test_a_planned_prefill_takes_only_its_compacted_pages():
     assert [b.block_id for b in m.allocate_new_blocks("a", 18, 18)] == [1, 2, 3]
     assert pool.get_num_free_blocks() == 16
     assert m.get_deferred("a") == 9 and m.planned("a") == 9
-    assert m.blocks_never_allocated == 2
+    assert m.take_never_allocated() == 2
     # the worker's report equals the plan: a consistency check, nothing to release
     assert m.set_deferred("a", 9)
     assert m.release("a") == [] and m.take_released() == []
@@ -458,7 +458,7 @@ def test_a_plan_waits_through_chunks_before_the_image():
     assert m.planned("a") is None  # still pending
     assert m.get_num_blocks_to_allocate("a", 20, [], 8, 0, 20) == 1  # 12 compacted -> 3
     assert [b.block_id for b in m.allocate_new_blocks("a", 20, 20)] == [3]
-    assert m.planned("a") == 8 and m.blocks_never_allocated == 2
+    assert m.planned("a") == 8 and m.take_never_allocated() == 2
     m.free("a")
     assert pool.get_num_free_blocks() == 19
 
@@ -471,7 +471,7 @@ def test_a_prompt_split_inside_the_routed_span_drops_its_plan():
     m.allocate_new_blocks("a", 12, 12)  # ends inside the image span
     assert [b.block_id for b in m.allocate_new_blocks("a", 20, 20)] == [4, 5]
     assert row_ids(m, "a") == [1, 2, 3, 4, 5]
-    assert m.planned("a") is None and m.blocks_never_allocated == 0
+    assert m.planned("a") is None and m.take_never_allocated() == 0
     m.free("a")
 
 
