@@ -53,16 +53,10 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
+from vllm_recroute import vllm_view
 from vllm_recroute.kv.spec import RoutedStageSpec
 
-__all__ = ["DeferralPlan", "ReleasedBlocks", "RoutedStageManager", "routing_free_prefix"]
-
-
-def routing_free_prefix(request: Any, num_tokens: int) -> int:
-    """Tokens of ``request`` before its first multimodal item (all, for text only): the
-    prefix whose KV is the same under every routing decision."""
-    offsets = [f.mm_position.offset for f in getattr(request, "mm_features", None) or ()]
-    return min([num_tokens, *offsets])
+__all__ = ["DeferralPlan", "ReleasedBlocks", "RoutedStageManager"]
 
 
 @dataclass(frozen=True)
@@ -352,5 +346,5 @@ class RoutedStageManager(FullAttentionManager):
         image (their content does not depend on any routing decision); the lookup
         (`FullAttentionManager.find_longest_cache_hit`) then stops there by itself."""
         if self.stage > 0:
-            num_tokens = routing_free_prefix(request, num_tokens)
+            num_tokens = vllm_view.routing_free_prefix(request, num_tokens)
         super().cache_blocks(request, num_tokens, *args, **kwargs)

@@ -43,6 +43,7 @@ from vllm_recroute.vllm_view.requests import (
     is_waiting,
     prompt_length,
     request_extra_args,
+    routing_free_prefix,
     scheduler_extra_args,
     worker_request,
 )
@@ -94,6 +95,7 @@ __all__ = [
     "prompt_length",
     "request_extra_args",
     "routed_stage_managers",
+    "routing_free_prefix",
     "run_eager_this_forward",
     "runtime_of",
     "scheduler_extra_args",

@@ -20,6 +20,14 @@ def first_image_offset(request: Any) -> int | None:
     return min(offsets) if offsets else None
 
 
+def routing_free_prefix(request: Any, num_tokens: int) -> int:
+    """Scheduler side: tokens of ``request``'s first ``num_tokens`` before its first
+    multimodal item (all, for text only): the prefix whose KV is the same under every
+    routing decision (what a routed stage may cache)."""
+    first = first_image_offset(request)
+    return num_tokens if first is None else min(num_tokens, first)
+
+
 def image_spans(request: Any) -> tuple[tuple[int, int, str], ...]:
     """``(offset, length, identifier)`` of each multimodal item, by offset."""
     return tuple(
