@@ -39,7 +39,7 @@ def register() -> None:
     apply_runner_selection(ROUTED_ARCHITECTURES)
     apply_thread_policy(CONNECTOR_NAME)
     apply_cpu_torch_shims()
-    from vllm_recroute.kv.spec import register_stage_spec
+    from vllm_recroute.kv.manager import register_stage_spec
 
     # The engine core needs the stage manager class, the worker the spec class; both only
     # matter with recroute.kv_release, but registering is cheap and idempotent.

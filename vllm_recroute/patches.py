@@ -177,7 +177,7 @@ PATCHES: tuple[Patch, ...] = (
             "vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry._ensure_registered",
             "vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry.register",
         ),
-        where="vllm_recroute/kv/spec.py",
+        where="vllm_recroute/kv/manager.py (register_stage_spec)",
     ),
     Patch(
         "P7",

@@ -23,8 +23,8 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from tests.unit.test_scheduler_side import _request as finished_request
 from tests.unit.test_scheduler_side import _side
-from vllm_recroute.kv.manager import DeferralPlan, RoutedStageManager
-from vllm_recroute.kv.spec import register_stage_spec, stage_spec_from
+from vllm_recroute.kv.manager import DeferralPlan, RoutedStageManager, register_stage_spec
+from vllm_recroute.kv.spec import stage_spec_from
 
 BLOCK = 4
 PROMPT = 16

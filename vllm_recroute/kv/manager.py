@@ -56,7 +56,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm_recroute import vllm_view
 from vllm_recroute.kv.spec import RoutedStageSpec
 
-__all__ = ["DeferralPlan", "ReleasedBlocks", "RoutedStageManager"]
+__all__ = ["DeferralPlan", "ReleasedBlocks", "RoutedStageManager", "register_stage_spec"]
 
 
 @dataclass(frozen=True)
@@ -348,3 +348,19 @@ class RoutedStageManager(FullAttentionManager):
         if self.stage > 0:
             num_tokens = vllm_view.routing_free_prefix(request, num_tokens)
         super().cache_blocks(request, num_tokens, *args, **kwargs)
+
+
+def register_stage_spec() -> None:
+    """Register ``RoutedStageSpec`` -> ``RoutedStageManager`` with vLLM's registry.
+
+    Idempotent (the registry accepts an identical re-registration). The built-in specs are
+    registered first: `kv_cache_spec_registry.py:KVCacheSpecRegistry._ensure_registered`
+    only runs the built-in registration while the registry is *empty*, so registering a
+    plugin spec first would leave ``FullAttentionSpec`` unregistered.
+    """
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    KVCacheSpecRegistry._ensure_registered()  # patch record P6
+    KVCacheSpecRegistry.register(
+        RoutedStageSpec, RoutedStageManager, uniform_type_base_spec=RoutedStageSpec
+    )

@@ -7,7 +7,8 @@ of its routing stage (stage 0 included). vLLM forms KV-cache groups from per-lay
 refuse to merge (:meth:`RoutedStageSpec.merge`) and are not "uniform type"
 (:meth:`RoutedStageSpec.is_uniform_with_collection`), so each stage gets its own group(s),
 its own block table and its own :class:`~vllm_recroute.kv.manager.RoutedStageManager`,
-all on the one shared ``BlockPool``. See ``docs/parked_tier.md`` for the full design.
+all on the one shared ``BlockPool`` (registered with vLLM by
+``kv.manager.register_stage_spec``). See ``docs/parked_tier.md`` for the full design.
 
 Why *every* layer, stage 0 included: if the first layer reported a plain
 ``FullAttentionSpec``, ``FullAttentionSpec.merge`` would accept the stage specs (they are
@@ -25,7 +26,6 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, KVCa
 __all__ = [
     "RoutedStageSpec",
     "check_stage_groups",
-    "register_stage_spec",
     "stage_spec_from",
 ]
 
@@ -116,21 +116,3 @@ def check_stage_groups(
             )
         out.setdefault(spec.stage, []).append(gid)
     return out
-
-
-def register_stage_spec() -> None:
-    """Register ``RoutedStageSpec`` -> ``RoutedStageManager`` with vLLM's registry.
-
-    Idempotent (the registry accepts an identical re-registration). The built-in specs are
-    registered first: `kv_cache_spec_registry.py:KVCacheSpecRegistry._ensure_registered`
-    only runs the built-in registration while the registry is *empty*, so registering a
-    plugin spec first would leave ``FullAttentionSpec`` unregistered.
-    """
-    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
-
-    from vllm_recroute.kv.manager import RoutedStageManager
-
-    KVCacheSpecRegistry._ensure_registered()  # patch record P6
-    KVCacheSpecRegistry.register(
-        RoutedStageSpec, RoutedStageManager, uniform_type_base_spec=RoutedStageSpec
-    )

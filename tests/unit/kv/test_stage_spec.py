@@ -8,13 +8,8 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-from vllm_recroute.kv.manager import RoutedStageManager
-from vllm_recroute.kv.spec import (
-    RoutedStageSpec,
-    check_stage_groups,
-    register_stage_spec,
-    stage_spec_from,
-)
+from vllm_recroute.kv.manager import RoutedStageManager, register_stage_spec
+from vllm_recroute.kv.spec import RoutedStageSpec, check_stage_groups, stage_spec_from
 
 BASE = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float32)
 
