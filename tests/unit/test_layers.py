@@ -31,6 +31,7 @@ LAYERS: list[list[str]] = [
         "routing.rerouting",
         "routing.schedule",
         "routing.scorers",
+        "routing.settings",
     ],
     ["config"],
     [
@@ -175,6 +176,18 @@ def test_imports_go_downwards(module):
     mine = LAYER_OF[module]
     for target, _ in _imports(_modules()[module]):
         assert LAYER_OF[target] <= mine, f"{module} (layer {mine}) imports {target}"
+
+
+def test_type_only_imports_go_downwards_too():
+    """A type-only import of a higher layer is a cycle in the design even when it is none
+    at run time (routing/ names no config class: routing/settings.py)."""
+    up = [
+        (module, target)
+        for module, path in _modules().items()
+        for target, _ in _imports(path, type_only=True)
+        if LAYER_OF[target] > LAYER_OF[module]
+    ]
+    assert up == []
 
 
 @pytest.mark.parametrize("module", PURE)

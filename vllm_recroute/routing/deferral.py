@@ -14,17 +14,13 @@ produce (at most ``max(keep, block_size)`` active); the worker's report settles 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from vllm_recroute.routing.schedule import num_keep, resolve_stages
-
-if TYPE_CHECKING:  # routing sits below config.py (tests/unit/test_layers.py)
-    from vllm_recroute.config import RoutingConfig
+from vllm_recroute.routing.settings import RoutingSettings
 
 __all__ = ["planned_deferred"]
 
 
-def planned_deferred(cfg: RoutingConfig, num_layers: int, num_visual: int) -> tuple[int, ...]:
+def planned_deferred(cfg: RoutingSettings, num_layers: int, num_visual: int) -> tuple[int, ...]:
     """Per routed stage, in order: visual tokens it will not hold (exact for token
     granularity, a lower bound for block granularity); ``()`` when nothing is routed."""
     if num_visual <= 0:

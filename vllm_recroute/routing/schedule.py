@@ -12,12 +12,10 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from vllm_recroute.errors import RoutingConfigError
-
-if TYPE_CHECKING:  # config.py validates names against this registry: no runtime import
-    from vllm_recroute.config import RoutingConfig
+from vllm_recroute.routing.settings import RoutingSettings
 
 __all__ = [
     "SCHEDULES",
@@ -54,7 +52,7 @@ class Stage:
 
 
 def resolve_stages(
-    cfg: RoutingConfig, num_layers: int, num_visual: int | None = None
+    cfg: RoutingSettings, num_layers: int, num_visual: int | None = None
 ) -> tuple[Stage, ...]:
     """Routed stages for a model of ``num_layers`` decoder layers; they tile
     ``[first router point, num_layers)``. ``num_visual`` is required only for
@@ -69,7 +67,7 @@ def resolve_stages(
     return tuple(Stage(s, e, k) for s, e, k in zip(points, ends, keeps, strict=True))
 
 
-def router_points(cfg: RoutingConfig, num_layers: int) -> tuple[int, ...]:
+def router_points(cfg: RoutingSettings, num_layers: int) -> tuple[int, ...]:
     """The layers that start a routed stage. They never depend on the request (only the keeps
     may), so the model wrapper can fix them at load time."""
     if not cfg.enabled:
@@ -127,16 +125,16 @@ class Schedule(ABC):
     scales_with_depth: ClassVar[bool] = True
 
     @abstractmethod
-    def layout(self, cfg: RoutingConfig, num_layers: int) -> tuple[tuple[int, ...], Keeps]:
+    def layout(self, cfg: RoutingSettings, num_layers: int) -> tuple[tuple[int, ...], Keeps]:
         """Router points and the keep of each stage for a ``num_layers``-deep model."""
 
     @abstractmethod
     def budget_keeps(
-        self, cfg: RoutingConfig, num_layers: int, target: float, floor: float
+        self, cfg: RoutingSettings, num_layers: int, target: float, floor: float
     ) -> Keeps:
         """Keeps whose average retention is ``target`` (each at least ``floor``)."""
 
-    def validate(self, cfg: RoutingConfig) -> None:
+    def validate(self, cfg: RoutingSettings) -> None:
         """Cross-field checks of a config naming this schedule (RoutingConfigError)."""
         if cfg.custom is not None:
             raise RoutingConfigError(
@@ -161,10 +159,10 @@ class FastV(Schedule):
     name = "fastv"
     num_router_points = 1
 
-    def layout(self, cfg: RoutingConfig, num_layers: int) -> tuple[tuple[int, ...], Keeps]:
+    def layout(self, cfg: RoutingSettings, num_layers: int) -> tuple[tuple[int, ...], Keeps]:
         return self._points(cfg, num_layers), (_lam(cfg),)
 
-    def _points(self, cfg: RoutingConfig, num_layers: int) -> tuple[int, ...]:
+    def _points(self, cfg: RoutingSettings, num_layers: int) -> tuple[int, ...]:
         if cfg.router_layers is not None:
             _check_in_range("router_layers", cfg.router_layers, num_layers)
             return cfg.router_layers
@@ -173,7 +171,7 @@ class FastV(Schedule):
         return (point,)
 
     def budget_keeps(
-        self, cfg: RoutingConfig, num_layers: int, target: float, floor: float
+        self, cfg: RoutingSettings, num_layers: int, target: float, floor: float
     ) -> Keeps:
         # r·L = p + (L - p)·k  =>  k = (r·L - p) / (L - p)
         (point,) = self._points(cfg, num_layers)
@@ -187,13 +185,13 @@ class PyramidDrop(Schedule):
     name = "pdrop"
     num_router_points = 3
 
-    def layout(self, cfg: RoutingConfig, num_layers: int) -> tuple[tuple[int, ...], Keeps]:
+    def layout(self, cfg: RoutingSettings, num_layers: int) -> tuple[tuple[int, ...], Keeps]:
         points, exponents = self._points(cfg, num_layers)
         lam = _lam(cfg)
         return points, tuple(lam**e for e in exponents)
 
     def _points(
-        self, cfg: RoutingConfig, num_layers: int
+        self, cfg: RoutingSettings, num_layers: int
     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Router points and the power of λ each stage keeps (stage i keeps λ^(i+1)).
 
@@ -218,7 +216,7 @@ class PyramidDrop(Schedule):
         return points, tuple(by_point[p] for p in points)
 
     def budget_keeps(
-        self, cfg: RoutingConfig, num_layers: int, target: float, floor: float
+        self, cfg: RoutingSettings, num_layers: int, target: float, floor: float
     ) -> Keeps:
         points, exponents = self._points(cfg, num_layers)
         lengths = [e - s for s, e in zip(points, (*points[1:], num_layers), strict=True)]
@@ -233,18 +231,18 @@ class Custom(Schedule):
     example: ClassVar[dict[str, Any]] = {"custom": [[1, 0.5], [2, 0.25]]}
     scales_with_depth = False
 
-    def layout(self, cfg: RoutingConfig, num_layers: int) -> tuple[tuple[int, ...], Keeps]:
+    def layout(self, cfg: RoutingSettings, num_layers: int) -> tuple[tuple[int, ...], Keeps]:
         assert cfg.custom is not None  # guaranteed by validate()
         points = tuple(layer for layer, _ in cfg.custom)
         _check_in_range("custom", points, num_layers)
         return points, tuple(keep for _, keep in cfg.custom)
 
     def budget_keeps(
-        self, cfg: RoutingConfig, num_layers: int, target: float, floor: float
+        self, cfg: RoutingSettings, num_layers: int, target: float, floor: float
     ) -> Keeps:
         raise RoutingConfigError("recroute.avg_visual_tokens", "not allowed with schedule 'custom'")
 
-    def validate(self, cfg: RoutingConfig) -> None:
+    def validate(self, cfg: RoutingSettings) -> None:
         if cfg.custom is None:
             raise RoutingConfigError(
                 "recroute.custom",
@@ -275,12 +273,12 @@ class SparseVLM(Schedule):
     name = "sparsevlm"
     num_router_points = 3
 
-    def layout(self, cfg: RoutingConfig, num_layers: int) -> tuple[tuple[int, ...], Keeps]:
+    def layout(self, cfg: RoutingSettings, num_layers: int) -> tuple[tuple[int, ...], Keeps]:
         points = self._points(cfg, num_layers)
         lam = _lam(cfg)
         return points, tuple(lam ** (i + 1) for i in range(len(points)))
 
-    def _points(self, cfg: RoutingConfig, num_layers: int) -> tuple[int, ...]:
+    def _points(self, cfg: RoutingSettings, num_layers: int) -> tuple[int, ...]:
         if cfg.router_layers is not None:
             _check_in_range("router_layers", cfg.router_layers, num_layers)
             return cfg.router_layers
@@ -297,7 +295,7 @@ class SparseVLM(Schedule):
         return tuple(points)
 
     def budget_keeps(
-        self, cfg: RoutingConfig, num_layers: int, target: float, floor: float
+        self, cfg: RoutingSettings, num_layers: int, target: float, floor: float
     ) -> Keeps:
         points = self._points(cfg, num_layers)
         lengths = [e - s for s, e in zip(points, (*points[1:], num_layers), strict=True)]
@@ -320,12 +318,12 @@ def get_schedule(name: str) -> Schedule:
         ) from None
 
 
-def _lam(cfg: RoutingConfig) -> float:
+def _lam(cfg: RoutingSettings) -> float:
     return cfg.keep if cfg.keep is not None else _DEFAULT_KEEP
 
 
 def _points_and_keeps(
-    cfg: RoutingConfig, num_layers: int
+    cfg: RoutingSettings, num_layers: int
 ) -> tuple[tuple[int, ...], tuple[float, ...]]:
     return get_schedule(cfg.schedule).layout(cfg, num_layers)
 
@@ -346,7 +344,7 @@ def _check_in_range(name: str, points: tuple[int, ...], num_layers: int) -> None
 
 
 def _keeps_for_budget(
-    cfg: RoutingConfig, points: tuple[int, ...], num_layers: int, num_visual: int | None
+    cfg: RoutingSettings, points: tuple[int, ...], num_layers: int, num_visual: int | None
 ) -> tuple[float, ...]:
     """Keeps whose average retention is ``min(1, avg_visual_tokens / num_visual)``.
 
