@@ -13,7 +13,7 @@ refused settings", says what each phase shows and how long it takes.
   CPU), with no vLLM module imported;
 * configs: the resolved config of a routed model (runner, CUDA graph mode, splitting ops,
   async scheduling, compilation mode; on CPU a simulated Triton host) and every startup
-  refusal of worker/config_hook.py with the setting it names;
+  refusal of engine_setup.py with the setting it names;
 * engine: a routed tiny Idefics3 at vLLM's defaults (GPU: bf16, CUDA graphs, async
   scheduling), routed and unrouted requests, forwards by path;
 * oracle: float32 (GPU: Triton attention) against reference/oracle.py, greedy tokens, with the
@@ -175,7 +175,7 @@ class Refusal:
 
 
 def _rehook(**sections: dict[str, Any]) -> Callable[[str, Any], Any]:
-    from vllm_recroute.worker.config_hook import apply_routing_requirements
+    from vllm_recroute.engine_setup import apply_routing_requirements
 
     return lambda model, built: apply_routing_requirements(with_sections(built, **sections))
 
@@ -189,7 +189,7 @@ def _under_env(**values: str) -> Callable[[str, Any], Any]:
 
 
 def refusals() -> list[Refusal]:
-    """One case per refusal of worker/config_hook.py (docs/deploy.md)."""
+    """One case per refusal of engine_setup.py (docs/deploy.md)."""
     comp = "compilation_config"
     par = "parallel_config"
     cases = [

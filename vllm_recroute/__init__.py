@@ -25,16 +25,16 @@ def register() -> None:
 
     from vllm import ModelRegistry
 
+    from vllm_recroute.engine_setup import register_config_hooks
     from vllm_recroute.models import ROUTED_ARCHITECTURES
-    from vllm_recroute.worker.config_hook import register_config_hooks
 
     for arch, dotted in ROUTED_ARCHITECTURES.items():
         if arch not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(arch, dotted)
     register_config_hooks(ROUTED_ARCHITECTURES)
+    from vllm_recroute.engine_setup import CONNECTOR_NAME
     from vllm_recroute.patches import apply_runner_selection
     from vllm_recroute.platform_patches import apply_cpu_torch_shims, apply_thread_policy
-    from vllm_recroute.worker.config_hook import CONNECTOR_NAME
 
     apply_runner_selection(ROUTED_ARCHITECTURES)
     apply_thread_policy(CONNECTOR_NAME)

@@ -103,7 +103,7 @@ PATCHES: tuple[Patch, ...] = (
             "vllm.config.model:ModelConfig.enable_sleep_mode",
             "vllm.envs:VLLM_USE_BREAKABLE_CUDAGRAPH",
         ),
-        where="vllm_recroute/worker/config_hook.py",
+        where="vllm_recroute/engine_setup.py",
     ),
     Patch(
         "P3",
@@ -343,7 +343,7 @@ PATCHES: tuple[Patch, ...] = (
             # held routed prompt); read by 0.32's and 0.33's admission loops
             "vllm.v1.core.sched.scheduler:Scheduler.max_num_active_reqs",
         ),
-        where="vllm_recroute/sched/scheduler.py (installed by worker/config_hook.py)",
+        where="vllm_recroute/sched/scheduler.py (installed by engine_setup.py)",
     ),
     Patch(
         "P12",

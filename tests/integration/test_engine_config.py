@@ -119,7 +119,7 @@ def test_speculative_decoding_refused_with_routing(tiny_idefics3):
 def test_pipeline_parallelism_is_refused_with_the_reason(tiny_idefics3):
     from vllm.config import ParallelConfig, VllmConfig
 
-    from vllm_recroute.worker.config_hook import apply_routing_requirements
+    from vllm_recroute.engine_setup import apply_routing_requirements
 
     cfg = _engine_config(tiny_idefics3, ROUTED_IDEFICS3, {"schedule": "pdrop"})
     pp = VllmConfig.__new__(VllmConfig)  # the hook only reads these sections
@@ -192,7 +192,7 @@ def test_cuda_graphs_stay_piecewise(given, expected):
 
     from vllm.config.compilation import CUDAGraphMode
 
-    from vllm_recroute.worker.config_hook import _keep_graphs_piecewise
+    from vllm_recroute.engine_setup import _keep_graphs_piecewise
 
     comp = SimpleNamespace(cudagraph_mode=None if given is None else CUDAGraphMode[given])
     _keep_graphs_piecewise(SimpleNamespace(compilation_config=comp))
@@ -221,7 +221,7 @@ def _routed_config_with(model, **sections):
 
 
 def _refusal(vllm_config) -> str:
-    from vllm_recroute.worker.config_hook import RefusedSettingError, apply_routing_requirements
+    from vllm_recroute.engine_setup import RefusedSettingError, apply_routing_requirements
 
     with pytest.raises(RefusedSettingError) as info:
         apply_routing_requirements(vllm_config)
@@ -256,7 +256,7 @@ def test_rope_kv_cache_fusions_are_refused(tiny_idefics3, fusion):
 
 
 def test_unset_kv_write_fusions_are_pinned_off(tiny_idefics3):
-    from vllm_recroute.worker.config_hook import KV_WRITE_FUSIONS
+    from vllm_recroute.engine_setup import KV_WRITE_FUSIONS
 
     comp = _engine_config(tiny_idefics3, ROUTED_IDEFICS3, {}).compilation_config
     assert comp.use_inductor_graph_partition is False
@@ -281,7 +281,7 @@ def test_micro_batching_and_context_parallelism_are_refused(tiny_idefics3, chang
 
 
 def test_refusals_only_apply_while_routing(tiny_idefics3):
-    from vllm_recroute.worker.config_hook import apply_routing_requirements
+    from vllm_recroute.engine_setup import apply_routing_requirements
 
     cfg = _routed_config_with(tiny_idefics3, parallel_config={"enable_dbo": True})
     cfg.additional_config = {"recroute": {"mode": "off"}}

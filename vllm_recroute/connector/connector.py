@@ -25,9 +25,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm_recroute.config import RoutingConfig
 from vllm_recroute.connector.scheduler import SchedulerSide
 from vllm_recroute.connector.worker import WorkerSide
+from vllm_recroute.engine_setup import CONNECTOR_NAME, MODULE_PATH
 from vllm_recroute.metrics.accounting import add_into, empty_data
 from vllm_recroute.metrics.stats import RouteStats
-from vllm_recroute.worker.config_hook import CONNECTOR_NAME, MODULE_PATH
 
 __all__ = ["CONNECTOR_NAME", "MODULE_PATH", "RecrouteConnector"]
 
@@ -51,7 +51,7 @@ class RecrouteConnector(KVConnectorBase_V1, SupportsHMA):
         """vLLM 0.33's hook (a startup error naming this connector when sleep mode is on):
         the routing state this connector carries points into the KV cache that sleep mode
         discards or remaps. The config hook refuses sleep mode first, with the setting's
-        name (worker/config_hook.py); this covers a connector configured by hand."""
+        name (engine_setup.py); this covers a connector configured by hand."""
         return False
 
     # -- worker side ----------------------------------------------------------------

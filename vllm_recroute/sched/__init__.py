@@ -3,7 +3,7 @@
 - ``chunking``: the chunk rule, pure (a routed prompt's span from its first image to its
   end goes in one step);
 - ``scheduler``: `RoutedChunkScheduler`, vLLM's scheduler applying it
-  (``SchedulerConfig.scheduler_cls``, installed by worker/config_hook.py).
+  (``SchedulerConfig.scheduler_cls``, installed by engine_setup.py).
 """
 
 __all__ = ["SCHEDULER_PATH"]

@@ -1,6 +1,6 @@
 """vLLM's scheduler with routed prompts' chunks aligned to their first image.
 
-Installed by the config hook as ``SchedulerConfig.scheduler_cls`` (worker/config_hook.py)
+Installed by the config hook as ``SchedulerConfig.scheduler_cls`` (engine_setup.py)
 with chunked prefill kept on. Two overrides of vLLM's v1 ``Scheduler`` (0.32 and 0.33;
 patch record P11), nothing else changes:
 

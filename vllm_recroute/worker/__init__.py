@@ -17,6 +17,7 @@ and its leaves:
 - ``compaction``: segments of layers, compacted attention metadata, live block tables;
 - ``state``: `RouteStore`, per-request routing state across steps;
 - ``projections``: q/k/v of residual-stream rows through a layer's attention input path;
-- ``tp``: one routing decision on every tensor-parallel rank;
-- ``config_hook``: engine settings routing needs, applied before the engine is built.
+- ``tp``: one routing decision on every tensor-parallel rank.
+
+Engine settings routing needs (every process) are ``vllm_recroute/engine_setup.py``.
 """

@@ -33,9 +33,9 @@ import torch
 
 from vllm_recroute import vllm_view
 from vllm_recroute.config import RoutingConfig
+from vllm_recroute.engine_setup import check_routing_requirements
 from vllm_recroute.patches import apply_patches
 from vllm_recroute.routing import router_points
-from vllm_recroute.worker.config_hook import check_routing_requirements
 from vllm_recroute.worker.runtime import LayerCost, WorkerRuntime
 from vllm_recroute.worker.step import StepRouter
 
