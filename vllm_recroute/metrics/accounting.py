@@ -18,6 +18,9 @@ _KEYS = [(m.name.removeprefix(PREFIX), m) for m in METRICS]
 SCALARS = tuple(k for k, m in _KEYS if m.kind == "counter" and not m.labels)
 MAPPINGS = tuple(k for k, m in _KEYS if m.kind == "counter" and m.labels)
 GAUGES = tuple(k for k, m in _KEYS if m.kind == "gauge")
+# Every name a delta may carry: the metrics of names.py without their prefix.
+KEYS: tuple[str, ...] = (*SCALARS, *MAPPINGS, *GAUGES)
+_KNOWN = frozenset(KEYS)
 
 
 def empty_data() -> dict[str, Any]:
@@ -67,6 +70,34 @@ def is_empty(data: dict[str, Any]) -> bool:
     )
 
 
+class LedgerKey:
+    """Named handles of the keys in ``KEYS`` (for recording sites;
+    tests/unit/test_ledger.py checks they are the same set)."""
+
+    CHUNKED_FALLBACKS = "chunked_fallbacks"
+    DECODER_FLOPS_SAVED = "decoder_flops_saved"
+    DEFERRED_VISUAL_TOKEN_LAYERS = "deferred_visual_token_layers"
+    KV_BLOCKS_RELEASED = "kv_blocks_released"
+    KV_BLOCKS_RELEASED_AFTER_FORWARD = "kv_blocks_released_after_forward"
+    KV_BYTES_SAVED = "kv_bytes_saved"
+    PARKED_BLOCKS = "parked_blocks"
+    PARKED_BLOCKS_DROPPED = "parked_blocks_dropped"
+    PARKED_BLOCKS_FREED = "parked_blocks_freed"
+    PARKED_POOL_BLOCKS = "parked_pool_blocks"
+    PARKED_POOL_BYTES = "parked_pool_bytes"
+    RESTORED_BLOCKS = "restored_blocks"
+    ROUTED_REQUESTS = "routed_requests"
+    STAGE_ACTIVE_VISUAL_TOKENS = "stage_active_visual_tokens"
+    STAGE_VISUAL_TOKENS = "stage_visual_tokens"
+    TURN_LOADED_TOKENS = "turn_loaded_tokens"
+    TURN_LOADS = "turn_loads"
+    TURN_SAVES = "turn_saves"
+    TURN_STORE_BYTES = "turn_store_bytes"
+    TURN_STORE_ENTRIES = "turn_store_entries"
+    VISUAL_TOKEN_LAYERS = "visual_token_layers"
+    VISUAL_TOKENS = "visual_tokens"
+
+
 class Ledger:
     """A worker's routing accounting: ``totals`` since start (tests, /stats) and the delta
     not yet reported to the front end (drained by the connector each step)."""
@@ -76,11 +107,19 @@ class Ledger:
         self._pending = empty_data()
 
     def record(self, *deltas: dict[str, Any]) -> None:
-        """Add counter deltas and set gauges (later arguments win for a gauge)."""
+        """Add counter deltas and set gauges (later arguments win for a gauge). A key not
+        in ``KEYS`` is a ``ValueError`` naming it (it would otherwise be dropped silently)."""
         for delta in deltas:
-            if delta:
-                add_into(self.totals, delta)
-                add_into(self._pending, delta)
+            if not delta:
+                continue
+            unknown = sorted(set(delta) - _KNOWN)
+            if unknown:
+                raise ValueError(
+                    f"vllm-recroute: Ledger.record: unknown key(s) {unknown}; a key is a "
+                    f"metric of metrics/names.py without its prefix: {', '.join(KEYS)}"
+                )
+            add_into(self.totals, delta)
+            add_into(self._pending, delta)
 
     def drain(self) -> dict[str, Any]:
         out, self._pending = self._pending, empty_data()
