@@ -273,7 +273,7 @@ def _check_restored(tier, units, uid, layers, route, pos, hidden, residual) -> N
 def check_turns() -> None:
     """A kept turn: saved from the device cache into host memory, loaded back into the
     device cache at another request's pages, values equal."""
-    from vllm_recroute.kv.turn_index import TurnLoad, TurnSave
+    from vllm_recroute.messages import TurnLoad, TurnSave
     from vllm_recroute.worker.turns import TurnStore
 
     shape = SHAPES[0]

@@ -35,6 +35,7 @@ LAYERS: list[list[str]] = [
     ],
     ["config"],
     [
+        "messages",
         "requests",
         "requests.options",
         "metrics",
@@ -93,7 +94,6 @@ LAYERS: list[list[str]] = [
     ],
     [
         "connector",
-        "connector.messages",
         "connector.worker",
         "connector.scheduler",
         "connector.connector",

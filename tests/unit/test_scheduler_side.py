@@ -20,7 +20,7 @@ def _side() -> SchedulerSide:
     side._released_after_forward = 0
     side._turn_matches = {}
     side._turn_deferred = {}
-    from vllm_recroute.connector.messages import RecrouteMetadata
+    from vllm_recroute.messages import RecrouteMetadata
 
     side._jobs = RecrouteMetadata()
     return side

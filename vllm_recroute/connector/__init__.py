@@ -4,5 +4,5 @@
 - ``scheduler``: `SchedulerSide`, page releases, kept-turn matching and saves;
 - ``worker``: `WorkerSide`, applies the scheduler's jobs to the model's routed decoder
   and drains its accounting;
-- ``messages``: what travels between them each step.
+- what travels between them each step: ``vllm_recroute/messages.py`` (pure).
 """

@@ -19,6 +19,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
     SupportsHMA,
 )
 
@@ -26,10 +27,16 @@ from vllm_recroute.config import RoutingConfig
 from vllm_recroute.connector.scheduler import SchedulerSide
 from vllm_recroute.connector.worker import WorkerSide
 from vllm_recroute.engine_setup import CONNECTOR_NAME, MODULE_PATH
+from vllm_recroute.messages import DeferredReport, RecrouteMetadata
 from vllm_recroute.metrics.accounting import add_into, empty_data
 from vllm_recroute.metrics.stats import RouteStats
 
 __all__ = ["CONNECTOR_NAME", "MODULE_PATH", "RecrouteConnector"]
+
+# The step messages are pure dataclasses (vllm_recroute/messages.py); to vLLM they are its
+# connector metadata types (abstract bases without state: nothing is inherited).
+KVConnectorMetadata.register(RecrouteMetadata)
+KVConnectorWorkerMetadata.register(DeferredReport)
 
 
 class RecrouteConnector(KVConnectorBase_V1, SupportsHMA):

@@ -15,9 +15,9 @@ from typing import Any
 
 from vllm_recroute import vllm_view
 from vllm_recroute.config import RoutingConfig
-from vllm_recroute.connector.messages import DeferredReport, RecrouteMetadata
 from vllm_recroute.kv.manager import DeferralPlan, RoutedStageManager
-from vllm_recroute.kv.turn_index import TurnIndex, TurnLoad, TurnRequest, TurnSave
+from vllm_recroute.kv.turn_index import TurnIndex, TurnRequest
+from vllm_recroute.messages import DeferredReport, RecrouteMetadata, TurnLoad, TurnSave
 from vllm_recroute.metrics.accounting import add_into, empty_data
 from vllm_recroute.metrics.stats import RouteStats
 from vllm_recroute.requests.options import routing_for_request, routing_key

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_recroute import vllm_view
-from vllm_recroute.connector.messages import DeferredReport, RecrouteMetadata
+from vllm_recroute.messages import DeferredReport, RecrouteMetadata
 from vllm_recroute.metrics.accounting import is_empty, per_rank
 from vllm_recroute.metrics.stats import RouteStats
 

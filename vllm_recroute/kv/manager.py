@@ -55,8 +55,9 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from vllm_recroute import vllm_view
 from vllm_recroute.kv.spec import RoutedStageSpec
+from vllm_recroute.messages import ReleasedBlocks
 
-__all__ = ["DeferralPlan", "ReleasedBlocks", "RoutedStageManager", "register_stage_spec"]
+__all__ = ["DeferralPlan", "RoutedStageManager", "register_stage_spec"]
 
 
 @dataclass(frozen=True)
@@ -74,21 +75,6 @@ class DeferralPlan:
     def __post_init__(self) -> None:
         if self.deferred < 0 or not 0 <= self.first_image < self.prompt_len:
             raise ValueError(f"invalid DeferralPlan {self}")
-
-
-@dataclass(frozen=True)
-class ReleasedBlocks:
-    """Blocks of one request returned to the pool by one stage group (scheduler -> worker).
-
-    ``row_indices[i]`` is the index in the worker's block-table row that held
-    ``block_ids[i]``; the worker must not read or write those entries again.
-    """
-
-    request_id: str
-    kv_cache_group_id: int
-    stage: int
-    row_indices: tuple[int, ...]
-    block_ids: tuple[int, ...]
 
 
 class RoutedStageManager(FullAttentionManager):

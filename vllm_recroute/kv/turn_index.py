@@ -24,36 +24,13 @@ from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
+# TurnSave / TurnLoad are scheduler -> worker messages (vllm_recroute/messages.py), named
+# here too for worker/turns.py.
+from vllm_recroute.messages import TurnLoad, TurnSave
+
 __all__ = ["TurnIndex", "TurnKey", "TurnLoad", "TurnRequest", "TurnSave"]
 
 TurnKey = Hashable
-
-
-@dataclass(frozen=True)
-class TurnSave:
-    """Scheduler -> worker: copy a finished request's stage KV into the turn store.
-
-    The request's pages are held (vLLM's delayed free) until the worker reports it in
-    ``finished_sending``.
-    """
-
-    request_id: str
-    turn_id: int
-    num_tokens: int  # tokens [0, num_tokens) have KV
-    block_ids: tuple[tuple[int, ...], ...]  # per KV-cache group, the request's row
-
-
-@dataclass(frozen=True)
-class TurnLoad:
-    """Scheduler -> worker: before this step's forward, write a kept turn's stage KV for
-    tokens [start, num_tokens) into a new request's pages and give it the turn's routing
-    state (to be re-routed for its own question)."""
-
-    request_id: str
-    turn_id: int
-    start: int  # tokens before it came from vLLM's own prefix cache
-    num_tokens: int
-    block_ids: tuple[tuple[int, ...], ...]
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_recroute.kv.pages import KVPageIO
-from vllm_recroute.kv.turn_index import TurnLoad, TurnSave
+from vllm_recroute.messages import TurnLoad, TurnSave
 from vllm_recroute.metrics.accounting import Ledger
 from vllm_recroute.routing import stage_at
 from vllm_recroute.worker.parking import PageRow, ParkingTier, StageUnits

@@ -296,7 +296,7 @@ def _turn_store(tier):
 def test_a_kept_turn_comes_back_bit_exact_in_another_requests_pages(layout, fmt):
     """(int8: the units come back as the pool gave them out; re-quantizing a dequantized
     unit is exact, so a kept turn loses nothing more than parking did.)"""
-    from vllm_recroute.kv.turn_index import TurnLoad, TurnSave
+    from vllm_recroute.messages import TurnLoad, TurnSave
     from vllm_recroute.routing import Stage
     from vllm_recroute.worker.state import RouteState
 

@@ -9,14 +9,10 @@ from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import BlockHash
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 
-from vllm_recroute.kv.manager import (
-    DeferralPlan,
-    ReleasedBlocks,
-    RoutedStageManager,
-    register_stage_spec,
-)
+from vllm_recroute.kv.manager import DeferralPlan, RoutedStageManager, register_stage_spec
 from vllm_recroute.kv.spec import stage_spec_from
 from vllm_recroute.kv.table_view import ReleasedRows, compact_row
+from vllm_recroute.messages import ReleasedBlocks
 
 BLOCK = 4
 BASE = FullAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=1, dtype=torch.float32)

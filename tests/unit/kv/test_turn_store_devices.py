@@ -19,7 +19,7 @@ from tests.devices import FakeCuda, is_device, iter_device
 from tests.kv_layouts import flash_attn, flash_caches, flash_read
 from vllm_recroute.config import RoutingConfig
 from vllm_recroute.kv.parked_pool import ParkedKey
-from vllm_recroute.kv.turn_index import TurnLoad, TurnSave
+from vllm_recroute.messages import TurnLoad, TurnSave
 from vllm_recroute.metrics.accounting import Ledger
 from vllm_recroute.routing import Stage
 from vllm_recroute.worker.parking import PageRow, ParkingTier, StageUnits, page_io
