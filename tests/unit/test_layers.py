@@ -32,6 +32,7 @@ LAYERS: list[list[str]] = [
         "routing.schedule",
         "routing.scorers",
         "routing.settings",
+        "routing.stage_numbers",
     ],
     ["config"],
     [

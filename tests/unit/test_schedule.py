@@ -196,3 +196,18 @@ def test_sparsevlm_router_override_and_errors() -> None:
         resolve_stages(_cfg(schedule="sparsevlm", router_layers=[1, 2, 8]), 8)
     with pytest.raises(RoutingConfigError, match=r"recroute\.schedule"):
         resolve_stages(_cfg(schedule="sparsevlm"), 1)
+
+
+def test_stage_numbers_are_the_kv_spec_stages_of_the_layers():
+    """spec_stage(k) is the stage every layer of the request's k-th routed stage reports in
+    its KV spec (worker/decoder.py: the router points at or before the layer), and 0 is
+    never a routed stage."""
+    from vllm_recroute.routing import router_points, spec_stage
+
+    cfg = RoutingConfig(schedule="pdrop")
+    points = router_points(cfg, 32)
+    for k, stage in enumerate(resolve_stages(cfg, 32)):
+        for layer in range(stage.start, stage.end):
+            assert sum(1 for p in points if p <= layer) == spec_stage(k) >= 1
+    with pytest.raises(ValueError):
+        spec_stage(-1)

@@ -21,7 +21,7 @@ from vllm_recroute.messages import DeferredReport, RecrouteMetadata, TurnLoad, T
 from vllm_recroute.metrics.accounting import add_into, empty_data
 from vllm_recroute.metrics.stats import RouteStats
 from vllm_recroute.requests.options import routing_for_request, routing_key
-from vllm_recroute.routing import planned_deferred
+from vllm_recroute.routing import planned_deferred, spec_stage
 
 __all__ = ["SchedulerSide", "kv_written", "turn_request"]
 
@@ -97,8 +97,7 @@ class SchedulerSide:
         )
         visual = vllm_view.embed_positions_in(request, num_computed, prompt_len - 1)
         counts = planned_deferred(cfg, self._num_layers, visual)
-        # spec stage k + 1 is the request's k-th routed stage (worker/step.py)
-        return {k + 1: DeferralPlan(d, first, prompt_len) for k, d in enumerate(counts)}
+        return {spec_stage(k): DeferralPlan(d, first, prompt_len) for k, d in enumerate(counts)}
 
     def _expect_deferred(self, req_id: str, per_stage: dict[int, int] | None) -> None:
         """kv_release: tell each stage group how many of the offered tokens are deferred

@@ -35,12 +35,14 @@ _INT8_MAX = 127.0
 
 @dataclass(frozen=True, order=True)
 class ParkedKey:
-    """Identity of a parked block: request, routing stage, visual block index in the
-    request (index of the KV block in the request's uncompacted token sequence)."""
+    """Identity of a parked unit: request, the index ``k`` of the routed stage in the
+    request's stages (0-based; its stage number is ``routing.spec_stage(k)``), and the unit
+    id at that stage (``park_block_tokens`` visual tokens, numbered active units first:
+    worker/parking.py)."""
 
     request_id: str
-    stage: int
-    block_index: int
+    k: int
+    unit: int
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vllm_recroute.metrics.names import METRICS, PREFIX
+from vllm_recroute.routing.stage_numbers import spec_stage
 
 # Kinds come from the one list of metrics (names.py): a counter without labels is a scalar
 # sum, a labelled counter a mapping of sums, a gauge a level.
@@ -172,6 +173,8 @@ def routed_prompt_delta(
         DEFERRED_VISUAL_TOKEN_LAYERS: deferred_layers,
         DECODER_FLOPS_SAVED: flops * deferred_layers,
         KV_BYTES_SAVED: kv_bytes * deferred_layers,
-        STAGE_VISUAL_TOKENS: {str(k + 1): visual for k in range(len(deferred))},
-        STAGE_ACTIVE_VISUAL_TOKENS: {str(k + 1): visual - d for k, d in enumerate(deferred)},
+        STAGE_VISUAL_TOKENS: {str(spec_stage(k)): visual for k in range(len(deferred))},
+        STAGE_ACTIVE_VISUAL_TOKENS: {
+            str(spec_stage(k)): visual - d for k, d in enumerate(deferred)
+        },
     }

@@ -25,6 +25,7 @@ from vllm_recroute.routing.scorers import (
     get_scorer,
     query_indices,
 )
+from vllm_recroute.routing.stage_numbers import spec_stage
 
 __all__ = [
     "SCORERS",
@@ -42,5 +43,6 @@ __all__ = [
     "route_request",
     "router_points",
     "select_active",
+    "spec_stage",
     "stage_at",
 ]

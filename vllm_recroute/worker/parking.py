@@ -270,14 +270,14 @@ class ParkingTier:
         dropped = self.pool.park(key, k, v, float(score))
         self._apply_drops(dropped, delta)
         if key not in dropped:
-            self.units[(key.request_id, key.stage)].parked.add(key.block_index)
+            self.units[(key.request_id, key.k)].parked.add(key.unit)
             delta["parked_blocks"] += 1
 
     def _apply_drops(self, dropped: list[ParkedKey], delta: dict[str, int]) -> None:
         for key in dropped:
-            units = self.units.get((key.request_id, key.stage))
+            units = self.units.get((key.request_id, key.k))
             if units is not None:
-                units.parked.discard(key.block_index)
+                units.parked.discard(key.unit)
             delta["parked_blocks_dropped"] += 1
 
     # -- lifecycle ------------------------------------------------------------------------

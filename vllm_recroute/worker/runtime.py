@@ -33,7 +33,7 @@ from vllm_recroute.config import RoutingConfig
 from vllm_recroute.kv.table_view import ReleasedRows
 from vllm_recroute.metrics.accounting import CHUNKED_FALLBACKS, Ledger, routed_prompt_delta
 from vllm_recroute.requests.options import decode_reroute_every, routing_for_request
-from vllm_recroute.routing import Stage
+from vllm_recroute.routing import Stage, spec_stage
 from vllm_recroute.vllm_view import StepBatch
 from vllm_recroute.worker.compaction import LayerGroups
 from vllm_recroute.worker.parking import PageRow, ParkingTier, page_io
@@ -174,8 +174,8 @@ class WorkerRuntime:
         v = int(masks[0].numel())
         deferred = tuple(v - int(m.sum()) for m in masks)
         self.store.put(req_id, RouteState(stages, deferred, decode_reroute_every(cfg)))
-        if self.kv_release:  # spec stage k+1 = this request's k-th routed stage
-            self.outbox.report(req_id, {k + 1: d for k, d in enumerate(deferred)})
+        if self.kv_release:
+            self.outbox.report(req_id, {spec_stage(k): d for k, d in enumerate(deferred)})
         cost = (self.cost.flops_per_token_layer, self.cost.kv_bytes_per_token_layer)
         layers = [s.end - s.start for s in stages]
         label = f"{cfg.mode}/{cfg.schedule}"
