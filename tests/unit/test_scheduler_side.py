@@ -81,3 +81,53 @@ def test_a_routed_stage_row_keeps_its_live_tail_block():
     assert side.request_finished(_request(), truncated) is True
     [job] = side.build_meta().turn_saves
     assert job.block_ids == ((1, 2, 3, 4, 5), (7, 8, 9, 12))
+
+
+class _PlanLog:
+    """A stage group's manager that records the scheduler side's plan calls."""
+
+    kv_cache_group_id = 1
+    stage = 1
+
+    def __init__(self):
+        self.calls = []
+
+    def plan(self, req_id, plan):
+        self.calls.append(("plan", req_id, plan))
+
+    def expect_deferred(self, req_id, n):
+        self.calls.append(("expect", req_id, n))
+
+    def get_deferred(self, req_id):
+        return 3
+
+    def live_block_ids(self, req_id):
+        return [7, 8, 9]
+
+
+def _waiting(request_id, extra_tokens):
+    """A new request: turn 1's tokens (``_request``) and ``extra_tokens`` more."""
+    req = _request()
+    req.request_id = request_id
+    req.all_token_ids = [*req.all_token_ids, *range(100, 100 + extra_tokens)]
+    req.num_tokens = len(req.all_token_ids)
+    req.num_prompt_tokens = req.num_tokens
+    req.num_computed_tokens = 0
+    req.block_hashes = ["h0", "h1", "h2"]
+    return req
+
+
+def test_one_deferral_plan_per_consideration_and_none_for_a_loaded_turn():
+    """kv_release: a waiting request is planned once per get_num_new_matched_tokens; one
+    that loads a kept turn gets no plan (it arrives routed) and the turn's counts instead."""
+    side = _side()
+    manager = _PlanLog()
+    side._stage_groups = {1: [manager]}
+    side._plans_of = lambda request, n: {1: ("plan of", request.request_id, n)}
+    assert side.get_num_new_matched_tokens(_waiting("a", 4), 0) == (0, False)  # none kept
+    assert manager.calls == [("plan", "a", ("plan of", "a", 0))]
+    manager.calls.clear()
+    assert side.request_finished(_request(), ([1, 2, 3], [7, 8, 9])) is True  # turn 1 kept
+    manager.calls.clear()
+    assert side.get_num_new_matched_tokens(_waiting("b", 4), 0) == (11, False)
+    assert manager.calls == [("plan", "b", None), ("expect", "b", 3)]

@@ -58,25 +58,33 @@ class SchedulerSide:
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int):
         """The tokens of a kept turn this request starts with, beyond what vLLM's own
         prefix cache already gave (loaded synchronously). Called for every waiting request
-        vLLM considers, before its allocation: kv_release plans its deferred counts here."""
-        self._plan(request, num_computed_tokens)
-        if self._turns is None or not len(self._turns):
+        vLLM considers, before its allocation: kv_release plans its deferred counts here,
+        once per call (a request that loads a kept turn arrives routed: it plans nothing,
+        each stage group expects the turn's counts instead)."""
+        hit = self._turn_hit(request, num_computed_tokens)
+        self._plan(request, None if hit is not None else num_computed_tokens)
+        if hit is None:
             return 0, False
+        self._turn_matches[request.request_id] = hit
+        self._expect_deferred(request.request_id, self._turn_deferred.get(hit[0], {}))
+        return hit[1] - num_computed_tokens, False
+
+    def _turn_hit(self, request: Any, num_computed_tokens: int) -> tuple[int, int] | None:
+        """(turn id, tokens) of the kept turn this request loads, beyond its prefix-cache
+        hit; None: none."""
+        if self._turns is None or not len(self._turns):
+            return None
         turn = turn_request(request)
         hit = self._turns.match(turn, request.num_tokens - 1)
         # A new image after the kept turn would have to be routed with the loaded ones.
         if hit is None or any(off + n > hit[1] for off, n, _ in turn.images):
-            return 0, False
-        if hit[1] <= num_computed_tokens:
-            return 0, False
-        self._turn_matches[request.request_id] = hit
-        self._plan(request, None)  # arrives routed: the kept turn's counts apply
-        self._expect_deferred(request.request_id, self._turn_deferred.get(hit[0], {}))
-        return hit[1] - num_computed_tokens, False
+            return None
+        return hit if hit[1] > num_computed_tokens else None
 
     def _plan(self, request: Any, num_computed_tokens: int | None) -> None:
-        """kv_release: each stage group allocates only the compacted pages of a routed
-        prompt from its first step (kv/manager.py, DeferralPlan; None withdraws)."""
+        """kv_release: the request's one deferral plan of this consideration; each stage
+        group allocates only the compacted pages of a routed prompt from its first step
+        (kv/manager.py, DeferralPlan; None: no plan, an earlier one withdrawn)."""
         managers = self._stage_managers()
         if not managers:
             return
