@@ -206,7 +206,8 @@ PATCHES: tuple[Patch, ...] = (
         "does); the scheduler's Request (mm_features, sampling_params, block_hashes, "
         "cache_salt, num_computed_tokens less num_output_placeholders: the KV written under "
         "async scheduling) and KVCacheManager (coordinator.single_type_managers, "
-        "block_pool.null_block).",
+        "block_pool.null_block); the Scheduler's connector (the engine core's shared "
+        "routing resolver); a CachedRequestState's req_id and sampling_params.",
         why="Request identity, image spans, block tables and stage managers are not exposed "
         "through a public API.",
         upstream="Internal; Model Runner V2 exposes different structures.",
@@ -235,6 +236,9 @@ PATCHES: tuple[Patch, ...] = (
             "vllm.v1.core.sched.output:SchedulerOutput.finished_req_ids",
             "vllm.v1.core.sched.output:SchedulerOutput.preempted_req_ids",
             "vllm.v1.core.kv_cache_manager:KVCacheBlocks.get_block_ids",
+            "vllm.v1.core.sched.scheduler:Scheduler.connector",
+            "vllm.v1.worker.gpu_input_batch:CachedRequestState.req_id",
+            "vllm.v1.worker.gpu_input_batch:CachedRequestState.sampling_params",
         ),
         where="vllm_recroute/vllm_view/",
     ),

@@ -334,3 +334,29 @@ def test_scheduler_path_resolves_to_the_class():
     from vllm_recroute.sched.scheduler import RoutedChunkScheduler
 
     assert resolve_obj_by_qualname(SCHEDULER_PATH) is RoutedChunkScheduler
+
+
+def test_the_scheduler_shares_the_connectors_resolution_and_drops_it_at_finish(configs):
+    """One resolution of a request's routing in the engine core: the scheduler's chunk rule
+    and the connector's scheduler side read the same entry, dropped when it finishes."""
+    from vllm.v1.request import RequestStatus
+
+    from vllm_recroute import vllm_view
+    from vllm_recroute.requests.resolution import RoutingResolver
+
+    sched = _scheduler(configs["sync"])
+    routings = sched._routings
+    assert routings is sched.connector.request_routings
+    _run(sched, [_request("a", *ROUTED, recroute_keep=0.25), _request("t", 20)], 1)
+    first = routings.resolve(sched.requests["a"])
+    assert first.cfg.keep == 0.25 and first is routings.resolve(sched.requests["a"])
+    sched.finish_requests("a", RequestStatus.FINISHED_ABORTED)
+    assert "a" not in routings
+    # without the plugin's connector the scheduler's own resolver drops it at its next step
+    own = sched._routings = RoutingResolver(routings.base, vllm_view.scheduler_request_options)
+    _run(sched, [_request("b", *ROUTED)], 1)
+    assert "b" in own
+    sched.finish_requests("b", RequestStatus.FINISHED_ABORTED)
+    assert "b" in own
+    _step(sched)
+    assert "b" not in own and len(own) == 0

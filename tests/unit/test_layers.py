@@ -39,6 +39,7 @@ LAYERS: list[list[str]] = [
         "messages",
         "requests",
         "requests.options",
+        "requests.resolution",
         "metrics",
         "metrics.names",
         "metrics.accounting",

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from vllm_recroute import vllm_view
+from vllm_recroute.config import RoutingConfig
 from vllm_recroute.connector.scheduler import SchedulerSide
 from vllm_recroute.kv.turn_index import TurnIndex
+from vllm_recroute.requests.resolution import RoutingResolver
 
 
 def _side() -> SchedulerSide:
     side = SchedulerSide.__new__(SchedulerSide)
+    side.routings = RoutingResolver(RoutingConfig(), vllm_view.scheduler_request_options)
     side._turns = TurnIndex(capacity_bytes=1 << 20, block_size=4, bytes_per_token=10)
     side._kv_cache_manager = SimpleNamespace(
         block_pool=SimpleNamespace(null_block=SimpleNamespace(block_id=0))

@@ -53,6 +53,12 @@ class RecrouteConnector(KVConnectorBase_V1, SupportsHMA):
         else:
             self.worker = WorkerSide()
 
+    @property
+    def request_routings(self) -> Any | None:
+        """Scheduler role: the engine core's resolver of request routings
+        (requests/resolution.py), for the scheduler to share; None in a worker."""
+        return self.scheduler.routings if self.scheduler is not None else None
+
     @classmethod
     def supports_sleep_mode(cls, kv_transfer_config: Any) -> bool:
         """vLLM 0.33's hook (a startup error naming this connector when sleep mode is on):

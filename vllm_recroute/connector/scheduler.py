@@ -20,7 +20,7 @@ from vllm_recroute.kv.turn_index import TurnIndex, TurnRequest
 from vllm_recroute.messages import DeferredReport, RecrouteMetadata, TurnLoad, TurnSave
 from vllm_recroute.metrics.accounting import add_into, empty_data
 from vllm_recroute.metrics.stats import RouteStats
-from vllm_recroute.requests.options import routing_for_request, routing_key
+from vllm_recroute.requests.resolution import RequestRouting, RoutingResolver
 from vllm_recroute.routing import planned_deferred, spec_stage
 
 __all__ = ["SchedulerSide", "kv_written", "turn_request"]
@@ -28,7 +28,9 @@ __all__ = ["SchedulerSide", "kv_written", "turn_request"]
 
 class SchedulerSide:
     def __init__(self, cfg: RoutingConfig, vllm_config: Any, kv_cache_config: Any) -> None:
-        self._cfg = cfg
+        # the engine core's one resolution of each request's routing (shared with
+        # RoutedChunkScheduler, sched/scheduler.py), dropped in request_finished
+        self.routings = RoutingResolver(cfg, vllm_view.scheduler_request_options)
         self._num_layers = vllm_view.num_decoder_layers(vllm_config)
         self._turns = _turn_index(cfg, vllm_config, kv_cache_config)
         self._kv_cache_manager: Any = None
@@ -74,7 +76,7 @@ class SchedulerSide:
         hit; None: none."""
         if self._turns is None or not len(self._turns):
             return None
-        turn = turn_request(request)
+        turn = turn_request(request, self.routings.resolve(request))
         hit = self._turns.match(turn, request.num_tokens - 1)
         # A new image after the kept turn would have to be routed with the loaded ones.
         if hit is None or any(off + n > hit[1] for off, n, _ in turn.images):
@@ -100,9 +102,7 @@ class SchedulerSide:
         prompt_len = request.num_prompt_tokens
         if first is None or first < num_computed or num_computed >= prompt_len:
             return {}
-        cfg = routing_for_request(
-            self._cfg, vllm_view.scheduler_extra_args(request), request.request_id
-        )
+        cfg = self.routings.resolve(request).cfg
         visual = vllm_view.embed_positions_in(request, num_computed, prompt_len - 1)
         counts = planned_deferred(cfg, self._num_layers, visual)
         return {spec_stage(k): DeferralPlan(d, first, prompt_len) for k, d in enumerate(counts)}
@@ -162,12 +162,18 @@ class SchedulerSide:
 
     def request_finished(self, request: Any, block_ids: Any) -> bool:
         """Keep a finished turn's KV (its pages are held until the worker copied them).
-        Returns whether vLLM must delay freeing the blocks."""
+        Returns whether vLLM must delay freeing the blocks. Every finished request (stopped,
+        capped or aborted) passes here: its routing resolution is dropped."""
+        delay_free = self._keep_turn(request, block_ids)
+        self.routings.forget(request.request_id)
+        return delay_free
+
+    def _keep_turn(self, request: Any, block_ids: Any) -> bool:
         if self._turn_matches.pop(request.request_id, None) is not None:
             self._expect_deferred(request.request_id, None)
         if self._turns is None or not vllm_view.is_finished_normally(request):
             return False
-        turn, n = turn_request(request), kv_written(request)
+        turn, n = turn_request(request, self.routings.resolve(request)), kv_written(request)
         if not self._turns.can_keep(turn, n):
             return False
         turn_id, evicted = self._turns.keep(turn, n, also_at=(request.num_prompt_tokens,))
@@ -229,14 +235,14 @@ def _turn_index(cfg: RoutingConfig, vllm_config: Any, kv_cache_config: Any) -> T
     return TurnIndex(cfg.turn_cache_bytes, block, per_token)
 
 
-def turn_request(request: Any) -> TurnRequest:
+def turn_request(request: Any, routing: RequestRouting) -> TurnRequest:
     """What the turn index needs of a scheduler `Request`: tokens, block hashes, image
-    spans, its routing context (options that change the stage layout) and its tenant
-    (``cache_salt``: kept turns are isolated like vLLM's prefix cache)."""
+    spans, its routing context (``routing.key``: options that change the stage layout) and
+    its tenant (``cache_salt``: kept turns are isolated like vLLM's prefix cache)."""
     return TurnRequest(
         request.all_token_ids,
         request.block_hashes,
         vllm_view.image_spans(request),
-        routing_key(vllm_view.scheduler_extra_args(request)),
+        routing.key,
         vllm_view.cache_salt(request),
     )

@@ -8,14 +8,11 @@ values must be scalars.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping
 from typing import Any
 
 from vllm_recroute.config import RoutingConfig
 from vllm_recroute.errors import RoutingConfigError
-
-logger = logging.getLogger("vllm_recroute")
 
 PREFIX = "recroute_"
 REQUEST_FIELDS = (
@@ -57,8 +54,13 @@ def overrides_from_extra_args(extra_args: Mapping[str, Any] | None) -> dict[str,
 def config_for_extra_args(
     base: RoutingConfig, extra_args: Mapping[str, Any] | None
 ) -> RoutingConfig:
-    """The request's routing config: the server's, overridden and within its limits."""
-    overrides = overrides_from_extra_args(extra_args)
+    """The request's routing config: the server's, overridden and within its limits
+    (RoutingConfigError naming the option otherwise)."""
+    return config_for_overrides(base, overrides_from_extra_args(extra_args))
+
+
+def config_for_overrides(base: RoutingConfig, overrides: Mapping[str, Any]) -> RoutingConfig:
+    """``base`` with parsed request ``overrides`` applied, within the operator's limits."""
     if not overrides:
         return base
     check_request_limits(base, overrides)
@@ -105,35 +107,6 @@ def check_request_limits(base: RoutingConfig, overrides: Mapping[str, Any]) -> N
     avg = overrides.get("avg_visual_tokens")
     if low_avg is not None and isinstance(avg, int) and avg < low_avg:
         refuse("avg_visual_tokens", f"got {avg!r}; this server's minimum is {low_avg}")
-
-
-def routing_for_request(
-    base: RoutingConfig, extra_args: Mapping[str, Any] | None, req_id: str
-) -> RoutingConfig:
-    """Effective config of one request, worker side (the front end already validated it)."""
-    if not extra_args:
-        return base
-    try:
-        return config_for_extra_args(base, extra_args)
-    except RoutingConfigError as err:
-        # Reaching here means a caller bypassed front-end validation (offline LLM API);
-        # never crash the engine for one request.
-        logger.warning("vllm-recroute: request %s: %s; using server routing config", req_id, err)
-        return base
-
-
-def routing_key(extra_args: Mapping[str, Any] | None) -> tuple[tuple[str, str], ...]:
-    """What of a request's options changes its stage layout: the routing context a kept
-    turn was computed under (``reroute_every`` only paces decode-time swaps).
-
-    Never raises: options no front end validated (offline API) are keyed by their raw
-    value, so such a request matches only itself.
-    """
-    try:
-        options = overrides_from_extra_args(extra_args)
-    except RoutingConfigError:
-        options = {"raw": repr(sorted((extra_args or {}).items()))}
-    return tuple(sorted((k, repr(v)) for k, v in options.items() if k != "reroute_every"))
 
 
 def decode_reroute_every(cfg: RoutingConfig) -> int:

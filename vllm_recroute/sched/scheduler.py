@@ -37,7 +37,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_recroute import vllm_view
 from vllm_recroute.config import RoutingConfig
-from vllm_recroute.requests.options import routing_for_request
+from vllm_recroute.requests.resolution import RoutingResolver
 from vllm_recroute.sched import SCHEDULER_PATH
 from vllm_recroute.sched.chunking import aligned_chunk, span_fits
 
@@ -60,19 +60,33 @@ class RoutedChunkScheduler(Scheduler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._routing = RoutingConfig.from_additional_config(self.vllm_config.additional_config)
+        self._routings = self._resolver()
         self._step_tokens = vllm_view.step_token_limit(self)
         self._step_embeds = vllm_view.step_embed_limit(self)
         self._wants_span: set[str] = set()  # cut before the first image at the last step
+
+    def _resolver(self) -> RoutingResolver:
+        """The engine core's one resolution of each request's routing: the plugin's
+        connector's when it is installed (connector/scheduler.py), else our own."""
+        shared = getattr(vllm_view.kv_connector(self), "request_routings", None)
+        if isinstance(shared, RoutingResolver):
+            return shared
+        cfg = RoutingConfig.from_additional_config(self.vllm_config.additional_config)
+        return RoutingResolver(cfg, vllm_view.scheduler_request_options)
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         self._serve_first(self._wants_span)
         self._wants_span = set()
         active_limit = self.max_num_active_reqs
         try:
-            return super().schedule(*args, **kwargs)
+            output = super().schedule(*args, **kwargs)
         finally:
             self.max_num_active_reqs = active_limit  # reopens admission (_hold_the_line)
+        # Requests finished since the last step: their routing is not needed again (the
+        # connector drops it too, in request_finished, when the resolver is shared).
+        for req_id in vllm_view.gone_request_ids(output)[0]:
+            self._routings.forget(req_id)
+        return output
 
     def _hold_the_line(self) -> None:
         """No waiting request is admitted for the rest of this step: the head-of-line wait
@@ -135,8 +149,7 @@ class RoutedChunkScheduler(Scheduler):
         return lambda n: aligned_chunk(computed, n, end, first, fits=True, admit_whole=whole)
 
     def _routed(self, request: Any) -> bool:
-        extra = vllm_view.scheduler_extra_args(request)
-        return routing_for_request(self._routing, extra, request.request_id).enabled
+        return self._routings.resolve(request).cfg.enabled
 
 
 class AsyncRoutedChunkScheduler(RoutedChunkScheduler, AsyncScheduler):

@@ -67,22 +67,27 @@ def prompt_length(request: Any) -> int:
     return int(request.num_prompt_tokens)
 
 
-def request_extra_args(runner: Any, req_id: str) -> Mapping[str, Any] | None:
-    """Worker side: the request's ``SamplingParams.extra_args`` (per-request options)."""
-    state = runner.requests.get(req_id)
-    params = getattr(state, "sampling_params", None)
-    return getattr(params, "extra_args", None)
-
-
 def worker_request(runner: Any, req_id: str) -> Any | None:
-    """Worker side: vLLM's cached state of a request (for ``first_image_offset``)."""
+    """Worker side: vLLM's cached state of a request (``CachedRequestState``)."""
     return runner.requests.get(req_id)
+
+
+def worker_request_options(state: Any) -> tuple[str, Mapping[str, Any] | None]:
+    """Worker side: ``(request id, SamplingParams.extra_args)`` of a request's cached state
+    (what `requests.resolution.RoutingResolver` reads)."""
+    params = getattr(state, "sampling_params", None)
+    return state.req_id, getattr(params, "extra_args", None)
 
 
 def scheduler_extra_args(request: Any) -> Mapping[str, Any] | None:
     """Scheduler side: a `vllm.v1.request.Request`'s per-request options."""
     params = request.sampling_params
     return params.extra_args if params else None
+
+
+def scheduler_request_options(request: Any) -> tuple[str, Mapping[str, Any] | None]:
+    """Scheduler side: ``(request id, extra_args)`` of a `vllm.v1.request.Request`."""
+    return request.request_id, scheduler_extra_args(request)
 
 
 def cache_salt(request: Any) -> str | None:

@@ -1,5 +1,5 @@
-"""Scheduler-side reads: the KV-cache manager's stage managers and null block, and the
-step budgets vLLM's scheduler applies to one request."""
+"""Scheduler-side reads: the KV-cache manager's stage managers and null block, the
+scheduler's KV connector, and the step budgets vLLM's scheduler applies to one request."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ def routed_stage_managers(kv_cache_manager: Any, manager_cls: type) -> dict[int,
         if isinstance(m, manager_cls):
             out.setdefault(m.stage, []).append(m)
     return out
+
+
+def kv_connector(scheduler: Any) -> Any | None:
+    """Scheduler side: the engine's KV connector (built inside vLLM's
+    ``Scheduler.__init__``), or None."""
+    return scheduler.connector
 
 
 def null_block_id(kv_cache_manager: Any) -> int:

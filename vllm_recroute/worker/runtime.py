@@ -32,7 +32,8 @@ from vllm_recroute import vllm_view
 from vllm_recroute.config import RoutingConfig
 from vllm_recroute.kv.table_view import ReleasedRows
 from vllm_recroute.metrics.accounting import CHUNKED_FALLBACKS, Ledger, routed_prompt_delta
-from vllm_recroute.requests.options import decode_reroute_every, routing_for_request
+from vllm_recroute.requests.options import decode_reroute_every
+from vllm_recroute.requests.resolution import RoutingResolver
 from vllm_recroute.routing import Stage, spec_stage
 from vllm_recroute.vllm_view import StepBatch
 from vllm_recroute.worker.compaction import LayerGroups
@@ -78,6 +79,7 @@ class WorkerRuntime:
         tp: TPGroup | None = None,
     ) -> None:
         self.config = config
+        self.routings = RoutingResolver(config, vllm_view.worker_request_options)
         self.image_token_id = int(image_token_id)
         self.layers = layers
         self.num_layers = len(layers)
@@ -109,8 +111,11 @@ class WorkerRuntime:
     def requests_gone(self, finished: Iterable[str], preempted: Iterable[str]) -> None:
         """vLLM says these requests finished or were preempted: their state is stale
         (a finished one is held until this step's turn jobs ran)."""
+        finished = list(finished)
         self.store.finish(finished)
         self.store.forget(preempted)
+        for req_id in finished:
+            self.routings.forget(req_id)
 
     def apply_released(self, events: Iterable[Any]) -> None:
         """kv_release: mirror the scheduler's page releases (kv/manager.ReleasedBlocks)."""
@@ -188,10 +193,10 @@ class WorkerRuntime:
     # -- helpers --------------------------------------------------------------------------
 
     def config_of(self, runner: Any, req_id: str) -> RoutingConfig:
-        """A request's effective routing config (server config + its options)."""
-        return routing_for_request(
-            self.config, vllm_view.request_extra_args(runner, req_id), req_id
-        )
+        """A request's effective routing config (server config + its options), resolved
+        once per request (``self.routings``; dropped when it finishes)."""
+        state = vllm_view.worker_request(runner, req_id)
+        return self.config if state is None else self.routings.resolve(state).cfg
 
     def reroute_every_of(self, runner: Any, req_id: str) -> int:
         return decode_reroute_every(self.config_of(runner, req_id))

@@ -124,7 +124,13 @@ def test_a_turn_shorter_than_one_block_is_keyed_by_all_its_tokens():
 def test_requests_are_keyed_by_their_routing_options_and_bad_ones_never_raise():
     from types import SimpleNamespace
 
-    from vllm_recroute.connector.scheduler import turn_request as _turn_request
+    from vllm_recroute.config import RoutingConfig
+    from vllm_recroute.connector.scheduler import turn_request
+    from vllm_recroute.requests.resolution import resolve_options
+
+    def _turn_request(req):
+        extra = req.sampling_params.extra_args
+        return turn_request(req, resolve_options(RoutingConfig(), extra, "r"))
 
     def request(extra):
         image = SimpleNamespace(mm_position=SimpleNamespace(offset=2, length=5), identifier="a")
@@ -164,7 +170,12 @@ def test_a_turn_kept_under_one_salt_is_never_loaded_under_another(block_size):
 def test_the_scheduler_request_carries_its_cache_salt():
     from types import SimpleNamespace
 
-    from vllm_recroute.connector.scheduler import turn_request as _turn_request
+    from vllm_recroute.config import RoutingConfig
+    from vllm_recroute.connector.scheduler import turn_request
+    from vllm_recroute.requests.resolution import resolve_options
+
+    def _turn_request(req):
+        return turn_request(req, resolve_options(RoutingConfig(), None, "r"))
 
     def request(salt):
         return SimpleNamespace(
