@@ -67,7 +67,7 @@ def test_a_bad_request_runs_with_the_server_config_and_one_warning(caplog):
     assert warnings[0].startswith("vllm-recroute: request r: vllm_xargs.recroute_bogus")
     assert "unknown option; allowed: recroute_mode" in warnings[0]
     assert warnings[0].endswith("; using server routing config")
-    assert warnings[1].startswith("vllm-recroute: request s: vllm_xargs.recroute_keep")
+    assert warnings[1].startswith("vllm-recroute: request s: recroute.keep: got 0.0")
     # unvalidated options key a kept turn by their raw value: they match only themselves
     assert resolver.resolve(bogus).key not in ((), resolver.resolve(below).key)
 
@@ -82,7 +82,7 @@ def test_the_front_end_still_refuses_a_bad_request_naming_the_option():
     assert err.value.parameter == "vllm_xargs.recroute_bogus"
     with pytest.raises(VLLMValidationError) as err:
         validate_request(BASE, {"recroute_keep": 0})
-    assert err.value.parameter == "vllm_xargs.recroute_keep"
+    assert err.value.parameter == "recroute.keep"  # the config's own check names it
     assert (
         validate_request(BASE, {"recroute_keep": 0.25})
         == resolve_options(BASE, {"recroute_keep": 0.25}, "r").cfg
