@@ -103,10 +103,10 @@ def test_the_connector_drops_a_resolution_when_its_request_finishes():
 
 
 def test_the_worker_drops_a_resolution_when_its_request_finishes_not_when_preempted():
-    from vllm_recroute.worker.decoder import RoutedDecoder
+    from vllm_recroute.worker.runtime import WorkerRuntime
     from vllm_recroute.worker.state import RouteStore
 
-    dec = RoutedDecoder.__new__(RoutedDecoder)
+    dec = WorkerRuntime.__new__(WorkerRuntime)  # the worker's routing state and its API
     dec.config = BASE
     dec.store = RouteStore()
     dec.routings = RoutingResolver(BASE, vllm_view.worker_request_options)
