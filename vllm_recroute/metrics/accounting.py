@@ -128,28 +128,18 @@ class Ledger:
 
 
 # -- what one routed prompt adds (worker/runtime.py) ---------------------------------------
-# The ledger keys the routing decision writes, named once beside the Ledger; each is a
-# metric of names.py without its prefix (in SCALARS or MAPPINGS above; checked by
-# tests/unit/test_prompt_delta.py), so a check of a delta's keys can use them.
-ROUTED_REQUESTS = "routed_requests"  # {"mode/schedule": requests}
-VISUAL_TOKENS = "visual_tokens"
-VISUAL_TOKEN_LAYERS = "visual_token_layers"
-DEFERRED_VISUAL_TOKEN_LAYERS = "deferred_visual_token_layers"
-DECODER_FLOPS_SAVED = "decoder_flops_saved"
-KV_BYTES_SAVED = "kv_bytes_saved"
-STAGE_VISUAL_TOKENS = "stage_visual_tokens"  # {"stage": tokens}
-STAGE_ACTIVE_VISUAL_TOKENS = "stage_active_visual_tokens"  # {"stage": tokens}
-CHUNKED_FALLBACKS = "chunked_fallbacks"  # prompts split by chunked prefill: unrouted
+# The ledger keys the routing decision writes (handles of ``LedgerKey`` above; each in
+# SCALARS or MAPPINGS, checked by tests/unit/test_prompt_delta.py).
 ROUTED_PROMPT_KEYS = (
-    ROUTED_REQUESTS,
-    VISUAL_TOKENS,
-    VISUAL_TOKEN_LAYERS,
-    DEFERRED_VISUAL_TOKEN_LAYERS,
-    DECODER_FLOPS_SAVED,
-    KV_BYTES_SAVED,
-    STAGE_VISUAL_TOKENS,
-    STAGE_ACTIVE_VISUAL_TOKENS,
-    CHUNKED_FALLBACKS,
+    LedgerKey.ROUTED_REQUESTS,  # {"mode/schedule": requests}
+    LedgerKey.VISUAL_TOKENS,
+    LedgerKey.VISUAL_TOKEN_LAYERS,
+    LedgerKey.DEFERRED_VISUAL_TOKEN_LAYERS,
+    LedgerKey.DECODER_FLOPS_SAVED,
+    LedgerKey.KV_BYTES_SAVED,
+    LedgerKey.STAGE_VISUAL_TOKENS,  # {"stage": tokens}
+    LedgerKey.STAGE_ACTIVE_VISUAL_TOKENS,  # {"stage": tokens}
+    LedgerKey.CHUNKED_FALLBACKS,  # prompts split by chunked prefill: unrouted
 )
 
 
@@ -167,14 +157,14 @@ def routed_prompt_delta(
     deferred_layers = sum(d * n for n, d in zip(stage_layers, deferred, strict=True))
     flops, kv_bytes = cost
     return {
-        ROUTED_REQUESTS: {label: 1},
-        VISUAL_TOKENS: visual,
-        VISUAL_TOKEN_LAYERS: visual * num_layers,
-        DEFERRED_VISUAL_TOKEN_LAYERS: deferred_layers,
-        DECODER_FLOPS_SAVED: flops * deferred_layers,
-        KV_BYTES_SAVED: kv_bytes * deferred_layers,
-        STAGE_VISUAL_TOKENS: {str(spec_stage(k)): visual for k in range(len(deferred))},
-        STAGE_ACTIVE_VISUAL_TOKENS: {
+        LedgerKey.ROUTED_REQUESTS: {label: 1},
+        LedgerKey.VISUAL_TOKENS: visual,
+        LedgerKey.VISUAL_TOKEN_LAYERS: visual * num_layers,
+        LedgerKey.DEFERRED_VISUAL_TOKEN_LAYERS: deferred_layers,
+        LedgerKey.DECODER_FLOPS_SAVED: flops * deferred_layers,
+        LedgerKey.KV_BYTES_SAVED: kv_bytes * deferred_layers,
+        LedgerKey.STAGE_VISUAL_TOKENS: {str(spec_stage(k)): visual for k in range(len(deferred))},
+        LedgerKey.STAGE_ACTIVE_VISUAL_TOKENS: {
             str(spec_stage(k)): visual - d for k, d in enumerate(deferred)
         },
     }

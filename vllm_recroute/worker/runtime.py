@@ -31,7 +31,7 @@ import torch
 from vllm_recroute import vllm_view
 from vllm_recroute.config import RoutingConfig
 from vllm_recroute.kv.table_view import ReleasedRows
-from vllm_recroute.metrics.accounting import CHUNKED_FALLBACKS, Ledger, routed_prompt_delta
+from vllm_recroute.metrics.accounting import Ledger, LedgerKey, routed_prompt_delta
 from vllm_recroute.requests.options import decode_reroute_every
 from vllm_recroute.requests.resolution import RoutingResolver
 from vllm_recroute.routing import Stage, spec_stage
@@ -160,7 +160,7 @@ class WorkerRuntime:
         rows = classify_rows(StepBatch.of(runner), self._lookups(runner))
         self.store.forget(rows.fresh)
         for req_id in rows.split:
-            self.ledger.record({CHUNKED_FALLBACKS: 1})
+            self.ledger.record({LedgerKey.CHUNKED_FALLBACKS: 1})
             logger.warning(
                 "vllm-recroute: request %s prompt split by chunked prefill; running it "
                 "unrouted (set recroute.chunked_prefill='off' to keep prompts whole)",
