@@ -1,26 +1,30 @@
-"""The package's rooms import downwards only, and no module-level import forms a cycle.
+"""The package's rooms import downwards only, and no import forms a cycle.
 
 LAYERS lists every module of ``vllm_recroute`` from the bottom up; a module may import
 (at module level or inside a function) only from its own layer or below. Pure rooms
 (routing, and kv's pure modules) import nothing from vLLM's worker side nor from the
 plugin's worker/ or connector/. Checked twice: statically over every ``import`` statement
-(TYPE_CHECKING blocks excluded), and by importing every module in layer order in a fresh
-interpreter, which fails on any cycle and on a module that pulls in a higher layer.
+(tests/import_graph.py; TYPE_CHECKING blocks count as imports for the type-only, worker
+stack and cycle checks), and by importing every module in layer order in a fresh
+interpreter, which fails on a module that pulls in a higher layer. No cycle at all, inside
+a layer too: function-level and type-only imports are edges of the graph.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-import vllm_recroute
-
-ROOT = Path(vllm_recroute.__file__).parent
+from tests.import_graph import (
+    ROOT,
+    find_cycle,
+    import_graph,
+    plugin_imports,
+    plugin_modules,
+)
 
 LAYERS: list[list[str]] = [
     ["errors", "_compat"],
@@ -129,53 +133,15 @@ LAYER_OF = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 LAYER_OF.update({m: len(LAYERS) - 2 for m in NOT_IMPORTABLE_HERE})
 
 
-def _name(path: Path) -> str:
-    rel = path.relative_to(ROOT).with_suffix("")
-    parts = [p for p in rel.parts if p != "__init__"]
-    return ".".join(parts)
-
-
-def _modules() -> dict[str, Path]:
-    return {_name(p): p for p in ROOT.rglob("*.py") if "checkpoint" not in p.parts}
-
-
-def _imports(path: Path, type_only: bool = False) -> list[tuple[str, bool]]:
-    """(imported plugin module, at module level) for every import in ``path``; with
-    ``type_only``, the imports of ``if TYPE_CHECKING:`` blocks too."""
-    tree = ast.parse(path.read_text())
-    skip: set[int] = set()
-    for node in ast.walk(tree):  # `if TYPE_CHECKING:` blocks are not imports at run time
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skip |= set() if type_only else {id(n) for n in ast.walk(node)}
-    top = {id(n) for n in tree.body}
-    out = []
-    for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
-        names: list[str] = []
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        for name in names:
-            if name == "vllm_recroute" or name.startswith("vllm_recroute."):
-                mod = name.removeprefix("vllm_recroute").removeprefix(".")
-                # the package root (register()) imports nothing at module level, so
-                # `from vllm_recroute import vllm_view` imports vllm_view only
-                if mod and mod in LAYER_OF:
-                    out.append((mod, id(node) in top))
-    return out
-
-
 def test_every_module_has_a_layer():
-    missing = sorted(set(_modules()) - set(LAYER_OF))
+    missing = sorted(set(plugin_modules()) - set(LAYER_OF))
     assert not missing, f"add these modules to LAYERS: {missing}"
 
 
-@pytest.mark.parametrize("module", sorted(_modules()))
+@pytest.mark.parametrize("module", sorted(plugin_modules()))
 def test_imports_go_downwards(module):
     mine = LAYER_OF[module]
-    for target, _ in _imports(_modules()[module]):
+    for target, _ in plugin_imports(plugin_modules()[module]):
         assert LAYER_OF[target] <= mine, f"{module} (layer {mine}) imports {target}"
 
 
@@ -184,8 +150,8 @@ def test_type_only_imports_go_downwards_too():
     at run time (routing/ names no config class: routing/settings.py)."""
     up = [
         (module, target)
-        for module, path in _modules().items()
-        for target, _ in _imports(path, type_only=True)
+        for module, path in plugin_modules().items()
+        for target, _ in plugin_imports(path, type_only=True)
         if LAYER_OF[target] > LAYER_OF[module]
     ]
     assert up == []
@@ -193,7 +159,7 @@ def test_type_only_imports_go_downwards_too():
 
 @pytest.mark.parametrize("module", PURE)
 def test_pure_rooms_do_not_reach_the_worker_or_the_connector(module):
-    for target, _ in _imports(_modules()[module]):
+    for target, _ in plugin_imports(plugin_modules()[module]):
         assert not target.startswith(("worker", "connector", "models", "vllm_view")), target
 
 
@@ -214,27 +180,16 @@ def test_the_worker_wing_is_a_straight_stack(module):
     allowed = set(WORKER_LEAVES) - {module}
     if module in WORKER_STACK:
         allowed |= set(WORKER_STACK[WORKER_STACK.index(module) + 1 :])
-    for target, _ in _imports(_modules()[module], type_only=True):
+    for target, _ in plugin_imports(plugin_modules()[module], type_only=True):
         if target.startswith("worker.") or target == "worker":
             assert target in allowed, f"{module} imports {target}"
 
 
-def test_no_module_level_import_cycle():
-    graph = {m: {t for t, top in _imports(p) if top and t != m} for m, p in _modules().items()}
-    state: dict[str, int] = {}
-
-    def visit(m: str, path: list[str]) -> None:
-        state[m] = 1
-        for t in graph.get(m, ()):
-            if state.get(t) == 1:
-                raise AssertionError("import cycle: " + " -> ".join([*path, m, t]))
-            if t not in state:
-                visit(t, [*path, m])
-        state[m] = 2
-
-    for m in sorted(graph):
-        if m not in state:
-            visit(m, [])
+def test_no_import_cycle_even_inside_functions_or_for_types():
+    """Any import is an edge: module level, inside a function, for types only; no cycle
+    among the package's modules, inside a layer too."""
+    cycle = find_cycle(import_graph(plugin_modules(), type_only=True))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or ())
 
 
 def test_layer_order_imports_in_a_fresh_interpreter():
@@ -265,11 +220,11 @@ def test_the_static_check_would_catch_an_upward_import(tmp_path):
     """Guard: the checker is not vacuous."""
     bad = tmp_path / "bad.py"
     bad.write_text("from vllm_recroute.worker.decoder import RoutedDecoder\n")
-    assert _imports(bad) == [("worker.decoder", True)]
+    assert plugin_imports(bad) == [("worker.decoder", True)]
     assert LAYER_OF["worker.decoder"] > LAYER_OF["routing.schedule"]
 
 
-def test_the_stack_check_sees_type_only_imports(tmp_path):
+def test_the_stack_check_sees_type_onlyplugin_imports(tmp_path):
     """Guard: a back reference for types only is an import to the stack check."""
     bad = tmp_path / "bad.py"
     bad.write_text(
@@ -277,8 +232,32 @@ def test_the_stack_check_sees_type_only_imports(tmp_path):
         "if TYPE_CHECKING:\n"
         "    from vllm_recroute.worker.decoder import RoutedDecoder\n"
     )
-    assert _imports(bad) == []
-    assert _imports(bad, type_only=True) == [("worker.decoder", False)]
+    assert plugin_imports(bad) == []
+    assert plugin_imports(bad, type_only=True) == [("worker.decoder", False)]
+
+
+def test_the_cycle_finder_finds_a_planted_cycle():
+    """Guard: the cycle check is not vacuous (a tiny fake graph)."""
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"x": {"a"}, "a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
+    assert find_cycle({"a": {"a"}}) == ["a", "a"]
+
+
+def test_a_function_level_and_a_type_only_import_make_a_cycle(tmp_path):
+    """Guard: a lazy import one way and a type-only import back are a cycle to the check."""
+    lazy = tmp_path / "lazy.py"
+    lazy.write_text("def f():\n    from vllm_recroute.worker.step import StepRouter\n")
+    typed = tmp_path / "typed.py"
+    typed.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from vllm_recroute.worker.decoder import RoutedDecoder\n"
+    )
+    modules = {"worker.decoder": lazy, "worker.step": typed}
+    assert find_cycle(import_graph(modules, type_only=False)) is None  # run-time edges only
+    cycle = find_cycle(import_graph(modules, type_only=True))
+    assert cycle == ["worker.decoder", "worker.step", "worker.decoder"]
 
 
 def test_every_package_is_installed_by_pyproject():
@@ -322,5 +301,5 @@ def test_register_does_not_load_the_server():
     server/'s layer, must not either."""
     assert LAYER_OF["server.endpoints"] == LAYER_OF[""] == len(LAYERS) - 1
     assert max(LAYER_OF[m] for m in LAYER_OF if m not in LAYERS[-1]) < LAYER_OF["server"]
-    root = [t for t, _ in _imports(ROOT / "__init__.py")]
+    root = [t for t, _ in plugin_imports(ROOT / "__init__.py")]
     assert root and not [t for t in root if t == "server" or t.startswith("server.")], root

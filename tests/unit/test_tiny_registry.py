@@ -12,7 +12,8 @@ import re
 
 import pytest
 
-from tests.unit.test_layers import NOT_IMPORTABLE_HERE, _imports, _modules
+from tests.import_graph import find_cycle, import_graph, plugin_modules
+from tests.unit.test_layers import NOT_IMPORTABLE_HERE
 from vllm_recroute.cli import remote_code_files
 from vllm_recroute.models import ROUTED_ARCHITECTURES
 from vllm_recroute.tiny import ARCHS, PRESETS, TINY_ARCHS, cached_tiny_model, get_arch
@@ -76,27 +77,18 @@ def test_presets_and_their_errors():
         get_arch("keye", "smolvlm-256m")
 
 
-TINY = sorted(m for m in _modules() if m == "tiny" or m.startswith("tiny."))
+TINY = sorted(m for m in plugin_modules() if m == "tiny" or m.startswith("tiny."))
 
 
 def test_no_import_cycle_in_the_package_even_inside_functions():
-    graph = {m: {t for t, _ in _imports(_modules()[m]) if t != m} for m in TINY}
-    done: set[str] = set()
-
-    def visit(m: str, path: tuple[str, ...]) -> None:
-        assert m not in path, "import cycle: " + " -> ".join((*path, m))
-        if m not in done:
-            for t in graph.get(m, ()):
-                visit(t, (*path, m))
-            done.add(m)
-
-    for m in TINY:
-        visit(m, ())
+    modules = plugin_modules()
+    cycle = find_cycle(import_graph({m: modules[m] for m in TINY}))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or ())
 
 
 @pytest.mark.parametrize("module", TINY)
 def test_no_private_name_is_imported_across_modules(module):
-    tree = ast.parse(_modules()[module].read_text())
+    tree = ast.parse(plugin_modules()[module].read_text())
     private = [
         f"{node.module}.{a.name}"
         for node in ast.walk(tree)
