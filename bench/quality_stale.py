@@ -49,7 +49,13 @@ def _hf_first_tokens(
     from reference import oracle
     from vllm_recroute.config import RoutingConfig
     from vllm_recroute.requests.options import config_for_extra_args
-    from vllm_recroute.routing import num_keep, query_indices, resolve_stages, route_request
+    from vllm_recroute.routing import (
+        num_keep,
+        query_indices,
+        resolve_stages,
+        route_request,
+        scoring_layer,
+    )
     from vllm_recroute.routing.schedule import stage_at
 
     cfg = config_for_extra_args(RoutingConfig(mode="reroute"), xargs)
@@ -68,7 +74,7 @@ def _hf_first_tokens(
         with torch.no_grad():
             for idx, layer in enumerate(dec.layers):
                 for k, s in enumerate(stages):
-                    if s.start == idx + 1 and fixed is None:
+                    if scoring_layer(s.start, cfg.score_layer) == idx and fixed is None:
                         query = query_indices(n, visual, cfg.score_query)
                         sc = oracle.layer_scores(layer, x, pos, lm.rope, visual, query, cfg.scorer)
                         prev = masks[k - 1] if k else None

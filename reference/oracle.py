@@ -24,6 +24,7 @@ from vllm_recroute.routing import (
     query_indices,
     resolve_stages,
     route_request,
+    scoring_layer,
 )
 
 
@@ -184,7 +185,7 @@ def oracle_generate(
         for idx, layer in enumerate(dec.layers):
             if decide:
                 for k, s in enumerate(stages):
-                    if s.start == idx + 1:
+                    if scoring_layer(s.start, cfg.score_layer) == idx:
                         query = query_indices(prompt_len, visual, cfg.score_query)
                         sc = layer_scores(layer, x, pos, lm.rope, visual, query, cfg.scorer)
                         block_ids = visual // cfg.block_size if cfg.granularity == "block" else None
@@ -338,7 +339,7 @@ def oracle_generate_parked(
     # prefill: the routed forward of oracle_generate, keeping every row's K/V per layer
     for idx, layer in enumerate(dec.layers):
         for k, s in enumerate(stages):
-            if s.start == idx + 1:
+            if scoring_layer(s.start, cfg.score_layer) == idx:
                 query = query_indices(n, visual, cfg.score_query)
                 sc = layer_scores(layer, x, pos, rotary, visual, query, cfg.scorer)
                 block_ids = visual // cfg.block_size if cfg.granularity == "block" else None

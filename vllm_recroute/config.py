@@ -57,6 +57,11 @@ class RoutingConfig(pydantic.BaseModel):
     custom: tuple[tuple[StrictInt, _Float], ...] | None = None
     scorer: str = "attention"  # a name in routing/scorers.py:SCORERS
     score_query: Literal["last", "question"] = "last"
+    # Which layer's attention scores a router point: "before" = the layer before it, on that
+    # layer's input (FastV's and PyramidDrop's convention), "at" = the router layer itself,
+    # on its own input (its input norm, q/k projections, RoPE), as "Reroute, Don't Remove"'s
+    # released code does; "at" sees one more layer of every token's state.
+    score_layer: Literal["before", "at"] = "before"
     granularity: Literal["token", "block"] = "token"
     block_size: StrictInt = 16
     block_reduce: Literal["max", "mean"] = "max"

@@ -25,6 +25,7 @@ from vllm_recroute.config import RoutingConfig, RoutingConfigError, parse_routin
         ({"schedule": "linear"}, "schedule", "allowed values: fastv, pdrop, custom"),
         ({"scorer": "magic"}, "scorer", "allowed values: attention, key_norm"),
         ({"score_query": "first"}, "score_query", "allowed values: last, question"),
+        ({"score_layer": "after"}, "score_layer", "allowed values: before, at"),
         ({"granularity": "page"}, "granularity", "allowed values: token, block"),
         ({"block_reduce": "sum"}, "block_reduce", "allowed values: max, mean"),
         ({"keep": 0}, "keep", "(0, 1]"),

@@ -25,6 +25,7 @@ REQUEST_FIELDS = (
     "avg_visual_tokens",
     "scorer",
     "score_query",
+    "score_layer",
     "granularity",
     "block_reduce",
     "custom",

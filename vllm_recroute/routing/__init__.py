@@ -24,6 +24,7 @@ from vllm_recroute.routing.scorers import (
     Scorer,
     get_scorer,
     query_indices,
+    scoring_layer,
 )
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "resolve_stages",
     "route_request",
     "router_points",
+    "scoring_layer",
     "select_active",
     "stage_at",
 ]
