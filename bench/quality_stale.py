@@ -50,10 +50,7 @@ def _hf_first_tokens(
     from vllm_recroute.config import RoutingConfig
     from vllm_recroute.requests.options import config_for_extra_args
     from vllm_recroute.routing import (
-        num_keep,
-        query_indices,
         resolve_stages,
-        route_request,
         scoring_layer,
     )
     from vllm_recroute.routing.schedule import stage_at
@@ -75,11 +72,9 @@ def _hf_first_tokens(
             for idx, layer in enumerate(dec.layers):
                 for k, s in enumerate(stages):
                     if scoring_layer(s.start, cfg.score_layer) == idx and fixed is None:
-                        query = query_indices(n, visual, cfg.score_query)
-                        sc = oracle.layer_scores(layer, x, pos, lm.rope, visual, query, cfg.scorer)
                         prev = masks[k - 1] if k else None
                         masks.append(
-                            route_request(sc, num_keep(s.keep, int(visual.numel())), cfg.mode, prev)
+                            oracle.decide_stage(cfg, s, layer, x, pos, lm.rope, visual, prev)
                         )
                 k = stage_at(stages, idx)
                 if k is None:

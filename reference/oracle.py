@@ -23,7 +23,7 @@ from vllm_recroute.routing import (
     num_keep,
     query_indices,
     resolve_stages,
-    route_request,
+    route_with,
     scoring_layer,
 )
 
@@ -151,6 +151,15 @@ def layer_scores(layer, x, pos, rotary, visual, query, scorer) -> torch.Tensor:
     return get_scorer(scorer).score(inputs)
 
 
+def decide_stage(cfg: RoutingConfig, stage, layer, x, pos, rotary, visual, prev) -> torch.Tensor:
+    """A stage's active mask, scored with ``layer`` on its input ``x`` (the layer
+    ``routing.scoring_layer`` names for the stage's router point)."""
+    query = query_indices(x.shape[0], visual, cfg.score_query)  # x: the prompt's rows
+    scores = layer_scores(layer, x, pos, rotary, visual, query, cfg.scorer)
+    block_ids = visual // cfg.block_size if cfg.granularity == "block" else None
+    return route_with(cfg, scores, num_keep(stage.keep, int(visual.numel())), prev, block_ids)
+
+
 @torch.no_grad()
 def oracle_generate(
     hf_model: torch.nn.Module,
@@ -186,19 +195,8 @@ def oracle_generate(
             if decide:
                 for k, s in enumerate(stages):
                     if scoring_layer(s.start, cfg.score_layer) == idx:
-                        query = query_indices(prompt_len, visual, cfg.score_query)
-                        sc = layer_scores(layer, x, pos, lm.rope, visual, query, cfg.scorer)
-                        block_ids = visual // cfg.block_size if cfg.granularity == "block" else None
-                        masks.append(
-                            route_request(
-                                sc,
-                                num_keep(s.keep, int(visual.numel())),
-                                cfg.mode,
-                                masks[k - 1] if k else None,
-                                block_ids=block_ids,
-                                block_reduce=cfg.block_reduce,
-                            )
-                        )
+                        prev = masks[k - 1] if k else None
+                        masks.append(decide_stage(cfg, s, layer, x, pos, lm.rope, visual, prev))
             k = stage_of(idx)
             active = torch.ones(x.shape[0], dtype=torch.bool)
             if k is not None:
@@ -340,15 +338,8 @@ def oracle_generate_parked(
     for idx, layer in enumerate(dec.layers):
         for k, s in enumerate(stages):
             if scoring_layer(s.start, cfg.score_layer) == idx:
-                query = query_indices(n, visual, cfg.score_query)
-                sc = layer_scores(layer, x, pos, rotary, visual, query, cfg.scorer)
-                block_ids = visual // cfg.block_size if cfg.granularity == "block" else None
-                keep = num_keep(s.keep, int(visual.numel()))
-                prev = masks[k - 1] if k else None
                 masks.append(
-                    route_request(
-                        sc, keep, cfg.mode, prev, block_ids=block_ids, block_reduce=cfg.block_reduce
-                    )
+                    decide_stage(cfg, s, layer, x, pos, rotary, visual, masks[k - 1] if k else None)
                 )
         kv.append(_key_values(layer, x, pos, rotary))
         k = next((k for k, s in enumerate(stages) if s.start <= idx < s.end), None)

@@ -90,6 +90,19 @@ CONFIGS = {
         "score_query": "question",
         "score_layer": "at",
     },
+    # equal keeps, so the brakes bind: at most one returner, each by a 20% margin
+    "custom-reroute-braked": {
+        "mode": "reroute",
+        "schedule": "custom",
+        "custom": [[1, 0.5], [2, 0.5], [3, 0.5]],
+        "incumbency": 0.2,
+        "max_returners": 1,
+    },
+    "custom-reroute-unbraked": {
+        "mode": "reroute",
+        "schedule": "custom",
+        "custom": [[1, 0.5], [2, 0.5], [3, 0.5]],
+    },
     "fastv-matched-reroute-at": {
         "mode": "reroute",
         "schedule": "fastv-matched",

@@ -43,7 +43,16 @@ def test_scoring_at_the_router_layer_changes_the_decision(routed_llm, tiny_idefi
     # the guard of the two tests above: score_layer is not ignored
     before = generate(routed_llm, tiny_idefics3, [CONFIGS["custom-reroute-question"]] * 3)
     at = generate(routed_llm, tiny_idefics3, [CONFIGS["custom-reroute-question-at"]] * 3)
-    assert [_logprobs(o) for o in before] != pytest.approx([_logprobs(o) for o in at], abs=1e-4)
+    for a, b in zip(before, at, strict=True):
+        assert _logprobs(a) != pytest.approx(_logprobs(b), abs=1e-4)
+
+
+def test_brakes_on_returning_tokens_change_the_decision(routed_llm, tiny_idefics3):
+    # the guard of the braked config's oracle equality (test_batch_matches_oracle)
+    braked = generate(routed_llm, tiny_idefics3, [CONFIGS["custom-reroute-braked"]] * 3)
+    plain = generate(routed_llm, tiny_idefics3, [CONFIGS["custom-reroute-unbraked"]] * 3)
+    for a, b in zip(braked, plain, strict=True):
+        assert _logprobs(a) != pytest.approx(_logprobs(b), abs=1e-4)
 
 
 def _logprobs(out) -> list[float]:

@@ -26,6 +26,8 @@ REQUEST_FIELDS = (
     "scorer",
     "score_query",
     "score_layer",
+    "incumbency",
+    "max_returners",
     "granularity",
     "block_reduce",
     "custom",

@@ -37,7 +37,7 @@ from vllm_recroute.routing import (
     num_keep,
     query_indices,
     resolve_stages,
-    route_request,
+    route_with,
     scoring_layer,
     stage_at,
 )
@@ -231,13 +231,12 @@ class StepRouter:
     def _decide(self, route: PrefillRoute, k: int, scores: torch.Tensor) -> None:
         """One request's active set at its k-th stage, from host scores."""
         num_visual = int(route.visual_rows.numel())
-        mask = route_request(
+        mask = route_with(
+            route.cfg,
             scores,
             num_keep(route.stages[k].keep, num_visual),
-            route.cfg.mode,
             route.masks[k - 1] if k > 0 else None,
-            block_ids=self._block_ids(route, int(self.batch.num_computed[route.row])),
-            block_reduce=route.cfg.block_reduce,
+            self._block_ids(route, int(self.batch.num_computed[route.row])),
         )
         route.masks.append(mask)
         route.scores.append(scores)
