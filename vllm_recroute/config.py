@@ -69,6 +69,10 @@ class RoutingConfig(pydantic.BaseModel):
     # no cap). Decisions only: no extra FLOPs, the row's budget is unchanged.
     incumbency: _Float = 0.0
     max_returners: StrictInt | None = None
+    # Re-entry of a returning token (reroute, prefill; routing/reentry.py): "none" keeps its
+    # stage-entry state, "mean_update" adds the mean residual update the request's active
+    # visual tokens got over the stages it skipped (its FLOPs are counted in the ledger).
+    reentry: Literal["none", "mean_update"] = "none"
     granularity: Literal["token", "block"] = "token"
     block_size: StrictInt = 16
     block_reduce: Literal["max", "mean"] = "max"

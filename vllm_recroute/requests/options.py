@@ -28,6 +28,7 @@ REQUEST_FIELDS = (
     "score_layer",
     "incumbency",
     "max_returners",
+    "reentry",
     "granularity",
     "block_reduce",
     "custom",
