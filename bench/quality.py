@@ -205,11 +205,12 @@ def main() -> None:
     model = None if args.model == ap.get_default("model") else args.model
     cmd = command_line(args.n, model, scorers, schedules, args.protocol)
     if args.protocol == "paper":
-        rows = rows[:1]
+        rows = []  # no sweep ran (the paper rows are in paper_md and the JSON)
     md = summary_markdown(cmd, wall, t_engine - t_start, setup, rows, scorers, study_md, paper_md)
     print(md)
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    plot(rows, setup.qtypes, scorers, Path(args.plot))
+    if rows:
+        plot(rows, setup.qtypes, scorers, Path(args.plot))
     write_docs(md, Path(args.doc))
     out = {**record(cmd, wall, setup, rows, study), "paper": paper}
     Path(args.plot).with_suffix(".json").write_text(json.dumps(out, indent=1))

@@ -94,11 +94,12 @@ def summary_markdown(
         f"{'/'.join(map(str, pdrop_points))}"
         " use PyramidDrop's 64-token layout (2, 6, 12 of 32, scaled) where the default cannot "
         "reach the budget. An unreachable budget (the router points' floor is above it) is not "
-        f"run.\n\n{budget_tables(rows, qtypes, scorers)}\n\n"
-        + (grounding_table(rows, scorers) + "\n\n" if GROUNDING in qtypes else "")
+        "run.\n\n"
+        + (f"{budget_tables(rows, qtypes, scorers)}\n\n" if rows else "")
+        + (grounding_table(rows, scorers) + "\n\n" if rows and GROUNDING in qtypes else "")
         + (f"`exists` study.\n\n{study_md}\n\n" if study_md else "")
         + (f"{paper_md}\n\n" if paper_md else "")
-        + "![accuracy vs retention](quality.png)"
+        + ("![accuracy vs retention](quality.png)" if rows else "")
     )
 
 

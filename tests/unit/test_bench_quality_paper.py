@@ -82,13 +82,26 @@ def _preds(rows, fastv_equal: bool = True) -> dict[str, list[str]]:
     return out
 
 
-def test_fastv_check_holds_and_fails():
+def _fake_generate(differ: bool):
+    """generate() answering by schedule: the check row like FastV, or not (``differ``)."""
+
+    def generate(llm, processor, examples, xargs):
+        if differ and xargs["recroute_schedule"] == "fastv-matched":
+            return ["x"] * len(examples)
+        return [ex.answer for ex in examples]
+
+    return generate
+
+
+def test_fastv_check_holds_and_fails(monkeypatch):
+    import bench.quality_budget as budget
+
     rows = paper.paper_plan(16, 64, retentions=(1 / 9,))
-    assert paper.fastv_check(rows, _preds(rows)) == []
+    monkeypatch.setattr(budget, "generate", _fake_generate(differ=False))
+    assert paper.fastv_check(None, None, EXAMPLES, rows) == []
     # the guard: a check row that differs from FastV is reported
-    assert paper.fastv_check(rows, _preds(rows, fastv_equal=False)) == [
-        "remove fastv-matched 11% [attn-last]"
-    ]
+    monkeypatch.setattr(budget, "generate", _fake_generate(differ=True))
+    assert paper.fastv_check(None, None, EXAMPLES, rows) == ["remove fastv-matched 11% [attn-last]"]
 
 
 def test_paired_results_and_table():
@@ -125,6 +138,7 @@ def test_run_paper_runs_the_low_budgets_on_the_larger_set(monkeypatch):
         return {k: v * (len(examples) // 4) for k, v in _preds(rows).items()}
 
     monkeypatch.setattr(budget, "run_rows", fake_run_rows)
+    monkeypatch.setattr(budget, "generate", _fake_generate(differ=False))
     rows = paper.paper_plan(16, 64, retentions=(1 / 3, 1 / 9))
     small, big = EXAMPLES, EXAMPLES * 3
     items, bad, sizes = paper.run_paper(
