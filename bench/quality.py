@@ -3,7 +3,8 @@
 The trained demo VLM (default vllm_recroute/demo/checkpoint) on held-out synthetic
 questions (seeds from BENCH_SEED up, never used in training; balanced over the question
 types the model's tokenizer can answer, the grounding type ``where`` included when it can),
-prompt in the demo model's format (question before the image), greedy, through one routed
+prompt in the model's own chat template (the shipped model: question before the image;
+the test bed: image first), greedy, through one routed
 vLLM engine (RecrouteIdefics3ForConditionalGeneration) with the routing config of each row
 sent per request (``SamplingParams.extra_args`` = vllm_xargs ``recroute_*`` keys).
 
@@ -32,9 +33,15 @@ from the effect of which tokens are selected.
 Writes the tables into docs/benchmarks.md (between the quality markers), the plot to
 docs/quality.png and every figure to docs/quality.json.
 
+The paper's own protocol (``--protocol paper|both``, bench/quality_paper.py): reroute
+budget-matched to the removal method it wraps (FastV-matched: one uniform keep at router
+points 3/7/15/23 of 32, against FastV; PyramidDrop-matched: α, α, α/2, α/4 at 2/7/15/23,
+against PyramidDrop's geometric keeps), at 33 / 22 / 14 / 11% retention, the last two on
+``--paper-n`` examples per type, with McNemar's exact test on the same examples.
+
 This file is the command line; the pieces: bench/quality_budget.py (the rows and running
-them), bench/quality_stale.py (the ``exists`` study), bench/quality_report.py (tables, plot,
-docs and JSON).
+them), bench/quality_stale.py (the ``exists`` study), bench/quality_paper.py (the paper's
+protocol), bench/quality_report.py (tables, plot, docs and JSON).
 
     python bench/quality.py [--n 100] [--model DIR] [--scorers attn-last,attn-question,key_norm]
 """
@@ -52,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the root: ben
 
 from bench import common
 from bench.quality_budget import BENCH_SEED, SCHEDULES, SCORERS, Row, plan, run_rows
+from bench.quality_paper import paper_markdown, paper_plan, run_paper
 from bench.quality_report import (
     Setup,
     command_line,
@@ -79,6 +87,15 @@ def _parser() -> argparse.ArgumentParser:
         "--scorers", default=",".join(SCORERS), help="comma-separated: " + ", ".join(SCORERS)
     )
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
+    ap.add_argument(
+        "--protocol", default="both", choices=("sweep", "paper", "both"),
+        help="sweep: the budget table per schedule; paper: the paper's budget-matched pairs "
+        "(bench/quality_paper.py); both (default)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--paper-n", type=int, default=300,
+        help="held-out examples per type for the paper protocol's 14%% and 11%% rows",
+    )  # fmt: skip
     ap.add_argument("--no-exists-study", action="store_true")
     ap.add_argument("--doc", default=str(common.ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--plot", default=str(common.ROOT / "docs" / "quality.png"))
@@ -108,7 +125,9 @@ def _setup(model: str, n: int):
     prompt = prompt_text(processor, examples[0].question)
     _, num_visual = common.prompt_token_counts(processor, prompt, examples[0].image)
     layers = common.num_layers(model)
-    return processor, examples, Setup(model, layers, num_visual, qtypes, n, len(examples))
+    shown = prompt_text(processor, "{question}").replace("<end_of_utterance>\n", "").strip()
+    setup = Setup(model, layers, num_visual, qtypes, n, len(examples), shown)
+    return processor, examples, setup
 
 
 def _study(args, llm, processor, examples, rows, preds) -> tuple[str, dict]:
@@ -123,6 +142,28 @@ def _study(args, llm, processor, examples, rows, preds) -> tuple[str, dict]:
     study_md, study = exists_study(llm, processor, hf, examples, rows, preds)
     print(study_md, flush=True)
     return study_md, study
+
+
+def _paper(args, llm, processor, setup, scorers) -> tuple[str, dict]:
+    """The paper's protocol (bench/quality_paper.py) with the sweep's first scorer."""
+    from dataclasses import asdict
+
+    from vllm_recroute.demo import shapes
+
+    def examples_for(n: int | None):
+        per_type = args.n if n is None else n
+        return shapes.make_heldout_examples(
+            per_type * len(setup.qtypes), seed=BENCH_SEED, qtypes=setup.qtypes
+        )
+
+    rows = paper_plan(setup.num_layers, setup.num_visual, scorers[:1])
+    items, bad, sizes = run_paper(
+        llm, processor, examples_for, rows, setup.num_visual, args.paper_n
+    )
+    md = paper_markdown(rows, items, bad)
+    print(md, flush=True)
+    return md, {"rows": [asdict(r) for r in rows], "pairs": items, "check_failed": bad,
+                "examples": sizes}  # fmt: skip
 
 
 def main() -> None:
@@ -152,18 +193,26 @@ def main() -> None:
         kv_cache_memory_bytes=args.kv_mib << 20, max_num_seqs=64, enforce_eager=True,
     )  # fmt: skip
     t_engine = time.time()
-    preds = run_rows(llm, processor, examples, rows, setup.num_visual)
-    study_md, study = _study(args, llm, processor, examples, rows, preds)
+    study_md, study = "", {}
+    if args.protocol != "paper":
+        preds = run_rows(llm, processor, examples, rows, setup.num_visual)
+        study_md, study = _study(args, llm, processor, examples, rows, preds)
+    paper_md, paper = (
+        _paper(args, llm, processor, setup, scorers) if args.protocol != "sweep" else ("", {})
+    )
     wall = time.time() - t_start
 
     model = None if args.model == ap.get_default("model") else args.model
-    cmd = command_line(args.n, model, scorers, schedules)
-    md = summary_markdown(cmd, wall, t_engine - t_start, setup, rows, scorers, study_md)
+    cmd = command_line(args.n, model, scorers, schedules, args.protocol)
+    if args.protocol == "paper":
+        rows = []  # no sweep ran (the paper rows are in paper_md and the JSON)
+    md = summary_markdown(cmd, wall, t_engine - t_start, setup, rows, scorers, study_md, paper_md)
     print(md)
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    plot(rows, setup.qtypes, scorers, Path(args.plot))
+    if rows:
+        plot(rows, setup.qtypes, scorers, Path(args.plot))
     write_docs(md, Path(args.doc))
-    out = record(cmd, wall, setup, rows, study)
+    out = {**record(cmd, wall, setup, rows, study), "paper": paper}
     Path(args.plot).with_suffix(".json").write_text(json.dumps(out, indent=1))
 
 

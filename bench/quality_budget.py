@@ -54,6 +54,7 @@ class Row:
     exists_split: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     same_as: str | None = None  # an earlier row with the same resolved stages (not rerun)
+    vs: str | None = None  # paper protocol: the removal row this reroute row is matched to
 
     @property
     def key(self) -> str:  # names repeat across scorers

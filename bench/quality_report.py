@@ -40,16 +40,21 @@ class Setup:
     qtypes: tuple[str, ...]
     n_per_type: int
     n_examples: int
+    prompt: str = "User: {question}<image>"  # the model's chat template around a question
 
     @property
     def seeds(self) -> tuple[int, int]:
         return BENCH_SEED, BENCH_SEED + self.n_examples - 1
 
 
-def command_line(n: int, model: str | None, scorers: tuple[str, ...], schedules) -> str:
+def command_line(
+    n: int, model: str | None, scorers: tuple[str, ...], schedules, protocol: str = "both"
+) -> str:
     """The command as the docs show it: the options that differ from the defaults
     (``model`` None: the default checkpoint)."""
     extra = [f"--n {n}"] if n != 100 else []
+    if protocol != "both":
+        extra.append(f"--protocol {protocol}")
     if model is not None:
         extra.append(f"--model {model}")
     if scorers != tuple(SCORERS):
@@ -67,6 +72,7 @@ def summary_markdown(
     rows: list[Row],
     scorers: tuple[str, ...],
     study_md: str,
+    paper_md: str = "",
 ) -> str:
     """The block written into docs/benchmarks.md: the set-up, the tables, the study, the
     plot. ``wall``, ``engine_start``: seconds (whole run, until the engine was up)."""
@@ -78,7 +84,7 @@ def summary_markdown(
         f"{engine_start:.0f} s). Model: `{Path(setup.model).name}`, {setup.num_layers} decoder "
         f"layers, {num_visual} visual tokens per image; {setup.n_examples} held-out examples "
         f"(seeds {first}..{last}, {setup.n_per_type} per type: "
-        f"{', '.join(qtypes)}), prompt `User: {{question}}<image>` (the demo model's format), "
+        f"{', '.join(qtypes)}), prompt `{setup.prompt}` (the model's chat template), "
         "greedy, through the vLLM engine with each row's routing options per request; accuracy "
         "in %. Budgets are `avg_visual_tokens` = target x "
         f'{num_visual}; "VQA" is over the {len([t for t in qtypes if t != GROUNDING])} '
@@ -88,10 +94,12 @@ def summary_markdown(
         f"{'/'.join(map(str, pdrop_points))}"
         " use PyramidDrop's 64-token layout (2, 6, 12 of 32, scaled) where the default cannot "
         "reach the budget. An unreachable budget (the router points' floor is above it) is not "
-        f"run.\n\n{budget_tables(rows, qtypes, scorers)}\n\n"
-        + (grounding_table(rows, scorers) + "\n\n" if GROUNDING in qtypes else "")
+        "run.\n\n"
+        + (f"{budget_tables(rows, qtypes, scorers)}\n\n" if rows else "")
+        + (grounding_table(rows, scorers) + "\n\n" if rows and GROUNDING in qtypes else "")
         + (f"`exists` study.\n\n{study_md}\n\n" if study_md else "")
-        + "![accuracy vs retention](quality.png)"
+        + (f"{paper_md}\n\n" if paper_md else "")
+        + ("![accuracy vs retention](quality.png)" if rows else "")
     )
 
 

@@ -49,7 +49,10 @@ def _hf_first_tokens(
     from reference import oracle
     from vllm_recroute.config import RoutingConfig
     from vllm_recroute.requests.options import config_for_extra_args
-    from vllm_recroute.routing import num_keep, query_indices, resolve_stages, route_request
+    from vllm_recroute.routing import (
+        resolve_stages,
+        scoring_layer,
+    )
     from vllm_recroute.routing.schedule import stage_at
 
     cfg = config_for_extra_args(RoutingConfig(mode="reroute"), xargs)
@@ -68,12 +71,10 @@ def _hf_first_tokens(
         with torch.no_grad():
             for idx, layer in enumerate(dec.layers):
                 for k, s in enumerate(stages):
-                    if s.start == idx + 1 and fixed is None:
-                        query = query_indices(n, visual, cfg.score_query)
-                        sc = oracle.layer_scores(layer, x, pos, lm.rope, visual, query, cfg.scorer)
+                    if scoring_layer(s.start, cfg.score_layer) == idx and fixed is None:
                         prev = masks[k - 1] if k else None
                         masks.append(
-                            route_request(sc, num_keep(s.keep, int(visual.numel())), cfg.mode, prev)
+                            oracle.decide_stage(cfg, s, layer, x, pos, lm.rope, visual, prev)
                         )
                 k = stage_at(stages, idx)
                 if k is None:

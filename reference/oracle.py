@@ -23,8 +23,10 @@ from vllm_recroute.routing import (
     num_keep,
     query_indices,
     resolve_stages,
-    route_request,
+    route_with,
+    scoring_layer,
 )
+from vllm_recroute.routing.reentry import Reentry
 
 
 @dataclass
@@ -150,6 +152,23 @@ def layer_scores(layer, x, pos, rotary, visual, query, scorer) -> torch.Tensor:
     return get_scorer(scorer).score(inputs)
 
 
+def decide_stage(cfg: RoutingConfig, stage, layer, x, pos, rotary, visual, prev) -> torch.Tensor:
+    """A stage's active mask, scored with ``layer`` on its input ``x`` (the layer
+    ``routing.scoring_layer`` names for the stage's router point)."""
+    query = query_indices(x.shape[0], visual, cfg.score_query)  # x: the prompt's rows
+    scores = layer_scores(layer, x, pos, rotary, visual, query, cfg.scorer)
+    block_ids = visual // cfg.block_size if cfg.granularity == "block" else None
+    return route_with(cfg, scores, num_keep(stage.keep, int(visual.numel())), prev, block_ids)
+
+
+def reentered(cfg: RoutingConfig, reentry: Reentry, x, visual, active) -> torch.Tensor:
+    """``x`` with the re-entry update of returning visual tokens (``reentry:
+    mean_update``; routing/reentry.py) at a routed stage's first layer."""
+    if cfg.reentry != "mean_update" or cfg.mode != "reroute":
+        return x
+    return x.index_add(0, visual, reentry.at_stage_start(x[visual], active))
+
+
 @torch.no_grad()
 def oracle_generate(
     hf_model: torch.nn.Module,
@@ -181,24 +200,16 @@ def oracle_generate(
     def forward(x: torch.Tensor, decide: bool) -> torch.Tensor:
         after = text_positions(prompt_pos, torch.arange(prompt_len, x.shape[0]))
         pos = torch.cat([prompt_pos, after], dim=-1)
+        reentry = Reentry()  # every forward recomputes the prompt's rows, update included
         for idx, layer in enumerate(dec.layers):
             if decide:
                 for k, s in enumerate(stages):
-                    if s.start == idx + 1:
-                        query = query_indices(prompt_len, visual, cfg.score_query)
-                        sc = layer_scores(layer, x, pos, lm.rope, visual, query, cfg.scorer)
-                        block_ids = visual // cfg.block_size if cfg.granularity == "block" else None
-                        masks.append(
-                            route_request(
-                                sc,
-                                num_keep(s.keep, int(visual.numel())),
-                                cfg.mode,
-                                masks[k - 1] if k else None,
-                                block_ids=block_ids,
-                                block_reduce=cfg.block_reduce,
-                            )
-                        )
+                    if scoring_layer(s.start, cfg.score_layer) == idx:
+                        prev = masks[k - 1] if k else None
+                        masks.append(decide_stage(cfg, s, layer, x, pos, lm.rope, visual, prev))
             k = stage_of(idx)
+            if k is not None and stages[k].start == idx:
+                x = reentered(cfg, reentry, x, visual, masks[k])
             active = torch.ones(x.shape[0], dtype=torch.bool)
             if k is not None:
                 active[visual[~masks[k]]] = False
@@ -335,22 +346,18 @@ def oracle_generate_parked(
     pos = prompt_positions(inputs, n)
     masks: list[torch.Tensor] = []
     kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+    reentry = Reentry()
     # prefill: the routed forward of oracle_generate, keeping every row's K/V per layer
     for idx, layer in enumerate(dec.layers):
         for k, s in enumerate(stages):
-            if s.start == idx + 1:
-                query = query_indices(n, visual, cfg.score_query)
-                sc = layer_scores(layer, x, pos, rotary, visual, query, cfg.scorer)
-                block_ids = visual // cfg.block_size if cfg.granularity == "block" else None
-                keep = num_keep(s.keep, int(visual.numel()))
-                prev = masks[k - 1] if k else None
+            if scoring_layer(s.start, cfg.score_layer) == idx:
                 masks.append(
-                    route_request(
-                        sc, keep, cfg.mode, prev, block_ids=block_ids, block_reduce=cfg.block_reduce
-                    )
+                    decide_stage(cfg, s, layer, x, pos, rotary, visual, masks[k - 1] if k else None)
                 )
-        kv.append(_key_values(layer, x, pos, rotary))
         k = next((k for k, s in enumerate(stages) if s.start <= idx < s.end), None)
+        if k is not None and stages[k].start == idx:
+            x = reentered(cfg, reentry, x, visual, masks[k])
+        kv.append(_key_values(layer, x, pos, rotary))
         active = torch.ones(n, dtype=torch.bool)
         if k is not None:
             active[visual[~masks[k]]] = False

@@ -82,6 +82,33 @@ CONFIGS = {
         "score_query": "question",
     },
     "pdrop-avg-tokens": {"mode": "reroute", "schedule": "pdrop", "avg_visual_tokens": 30},
+    # scored at the router layer itself (the paper's convention), with the paper's layout
+    "custom-reroute-question-at": {
+        "mode": "reroute",
+        "schedule": "custom",
+        "custom": [[1, 0.25], [2, 0.75]],
+        "score_query": "question",
+        "score_layer": "at",
+    },
+    # equal keeps, so the brakes bind: at most one returner, each by a 20% margin
+    "custom-reroute-braked": {
+        "mode": "reroute",
+        "schedule": "custom",
+        "custom": [[1, 0.5], [2, 0.5], [3, 0.5]],
+        "incumbency": 0.2,
+        "max_returners": 1,
+    },
+    "custom-reroute-unbraked": {
+        "mode": "reroute",
+        "schedule": "custom",
+        "custom": [[1, 0.5], [2, 0.5], [3, 0.5]],
+    },
+    "fastv-matched-reroute-at": {
+        "mode": "reroute",
+        "schedule": "fastv-matched",
+        "keep": 0.3,
+        "score_layer": "at",
+    },
 }
 
 

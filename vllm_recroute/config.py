@@ -57,6 +57,22 @@ class RoutingConfig(pydantic.BaseModel):
     custom: tuple[tuple[StrictInt, _Float], ...] | None = None
     scorer: str = "attention"  # a name in routing/scorers.py:SCORERS
     score_query: Literal["last", "question"] = "last"
+    # Which layer's attention scores a router point: "before" = the layer before it, on that
+    # layer's input (FastV's and PyramidDrop's convention), "at" = the router layer itself,
+    # on its own input (its input norm, q/k projections, RoPE), as "Reroute, Don't Remove"'s
+    # released code does; "at" sees one more layer of every token's state.
+    score_layer: Literal["before", "at"] = "before"
+    # Brakes on tokens returning at a router point (reroute, token granularity; the policy in
+    # routing/decision.py:stay_or_return): a deferred token displaces an active one only if
+    # its score is more than 1 + incumbency times the active one's (0 = plain reroute, inf =
+    # active tokens first), and at most max_returners active tokens are displaced (None =
+    # no cap). Decisions only: no extra FLOPs, the row's budget is unchanged.
+    incumbency: _Float = 0.0
+    max_returners: StrictInt | None = None
+    # Re-entry of a returning token (reroute, prefill; routing/reentry.py): "none" keeps its
+    # stage-entry state, "mean_update" adds the mean residual update the request's active
+    # visual tokens got over the stages it skipped (its FLOPs are counted in the ledger).
+    reentry: Literal["none", "mean_update"] = "none"
     granularity: Literal["token", "block"] = "token"
     block_size: StrictInt = 16
     block_reduce: Literal["max", "mean"] = "max"
@@ -162,10 +178,11 @@ class RoutingConfig(pydantic.BaseModel):
                 )
         return v
 
-    @field_validator("parked_bytes", "reroute_every", "turn_cache_bytes")
+    @field_validator("parked_bytes", "reroute_every", "turn_cache_bytes", "incumbency",
+                     "max_returners")  # fmt: skip
     @classmethod
-    def _check_non_negative(cls, v: int, info: pydantic.ValidationInfo) -> int:
-        if v < 0:
+    def _check_non_negative(cls, v: float | None, info: pydantic.ValidationInfo) -> float | None:
+        if v is not None and not v >= 0:  # NaN too
             name = info.field_name or ""
             raise RoutingConfigError(_field(name), f"got {v!r}; {_HELP[name]}")
         return v
@@ -189,6 +206,12 @@ class RoutingConfig(pydantic.BaseModel):
                 _field("keep"),
                 "keep and avg_visual_tokens are mutually exclusive (both express the budget); "
                 "set only one",
+            )
+        braked = self.incumbency > 0 or self.max_returners is not None
+        if braked and self.granularity == "block":
+            raise RoutingConfigError(
+                _field("incumbency" if self.incumbency > 0 else "max_returners"),
+                "brakes on returning tokens route tokens; not allowed with granularity 'block'",
             )
         SCHEDULES[self.schedule].validate(self)
         return self
@@ -336,6 +359,9 @@ _HELP: dict[str, str] = {
     "reroute_every": "must be an integer >= 0 (decode steps between re-routings; 0 = off)",
     "turn_cache_bytes": "must be an integer >= 0 (bytes of host memory for finished turns' "
     "stage KV; 0 = off)",
+    "incumbency": "must be a number >= 0 (a deferred token must beat an active one by the "
+    "factor 1 + incumbency; 0 = plain reroute)",
+    "max_returners": "must be an integer >= 0 or null (active tokens a router point may displace)",
     "chunked_prefill": "allowed values: routed, off (the former 'fallback' is 'routed': "
     "chunked prefill stays on, and a prompt too long to route in one step still runs "
     "unrouted, counted)",

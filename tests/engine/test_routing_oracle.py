@@ -36,6 +36,34 @@ def test_mixed_batch_matches_oracle(routed_llm, hf_eager, tiny_idefics3):
         assert list(out.outputs[0].token_ids) == expected, (cfg, spec)
 
 
+def test_a_batch_scored_before_and_at_the_router_layer_matches_oracle(
+    routed_llm, hf_eager, tiny_idefics3
+):
+    # one forward scores request 0 before layer 1 and requests 1, 2 at it (score_layer)
+    cfgs = [CONFIGS["custom-reroute-question"], CONFIGS["custom-reroute-question-at"],
+            CONFIGS["fastv-matched-reroute-at"]]  # fmt: skip
+    outputs = generate(routed_llm, tiny_idefics3, cfgs)
+    for spec, cfg, out in zip(REQUESTS, cfgs, outputs, strict=True):
+        _, expected = oracle(hf_eager, tiny_idefics3, spec, cfg)
+        assert list(out.outputs[0].token_ids) == expected, (cfg, spec)
+
+
+def test_scoring_at_the_router_layer_changes_the_decision(routed_llm, tiny_idefics3):
+    # the guard of the two tests above: score_layer is not ignored
+    before = generate(routed_llm, tiny_idefics3, [CONFIGS["custom-reroute-question"]] * 3)
+    at = generate(routed_llm, tiny_idefics3, [CONFIGS["custom-reroute-question-at"]] * 3)
+    for a, b in zip(before, at, strict=True):
+        assert _logprobs(a) != pytest.approx(_logprobs(b), abs=1e-4)
+
+
+def test_brakes_on_returning_tokens_change_the_decision(routed_llm, tiny_idefics3):
+    # the guard of the braked config's oracle equality (test_batch_matches_oracle)
+    braked = generate(routed_llm, tiny_idefics3, [CONFIGS["custom-reroute-braked"]] * 3)
+    plain = generate(routed_llm, tiny_idefics3, [CONFIGS["custom-reroute-unbraked"]] * 3)
+    for a, b in zip(braked, plain, strict=True):
+        assert _logprobs(a) != pytest.approx(_logprobs(b), abs=1e-4)
+
+
 def _logprobs(out) -> list[float]:
     return [next(iter(lp.values())).logprob for lp in out.outputs[0].logprobs]
 

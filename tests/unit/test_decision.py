@@ -109,3 +109,52 @@ def test_route_request_reroute_vs_remove() -> None:
     assert got.tolist() == _mask(0, 1, 0, 0, 0, 0)  # block0 (token 1 only) 0.9 fits, block1 not
     with pytest.raises(ValueError, match="mode"):
         route_request(SCORES, 2, "off", None)
+
+
+# ---------------------------------------------- brakes on returning tokens (issue 25)
+
+# tokens 0-1 were active; 2-3 deferred and now score higher
+BRAKE_SCORES = torch.tensor([1.0, 0.5, 1.2, 0.9])
+BRAKE_PREV = torch.tensor([True, True, False, False])
+
+
+def _ids(mask: torch.Tensor) -> list[int]:
+    return mask.nonzero().flatten().tolist()
+
+
+def _braked(k: int, incumbency: float = 0.0, max_returners: int | None = None) -> list[int]:
+    return _ids(route_request(BRAKE_SCORES, k, "reroute", BRAKE_PREV, incumbency=incumbency,
+                              max_returners=max_returners))  # fmt: skip
+
+
+def test_no_brake_is_todays_reroute() -> None:
+    assert _braked(2) == [0, 2] == _ids(route_request(BRAKE_SCORES, 2, "reroute", BRAKE_PREV))
+
+
+def test_incumbency_margin() -> None:
+    # 1.2 beats 1.0 * 1.1 but not 1.0 * 1.5; 0.9 beats 0.5 * 1.5 but not 0.5 * 2
+    assert _braked(2, incumbency=0.1) == [0, 2]
+    assert _braked(2, incumbency=0.5) == [0, 2]  # 1.2 > 0.5 * 1.5 = 0.75: token 1 goes
+    assert _braked(2, incumbency=1.5) == [0, 1]  # 1.2 < 0.5 * 2.5
+    assert _braked(2, incumbency=float("inf")) == [0, 1]  # the active set stays: remove-like
+    assert _braked(3, incumbency=float("inf")) == [0, 1, 2]  # a larger stage still fills up
+
+
+def test_max_returners() -> None:
+    assert _braked(2, max_returners=0) == [0, 1]
+    assert _braked(3, max_returners=0) == [0, 1, 2]  # the slot incumbents cannot fill
+    assert _braked(4, max_returners=1) == [0, 1, 2, 3]
+    scores = torch.tensor([0.1, 0.2, 0.9, 0.8, 0.7])
+    prev = torch.tensor([True, True, False, False, False])
+    got = route_request(scores, 2, "reroute", prev, max_returners=1)
+    assert _ids(got) == [1, 2]  # one returner (the best), then the best incumbent
+
+
+def test_brakes_apply_to_reroute_after_the_first_router_point_only() -> None:
+    first = route_request(BRAKE_SCORES, 2, "reroute", None, incumbency=9.0, max_returners=0)
+    assert _ids(first) == [0, 2]  # nobody is an incumbent at the first router point
+    removed = route_request(BRAKE_SCORES, 2, "remove", BRAKE_PREV, incumbency=9.0)
+    assert _ids(removed) == [0, 1]
+    with pytest.raises(ValueError, match="route tokens, not blocks"):
+        route_request(BRAKE_SCORES, 2, "reroute", BRAKE_PREV, block_ids=torch.arange(4),
+                      max_returners=1)  # fmt: skip

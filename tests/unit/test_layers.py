@@ -31,6 +31,7 @@ LAYERS: list[list[str]] = [
     [
         "routing",
         "routing.decision",
+        "routing.reentry",
         "routing.deferral",
         "routing.rerouting",
         "routing.schedule",

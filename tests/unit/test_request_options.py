@@ -15,6 +15,14 @@ def test_flat_keys_and_json_fields():
     assert ov == {"keep": 0.3, "custom": [[1, 0.5]]}
 
 
+def test_score_layer_is_a_per_request_option():
+    cfg = config_for_extra_args(RoutingConfig(), {"recroute_score_layer": "at"})
+    assert (RoutingConfig().score_layer, cfg.score_layer) == ("before", "at")
+    with pytest.raises(RoutingConfigError, match="allowed values: before, at") as info:
+        config_for_extra_args(RoutingConfig(), {"recroute_score_layer": "after"})
+    assert info.value.field == "recroute.score_layer"
+
+
 def test_no_options_returns_server_config_itself():
     base = RoutingConfig(schedule="pdrop")
     assert config_for_extra_args(base, None) is base

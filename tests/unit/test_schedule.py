@@ -211,3 +211,51 @@ def test_stage_numbers_are_the_kv_spec_stages_of_the_layers():
             assert sum(1 for p in points if p <= layer) == spec_stage(k) >= 1
     with pytest.raises(ValueError):
         spec_stage(-1)
+
+
+# ------------------------------------------------- the paper's layouts (issue 25)
+
+# The keep ratios of "Reroute, Don't Remove"'s released configs for 32-layer LLaVA-1.5
+# (elmma/mllm-reroute, configs/experiment/llava15/avg{192,128,64}/*.yaml), per schedule and
+# average budget of 576 visual tokens
+PAPER_KEEPS = {
+    ("fastv-matched", 192): (0.2644,) * 4,  # = fastv_K3's keep_ratio
+    ("fastv-matched", 128): (0.1418,) * 4,
+    ("fastv-matched", 64): (0.01916,) * 4,
+    ("pdrop-matched", 192): (0.4502, 0.4502, 0.2251, 0.1126),
+    ("pdrop-matched", 128): (0.2655, 0.2655, 0.1328, 0.0664),
+    ("pdrop-early", 192): (0.5965, 0.3558, 0.2123, 0.1266),
+    ("pdrop-early", 128): (0.4570, 0.2088, 0.0954, 0.0436),
+}
+
+
+@pytest.mark.parametrize(("name", "avg"), list(PAPER_KEEPS))
+def test_paper_layouts_reproduce_the_released_configs(name: str, avg: int) -> None:
+    stages = resolve_stages(_cfg(schedule=name, avg_visual_tokens=avg), 32, 576)
+    expected_points = (3, 7, 15, 23) if name == "fastv-matched" else (2, 7, 15, 23)
+    assert tuple(s.start for s in stages) == expected_points
+    assert [s.keep for s in stages] == pytest.approx(PAPER_KEEPS[name, avg], abs=1e-4)
+    assert average_retention(stages, 32) == pytest.approx(avg / 576, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["fastv-matched", "pdrop-matched", "pdrop-early"])
+def test_paper_layouts_scale_down_without_raising_the_floor(name: str) -> None:
+    # floor, not rounding: on 16 layers the first point stays at 1 (1.5 would round to 2,
+    # and 2 full layers of 16 put the paper's 11% out of reach)
+    assert router_points(_cfg(schedule=name), 16) == (1, 3, 7, 11)
+    assert router_points(_cfg(schedule=name), 4) == (1, 2, 3)  # collisions move later
+    stages = resolve_stages(_cfg(schedule=name, avg_visual_tokens=7), 16, 64)
+    assert average_retention(stages, 16) == pytest.approx(7 / 64, abs=1e-9)
+
+
+def test_paper_layout_keeps() -> None:
+    assert [s.keep for s in resolve_stages(_cfg(schedule="fastv-matched", keep=0.3), 32)] == [
+        0.3
+    ] * 4
+    assert [s.keep for s in resolve_stages(_cfg(schedule="pdrop-matched", keep=0.4), 32)] == [
+        0.4, 0.4, 0.2, 0.1
+    ]  # fmt: skip
+    early = [s.keep for s in resolve_stages(_cfg(schedule="pdrop-early", keep=0.5), 32)]
+    assert early == [0.5, 0.25, 0.125, 0.0625]
+    with pytest.raises(RoutingConfigError, match="needs exactly 4 router layer"):
+        _cfg(schedule="pdrop-matched", router_layers=[1, 2, 3])

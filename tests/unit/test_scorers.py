@@ -163,3 +163,11 @@ def test_attention_scorer_chunks_its_queries_exactly(monkeypatch):
     chunked = S.AttentionScorer().score(inputs)
     assert sizes == [3, 3, 3, 1]
     assert torch.allclose(chunked, whole, atol=1e-7)
+
+
+def test_scoring_layer_before_or_at_the_router_point():
+    from vllm_recroute.routing import scoring_layer
+
+    assert (scoring_layer(3, "before"), scoring_layer(3, "at")) == (2, 3)
+    with pytest.raises(RoutingConfigError, match="allowed values: before, at"):
+        scoring_layer(3, "after")

@@ -6,7 +6,7 @@ PyTorch reference implementation) calls these at each router point, so both path
 same decisions.
 """
 
-from vllm_recroute.routing.decision import route_request, select_active
+from vllm_recroute.routing.decision import route_request, route_with, select_active
 from vllm_recroute.routing.deferral import planned_deferred
 from vllm_recroute.routing.schedule import (
     Stage,
@@ -24,6 +24,7 @@ from vllm_recroute.routing.scorers import (
     Scorer,
     get_scorer,
     query_indices,
+    scoring_layer,
 )
 from vllm_recroute.routing.stage_numbers import spec_stage
 
@@ -41,7 +42,9 @@ __all__ = [
     "query_indices",
     "resolve_stages",
     "route_request",
+    "route_with",
     "router_points",
+    "scoring_layer",
     "select_active",
     "spec_stage",
     "stage_at",

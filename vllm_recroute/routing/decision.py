@@ -6,9 +6,13 @@ implementation, so ties are broken by index (stable sort), never left to ``torch
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["route_request", "select_active"]
+from vllm_recroute.routing.settings import RoutingSettings
+
+__all__ = ["route_request", "route_with", "select_active", "stay_or_return"]
 
 _BLOCK_REDUCE = {"max": "amax", "mean": "mean"}
 
@@ -53,12 +57,20 @@ def route_request(
     prev_active: torch.Tensor | None,
     block_ids: torch.Tensor | None = None,
     block_reduce: str = "max",
+    incumbency: float = 0.0,
+    max_returners: int | None = None,
 ) -> torch.Tensor:
     """One request's decision at one router point.
 
     ``reroute``: every visual token competes, deferred ones included. ``remove``: only the
     previous stage's active tokens compete (``prev_active`` ``None`` at the first router point
     means all), so a token deferred once never comes back.
+
+    Two training-free brakes on returning tokens (reroute, after the first router point,
+    token granularity; :func:`stay_or_return`): ``incumbency`` β, a deferred token takes
+    an active one's place only if its score beats it by the factor 1 + β (0: today's
+    reroute; ``inf``: the active tokens are ranked first), and ``max_returners``, at most
+    this many active tokens are displaced at this router point.
     """
     if mode == "reroute":
         candidates = None
@@ -66,9 +78,68 @@ def route_request(
         candidates = prev_active
     else:
         raise ValueError(f"route_request: mode must be 'reroute' or 'remove', got {mode!r}")
+    braked = incumbency > 0 or max_returners is not None
+    if mode == "reroute" and prev_active is not None and braked:
+        if block_ids is not None:
+            raise ValueError("incumbency / max_returners route tokens, not blocks")
+        return stay_or_return(scores, k_keep, prev_active, incumbency, max_returners)
     return select_active(
         scores, k_keep, candidates=candidates, block_ids=block_ids, block_reduce=block_reduce
     )
+
+
+def route_with(
+    cfg: RoutingSettings,
+    scores: torch.Tensor,
+    k_keep: int,
+    prev_active: torch.Tensor | None,
+    block_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`route_request` with a request's routing config (``mode``, ``block_reduce``,
+    ``incumbency``, ``max_returners``): the one call the engine and the references make."""
+    return route_request(
+        scores,
+        k_keep,
+        cfg.mode,
+        prev_active,
+        block_ids=block_ids,
+        block_reduce=cfg.block_reduce,
+        incumbency=cfg.incumbency,
+        max_returners=cfg.max_returners,
+    )
+
+
+def stay_or_return(
+    scores: torch.Tensor,
+    k_keep: int,
+    prev_active: torch.Tensor,
+    incumbency: float,
+    max_returners: int | None,
+) -> torch.Tensor:
+    """Reroute with incumbents favoured: tokens ranked by score, an incumbent's (a token of
+    ``prev_active``) multiplied by 1 + ``incumbency`` (scores of the registered scorers
+    are non-negative; ``inf`` ranks every incumbent first), then the top ``k_keep`` taken
+    with at most ``max_returners`` returners beyond the slots the incumbents cannot fill
+    (a stage that keeps more than the previous one still fills its budget)."""
+    num_visual = scores.shape[0]
+    prev = prev_active.to(scores.device).bool()
+    active = torch.zeros(num_visual, dtype=torch.bool, device=scores.device)
+    if k_keep <= 0:
+        return active
+    scores = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    order = torch.sort(scores, descending=True, stable=True).indices
+    if math.isinf(incumbency):
+        order = order[torch.sort(prev[order].int(), descending=True, stable=True).indices]
+    elif incumbency > 0:
+        boosted = torch.where(prev, scores * (1 + incumbency), scores)
+        order = torch.sort(boosted, descending=True, stable=True).indices
+    returner = ~prev[order]
+    if max_returners is not None:
+        allowed = max(max_returners, k_keep - int(prev.sum()))
+        within = torch.cumsum(returner.int(), 0) <= allowed
+        order = order[~returner | within]
+    active[order[:k_keep]] = True
+    return active
 
 
 def _select_tokens(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,6 +36,13 @@ _PDROP_FRACTIONS = (0.25, 0.5, 0.75)
 # SparseVLM's pruning layers 2, 6 and 15 of LLaVA-1.5's 32 (as fractions of depth).
 _SPARSEVLM_FRACTIONS = (2 / 32, 6 / 32, 15 / 32)
 _BISECTION_STEPS = 60  # λ in [0, 1] to ~1e-18: far below any meaningful retention difference
+# The layouts of "Reroute, Don't Remove"'s released configs (elmma/mllm-reroute,
+# configs/experiment/llava15/*, 32-layer LLaVA-1.5): reroute matched to FastV keeps one keep
+# at layers 3, 7, 15, 23; matched to PyramidDrop it keeps α, α, α/2, α/4 at 2, 7, 15, 23,
+# against PyramidDrop's geometric λ, λ², λ³, λ⁴ at the same four layers ("earlyL2").
+_FASTV_MATCHED_FRACTIONS = (3 / 32, 7 / 32, 15 / 32, 23 / 32)
+_EARLY_FRACTIONS = (2 / 32, 7 / 32, 15 / 32, 23 / 32)
+_PDROP_MATCHED_SHAPE = (1.0, 1.0, 0.5, 0.25)
 
 
 @dataclass(frozen=True)
@@ -303,9 +310,101 @@ class SparseVLM(Schedule):
         return _solve_pdrop(points[0], lengths, exponents, num_layers, target, floor)
 
 
+class _FourPoints(Schedule):
+    """A paper layout of four router points (fractions of a 32-layer depth) whose keeps are
+    one function of λ. Scaled down (floor, at least 1) rather than rounded: the share of
+    depth before the first router point must not grow on a shallower model, or the
+    paper's lowest budgets (FastV at layer 3 of 32 reaches 11%) become unreachable (L=16:
+    1, 3, 7, 11). Colliding points move one layer later; one at or past the last layer is
+    dropped with its stage (L=4: 1, 2, 3)."""
+
+    num_router_points = 4
+    fractions: ClassVar[tuple[float, ...]]
+    # the λ at which every keep is 1 (budgets up to a full model stay reachable)
+    lam_max: ClassVar[float] = 1.0
+
+    @abstractmethod
+    def keeps(self, lam: float, n: int) -> Keeps:
+        """The keeps of the first ``n`` stages for λ (non-decreasing in λ)."""
+
+    def layout(self, cfg: RoutingSettings, num_layers: int) -> tuple[tuple[int, ...], Keeps]:
+        points = self._points(cfg, num_layers)
+        return points, self.keeps(_lam(cfg), len(points))
+
+    def _points(self, cfg: RoutingSettings, num_layers: int) -> tuple[int, ...]:
+        if cfg.router_layers is not None:
+            _check_in_range("router_layers", cfg.router_layers, num_layers)
+            return cfg.router_layers
+        points: list[int] = []
+        for frac in self.fractions:
+            point = max(points[-1] + 1 if points else 1, math.floor(frac * num_layers))
+            if point < num_layers:
+                points.append(point)
+        if not points:
+            raise RoutingConfigError(
+                "recroute.schedule",
+                f"{self.name} needs a model with at least 2 decoder layers (got {num_layers})",
+            )
+        return tuple(points)
+
+    def budget_keeps(
+        self, cfg: RoutingSettings, num_layers: int, target: float, floor: float
+    ) -> Keeps:
+        points = self._points(cfg, num_layers)
+        lengths = [e - s for s, e in zip(points, (*points[1:], num_layers), strict=True)]
+        n = len(points)
+        return _bisect(
+            lambda lam: tuple(max(floor, k) for k in self.keeps(lam, n)),
+            lambda keeps: _retention(points[0], lengths, keeps, num_layers),
+            target,
+            self.lam_max,
+        )
+
+
+class FastVMatched(_FourPoints):
+    """Reroute matched to FastV (the paper's ``ours_vs_fastv``): one keep λ at router points
+    3, 7, 15, 23 of 32. Under remove only the first point removes anything (every later
+    stage keeps as many as are left), so remove with this schedule is FastV at its first
+    router point: the clean test of what recovery adds."""
+
+    name = "fastv-matched"
+    fractions = _FASTV_MATCHED_FRACTIONS
+
+    def keeps(self, lam: float, n: int) -> Keeps:
+        return (lam,) * n
+
+
+class PDropMatched(_FourPoints):
+    """Reroute matched to PyramidDrop (the paper's ``ours_vs_pdrop``): α, α, α/2, α/4 at
+    router points 2, 7, 15, 23 of 32 (α = λ), budget-matched to ``pdrop-early``."""
+
+    name = "pdrop-matched"
+    fractions = _EARLY_FRACTIONS
+    lam_max = 1 / min(_PDROP_MATCHED_SHAPE)
+
+    def keeps(self, lam: float, n: int) -> Keeps:
+        return tuple(min(1.0, lam * f) for f in _PDROP_MATCHED_SHAPE[:n])
+
+
+class PDropEarly(_FourPoints):
+    """PyramidDrop's geometric keeps λ, λ², λ³, λ⁴ at router points 2, 7, 15, 23 of 32
+    (the paper's ``pdrop_earlyL2`` baseline, which reaches budgets that PyramidDrop's
+    1/4-depth first point cannot)."""
+
+    name = "pdrop-early"
+    fractions = _EARLY_FRACTIONS
+
+    def keeps(self, lam: float, n: int) -> Keeps:
+        return tuple(lam ** (i + 1) for i in range(n))
+
+
 SCHEDULES: dict[str, Schedule] = {
-    s.name: s for s in (FastV(), PyramidDrop(), Custom(), SparseVLM())
-}
+    s.name: s
+    for s in (
+        FastV(), PyramidDrop(), Custom(), SparseVLM(), FastVMatched(), PDropMatched(),
+        PDropEarly(),
+    )
+}  # fmt: skip
 
 
 def get_schedule(name: str) -> Schedule:
@@ -369,21 +468,32 @@ def _solve_pdrop(
     target: float,
     floor: float,
 ) -> tuple[float, ...]:
-    """Bisection on λ (a stage keeps max(λ^e, one token)). Retention is continuous and
-    non-decreasing in λ, and a fixed step count keeps the result deterministic."""
+    """λ for stages that keep max(λ^e, one token)."""
+    return _bisect(
+        lambda lam: tuple(max(floor, lam**e) for e in exponents),
+        lambda keeps: _retention(first, lengths, keeps, num_layers),
+        target,
+    )
 
-    def keeps(lam: float) -> tuple[float, ...]:
-        return tuple(max(floor, lam**e) for e in exponents)
 
-    def retention(lam: float) -> float:
-        return (first + sum(n * k for n, k in zip(lengths, keeps(lam), strict=True))) / num_layers
+def _retention(first: int, lengths: list[int], keeps: Keeps, num_layers: int) -> float:
+    return (first + sum(n * k for n, k in zip(lengths, keeps, strict=True))) / num_layers
 
-    lo, hi = 0.0, 1.0
-    if retention(lo) >= target:
+
+def _bisect(
+    keeps: Callable[[float], Keeps],
+    retention: Callable[[Keeps], float],
+    target: float,
+    lam_max: float = 1.0,
+) -> Keeps:
+    """Bisection on λ in [0, lam_max]. Retention is continuous and non-decreasing in λ, and
+    a fixed step count keeps the result deterministic."""
+    lo, hi = 0.0, lam_max
+    if retention(keeps(lo)) >= target:
         return keeps(lo)
     for _ in range(_BISECTION_STEPS):
         mid = (lo + hi) / 2
-        if retention(mid) < target:
+        if retention(keeps(mid)) < target:
             lo = mid
         else:
             hi = mid

@@ -119,6 +119,19 @@ def get_scorer(name: str) -> Scorer:
         ) from None
 
 
+def scoring_layer(router_point: int, score_layer: str) -> int:
+    """The decoder layer whose attention (on its own input) scores a router point:
+    ``before``: the layer before it (FastV, PyramidDrop); ``at``: the router layer itself
+    ("Reroute, Don't Remove"'s released code). The engine and the reference both ask here."""
+    if score_layer == "before":
+        return router_point - 1
+    if score_layer == "at":
+        return router_point
+    raise RoutingConfigError(
+        "recroute.score_layer", f"got {score_layer!r}; allowed values: before, at"
+    )
+
+
 def query_indices(num_tokens: int, visual_idx: torch.Tensor, score_query: str) -> torch.Tensor:
     """Indices of the tokens whose attention the attention scorer averages.
 

@@ -35,7 +35,8 @@ from vllm_recroute.routing import (
     get_scorer,
     num_keep,
     query_indices,
-    route_request,
+    route_with,
+    scoring_layer,
     stage_at,
 )
 from vllm_recroute.worker.compaction import Segment, StepTables, compact_segment, take_positions
@@ -139,13 +140,19 @@ class StepRouter:
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
     ) -> None:
-        """Decide active sets of stages starting at layer_idx + 1 (run before layer_idx).
+        """Decide active sets, run before layer_idx on its input: of stages starting at
+        layer_idx + 1 for requests scored ``before`` their router point, and of stages
+        starting at layer_idx for those scored ``at`` it (``score_layer``).
 
-        Scores are computed on the activations' device; the router point's scores (every
+        Scores are computed on the activations' device; this layer's scores (every
         request's, reduced over TP ranks) cross to the host in one copy, and the decision
         is made there (the device rule, docs/architecture.md "GPU path")."""
-        router = layer_idx + 1
-        todo = [(p, k) for p in self.prefills for k, s in enumerate(p.stages) if s.start == router]
+        todo = [
+            (p, k)
+            for p in self.prefills
+            for k, s in enumerate(p.stages)
+            if scoring_layer(s.start, p.cfg.score_layer) == layer_idx
+        ]
         if not todo:
             return
         on_device = [
@@ -156,7 +163,9 @@ class StepRouter:
         sizes = [int(t.numel()) for t in on_device]
         for (route, k), route_scores in zip(todo, scores.split(sizes), strict=True):
             self._decide(route, k, route_scores)
-        self.rt.check.verify(router, [r.req_id for r, _ in todo], [r.masks[k] for r, k in todo])
+        for router in sorted({r.stages[k].start for r, k in todo}):
+            at = [(r, k) for r, k in todo if r.stages[k].start == router]
+            self.rt.check.verify(router, [r.req_id for r, _ in at], [r.masks[k] for r, k in at])
 
     def _scores_on_device(self, route: PrefillRoute, layer, positions, hidden, residual):
         rows = slice(route.start, route.prompt_end)  # a request's rows are contiguous
@@ -170,13 +179,12 @@ class StepRouter:
     def _decide(self, route: PrefillRoute, k: int, scores: torch.Tensor) -> None:
         """One request's active set at its k-th stage, from host scores."""
         num_visual = int(route.visual_rows.numel())
-        mask = route_request(
+        mask = route_with(
+            route.cfg,
             scores,
             num_keep(route.stages[k].keep, num_visual),
-            route.cfg.mode,
             route.masks[k - 1] if k > 0 else None,
-            block_ids=self._block_ids(route, int(self.batch.num_computed[route.row])),
-            block_reduce=route.cfg.block_reduce,
+            self._block_ids(route, int(self.batch.num_computed[route.row])),
         )
         route.masks.append(mask)
         route.scores.append(scores)
