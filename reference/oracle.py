@@ -26,7 +26,7 @@ from vllm_recroute.routing import (
     route_with,
     scoring_layer,
 )
-from vllm_recroute.routing.reentry import Reentry
+from vllm_recroute.routing.reentry import Reentry, reenters
 
 
 @dataclass
@@ -164,7 +164,7 @@ def decide_stage(cfg: RoutingConfig, stage, layer, x, pos, rotary, visual, prev)
 def reentered(cfg: RoutingConfig, reentry: Reentry, x, visual, active) -> torch.Tensor:
     """``x`` with the re-entry update of returning visual tokens (``reentry:
     mean_update``; routing/reentry.py) at a routed stage's first layer."""
-    if cfg.reentry != "mean_update" or cfg.mode != "reroute":
+    if not reenters(cfg):
         return x
     return x.index_add(0, visual, reentry.at_stage_start(x[visual], active))
 

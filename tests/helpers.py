@@ -103,6 +103,14 @@ CONFIGS = {
         "schedule": "custom",
         "custom": [[1, 0.5], [2, 0.5], [3, 0.5]],
     },
+    # returning tokens get the active ones' mean update of the stages they skipped
+    "custom-reroute-reentry": {
+        "mode": "reroute",
+        "schedule": "custom",
+        "custom": [[1, 0.25], [2, 0.75]],
+        "score_query": "question",
+        "reentry": "mean_update",
+    },
     "fastv-matched-reroute-at": {
         "mode": "reroute",
         "schedule": "fastv-matched",

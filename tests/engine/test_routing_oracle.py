@@ -64,6 +64,20 @@ def test_brakes_on_returning_tokens_change_the_decision(routed_llm, tiny_idefics
         assert _logprobs(a) != pytest.approx(_logprobs(b), abs=1e-4)
 
 
+def test_the_reentry_update_changes_the_answer_and_is_counted(routed_llm, tiny_idefics3):
+    # the guard of custom-reroute-reentry's oracle equality (test_batch_matches_oracle),
+    # and the ledger's returners: stage 2 keeps 3 times stage 1, so tokens come back
+    before = route_counters(routed_llm)
+    plain = generate(routed_llm, tiny_idefics3, [CONFIGS["custom-reroute-question"]] * 3)
+    updated = generate(routed_llm, tiny_idefics3, [CONFIGS["custom-reroute-reentry"]] * 3)
+    after = route_counters(routed_llm)
+    for a, b in zip(plain, updated, strict=True):
+        assert _logprobs(a) != pytest.approx(_logprobs(b), abs=1e-4)
+    returned = after["stage_returned_visual_tokens"].get("2", 0)
+    assert returned - before["stage_returned_visual_tokens"].get("2", 0) > 0
+    assert after["routing_extra_flops"] > before["routing_extra_flops"]
+
+
 def _logprobs(out) -> list[float]:
     return [next(iter(lp.values())).logprob for lp in out.outputs[0].logprobs]
 

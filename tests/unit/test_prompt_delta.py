@@ -18,7 +18,7 @@ def test_every_routed_prompt_key_is_a_metric():
 
 def test_a_routed_prompt_delta():
     # 10 visual tokens, 6 layers; stages of 2 and 1 layers deferring 4 and 7 tokens
-    delta = routed_prompt_delta("reroute/pdrop", 10, 6, [2, 1], [4, 7], (100, 8))
+    delta = routed_prompt_delta("reroute/pdrop", 10, 6, [2, 1], [4, 7], (100, 8), [2], 64)
     assert set(delta) <= set(ROUTED_PROMPT_KEYS)
     assert delta == {
         "routed_requests": {"reroute/pdrop": 1},
@@ -29,6 +29,8 @@ def test_a_routed_prompt_delta():
         "kv_bytes_saved": 120,
         "stage_visual_tokens": {"1": 10, "2": 10},
         "stage_active_visual_tokens": {"1": 6, "2": 3},
+        "stage_returned_visual_tokens": {"2": 2},
+        "routing_extra_flops": 64,
     }
     ledger = Ledger()
     ledger.record(delta)

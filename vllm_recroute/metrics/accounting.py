@@ -88,7 +88,9 @@ class LedgerKey:
     PARKED_POOL_BYTES = "parked_pool_bytes"
     RESTORED_BLOCKS = "restored_blocks"
     ROUTED_REQUESTS = "routed_requests"
+    ROUTING_EXTRA_FLOPS = "routing_extra_flops"
     STAGE_ACTIVE_VISUAL_TOKENS = "stage_active_visual_tokens"
+    STAGE_RETURNED_VISUAL_TOKENS = "stage_returned_visual_tokens"
     STAGE_VISUAL_TOKENS = "stage_visual_tokens"
     TURN_LOADED_TOKENS = "turn_loaded_tokens"
     TURN_LOADS = "turn_loads"
@@ -139,6 +141,8 @@ ROUTED_PROMPT_KEYS = (
     LedgerKey.KV_BYTES_SAVED,
     LedgerKey.STAGE_VISUAL_TOKENS,  # {"stage": tokens}
     LedgerKey.STAGE_ACTIVE_VISUAL_TOKENS,  # {"stage": tokens}
+    LedgerKey.STAGE_RETURNED_VISUAL_TOKENS,  # {"stage": tokens}, stages after the first
+    LedgerKey.ROUTING_EXTRA_FLOPS,
     LedgerKey.CHUNKED_FALLBACKS,  # prompts split by chunked prefill: unrouted
 )
 
@@ -150,10 +154,14 @@ def routed_prompt_delta(
     stage_layers: Sequence[int],
     deferred: Sequence[int],
     cost: tuple[int, int],
+    returned: Sequence[int] = (),
+    extra_flops: int = 0,
 ) -> dict[str, Any]:
     """One routed prompt's delta: ``label`` "mode/schedule"; ``visual`` its visual tokens;
     per routed stage its layer count and deferred tokens; ``cost``: FLOPs and K/V bytes
-    one token spends in one decoder layer (estimates)."""
+    one token spends in one decoder layer (estimates); ``returned``: per stage after the
+    first, its active tokens the stage before deferred; ``extra_flops``: what the routing
+    options added (re-entry updates)."""
     deferred_layers = sum(d * n for n, d in zip(stage_layers, deferred, strict=True))
     flops, kv_bytes = cost
     return {
@@ -167,4 +175,8 @@ def routed_prompt_delta(
         LedgerKey.STAGE_ACTIVE_VISUAL_TOKENS: {
             str(spec_stage(k)): visual - d for k, d in enumerate(deferred)
         },
+        LedgerKey.STAGE_RETURNED_VISUAL_TOKENS: {
+            str(spec_stage(k + 1)): r for k, r in enumerate(returned)
+        },
+        LedgerKey.ROUTING_EXTRA_FLOPS: extra_flops,
     }

@@ -52,6 +52,19 @@ METRICS: tuple[MetricSpec, ...] = (
         ("stage",),
     ),
     MetricSpec(
+        "recroute:stage_returned_visual_tokens",
+        "counter",
+        "Visual tokens active in a routing stage that the previous stage deferred (they came "
+        "back: reroute), by stage index.",
+        ("stage",),
+    ),
+    MetricSpec(
+        "recroute:routing_extra_flops",
+        "counter",
+        "Estimated prefill FLOPs the routing options add (the re-entry update of returning "
+        "tokens), so that a row's budget counts them.",
+    ),
+    MetricSpec(
         "recroute:visual_token_layers",
         "counter",
         "Visual-token x decoder-layer pairs of routed prompts (what an unrouted model runs).",

@@ -16,7 +16,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Reentry", "reentry_flops"]
+from vllm_recroute.routing.settings import RoutingSettings
+
+__all__ = ["Reentry", "reenters", "reentry_flops"]
+
+
+def reenters(cfg: RoutingSettings) -> bool:
+    """Whether a request's returning tokens get the update (reroute with ``mean_update``)."""
+    return cfg.reentry == "mean_update" and cfg.mode == "reroute"
 
 
 class Reentry:

@@ -21,6 +21,7 @@ Nothing here caches the model runner: each step's runner comes with the call
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from vllm_recroute.metrics.accounting import Ledger, LedgerKey, routed_prompt_de
 from vllm_recroute.requests.options import decode_reroute_every
 from vllm_recroute.requests.resolution import RoutingResolver
 from vllm_recroute.routing import Stage, spec_stage
+from vllm_recroute.routing.reentry import reenters, reentry_flops
 from vllm_recroute.vllm_view import StepBatch
 from vllm_recroute.worker.compaction import LayerGroups
 from vllm_recroute.worker.parking import PageRow, ParkingTier, page_io
@@ -54,6 +56,7 @@ class LayerCost:
 
     flops_per_token_layer: int  # 2 x weights of one decoder layer (matmul FLOPs)
     kv_bytes_per_token_layer: int  # K and V of one token in one layer
+    hidden_size: int = 0  # of the residual stream (the re-entry update's FLOPs)
 
     @classmethod
     def of(cls, layer: Any, vllm_config: Any) -> LayerCost:
@@ -61,7 +64,8 @@ class LayerCost:
         params = sum(p.numel() for p in layer.parameters()) * tp
         attn = layer.self_attn
         itemsize = torch.empty((), dtype=vllm_config.model_config.dtype).element_size()
-        return cls(2 * params, 2 * attn.kv_size * tp * itemsize)
+        hidden = vllm_config.model_config.get_hidden_size()
+        return cls(2 * params, 2 * attn.kv_size * tp * itemsize, hidden)
 
 
 class WorkerRuntime:
@@ -184,7 +188,11 @@ class WorkerRuntime:
         cost = (self.cost.flops_per_token_layer, self.cost.kv_bytes_per_token_layer)
         layers = [s.end - s.start for s in stages]
         label = f"{cfg.mode}/{cfg.schedule}"
-        self.ledger.record(routed_prompt_delta(label, v, self.num_layers, layers, deferred, cost))
+        returned = [int((b & ~a).sum()) for a, b in itertools.pairwise(masks)]
+        extra = reentry_flops(v, self.cost.hidden_size, len(stages) - 1) if reenters(cfg) else 0
+        self.ledger.record(
+            routed_prompt_delta(label, v, self.num_layers, layers, deferred, cost, returned, extra)
+        )
 
     def record(self, *deltas: dict[str, Any]) -> None:
         """Accounting of the parked tier's operations (worker/step.py)."""

@@ -39,6 +39,7 @@ from vllm_recroute.routing import (
     scoring_layer,
     stage_at,
 )
+from vllm_recroute.routing.reentry import Reentry, reenters
 from vllm_recroute.worker.compaction import Segment, StepTables, compact_segment, take_positions
 from vllm_recroute.worker.parking import compacted_positions, stage_page_rows
 from vllm_recroute.worker.projections import project_qkv
@@ -68,6 +69,7 @@ class StepRouter:
         self.decodes: dict[int, RouteState] = rows.decodes  # batch row -> state
         self.forced = rows.forced  # decode rows re-routed at this forward (later turns)
         self._segments: dict[int, Segment] = {}
+        self._reentries: dict[str, Reentry] = {}  # per prefill request, this forward only
         self._device_rows: dict[int, torch.Tensor] = {}  # segment start -> its rows there
         self.tables = StepTables(runner, self.batch, rt.released)
         starts = {s.start for p in self.prefills for s in p.stages}
@@ -97,6 +99,8 @@ class StepRouter:
         compacted attention, run the layer on the segment's active rows."""
         self.score_before(idx, layer, positions, hidden, residual)
         seg = self.segment(idx)
+        if idx in self.stage_starts:
+            hidden, residual = self.reenter(idx, hidden, residual)
         if self.rt.tier is not None and idx in self.stage_starts:
             self.tier_before(idx, positions, hidden, residual)
         if seg is None or not self._install(idx, seg):
@@ -166,6 +170,27 @@ class StepRouter:
         for router in sorted({r.stages[k].start for r, k in todo}):
             at = [(r, k) for r, k in todo if r.stages[k].start == router]
             self.rt.check.verify(router, [r.req_id for r, _ in at], [r.masks[k] for r, k in at])
+
+    # -- re-entry of returning tokens (reentry: mean_update; routing/reentry.py) --------
+
+    def reenter(self, idx: int, hidden: torch.Tensor, residual: torch.Tensor | None):
+        """At a stage's first layer, after its decision: each returning visual token of a
+        ``mean_update`` request gets the mean update the active ones had over the stages
+        it skipped. Out of place (``hidden`` may be the runner's input buffer); the sum
+        goes into the residual (vLLM's fused-norm form: the stream is hidden + residual)."""
+        for route in self.prefills:
+            k = next((k for k, s in enumerate(route.stages) if s.start == idx), None)
+            if k is None or not reenters(route.cfg):
+                continue
+            rows = route.visual_rows.to(hidden.device)
+            x = hidden[rows] if residual is None else hidden[rows] + residual[rows]
+            reentry = self._reentries.setdefault(route.req_id, Reentry())
+            update = reentry.at_stage_start(x, route.masks[k])
+            if residual is None:
+                hidden = hidden.index_add(0, rows, update)
+            else:
+                residual = residual.index_add(0, rows, update)
+        return hidden, residual
 
     def _scores_on_device(self, route: PrefillRoute, layer, positions, hidden, residual):
         rows = slice(route.start, route.prompt_end)  # a request's rows are contiguous
