@@ -50,6 +50,7 @@ class Row:
     reachable: bool = True
     measured: float | None = None  # 1 - deferred / visual token-layers, from the ledger
     stage_active: tuple[float, ...] = ()  # measured mean active visual tokens per stage
+    stage_returned: tuple[float, ...] = ()  # mean tokens per request back at stages 2, 3, ...
     acc: dict[str, Any] = field(default_factory=dict)
     exists_split: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
@@ -204,6 +205,10 @@ def run_row(llm, processor, examples, row: Row, num_visual: int) -> list[str]:
         row.stage_active = tuple(
             num_visual * active.get(s, 0) / entering[s] for s in stages if entering[s]
         )
+        back = _delta(after, before, "stage_returned_visual_tokens")
+        row.stage_returned = tuple(
+            num_visual * back.get(s, 0) / entering[s] for s in stages[1:] if entering[s]
+        )
     return preds
 
 
@@ -217,7 +222,7 @@ def run_rows(llm, processor, examples, rows: list[Row], num_visual: int) -> dict
             continue
         twin = next((o for o in done if _same_stages(o, row)), None)
         if twin is not None:  # identical resolved stages (shallow models): identical tokens
-            for k in ("measured", "stage_active", "acc", "exists_split"):
+            for k in ("measured", "stage_active", "stage_returned", "acc", "exists_split"):
                 setattr(row, k, copy.deepcopy(getattr(twin, k)))
             row.same_as, preds[row.key] = twin.name, preds[twin.key]
             print(f"{row.name:34s} {row.scorer:13s} same stages as {twin.name}", flush=True)

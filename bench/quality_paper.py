@@ -160,9 +160,10 @@ def paired_table(items: list[dict[str, Any]], rows: list[Row]) -> str:
     grounding also as a share of the full model's on the same set (``full_where``)."""
     by_key = {r.key: r for r in rows}
     lines = [
-        "| reroute row | vs (remove) | n | retention target / measured | all: remove | reroute "
-        f"| diff (p) | **{GROUNDING}**: remove | reroute | diff (p) | reroute / full |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| reroute row | vs (remove) | n | retention target / measured | returners per stage "
+        f"| all: remove | reroute | diff (p) | **{GROUNDING}**: remove | reroute | diff (p) "
+        "| reroute / full |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for it in items:
         r = by_key[it["row"]]
@@ -173,9 +174,10 @@ def paired_table(items: list[dict[str, Any]], rows: list[Row]) -> str:
             cells += [pct(s["remove"]), pct(s["reroute"]), f"{diff:+.1f} ({s['p']:.2g})"]
         full = it.get("full_where")
         rel = f"{100 * it[GROUNDING]['reroute'] / full:.0f}%" if full else "-"
+        back = "/".join(f"{v:.1f}".removesuffix(".0") for v in r.stage_returned) or "-"
         lines.append(
             f"| {r.name} ({r.scorer}) | {r.vs} | {it['all']['n']} | {pct(r.target)} / "
-            f"{pct(r.measured)} | " + " | ".join(cells) + f" | {rel} |"
+            f"{pct(r.measured)} | {back} | " + " | ".join(cells) + f" | {rel} |"
         )
     return "\n".join(lines)
 

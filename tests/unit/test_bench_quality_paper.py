@@ -118,11 +118,12 @@ def test_paired_results_and_table():
     assert first["where"]["reroute"] == 1.0 and first["where"]["remove"] == 0.5
     for r in rows:
         r.measured = r.target
+        r.stage_returned = (1.0, 0.5, 0.0)
     table = paper.paired_table([{**first, "full_where": 1.0}], rows).splitlines()
     assert len(table) == 3
     assert table[2] == (
         "| reroute fastv-matched 11% (attn-last) | remove fastv@1 11% | 4 | 10.9 / 10.9 "
-        "| 50.0 | 75.0 | +25.0 (1) | 50.0 | 100.0 | +50.0 (1) | 100% |"
+        "| 1/0.5/0 | 50.0 | 75.0 | +25.0 (1) | 50.0 | 100.0 | +50.0 (1) | 100% |"
     )
 
 
