@@ -214,11 +214,17 @@ def make_llm(model, *, routed_arch: str | None, recroute: dict | None = None, **
     return LLM(**args)
 
 
+# vLLM's engine core on CPU does not exit within its 5 s grace period after SIGTERM (it
+# waits that long for its workers first) and is killed at its end anyway; every test
+# engine paid those 5 s at teardown. Nothing a test checks runs after its engine stops.
+SHUTDOWN_GRACE_S = 1.0
+
+
 def shutdown(llm) -> None:
     engine = getattr(llm, "llm_engine", None)
     core = getattr(engine, "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
-        core.shutdown()
+        core.shutdown(timeout=SHUTDOWN_GRACE_S)
     del llm
     gc.collect()
 

@@ -1,5 +1,5 @@
-"""Helpers of the HTTP tests: the server's API key, free ports, image messages, chats, and
-the bad inputs every server must answer with a 400."""
+"""Helpers of the HTTP tests: the server's API key, free ports, image messages, chats, the
+README's serve flags, and the bad inputs every server must answer with a 400."""
 
 from __future__ import annotations
 
@@ -22,6 +22,19 @@ from vllm_recroute.tiny import make_test_image
 
 API_KEY = "test-key"
 STARTUP_TIMEOUT_S = 300
+# What a README-way serve adds to the README's flags (serve_process adds port, host, model
+# name, dtype): a small KV cache (the launcher's CPU default is 1 GiB). Not --enforce-eager:
+# on CPU, vLLM runs the profiling pass with the dummy inputs only to warm up compilation.
+README_HARNESS_FLAGS = ["--kv-cache-memory-bytes", str(64 << 20)]
+
+
+def readme_flags(model: Path) -> list[str]:
+    """The flags after DIR in the README's command for ``model`` (`vllm-recroute serve DIR
+    ...`: the routing and whatever its published checkpoint needs)."""
+    from vllm_recroute.cli import serve_command
+
+    command = serve_command(model).split()
+    return command[command.index(str(model)) + 1 :]
 
 
 def free_port() -> int:

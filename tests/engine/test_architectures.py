@@ -4,7 +4,9 @@ Per architecture (module-scoped, one after the other): a plain vLLM engine (the
 reference for keep = 1.0, and the source of the merged input embeddings and positions
 the text-only reference starts from), one routed engine with ``kv_release`` and the
 parked tier on (pdrop; per-request modes, schedules and budgets), and one
-`vllm-recroute serve` process (fastv) driven with the openai client.
+`vllm-recroute serve` process started the README's way (`--routing pdrop` plus the flags
+the published checkpoint needs: `--trust-remote-code`; vLLM's startup profiling with its
+largest dummy input, a video for Keye-VL and MiniCPM-V) driven with the openai client.
 
 The reference (`reference/oracle.py`) runs the HF text model of the architecture
 (transformers' Qwen3 for Keye-VL, Phi-3 for Phi-3-Vision, Qwen2 for MiniCPM-V 2.6) over
@@ -50,7 +52,6 @@ class Arch:
     decoder: str  # attribute path of the vLLM text model (its `.layers`) in the model
     mrope: bool  # 3-D M-RoPE positions
     engine_kwargs: dict = field(default_factory=dict)
-    serve_flags: tuple[str, ...] = ()
 
 
 _NO_VIDEO = {"image": 2, "video": 0}
@@ -60,21 +61,18 @@ ARCHS: dict[str, Arch] = {
         "language_model.model",
         mrope=True,
         engine_kwargs={"trust_remote_code": True, "limit_mm_per_prompt": _NO_VIDEO},
-        serve_flags=("--trust-remote-code", "--limit-mm-per-prompt", '{"image": 2, "video": 0}'),
     ),
     "phi3v": Arch(
         "RecroutePhi3VForCausalLM",
         "language_model.model",
         mrope=False,
         engine_kwargs={"trust_remote_code": True},
-        serve_flags=("--trust-remote-code",),
     ),
     "minicpmv": Arch(
         "RecrouteMiniCPMV",
         "llm.model",
         mrope=False,
         engine_kwargs={"trust_remote_code": True, "limit_mm_per_prompt": _NO_VIDEO},
-        serve_flags=("--trust-remote-code", "--limit-mm-per-prompt", '{"image": 2, "video": 0}'),
     ),
 }
 
@@ -347,20 +345,31 @@ def test_positions_survive_compaction(routed, text_model, captured, model_dir):
 
 # ------------------------------------------------------------------ over HTTP
 
-SERVE_ROUTING = {"mode": "reroute", "schedule": "fastv", "keep": 0.5}
+# vLLM's largest dummy input for these is a video (its log line names the modality)
+PROFILED_WITH_VIDEO = ("keye", "minicpmv")
 
 
 @pytest.fixture(scope="module")
 def server(arch, model_dir, tmp_path_factory):
-    from tests.e2e.helpers import serve_process
+    """The README's serve (tests/e2e/test_tiny_models.py starts the other architectures so):
+    compute-only pdrop as the server default, which each request below overrides whole."""
+    from tests.e2e.helpers import README_HARNESS_FLAGS, readme_flags, serve_process
 
     log = Path(tmp_path_factory.mktemp(f"serve-{arch}")) / "server.log"
-    flags = [
-        "--max-model-len", "1024", "--kv-cache-memory-bytes", str(64 << 20),
-        "--max-num-seqs", "8", *ARCHS[arch].serve_flags,
-    ]  # fmt: skip
-    with serve_process(model_dir, log, SERVE_ROUTING, flags) as srv:
+    flags = readme_flags(model_dir) + README_HARNESS_FLAGS
+    with serve_process(model_dir, log, None, flags) as srv:
         yield srv
+
+
+def test_served_the_readme_way(arch, server, model_dir):
+    from tests.e2e.helpers import messages, post_chat, readme_flags
+
+    assert "--trust-remote-code" in readme_flags(model_dir)  # config and processors are remote
+    response = post_chat(server["base"], {"messages": messages()})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] is not None
+    if arch in PROFILED_WITH_VIDEO:  # the startup path the README way takes was taken
+        assert "video items of the maximum feature size" in server["log"].read_text()
 
 
 @pytest.mark.parametrize(
