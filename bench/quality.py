@@ -61,10 +61,13 @@ from bench import common
 from bench.quality_budget import BENCH_SEED, SCHEDULES, SCORERS, Row, plan, run_rows
 from bench.quality_paper import paper_markdown, paper_plan, run_paper
 from bench.quality_report import (
+    PAPER_MARKERS,
     Setup,
     command_line,
+    paper_summary,
     plot,
     record,
+    shown,
     summary_markdown,
     write_docs,
 )
@@ -91,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
         "--protocol", default="both", choices=("sweep", "paper", "both"),
         help="sweep: the budget table per schedule; paper: the paper's budget-matched pairs "
         "(bench/quality_paper.py); both (default)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--paper-score-layer", default="at", choices=("before", "at"),
+        help="where the paper rows score a router point (the paper: at the router layer)",
     )  # fmt: skip
     ap.add_argument(
         "--paper-n", type=int, default=300,
@@ -156,7 +163,9 @@ def _paper(args, llm, processor, setup, scorers) -> tuple[str, dict]:
             per_type * len(setup.qtypes), seed=BENCH_SEED, qtypes=setup.qtypes
         )
 
-    rows = paper_plan(setup.num_layers, setup.num_visual, scorers[:1])
+    rows = paper_plan(
+        setup.num_layers, setup.num_visual, scorers[:1], score_layer=args.paper_score_layer
+    )
     items, bad, sizes = run_paper(
         llm, processor, examples_for, rows, setup.num_visual, args.paper_n
     )
@@ -193,27 +202,35 @@ def main() -> None:
         kv_cache_memory_bytes=args.kv_mib << 20, max_num_seqs=64, enforce_eager=True,
     )  # fmt: skip
     t_engine = time.time()
-    study_md, study = "", {}
-    if args.protocol != "paper":
-        preds = run_rows(llm, processor, examples, rows, setup.num_visual)
-        study_md, study = _study(args, llm, processor, examples, rows, preds)
-    paper_md, paper = (
-        _paper(args, llm, processor, setup, scorers) if args.protocol != "sweep" else ("", {})
-    )
-    wall = time.time() - t_start
-
     model = None if args.model == ap.get_default("model") else args.model
-    cmd = command_line(args.n, model, scorers, schedules, args.protocol)
-    if args.protocol == "paper":
-        rows = []  # no sweep ran (the paper rows are in paper_md and the JSON)
-    md = summary_markdown(cmd, wall, t_engine - t_start, setup, rows, scorers, study_md, paper_md)
+    paper = (args.paper_n, args.paper_score_layer)
+    cmd = command_line(args.n, model, scorers, schedules, args.protocol, paper)
+    if args.protocol != "paper":
+        _sweep(args, llm, processor, examples, setup, rows, (cmd, t_start, t_engine, scorers))
+    if args.protocol != "sweep":
+        t_paper = time.time()
+        paper_md, paper = _paper(args, llm, processor, setup, scorers)
+        md = paper_summary(cmd, time.time() - t_paper, setup, paper_md, args.paper_score_layer)
+        print(md)
+        write_docs(md, Path(args.doc), PAPER_MARKERS, "The paper's protocol")
+        out = {"command": cmd, "model": shown(setup.model), **paper}
+        Path(args.plot).with_name("quality_paper.json").write_text(json.dumps(out, indent=1))
+
+
+def _sweep(args, llm, processor, examples, setup, rows, run) -> None:
+    """The budget sweep and the ``exists`` study: docs block, plot and docs/quality.json."""
+    cmd, t_start, t_engine, scorers = run
+    preds = run_rows(llm, processor, examples, rows, setup.num_visual)
+    study_md, study = _study(args, llm, processor, examples, rows, preds)
+    wall = time.time() - t_start
+    md = summary_markdown(cmd, wall, t_engine - t_start, setup, rows, scorers, study_md)
     print(md)
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    if rows:
-        plot(rows, setup.qtypes, scorers, Path(args.plot))
+    plot(rows, setup.qtypes, scorers, Path(args.plot))
     write_docs(md, Path(args.doc))
-    out = {**record(cmd, wall, setup, rows, study), "paper": paper}
-    Path(args.plot).with_suffix(".json").write_text(json.dumps(out, indent=1))
+    Path(args.plot).with_suffix(".json").write_text(
+        json.dumps(record(cmd, wall, setup, rows, study), indent=1)
+    )
 
 
 if __name__ == "__main__":

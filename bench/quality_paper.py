@@ -32,7 +32,7 @@ FASTV_CHECK = "remove fastv-matched"  # must equal the FastV row of its budget
 
 def _row(name: str, mode: str, xa: dict, scorer: str, target: float, nv: int, nl: int, **kw):
     at, keeps, res = resolve(xa, nl, nv)
-    x = {"recroute_mode": mode, **xa, **SCORERS[scorer]}
+    x = {"recroute_mode": mode, **xa, **SCORERS[scorer], "recroute_score_layer": kw.pop("sl")}
     return Row(name, mode, xa["recroute_schedule"], scorer, target, x, at, keeps, res, **kw)
 
 
@@ -41,10 +41,12 @@ def paper_plan(
     num_visual: int,
     scorers: tuple[str, ...] = ("attn-last",),
     retentions: Sequence[float] = PAPER_RETENTIONS,
+    score_layer: str = "at",
 ) -> list[Row]:
     """The full row, then per budget and scorer: FastV, its check, reroute fastv-matched;
-    remove and reroute pdrop-early, reroute pdrop-matched. A budget the layout cannot
-    reach gives one unreachable row per family (never run)."""
+    remove and reroute pdrop-early, reroute pdrop-matched; every row scored
+    ``score_layer`` (the paper: ``at`` the router layer). A budget the layout cannot reach
+    gives one unreachable row per family (never run)."""
     rows = [Row(FULL, "off", xargs={"recroute_mode": "off"})]
     for r in retentions:
         avg = max(1, round(r * num_visual))
@@ -77,7 +79,10 @@ def paper_plan(
                 continue
             for scorer in scorers:
                 for name, mode, xa, vs in members:
-                    rows.append(_row(name, mode, xa, scorer, target, num_visual, num_layers, vs=vs))
+                    rows.append(
+                        _row(name, mode, xa, scorer, target, num_visual, num_layers, vs=vs,
+                             sl=score_layer)
+                    )  # fmt: skip
     return rows
 
 

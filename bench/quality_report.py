@@ -28,6 +28,7 @@ SCORER_TITLES = {
     "key_norm": "key norm (text-agnostic)",
 }
 START, END = "<!-- quality:start -->", "<!-- quality:end -->"
+PAPER_MARKERS = ("<!-- quality-paper:start -->", "<!-- quality-paper:end -->")
 
 
 @dataclass(frozen=True)
@@ -48,13 +49,22 @@ class Setup:
 
 
 def command_line(
-    n: int, model: str | None, scorers: tuple[str, ...], schedules, protocol: str = "both"
+    n: int,
+    model: str | None,
+    scorers: tuple[str, ...],
+    schedules,
+    protocol: str = "both",
+    paper: tuple[int, str] = (300, "at"),
 ) -> str:
     """The command as the docs show it: the options that differ from the defaults
     (``model`` None: the default checkpoint)."""
     extra = [f"--n {n}"] if n != 100 else []
     if protocol != "both":
         extra.append(f"--protocol {protocol}")
+    if protocol != "sweep" and paper[0] != 300:
+        extra.append(f"--paper-n {paper[0]}")
+    if protocol != "sweep" and paper[1] != "at":
+        extra.append(f"--paper-score-layer {paper[1]}")
     if model is not None:
         extra.append(f"--model {model}")
     if scorers != tuple(SCORERS):
@@ -72,7 +82,6 @@ def summary_markdown(
     rows: list[Row],
     scorers: tuple[str, ...],
     study_md: str,
-    paper_md: str = "",
 ) -> str:
     """The block written into docs/benchmarks.md: the set-up, the tables, the study, the
     plot. ``wall``, ``engine_start``: seconds (whole run, until the engine was up)."""
@@ -94,12 +103,10 @@ def summary_markdown(
         f"{'/'.join(map(str, pdrop_points))}"
         " use PyramidDrop's 64-token layout (2, 6, 12 of 32, scaled) where the default cannot "
         "reach the budget. An unreachable budget (the router points' floor is above it) is not "
-        "run.\n\n"
-        + (f"{budget_tables(rows, qtypes, scorers)}\n\n" if rows else "")
-        + (grounding_table(rows, scorers) + "\n\n" if rows and GROUNDING in qtypes else "")
+        f"run.\n\n{budget_tables(rows, qtypes, scorers)}\n\n"
+        + (grounding_table(rows, scorers) + "\n\n" if GROUNDING in qtypes else "")
         + (f"`exists` study.\n\n{study_md}\n\n" if study_md else "")
-        + (f"{paper_md}\n\n" if paper_md else "")
-        + ("![accuracy vs retention](quality.png)" if rows else "")
+        + "![accuracy vs retention](quality.png)"
     )
 
 
@@ -251,13 +258,36 @@ def shown(path: str) -> str:
     return str(p.relative_to(common.ROOT)) if p.is_relative_to(common.ROOT) else str(p)
 
 
-def write_docs(md: str, doc: Path) -> None:
+def write_docs(
+    md: str,
+    doc: Path,
+    markers: tuple[str, str] = (START, END),
+    heading: str = "Answer quality under a visual-token budget",
+) -> None:
+    """``md`` between ``markers`` in ``doc`` (appended under ``heading`` the first time)."""
+    start, end = markers
     text = doc.read_text() if doc.exists() else ""
-    block = f"{START}\n{md}\n{END}"
-    if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
+    block = f"{start}\n{md}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
-        text = (
-            text.rstrip() + "\n\n## Answer quality under a visual-token budget\n\n" + block + "\n"
-        )
+        text = text.rstrip() + f"\n\n## {heading}\n\n" + block + "\n"
     doc.write_text(text)
+
+
+def paper_summary(cmd: str, wall: float, setup: Setup, paper_md: str, score_layer: str) -> str:
+    """The paper-protocol block of docs/benchmarks.md: its set-up line, then its table."""
+    return (
+        f"Command: `{cmd}` (the paper rows: {wall / 60:.1f} min on this machine). Model: "
+        f"`{Path(setup.model).name}`, {setup.num_layers} decoder layers, {setup.num_visual} "
+        f"visual tokens per image; held-out seeds from {BENCH_SEED}, prompt `{setup.prompt}`, "
+        "greedy, through the vLLM engine; accuracy in %. Scorer: attention from the last "
+        f"prompt token, `score_layer: {score_layer}` ("
+        + (
+            "at the router layer itself, as the paper"
+            if score_layer == "at"
+            else "at the layer before each router point, today's default"
+        )
+        + ").\n\n"
+        + paper_md
+    )

@@ -152,3 +152,26 @@ def test_run_paper_runs_the_low_budgets_on_the_larger_set(monkeypatch):
     assert bad == [] and len(items) == 6
     assert sizes["reroute pdrop-matched 11% [attn-last]"] == 12
     assert f"{FULL} n=300" in [r.name for r in rows]  # the larger set's full row is shown
+
+
+def test_paper_rows_score_at_the_router_layer_unless_told():
+    at = paper.paper_plan(16, 64, retentions=(1 / 3,))
+    before = paper.paper_plan(16, 64, retentions=(1 / 3,), score_layer="before")
+    assert {r.xargs["recroute_score_layer"] for r in at[1:]} == {"at"}
+    assert {r.xargs["recroute_score_layer"] for r in before[1:]} == {"before"}
+    assert "recroute_score_layer" not in at[0].xargs  # the full row routes nothing
+
+
+def test_the_paper_block_has_its_own_markers(tmp_path):
+    from bench import quality_report as report
+
+    doc = tmp_path / "b.md"
+    report.write_docs("sweep v1", doc)
+    report.write_docs("paper v1", doc, report.PAPER_MARKERS, "The paper's protocol")
+    report.write_docs("sweep v2", doc)  # rewriting one block leaves the other
+    text = doc.read_text()
+    assert "sweep v2" in text and "paper v1" in text and "sweep v1" not in text
+    assert report.command_line(100, None, tuple(report.SCORERS), report.SCHEDULES, "paper",
+                               (50, "before")) == (
+        "python bench/quality.py --protocol paper --paper-n 50 --paper-score-layer before"
+    )  # fmt: skip
