@@ -50,29 +50,23 @@ def test_a_batch_scored_before_and_at_the_router_layer_matches_oracle(
 
 def test_scoring_at_the_router_layer_changes_the_decision(routed_llm, tiny_idefics3):
     # the guard of the two tests above: score_layer is not ignored
-    before = generate(routed_llm, tiny_idefics3, [CONFIGS["custom-reroute-question"]] * 3)
-    at = generate(routed_llm, tiny_idefics3, [CONFIGS["custom-reroute-question-at"]] * 3)
-    for a, b in zip(before, at, strict=True):
-        assert _logprobs(a) != pytest.approx(_logprobs(b), abs=1e-4)
+    _assert_every_answer_differs(routed_llm, tiny_idefics3, "custom-reroute-question",
+                                 "custom-reroute-question-at")  # fmt: skip
 
 
 def test_brakes_on_returning_tokens_change_the_decision(routed_llm, tiny_idefics3):
     # the guard of the braked config's oracle equality (test_batch_matches_oracle)
-    braked = generate(routed_llm, tiny_idefics3, [CONFIGS["custom-reroute-braked"]] * 3)
-    plain = generate(routed_llm, tiny_idefics3, [CONFIGS["custom-reroute-unbraked"]] * 3)
-    for a, b in zip(braked, plain, strict=True):
-        assert _logprobs(a) != pytest.approx(_logprobs(b), abs=1e-4)
+    _assert_every_answer_differs(routed_llm, tiny_idefics3, "custom-reroute-braked",
+                                 "custom-reroute-unbraked")  # fmt: skip
 
 
 def test_the_reentry_update_changes_the_answer_and_is_counted(routed_llm, tiny_idefics3):
     # the guard of custom-reroute-reentry's oracle equality (test_batch_matches_oracle),
     # and the ledger's returners: stage 2 keeps 3 times stage 1, so tokens come back
     before = route_counters(routed_llm)
-    plain = generate(routed_llm, tiny_idefics3, [CONFIGS["custom-reroute-question"]] * 3)
-    updated = generate(routed_llm, tiny_idefics3, [CONFIGS["custom-reroute-reentry"]] * 3)
+    _assert_every_answer_differs(routed_llm, tiny_idefics3, "custom-reroute-question",
+                                 "custom-reroute-reentry")  # fmt: skip
     after = route_counters(routed_llm)
-    for a, b in zip(plain, updated, strict=True):
-        assert _logprobs(a) != pytest.approx(_logprobs(b), abs=1e-4)
     returned = after["stage_returned_visual_tokens"].get("2", 0)
     assert returned - before["stage_returned_visual_tokens"].get("2", 0) > 0
     assert after["routing_extra_flops"] > before["routing_extra_flops"]
@@ -82,12 +76,18 @@ def _logprobs(out) -> list[float]:
     return [next(iter(lp.values())).logprob for lp in out.outputs[0].logprobs]
 
 
+def _assert_every_answer_differs(llm, model, name_a: str, name_b: str) -> None:
+    """REQUESTS under the two configs give different log-probabilities, request by request."""
+    a_outs = generate(llm, model, [CONFIGS[name_a]] * len(REQUESTS))
+    b_outs = generate(llm, model, [CONFIGS[name_b]] * len(REQUESTS))
+    for a, b in zip(a_outs, b_outs, strict=True):
+        assert _logprobs(a) != pytest.approx(_logprobs(b), abs=1e-4), (name_a, name_b)
+
+
 def test_remove_differs_from_reroute_when_tokens_come_back(routed_llm, tiny_idefics3):
     # Stage 2 keeps more than stage 1: reroute brings deferred tokens back, remove cannot.
-    rer = generate(routed_llm, tiny_idefics3, [CONFIGS["custom-reroute-question"]] * 3)
-    rem = generate(routed_llm, tiny_idefics3, [CONFIGS["custom-remove-question"]] * 3)
-    for a, b in zip(rer, rem, strict=True):
-        assert _logprobs(a) != pytest.approx(_logprobs(b), abs=1e-4)
+    _assert_every_answer_differs(routed_llm, tiny_idefics3, "custom-reroute-question",
+                                 "custom-remove-question")  # fmt: skip
 
 
 def test_finished_requests_leave_no_routing_state(routed_llm, tiny_idefics3):

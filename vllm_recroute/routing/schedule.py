@@ -286,20 +286,7 @@ class SparseVLM(Schedule):
         return points, tuple(lam ** (i + 1) for i in range(len(points)))
 
     def _points(self, cfg: RoutingSettings, num_layers: int) -> tuple[int, ...]:
-        if cfg.router_layers is not None:
-            _check_in_range("router_layers", cfg.router_layers, num_layers)
-            return cfg.router_layers
-        points: list[int] = []
-        for frac in _SPARSEVLM_FRACTIONS:
-            point = max(points[-1] + 1 if points else 1, _round_half_up(frac * num_layers))
-            if point < num_layers:
-                points.append(point)
-        if not points:
-            raise RoutingConfigError(
-                "recroute.schedule",
-                f"sparsevlm needs a model with at least 2 decoder layers (got {num_layers})",
-            )
-        return tuple(points)
+        return _scaled_points(self.name, cfg, _SPARSEVLM_FRACTIONS, num_layers, _round_half_up)
 
     def budget_keeps(
         self, cfg: RoutingSettings, num_layers: int, target: float, floor: float
@@ -332,20 +319,7 @@ class _FourPoints(Schedule):
         return points, self.keeps(_lam(cfg), len(points))
 
     def _points(self, cfg: RoutingSettings, num_layers: int) -> tuple[int, ...]:
-        if cfg.router_layers is not None:
-            _check_in_range("router_layers", cfg.router_layers, num_layers)
-            return cfg.router_layers
-        points: list[int] = []
-        for frac in self.fractions:
-            point = max(points[-1] + 1 if points else 1, math.floor(frac * num_layers))
-            if point < num_layers:
-                points.append(point)
-        if not points:
-            raise RoutingConfigError(
-                "recroute.schedule",
-                f"{self.name} needs a model with at least 2 decoder layers (got {num_layers})",
-            )
-        return tuple(points)
+        return _scaled_points(self.name, cfg, self.fractions, num_layers, math.floor)
 
     def budget_keeps(
         self, cfg: RoutingSettings, num_layers: int, target: float, floor: float
@@ -425,6 +399,31 @@ def _points_and_keeps(
     cfg: RoutingSettings, num_layers: int
 ) -> tuple[tuple[int, ...], tuple[float, ...]]:
     return get_schedule(cfg.schedule).layout(cfg, num_layers)
+
+
+def _scaled_points(
+    name: str,
+    cfg: RoutingSettings,
+    fractions: tuple[float, ...],
+    num_layers: int,
+    to_layer: Callable[[float], int],
+) -> tuple[int, ...]:
+    """``router_layers`` if given, else the layers at ``fractions`` of the depth (``to_layer``
+    rounds), a colliding point moved one layer later, one at or past the last dropped."""
+    if cfg.router_layers is not None:
+        _check_in_range("router_layers", cfg.router_layers, num_layers)
+        return tuple(cfg.router_layers)
+    points: list[int] = []
+    for frac in fractions:
+        point = max(points[-1] + 1 if points else 1, to_layer(frac * num_layers))
+        if point < num_layers:
+            points.append(point)
+    if not points:
+        raise RoutingConfigError(
+            "recroute.schedule",
+            f"{name} needs a model with at least 2 decoder layers (got {num_layers})",
+        )
+    return tuple(points)
 
 
 def _check_in_range(name: str, points: tuple[int, ...], num_layers: int) -> None:
