@@ -175,6 +175,38 @@ def error_message(response) -> str:
         return ""
 
 
+class Launch:
+    """A `vllm-recroute serve` process started, not yet known to be up: starting several
+    before waiting for any overlaps their startups (imports, compilation) on the cores."""
+
+    def __init__(self, model, log: Path, routing: dict | None, flags: list[str],
+                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+        env = {"VLLM_LOGGING_LEVEL": "INFO", **(env or {})}
+        port = free_port()
+        cmd = [
+            sys.executable, "-m", "vllm_recroute.cli", "serve", str(model),
+            *([] if routing is None else ["--routing", json.dumps(routing)]),
+            "--port", str(port), "--host", "127.0.0.1",
+            "--served-model-name", "tiny", "--dtype", "float32", *flags,
+        ]  # fmt: skip
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}
+            )
+        self.base, self.log = f"http://127.0.0.1:{port}", log
+        self._up = False
+
+    def ready(self) -> dict:
+        """``{"base", "log", "proc"}`` once /health answers."""
+        if not self._up:
+            _wait_healthy(self.proc, self.base, self.log)
+            self._up = True
+        return {"base": self.base, "log": self.log, "proc": self.proc}
+
+    def stop(self) -> None:
+        stop(self.proc, timeout=60)
+
+
 @contextlib.contextmanager
 def serve_process(
     model,
@@ -185,24 +217,11 @@ def serve_process(
 ) -> Iterator[dict]:
     """`vllm-recroute serve` on a free loopback port: yields ``{"base", "log", "proc"}``
     once /health answers, terminates it afterwards. ``routing=None``: the server's default."""
-    env = {"VLLM_LOGGING_LEVEL": "INFO", **(env or {})}
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "vllm_recroute.cli", "serve", str(model),
-        *([] if routing is None else ["--routing", json.dumps(routing)]),
-        "--port", str(port), "--host", "127.0.0.1",
-        "--served-model-name", "tiny", "--dtype", "float32", *flags,
-    ]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}
-        )
-    base = f"http://127.0.0.1:{port}"
+    server = Launch(model, log, routing, flags, env)
     try:
-        _wait_healthy(proc, base, log)
-        yield {"base": base, "log": log, "proc": proc}
+        yield server.ready()
     finally:
-        stop(proc, timeout=60)
+        server.stop()
 
 
 def stop(proc: subprocess.Popen, timeout: float) -> None:

@@ -349,16 +349,32 @@ def test_positions_survive_compaction(routed, text_model, captured, model_dir):
 PROFILED_WITH_VIDEO = ("keye", "minicpmv")
 
 
-@pytest.fixture(scope="module")
-def server(arch, model_dir, tmp_path_factory):
-    """The README's serve (tests/e2e/test_tiny_models.py starts the other architectures so):
-    compute-only pdrop as the server default, which each request below overrides whole."""
-    from tests.e2e.helpers import README_HARNESS_FLAGS, readme_flags, serve_process
+@pytest.fixture(scope="module", autouse=True)
+def _server_launch(request, arch, model_dir, tmp_path_factory):
+    """The README's serve of this architecture (tests/e2e/test_tiny_models.py starts the
+    other architectures so), started with the module's first test of the architecture when
+    this run has HTTP tests for it, so that its startup overlaps the engine tests."""
+    from tests.e2e.helpers import README_HARNESS_FLAGS, Launch, readme_flags
 
+    wanted = any(
+        "server" in item.fixturenames and getattr(item, "callspec", None) is not None
+        and item.callspec.params.get("arch") == arch
+        for item in request.session.items
+    )  # fmt: skip
+    if not wanted:
+        yield None
+        return
     log = Path(tmp_path_factory.mktemp(f"serve-{arch}")) / "server.log"
-    flags = readme_flags(model_dir) + README_HARNESS_FLAGS
-    with serve_process(model_dir, log, None, flags) as srv:
-        yield srv
+    launch = Launch(model_dir, log, None, readme_flags(model_dir) + README_HARNESS_FLAGS)
+    yield launch
+    launch.stop()
+
+
+@pytest.fixture(scope="module")
+def server(_server_launch):
+    """Compute-only pdrop as the server default (the README's), which each request below
+    overrides whole."""
+    return _server_launch.ready()
 
 
 def test_served_the_readme_way(arch, server, model_dir):
