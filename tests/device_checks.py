@@ -227,9 +227,12 @@ def _double(positions, hidden, residual):
 
 
 def check_parking() -> None:
-    """Park at prefill (digests and K/V to the host pool), re-route at decode (a swap
-    forced by a query aimed at a parked unit), restore written into the device cache:
-    bit-exact against the unit's K/V projected directly."""
+    """Park at prefill (digests and stage-entry states to the host pool), swap one parked
+    unit in (its K/V projected on the device from its state and written into the device
+    cache: bit-exact against the unit's K/V projected directly), then re-route at decode
+    (a swap forced by a query aimed at a parked unit) and park the evicted unit's K/V."""
+    from vllm_recroute.routing.rerouting import Swap
+
     for shape in SHAPES:
         step, layers, _ = _router(shape, "reroute", parked=True)
         hidden, residual, pos = (x.to(DEV) for x in _activations(shape, 34))
@@ -237,18 +240,22 @@ def check_parking() -> None:
         step._park(step.prefills[0], 0, pos, hidden, residual)
         tier = step.rt.tier
         units = tier.units[("r0", 0)]
-        assert units.parked, "nothing parked: the check would be vacuous"
+        assert len(units.parked) >= 2, "too little parked: the check would be vacuous"
         assert all(_on_host(d) for d in units.digests.values())
-        uid = min(units.parked)
-        digest = tier.pool.digest(ParkedKey("r0", 0, uid))[0]
-        assert _on_host(digest)
-        group = shape.heads // shape.kv_heads
-        q = 50.0 * digest.repeat_interleave(group, dim=0)  # aimed at the parked unit
+        uid, evict = min(units.parked), min(units.active)
+        assert _on_host(tier.pool.digest(ParkedKey("r0", 0, uid)))
         pages = [PageRow(torch.arange(8, device="cpu"), BLOCK) for _ in range(1, 3)]
+        delta = {"restored_blocks": 0, "parked_blocks": 0, "parked_blocks_dropped": 0}
+        tier._swap_all("r0", 0, units, [Swap(evict, uid)], {evict: 0.0, uid: 1.0}, pages, delta)
+        assert uid in units.active and evict in units.parked
+        _check_restored(tier, units, uid, layers, step.prefills[0], pos, hidden, residual)
+        aim = max(units.parked - {evict})
+        digest = tier.pool.digest(ParkedKey("r0", 0, aim))[0]
+        group = shape.heads // shape.kv_heads
+        q = 50.0 * digest.repeat_interleave(group, dim=0)  # aimed at a parked unit
         delta = tier.reroute("r0", 0, q, shape.dim**-0.5, pages)
         assert delta["restored_blocks"] >= 1, f"{shape.name}: no swap, vacuous"
-        assert uid in units.active and uid not in units.parked
-        _check_restored(tier, units, uid, layers, step.prefills[0], pos, hidden, residual)
+        assert aim in units.active and aim not in units.parked
 
 
 def _check_restored(tier, units, uid, layers, route, pos, hidden, residual) -> None:
@@ -259,15 +266,14 @@ def _check_restored(tier, units, uid, layers, route, pos, hidden, residual) -> N
     # park_prefill numbers the active units first (units of 2 tokens), then the deferred
     first_deferred_uid = (int(mask.sum()) + 1) // 2
     lo = (uid - first_deferred_uid) * 2
-    # projected over all deferred rows, as the tier does (another row subset may round
-    # differently), then the unit's two rows
-    rows = deferred.to(hidden.device)
-    k, v = _key_values(layers[1], pos[..., rows], hidden[rows] + residual[rows])
-    k, v = k[lo : lo + 2], v[lo : lo + 2]
+    # the unit's two rows, projected alone, as a one-unit restore does
+    rows = deferred[lo : lo + 2].to(hidden.device)
     page = PageRow(torch.arange(8, device="cpu"), BLOCK)
     slots = page.slots(units.active[uid])
-    rk, rv = tier.io[1].read(slots, BLOCK)
-    assert torch.equal(rk.cpu(), k.cpu()) and torch.equal(rv.cpu(), v.cpu()), "restore"
+    for i in (1, 2):
+        k, v = _key_values(layers[i], pos[..., rows], hidden[rows] + residual[rows])
+        rk, rv = tier.io[i].read(slots, BLOCK)
+        assert torch.equal(rk.cpu(), k.cpu()) and torch.equal(rv.cpu(), v.cpu()), "restore"
 
 
 def check_turns() -> None:

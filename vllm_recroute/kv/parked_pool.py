@@ -1,36 +1,84 @@
-"""Bounded host-memory pool for the K/V of parked (deferred) visual blocks. Pure torch.
+"""Bounded host-memory pool of parked (deferred) visual units. Pure torch.
 
-One entry = one KV block of one request at one routing stage: ``k`` and ``v`` of shape
-``[layers, tokens, kv_heads, head_dim]`` (the stage's layers, the block's tokens). The pool
-keeps a copy (never a view of a device page, which is freed when the block is parked), a
-small per-block *digest* (mean key per layer and head, float32) for later re-scoring, and
-a usefulness *score*.
+One entry = one unit (``park_block_tokens`` visual tokens) of one request at one routing
+stage, in one of two forms (``Parked``):
+
+* ``ParkedState(x, positions)``: the unit's stage-entry residual-stream rows ``[tokens,
+  hidden]`` (vLLM's fused-norm pair summed) and their original positions. A deferred
+  token skips its whole stage, so this one vector determines every K/V the stage's layers
+  would cache for it; the worker projects K/V from it only when a re-route restores the
+  unit (worker/parking.py). This is how prefill parks deferred units:
+  ``hidden`` values instead of ``2 * kv_heads * head_dim * stage_layers``.
+* ``ParkedKV(k, v)``: K/V ``[layers, tokens, kv_heads, head_dim]`` (the stage's layers),
+  for a unit that ran the stage (an active unit a re-route evicts): its K/V already exist
+  in the pages and its stage-entry state was never kept.
+
+The pool keeps a copy (never a view of a device page, which is freed when the unit is
+parked), a small per-unit *digest* (mean post-RoPE key at the stage's first layer per head,
+float32, ``[1, kv_heads, head_dim]``; a ``ParkedKV``'s is per layer) for re-scoring, and a
+usefulness *score*.
 
 Formats (``compress``):
 
 * ``"none"``: the tensors are copied as they are; ``restore`` returns them bit-exactly.
-* ``"int8"``: symmetric per-channel int8 (one float32 scale per layer, head and channel,
-  over the block's tokens). Per element, ``|x - restore(x)| <= scale / 2`` with
-  ``scale = max_tokens |x| / 127`` (plus the rounding of the cast back to ``x.dtype``).
+* ``"int8"``: symmetric per-channel int8 over the unit's tokens (one float32 scale per
+  hidden channel of a state; per layer, head and channel of K/V). Per element,
+  ``|x - restore(x)| <= scale / 2`` with ``scale = max_tokens |x| / 127`` (plus the
+  rounding of the cast back to ``x.dtype``). Positions are never compressed.
 
-Capacity is bounded in bytes (payload + scales + digest, all counted). When a block does
-not fit, the least useful entries are dropped (lowest score first, the oldest first among
-equal scores) -- but only entries less useful than the incoming block; if the incoming
-block is itself the least useful, *it* is dropped instead. Dropping is counted, never an
-error: a dropped block becomes a removed token (docs/architecture.md, "Parked tier").
+Capacity is bounded in bytes (payload + scales + positions + digest, all counted). When a
+unit does not fit, the least useful entries are dropped (lowest score first, the oldest
+first among equal scores) -- but only entries less useful than the incoming unit; if the
+incoming unit is itself the least useful, *it* is dropped instead. Dropping is counted,
+never an error: a dropped unit becomes a removed token (docs/architecture.md, "Parked
+tier").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
-__all__ = ["Compress", "ParkedKey", "ParkedPool", "ParkedPoolStats"]
+__all__ = [
+    "Compress",
+    "Parked",
+    "ParkedKV",
+    "ParkedKey",
+    "ParkedPool",
+    "ParkedPoolStats",
+    "ParkedState",
+]
 
 Compress = Literal["none", "int8"]
 _INT8_MAX = 127.0
+
+
+class ParkedKV(NamedTuple):
+    """K/V of a unit for every layer of its stage, ``[layers, tokens, kv_heads, dim]``."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.k, self.v)
+
+
+class ParkedState(NamedTuple):
+    """A unit's stage-entry residual-stream rows ``[tokens, hidden]`` and their original
+    positions (``[tokens]``, or ``[3, tokens]`` under M-RoPE)."""
+
+    x: torch.Tensor
+    positions: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.x, self.positions)
+
+
+Parked = ParkedKV | ParkedState
 
 
 @dataclass(frozen=True, order=True)
@@ -50,20 +98,19 @@ class ParkedPoolStats:
     capacity_bytes: int
     used_bytes: int
     num_blocks: int
-    parks: int  # blocks stored
-    restores: int  # blocks handed back for re-activation
-    drops: int  # blocks lost to capacity (evicted, or rejected on park)
-    discards: int  # blocks removed on purpose: free_request()
+    parks: int  # units stored
+    restores: int  # units handed back for re-activation
+    drops: int  # units lost to capacity (evicted, or rejected on park)
+    discards: int  # units removed on purpose: free_request()
 
 
 @dataclass
 class _Entry:
-    k: torch.Tensor  # raw copy, or int8 codes
-    v: torch.Tensor
-    k_scale: torch.Tensor | None
-    v_scale: torch.Tensor | None
+    kind: type[ParkedKV] | type[ParkedState]
+    parts: tuple[torch.Tensor, torch.Tensor]  # (k, v) or (x, positions); int8 codes if scaled
+    scales: tuple[torch.Tensor | None, torch.Tensor | None]
     dtype: torch.dtype
-    digest: torch.Tensor  # [layers, kv_heads, head_dim], float32
+    digest: torch.Tensor  # [layers, kv_heads, head_dim] (a state's: [1, ...]), float32
     score: float
     seq: int
     nbytes: int
@@ -73,21 +120,21 @@ def _nbytes(*ts: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
-def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel symmetric int8 over the token axis (dim 1)."""
+def _quantize(x: torch.Tensor, token_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel symmetric int8 over the token axis."""
     xf = x.detach().to("cpu", torch.float32)
-    amax = xf.abs().amax(dim=1, keepdim=True)
+    amax = xf.abs().amax(dim=token_dim, keepdim=True)
     scale = torch.where(amax > 0, amax / _INT8_MAX, torch.ones_like(amax))
     q = torch.round(xf / scale).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
     return q, scale
 
 
-def _dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.to(torch.float32) * scale).to(dtype)
+def _dequantize(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    return q if scale is None else (q.to(torch.float32) * scale).to(dtype)
 
 
 class ParkedPool:
-    """Host tier of the parked-block design. Single-threaded; no vLLM dependency."""
+    """Host tier of the parked-unit design. Single-threaded; no vLLM dependency."""
 
     def __init__(
         self, capacity_bytes: int, compress: Compress = "none", pin_memory: bool = False
@@ -111,9 +158,8 @@ class ParkedPool:
     # ------------------------------------------------------------------ sizing
 
     def entry_bytes(self, k: torch.Tensor, v: torch.Tensor) -> int:
-        """Bytes a block with these tensors occupies in this pool (payload, scales,
-        digest)."""
-        self._check(k, v)
+        """Bytes a unit parked as K/V occupies in this pool (payload, scales, digest)."""
+        _check_kv(k, v)
         layers, _, heads, dim = k.shape
         digest = layers * heads * dim * 4
         if self.compress == "none":
@@ -121,8 +167,18 @@ class ParkedPool:
         scales = layers * heads * (dim + v.shape[-1]) * 4  # float32, one per channel
         return k.numel() + v.numel() + scales + digest
 
+    def state_bytes(self, state: ParkedState, digest: torch.Tensor) -> int:
+        """Bytes a unit parked as its stage-entry state occupies (payload, scales,
+        positions, digest)."""
+        x, positions = state
+        _check_state(x, positions, digest)
+        fixed = _nbytes(positions) + digest.numel() * 4
+        if self.compress == "none":
+            return _nbytes(x) + fixed
+        return x.numel() + x.shape[-1] * 4 + fixed  # int8 codes, one float32 scale a channel
+
     def _plan(self, key: ParkedKey, nbytes: int, score: float) -> list[ParkedKey] | None:
-        """Entries to evict so that ``nbytes`` fit, or None if the block must be dropped."""
+        """Entries to evict so that ``nbytes`` fit, or None if the unit must be dropped."""
         if nbytes > self.capacity_bytes:
             return None
         free = self.capacity_bytes - self.used_bytes
@@ -148,42 +204,35 @@ class ParkedPool:
     def park(
         self, key: ParkedKey, k: torch.Tensor, v: torch.Tensor, score: float
     ) -> list[ParkedKey]:
-        """Store a copy of the block. Returns the keys dropped to make room, or
-        ``[key]`` when the block itself is dropped (too big, or least useful)."""
+        """Store a copy of a unit's K/V. Returns the keys dropped to make room, or
+        ``[key]`` when the unit itself is dropped (too big, or least useful)."""
         nbytes = self.entry_bytes(k, v)
-        victims = self._plan(key, nbytes, float(score))
-        if victims is None:
-            self.drops += 1
-            if key in self._entries:  # a failed re-park loses the stale copy as well
-                self._remove(key)
-            return [key]
-        for vkey in victims:
-            self._remove(vkey)
-        self.drops += len(victims)
-        if key in self._entries:
-            self._remove(key)
-        self._entries[key] = self._store(k, v, float(score), nbytes)
-        self._by_request.setdefault(key.request_id, set()).add(key)
-        self.used_bytes += nbytes
-        self.parks += 1
-        return victims
+        digest = k.detach().to("cpu", torch.float32).mean(dim=1)
+        return self._admit(key, nbytes, float(score), lambda: self._store_kv(k, v, digest))
 
-    def restore(self, key: ParkedKey) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hand the block back (in its original dtype) and remove it from the pool.
-        Raises ``KeyError`` if it is not parked (dropped blocks cannot be restored)."""
+    def park_state(
+        self, key: ParkedKey, state: ParkedState, digest: torch.Tensor, score: float
+    ) -> list[ParkedKey]:
+        """Store a copy of a unit's stage-entry state; ``digest``: its mean post-RoPE key
+        at the stage's first layer, ``[kv_heads, head_dim]``. Returns as ``park``."""
+        nbytes = self.state_bytes(state, digest)
+        digest = digest.detach().to("cpu", torch.float32)[None]
+        return self._admit(key, nbytes, float(score), lambda: self._store_state(state, digest))
+
+    def restore(self, key: ParkedKey) -> Parked:
+        """Hand the unit back (in its original dtype, in the form it was parked) and remove
+        it from the pool. Raises ``KeyError`` if it is not parked (dropped units cannot be
+        restored)."""
         entry = self._entries[key]
         self._remove(key)
         self.restores += 1
-        if entry.k_scale is None:
-            return entry.k, entry.v
-        assert entry.v_scale is not None
-        return (
-            _dequantize(entry.k, entry.k_scale, entry.dtype),
-            _dequantize(entry.v, entry.v_scale, entry.dtype),
+        a, b = (
+            _dequantize(p, s, entry.dtype) for p, s in zip(entry.parts, entry.scales, strict=True)
         )
+        return entry.kind(a, b)
 
     def free_request(self, request_id: str) -> list[ParkedKey]:
-        """Finish / abort / preemption: discard every block of the request."""
+        """Finish / abort / preemption: discard every unit of the request."""
         keys = sorted(self._by_request.get(request_id, ()))
         for key in keys:
             self._remove(key)
@@ -193,7 +242,8 @@ class ParkedPool:
     # ------------------------------------------------------------------ scoring support
 
     def digest(self, key: ParkedKey) -> torch.Tensor:
-        """Mean key of the block per layer and head, ``[layers, kv_heads, head_dim]``."""
+        """Mean key of the unit per layer and head, ``[layers, kv_heads, head_dim]`` (a
+        state's: its stage's first layer only, ``[1, ...]``)."""
         return self._entries[key].digest
 
     def score(self, key: ParkedKey) -> float:
@@ -223,32 +273,50 @@ class ParkedPool:
 
     # ------------------------------------------------------------------ internals
 
-    @staticmethod
-    def _check(k: torch.Tensor, v: torch.Tensor) -> None:
-        if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
-            raise ValueError(
-                "k and v must be [layers, tokens, kv_heads, head_dim] with equal leading "
-                f"dims, got {tuple(k.shape)} and {tuple(v.shape)}"
-            )
-        if k.dtype != v.dtype:
-            raise ValueError(f"k and v dtypes differ: {k.dtype} vs {v.dtype}")
+    def _admit(self, key: ParkedKey, nbytes: int, score: float, build) -> list[ParkedKey]:
+        victims = self._plan(key, nbytes, score)
+        if victims is None:
+            self.drops += 1
+            if key in self._entries:  # a failed re-park loses the stale copy as well
+                self._remove(key)
+            return [key]
+        for vkey in victims:
+            self._remove(vkey)
+        self.drops += len(victims)
+        if key in self._entries:
+            self._remove(key)
+        entry = build()
+        entry.score, entry.seq, entry.nbytes = score, self._next_seq, nbytes
+        self._next_seq += 1
+        self._entries[key] = entry
+        self._by_request.setdefault(key.request_id, set()).add(key)
+        self.used_bytes += nbytes
+        self.parks += 1
+        return victims
 
     def _copy(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=self.pin_memory)
         out.copy_(x.detach())
         return out
 
-    def _store(self, k: torch.Tensor, v: torch.Tensor, score: float, nbytes: int) -> _Entry:
-        digest = k.detach().to("cpu", torch.float32).mean(dim=1)
-        seq = self._next_seq
-        self._next_seq += 1
+    def _entry(self, kind, parts, scales, dtype, digest) -> _Entry:
+        return _Entry(kind, parts, scales, dtype, digest, 0.0, 0, 0)  # _admit sets the rest
+
+    def _store_kv(self, k: torch.Tensor, v: torch.Tensor, digest: torch.Tensor) -> _Entry:
         if self.compress == "none":
-            return _Entry(
-                self._copy(k), self._copy(v), None, None, k.dtype, digest, score, seq, nbytes
+            return self._entry(
+                ParkedKV, (self._copy(k), self._copy(v)), (None, None), k.dtype, digest
             )
-        kq, ks = _quantize(k)
-        vq, vs = _quantize(v)
-        return _Entry(kq, vq, ks, vs, k.dtype, digest, score, seq, nbytes)
+        (kq, ks), (vq, vs) = _quantize(k, 1), _quantize(v, 1)
+        return self._entry(ParkedKV, (kq, vq), (ks, vs), k.dtype, digest)
+
+    def _store_state(self, state: ParkedState, digest: torch.Tensor) -> _Entry:
+        x, positions = state
+        pos = self._copy(positions)
+        if self.compress == "none":
+            return self._entry(ParkedState, (self._copy(x), pos), (None, None), x.dtype, digest)
+        xq, xs = _quantize(x, 0)
+        return self._entry(ParkedState, (xq, pos), (xs, None), x.dtype, digest)
 
     def _remove(self, key: ParkedKey) -> None:
         entry = self._entries.pop(key)
@@ -257,3 +325,23 @@ class ParkedPool:
         keys.discard(key)
         if not keys:
             del self._by_request[key.request_id]
+
+
+def _check_kv(k: torch.Tensor, v: torch.Tensor) -> None:
+    if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            "k and v must be [layers, tokens, kv_heads, head_dim] with equal leading "
+            f"dims, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if k.dtype != v.dtype:
+        raise ValueError(f"k and v dtypes differ: {k.dtype} vs {v.dtype}")
+
+
+def _check_state(x: torch.Tensor, positions: torch.Tensor, digest: torch.Tensor) -> None:
+    if x.dim() != 2 or positions.dim() not in (1, 2) or positions.shape[-1] != x.shape[0]:
+        raise ValueError(
+            "a parked state is x [tokens, hidden] and positions [tokens] or [3, tokens], "
+            f"got {tuple(x.shape)} and {tuple(positions.shape)}"
+        )
+    if digest.dim() != 2:
+        raise ValueError(f"a state's digest is [kv_heads, head_dim], got {tuple(digest.shape)}")

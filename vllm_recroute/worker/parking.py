@@ -1,17 +1,25 @@
-"""Parked tier, worker side: deferred visual K/V in a host pool, swapped back at decode.
+"""Parked tier, worker side: deferred visual units in a host pool, swapped back at decode.
 
 Where this sits in a routed prefill and in the decode steps after it (one request, one
 routing stage with layers [s, e), unit = ``park_block_tokens`` visual tokens):
 
     prefill, at layer s (before it runs)
-      active visual tokens ──► stage pages (compacted positions), as without the tier;
-                               one digest per active unit (mean post-RoPE key at layer s)
-      deferred visual tokens ─► K/V for layers s..e-1 from their carried hidden state
-                               (input norm + K/V projections + RoPE only) ──► ParkedPool
+      every visual token ──► its key at layer s (one projection): one digest per unit
+      active visual tokens ──► stage pages (compacted positions), as without the tier
+      deferred visual tokens ─► their stage-entry state (hidden + residual, positions)
+                               ──► ParkedPool (one host copy); no K/V computed
     decode step i with i % reroute_every == 0, at layer s (before it runs)
       score q_i against every unit's digest (routing/rerouting.py)
       for each swap (evict active A, restore parked R):
-          pages[A's slots] ──read──► pool (A parked)      pool (R) ──write──► pages[A's slots]
+          pages[A's slots] ──read──► pool (A parked as its K/V)
+          pool (R) ──► K/V for layers s..e-1 (a state: input norm, K/V projection and RoPE
+                       at its original positions) ──write──► pages[A's slots]
+
+A deferred token skips its whole stage, so its state is the same at every layer of the
+stage and every K/V the stage would cache for it is a function of it: parking it costs
+``hidden`` values instead of ``2 * kv_heads * head_dim * (e - s)``, and K/V are computed
+only for the few units a re-route restores. A unit that ran the stage (an evicted active
+one) parks as its K/V: its stage-entry state was never kept.
 
 The stage's active count never changes, so no page is allocated or freed and the
 scheduler is not involved: the swap happens inside the pages the request already holds.
@@ -20,6 +28,12 @@ correctly from any slot. Ownership: the pool's bytes belong to this worker proce
 unit is either in the pool or in pages, never both. A unit the full pool drops is a
 removed token from then on (counted). Finish / abort / preemption free every pool entry of
 the request (``forget``); a preempted request re-routes and re-parks when it runs again.
+
+Tensor parallelism: the hidden state is replicated on every rank (after the all-reduce),
+and each rank's layers project only its own KV-head shard. Each rank keeps the whole state
+of its parked units and projects its shard at restore: sharding the state by channel
+would need an all-gather before every restore's projection (a collective inside a
+re-route, on every rank), to save bytes the state form has already cut about five-fold.
 """
 
 from __future__ import annotations
@@ -32,13 +46,24 @@ import torch
 
 from vllm_recroute.config import RoutingConfig
 from vllm_recroute.kv.pages import KVPageIO
-from vllm_recroute.kv.parked_pool import ParkedKey, ParkedPool
+from vllm_recroute.kv.parked_pool import Parked, ParkedKey, ParkedKV, ParkedPool, ParkedState
 from vllm_recroute.routing.rerouting import chunk_units, plan_swaps, unit_scores
 from vllm_recroute.worker.compaction import take_positions
 from vllm_recroute.worker.projections import project_qkv
 
-# Device bytes of deferred rows' stage-wide K/V computed at once when parking (64 MiB).
-PARK_CHUNK_BYTES = 64 * 1024 * 1024
+
+@dataclass(frozen=True)
+class HandedUnit:
+    """A parked unit out of the pool, for a kept turn (worker/turns.py): its payload in
+    the form it was parked, its digest and score. Host tensors only."""
+
+    payload: Parked
+    digest: torch.Tensor
+    score: float
+
+    @property
+    def nbytes(self) -> int:
+        return self.payload.nbytes + self.digest.numel() * self.digest.element_size()
 
 
 @dataclass
@@ -145,53 +170,56 @@ class ParkingTier:
         stream at the stage's first layer); ``mask``: active at this stage; ``cpos``:
         compacted positions of the visual tokens (meaningful for active ones); ``scores``:
         the router's scores (order in which a full pool drops units).
+
+        A deferred unit parks as its stage-entry state (``ParkedState``): it skips the whole
+        stage, so that state determines every K/V the stage would cache for it, and K/V are
+        projected only for the units a re-route restores. Keys are projected once, at
+        layer ``start``, for every visual row: the digests of all units (one host copy).
         """
         u = self.cfg.park_block_tokens
         units = StageUnits(start, end)
         self.units[(req_id, k)] = units  # before parking: a full pool may drop our own units
         active_idx = torch.nonzero(mask).flatten()  # host, as mask (the device rule)
-        if active_idx.numel():  # digests of active units: their keys at layer `start`
-            rows = active_idx.to(x.device, non_blocking=True)
-            keys = _keys(self.layers[start], take_positions(positions, rows), x[rows])
-            chunks = chunk_units(torch.arange(len(active_idx), device="cpu"), u)
-            digests = _unit_means(keys, chunks).cpu()  # one copy for every unit's digest
-            for uid, idx in enumerate(chunks):
-                units.active[uid] = cpos[active_idx[idx]]
-                units.digests[uid] = digests[uid]
-                units.sizes[uid] = int(idx.numel())
-        first = len(units.active)
         deferred_idx = torch.nonzero(~mask).flatten()
-        delta = {"parked_blocks": 0, "parked_blocks_dropped": 0}
-        if deferred_idx.numel() == 0:  # e.g. keep = 1.0: nothing to park
-            return delta
-        ks_all, vs_all = self._deferred_kv(start, end, positions, x, deferred_idx)
-        for uid, idx in enumerate(
-            chunk_units(torch.arange(len(deferred_idx), device="cpu"), u), start=first
-        ):
+        active = chunk_units(active_idx, u)
+        deferred = chunk_units(deferred_idx, u)
+        digests = self._digests(start, positions, x, active + deferred)
+        for uid, idx in enumerate(active):
+            units.active[uid] = cpos[idx]
+            units.digests[uid] = digests[uid]
             units.sizes[uid] = int(idx.numel())
-            score = float(scores[deferred_idx[idx]].float().mean())
-            self._park_unit(ParkedKey(req_id, k, uid), ks_all[:, idx], vs_all[:, idx], score, delta)
+        delta = {"parked_blocks": 0, "parked_blocks_dropped": 0}
+        if not deferred:  # e.g. keep = 1.0: nothing to park
+            return delta
+        rows = deferred_idx.to(x.device, non_blocking=True)
+        host_x = x[rows].cpu()  # one copy for every deferred unit's state
+        host_pos = take_positions(positions, rows).cpu()
+        # one device->host copy for every unit's score, as for the states
+        unit_score = torch.stack([scores[idx.to(scores.device)].float().mean() for idx in deferred])
+        lo = 0
+        for uid, idx, score in zip(
+            range(len(active), len(active) + len(deferred)),
+            deferred,
+            unit_score.tolist(),
+            strict=True,
+        ):
+            n = int(idx.numel())
+            units.sizes[uid] = n
+            state = ParkedState(host_x[lo : lo + n], host_pos[..., lo : lo + n])
+            key = ParkedKey(req_id, k, uid)
+            self._admitted(key, self.pool.park_state(key, state, digests[uid], score), delta)
+            lo += n
         return delta
 
-    def _deferred_kv(self, start, end, positions, x, deferred_idx):
-        """Host K/V ``[layers, n, kv_heads, dim]`` of the deferred rows for every layer of
-        the stage. Computed on the device in chunks of rows whose stage-wide K/V fit
-        ``PARK_CHUNK_BYTES`` (the bound on this extra activation, which vLLM's profile run
-        never sees), each chunk brought to the host in one copy."""
-        attn = self.layers[start].self_attn
-        per_row = 2 * (end - start) * attn.kv_size * x.element_size()
-        u = self.cfg.park_block_tokens
-        rows_per_chunk = max(u, PARK_CHUNK_BYTES // max(1, per_row) // u * u)
-        ks, vs = [], []
-        for lo in range(0, int(deferred_idx.numel()), rows_per_chunk):
-            rows = deferred_idx[lo : lo + rows_per_chunk].to(x.device, non_blocking=True)
-            kv = [
-                _key_values(self.layers[i], take_positions(positions, rows), x[rows])
-                for i in range(start, end)
-            ]
-            ks.append(torch.stack([k_ for k_, _ in kv]).cpu())
-            vs.append(torch.stack([v_ for _, v_ in kv]).cpu())
-        return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+    def _digests(self, layer: int, positions, x, chunks: list[torch.Tensor]) -> torch.Tensor:
+        """``[units, kv_heads, dim]`` host float32: each unit's mean post-RoPE key at
+        ``layer`` (chunks index the visual rows), projected once, one copy back."""
+        if not chunks:
+            return torch.empty(0)
+        rows = torch.cat(chunks).to(x.device, non_blocking=True)
+        keys = _keys(self.layers[layer], take_positions(positions, rows), x[rows])
+        sizes = [int(c.numel()) for c in chunks]
+        return torch.stack([part.float().mean(0) for part in keys.split(sizes)]).cpu()
 
     # -- decode -------------------------------------------------------------------------
 
@@ -232,42 +260,83 @@ class ParkingTier:
         return delta
 
     def _swap_all(self, req_id, k, units, plan, score, pages, delta) -> None:
-        """Every swap of one re-routing at once (one slot read and one backend write per
-        layer: per-unit small copies would be dominated by per-op overhead). Restores run
-        before parks, so the pool has the restored units' room for the evicted ones."""
+        """Every swap of one re-routing at once: one slot read and one backend write per
+        layer, one copy each way (per-unit small copies would be dominated by per-op
+        overhead). Restores run before parks, so the pool has the restored units' room for
+        the evicted ones. A restored unit parked as a state gets its K/V projected here,
+        for the stage's layers; an evicted unit parks as the K/V it has in the pages (its
+        stage-entry state was never kept)."""
+        keys = [ParkedKey(req_id, k, swap.restore) for swap in plan]
+        digests = {key.unit: self.pool.digest(key)[0] for key in keys}
+        back = [self.pool.restore(key) for key in keys]
+        # which evicted unit's slots a restored unit takes is free (units are equal size):
+        # states first, so each layer's new K/V is one concatenation
+        order = sorted(range(len(plan)), key=lambda i: not isinstance(back[i], ParkedState))
+        plan = [plan[i] for i in order]
+        back = [back[i] for i in order]
         positions = [units.active.pop(swap.evict) for swap in plan]
         sizes = [int(pos.numel()) for pos in positions]
         ios = self._stage_io(units)
         slots = [p.slots(torch.cat(positions)) for p in pages]
         old = [io.read(sl, p.block_size) for io, sl, p in zip(ios, slots, pages, strict=True)]
-        back = []
-        for swap in plan:
-            rkey = ParkedKey(req_id, k, swap.restore)
-            units.digests[swap.restore] = self.pool.digest(rkey)[0]
-            back.append(self.pool.restore(rkey))
-        new_k = torch.cat([kk for kk, _ in back], dim=1)
-        new_v = torch.cat([vv for _, vv in back], dim=1)
-        for i, (io, sl) in enumerate(zip(ios, slots, strict=True)):
-            io.write(new_k[i], new_v[i], sl)
+        new = self._restored_kv(units, back, ios[0].cache.device)
+        for (nk, nv), io, sl in zip(new, ios, slots, strict=True):
+            io.write(nk, nv, sl)
         # the evicted units' K/V to the host in one copy per re-route
         old_k = torch.stack([kk for kk, _ in old]).cpu().split(sizes, dim=1)
         old_v = torch.stack([vv for _, vv in old]).cpu().split(sizes, dim=1)
         for swap, pos, ek, ev in zip(plan, positions, old_k, old_v, strict=True):
             units.parked.discard(swap.restore)
             units.active[swap.restore] = pos
+            units.digests[swap.restore] = digests[swap.restore]
             del units.digests[swap.evict]
             delta["restored_blocks"] += 1
-            self._park_unit(ParkedKey(req_id, k, swap.evict), ek, ev, score[swap.evict], delta)
+            key = ParkedKey(req_id, k, swap.evict)
+            self._admitted(key, self.pool.park(key, ek, ev, score[swap.evict]), delta)
+
+    def _restored_kv(
+        self, units: StageUnits, back: list[Parked], device: torch.device
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer of the stage, K/V ``[n, kv_heads, dim]`` of the restored units in
+        ``back``'s order (states first): states go to the device in one copy and through
+        each layer's input norm, K/V projection and RoPE at their original positions (the
+        kernels the model caches with); K/V units go in one copy."""
+        states = [p for p in back if isinstance(p, ParkedState)]
+        kvs = [p for p in back if isinstance(p, ParkedKV)]
+        parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        if states:
+            x = self._to_device([s.x for s in states], 0, device)
+            pos = self._to_device([s.positions for s in states], -1, device)
+            parts.append(
+                [_key_values(self.layers[i], pos, x) for i in range(units.start, units.end)]
+            )
+        if kvs:
+            kk = self._to_device([p.k for p in kvs], 1, device)
+            vv = self._to_device([p.v for p in kvs], 1, device)
+            parts.append(list(zip(kk.unbind(0), vv.unbind(0), strict=True)))
+        if len(parts) == 1:
+            return parts[0]
+        return [
+            (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(*parts, strict=True)
+        ]
+
+    def _to_device(self, parts: list[torch.Tensor], dim: int, device: torch.device) -> torch.Tensor:
+        """The pool's host tensors concatenated into one (pinned where the pool pins, so
+        the copy is asynchronous: the device rule) and copied to ``device`` at once."""
+        shape = list(parts[0].shape)
+        shape[dim] = sum(int(p.shape[dim]) for p in parts)
+        pin = self.pool.pin_memory
+        host = torch.empty(shape, dtype=parts[0].dtype, device="cpu", pin_memory=pin)
+        torch.cat(parts, dim=dim, out=host)
+        return host.to(device, non_blocking=pin)
 
     def _stage_io(self, units: StageUnits) -> list[KVPageIO]:
         return self.io[units.start : units.end]
 
-    def _park_unit(
-        self, key: ParkedKey, k: torch.Tensor, v: torch.Tensor, score: float, delta: dict
-    ) -> None:
-        """Park one unit of ``self.units[(request, stage)]``: the pool may drop it or
-        less useful units to make room (each drop counted, never an error)."""
-        dropped = self.pool.park(key, k, v, float(score))
+    def _admitted(self, key: ParkedKey, dropped: list[ParkedKey], delta: dict) -> None:
+        """Account one park of a unit of ``self.units[(request, stage)]``: the pool may
+        have dropped it or less useful units to make room (each drop counted, never an
+        error)."""
         self._apply_drops(dropped, delta)
         if key not in dropped:
             self.units[(key.request_id, key.k)].parked.add(key.unit)
@@ -296,7 +365,7 @@ class ParkingTier:
 
     def take(self, req_id: str, num_stages: int) -> tuple[dict, dict]:
         """Hand a finished request's units over (for a kept turn): per stage its units
-        without pool entries, and the parked units' ``(k, v, score)`` leaving the pool."""
+        without pool entries, and the parked units (``HandedUnit``) leaving the pool."""
         units, parked = {}, {}
         for k in range(num_stages):
             stage_units = self.units.get((req_id, k))
@@ -304,14 +373,15 @@ class ParkingTier:
                 continue
             for uid in sorted(stage_units.parked):
                 key = ParkedKey(req_id, k, uid)
-                score = self.pool.score(key)
-                parked[(k, uid)] = (*self.pool.restore(key), score)  # the pool lets go
+                digest, score = self.pool.digest(key), self.pool.score(key)
+                parked[(k, uid)] = HandedUnit(self.pool.restore(key), digest, score)
             units[k] = replace(stage_units, parked=set())
         return units, parked
 
     def adopt(self, req_id: str, units: dict, parked: dict) -> dict[str, int]:
         """A kept turn's units become ``req_id``'s (copies: a turn can be loaded again);
-        its parked units go back into the pool, where a full pool may drop them."""
+        its parked units go back into the pool, in the form they left it, where a full pool
+        may drop them."""
         delta = {"parked_blocks": 0, "parked_blocks_dropped": 0}
         for k, stage_units in units.items():
             self.units[(req_id, k)] = replace(
@@ -320,9 +390,15 @@ class ParkingTier:
                 digests=dict(stage_units.digests),
                 parked=set(),
             )
-        for (k, uid), (kk, vv, score) in parked.items():
-            self._park_unit(ParkedKey(req_id, k, uid), kk, vv, score, delta)
+        for (k, uid), unit in parked.items():
+            key = ParkedKey(req_id, k, uid)
+            self._admitted(key, self._repark(key, unit), delta)
         return delta
+
+    def _repark(self, key: ParkedKey, unit: HandedUnit) -> list[ParkedKey]:
+        if isinstance(unit.payload, ParkedState):
+            return self.pool.park_state(key, unit.payload, unit.digest[0], unit.score)
+        return self.pool.park(key, *unit.payload, unit.score)
 
     def gauges(self) -> dict[str, int]:
         """Pool fill, only when it changed since the last call (keeps stats sparse)."""
@@ -351,6 +427,7 @@ def _key_values(layer: Any, positions: torch.Tensor, x: torch.Tensor):
 
 
 __all__ = [
+    "HandedUnit",
     "PageRow",
     "ParkingTier",
     "StageUnits",

@@ -36,7 +36,7 @@ from vllm_recroute.kv.pages import KVPageIO
 from vllm_recroute.messages import TurnLoad, TurnSave
 from vllm_recroute.metrics.accounting import Ledger
 from vllm_recroute.routing import stage_at
-from vllm_recroute.worker.parking import PageRow, ParkingTier, StageUnits
+from vllm_recroute.worker.parking import HandedUnit, PageRow, ParkingTier, StageUnits
 from vllm_recroute.worker.state import RouteState, RouteStore
 
 # Where a layer's rows of a request live, from the scheduler's block ids per KV group.
@@ -52,16 +52,14 @@ class TurnRecord:
     state: RouteState | None  # None: the request was not routed
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V [rows, kv_heads, dim]
     units: dict[int, StageUnits] = field(default_factory=dict)  # stage -> units (no pool)
-    parked: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, float]] = field(
-        default_factory=dict
-    )  # (stage, unit) -> K, V [stage layers, n, kv_heads, dim], score
+    # (stage, unit) -> the unit as the pool held it (a state, or K/V), its digest and score
+    parked: dict[tuple[int, int], HandedUnit] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
         """Host bytes of the record's K/V (the scheduler's ``turn_cache_bytes`` budget)."""
-        tensors = [t for kv in self.kv for t in kv]
-        tensors += [t for k, v, _ in self.parked.values() for t in (k, v)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        pages = sum(t.numel() * t.element_size() for kv in self.kv for t in kv)
+        return pages + sum(unit.nbytes for unit in self.parked.values())
 
 
 class TurnStore:
@@ -134,9 +132,8 @@ class TurnStore:
             kv.append((_to_host(k), _to_host(v)))
         record = TurnRecord(state, kv)
         if state is not None and self.tier is not None:
-            record.units, parked = self.tier.take(job.request_id, len(state.stages))
-            # the pool's tensors are host ones: _to_host keeps them as they are
-            record.parked = {u: (_to_host(k), _to_host(v), s) for u, (k, v, s) in parked.items()}
+            # the pool's tensors are host ones already: the record takes them as they are
+            record.units, record.parked = self.tier.take(job.request_id, len(state.stages))
         self.records[job.turn_id] = record
         self._sent.add(job.request_id)
         self.ledger.record({"turn_saves": 1})

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_recroute.kv.parked_pool import ParkedKey, ParkedPool, ParkedPoolStats
+from vllm_recroute.kv.parked_pool import (
+    ParkedKey,
+    ParkedKV,
+    ParkedPool,
+    ParkedPoolStats,
+    ParkedState,
+)
 
 LAYERS, TOKENS, HEADS, DIM = 3, 16, 2, 8
 
@@ -198,3 +204,66 @@ def test_bad_inputs_are_rejected():
         pool.park(key("a", 0), k[0], v[0], score=0)
     with pytest.raises(ValueError):
         pool.park(key("a", 0), k, v.half(), score=0)
+
+
+# ------------------------------------------------------------------ stage-entry states
+
+HIDDEN = 24
+
+
+def state(seed: int, dtype: torch.dtype = torch.float32, mrope: bool = False) -> ParkedState:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(TOKENS, HIDDEN, generator=g) * 2).to(dtype)
+    pos = torch.arange(TOKENS) + 40
+    return ParkedState(x, torch.stack([pos, pos // 4, pos % 4]) if mrope else pos)
+
+
+@pytest.mark.parametrize("mrope", [False, True])
+def test_a_state_comes_back_bit_exact_with_its_positions_and_digest(mrope):
+    pool = ParkedPool(1 << 20)
+    s, digest = state(0, torch.bfloat16, mrope), torch.randn(HEADS, DIM)
+    size = pool.state_bytes(s, digest)
+    assert size == s.x.nbytes + s.positions.nbytes + HEADS * DIM * 4
+    assert pool.park_state(key("a", 0), s, digest, score=1.0) == []
+    assert pool.used_bytes == size and torch.equal(pool.digest(key("a", 0)), digest[None])
+    s.x.zero_()  # the caller's rows are reused after parking: the pool holds a copy
+    back = pool.restore(key("a", 0))
+    assert isinstance(back, ParkedState) and back.x.dtype == torch.bfloat16
+    assert torch.equal(bits(back.x), bits(state(0, torch.bfloat16, mrope).x))
+    assert torch.equal(back.positions, state(0, mrope=mrope).positions)
+    assert pool.used_bytes == 0 and back.nbytes == size - HEADS * DIM * 4
+
+
+def test_int8_state_is_per_hidden_channel_within_half_a_step():
+    pool = ParkedPool(1 << 20, compress="int8")
+    s, digest = state(1), torch.zeros(HEADS, DIM)
+    s.x[:, 5] = 0.0  # an all-zero channel restores exactly
+    size = pool.state_bytes(s, digest)
+    assert size == s.x.numel() + HIDDEN * 4 + s.positions.nbytes + HEADS * DIM * 4
+    pool.park_state(key("a", 0), s, digest, score=0.0)
+    back = pool.restore(key("a", 0))
+    step = s.x.abs().amax(0, keepdim=True) / 127
+    assert bool(((back.x - s.x).abs() <= step / 2 + 1e-6).all())
+    assert not torch.equal(back.x, s.x) and torch.equal(back.x[:, 5], s.x[:, 5])
+    assert torch.equal(back.positions, s.positions)
+
+
+def test_states_and_kv_share_one_budget_and_one_drop_order():
+    k, v = block(0)
+    s, digest = state(0), torch.zeros(HEADS, DIM)
+    probe = ParkedPool(1 << 20)
+    pool = ParkedPool(probe.entry_bytes(k, v) + probe.state_bytes(s, digest))
+    assert pool.park(key("a", 0), k, v, score=0.2) == []
+    assert pool.park_state(key("a", 1), s, digest, score=0.1) == []
+    # no room for another state: the least useful entry (the state at 0.1) goes
+    assert pool.park_state(key("b", 0), s, digest, score=0.5) == [key("a", 1)]
+    assert isinstance(pool.restore(key("a", 0)), ParkedKV)
+
+
+def test_bad_states_are_rejected():
+    pool = ParkedPool(1 << 20)
+    s = state(0)
+    with pytest.raises(ValueError, match="positions"):
+        pool.park_state(key("a", 0), ParkedState(s.x, s.positions[:3]), torch.zeros(2, 8), 0)
+    with pytest.raises(ValueError, match="digest"):
+        pool.park_state(key("a", 0), s, torch.zeros(8), 0)

@@ -1,9 +1,11 @@
 """Worker side of the parked tier on fake decoder layers and real paged caches.
 
 KVPageIO: slot reads/writes through the backend's own writer, including vLLM's CPU
-kernel (which packs keys inside a block). ParkingTier: what lands in the pool at prefill,
-what a decode-time swap moves between pages and pool (bit-exact uncompressed, bounded
-error int8), drops when the pool is full, and nothing left after forget.
+kernel (which packs keys inside a block). ParkingTier: what lands in the pool at prefill
+(deferred units as their stage-entry state, one key projection), what a decode-time swap
+moves between pages and pool (K/V projected from a restored state exactly as the layer
+would, evicted K/V bit-exact, bounded error int8), drops when the pool is full, and
+nothing left after forget.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import vllm_recroute.worker.parking as parking
 from vllm_recroute.config import RoutingConfig
 from vllm_recroute.kv.pages import KVPageIO
-from vllm_recroute.kv.parked_pool import ParkedKey
-from vllm_recroute.worker.parking import PageRow, ParkingTier, _key_values, page_io
+from vllm_recroute.kv.parked_pool import ParkedKey, ParkedKV, ParkedState
+from vllm_recroute.routing.rerouting import Swap
+from vllm_recroute.worker.parking import PageRow, ParkingTier, _key_values, _keys, page_io
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -151,14 +155,16 @@ def tier_setup(fmt: str = "none", parked_bytes: int = 1 << 20, layout: str = "pl
     return tier, layers, x, positions, mask, cpos, scores, pages
 
 
+DEFERRED = torch.tensor([2, 3, 4, 5, 8, 9, 10, 11])  # ~mask of tier_setup
+
+
 @torch.no_grad()
 def parked_truth(layers, positions, x, idx):
-    # projected over all deferred rows, as the tier does (a matmul over another subset may
-    # round differently)
-    deferred = torch.tensor([2, 3, 4, 5, 8, 9, 10, 11])  # ~mask of tier_setup
-    kv = [_key_values(layers[i], positions[deferred], x[deferred]) for i in (1, 2)]
-    pick = torch.tensor([int((deferred == i).nonzero()) for i in idx.tolist()])
-    return torch.stack([k[pick] for k, _ in kv]), torch.stack([v[pick] for _, v in kv])
+    """K/V the stage's layers cache for visual rows ``idx``, projected over those rows
+    alone, as a re-route restoring them does (a matmul over another set of rows may
+    round differently)."""
+    kv = [_key_values(layers[i], positions[idx], x[idx]) for i in (1, 2)]
+    return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
 
 
 def query_towards(tier, req, uid) -> torch.Tensor:
@@ -168,18 +174,48 @@ def query_towards(tier, req, uid) -> torch.Tensor:
     return d.repeat_interleave(HEADS // KV_HEADS, 0) * 50
 
 
-def test_prefill_parks_deferred_units_from_the_carried_hidden_state():
+def test_prefill_parks_deferred_units_as_their_stage_entry_state():
     tier, layers, x, positions, mask, cpos, scores, _ = tier_setup()
     delta = tier.park_prefill("r", 0, 1, 3, positions, x, mask, cpos, scores)
     units = tier.units[("r", 0)]
     assert sorted(units.active) == [0, 1] and sorted(units.parked) == [2, 3, 4, 5]
     assert delta == {"parked_blocks": 4, "parked_blocks_dropped": 0}
-    deferred = torch.nonzero(~mask).flatten()
-    for uid, idx in zip([2, 3, 4, 5], deferred.split(2), strict=True):
-        k, v = tier.pool.restore(ParkedKey("r", 0, uid))
-        tk, tv = parked_truth(layers, positions, x, idx)
-        assert torch.equal(k, tk) and torch.equal(v, tv)
+    # digests: mean key at the stage's first layer, projected once over every visual row
+    keys = _keys(layers[1], positions, x)
+    for uid, idx in zip([0, 1], [[0, 1], [6, 7]], strict=True):
+        assert torch.equal(units.digests[uid], keys[idx].mean(0))
+    for uid, idx in zip([2, 3, 4, 5], DEFERRED.split(2), strict=True):
+        key = ParkedKey("r", 0, uid)
+        assert torch.equal(tier.pool.digest(key), keys[idx].mean(0)[None])
+        parked = tier.pool.restore(key)
+        assert isinstance(parked, ParkedState)  # the state, bit for bit; no K/V
+        assert torch.equal(parked.x, x[idx]) and torch.equal(parked.positions, positions[idx])
     assert torch.equal(units.active[1], cpos[[6, 7]])
+
+
+def test_parking_projects_one_layer_and_a_state_is_smaller_than_its_kv(monkeypatch):
+    """Prefill projects keys at the stage's first layer only (the digests); a re-route
+    projects K/V at every stage layer for the restored units only. The guard: the old
+    design projected K/V at both stage layers for all 8 deferred rows."""
+    calls = []
+    real = parking.project_qkv
+
+    def counting(layer, positions, x):
+        calls.append((layer, int(x.shape[0])))
+        return real(layer, positions, x)
+
+    monkeypatch.setattr(parking, "project_qkv", counting)
+    tier, layers, x, positions, mask, cpos, scores, pages = tier_setup()
+    tier.park_prefill("r", 0, 1, 3, positions, x, mask, cpos, scores)
+    assert calls == [(layers[1], V)]
+    calls.clear()
+    delta = tier.reroute("r", 0, query_towards(tier, "r", 4), 1.0, [pages, pages])
+    n = 2 * delta["restored_blocks"]  # the restored units' rows, at each stage layer
+    assert n and calls == [(layers[1], n), (layers[2], n)]
+    state = ParkedState(x[[10, 11]], positions[[10, 11]])  # one unit, both forms
+    k, v = parked_truth(layers, positions, x, torch.tensor([10, 11]))
+    digest = torch.zeros(KV_HEADS, DIM)
+    assert tier.pool.state_bytes(state, digest) * 4 < tier.pool.entry_bytes(k, v)
 
 
 @pytest.mark.parametrize("layout", ["plain", "cpu"])
@@ -187,51 +223,106 @@ def test_swap_moves_bytes_exactly_and_back(layout):
     tier, layers, x, positions, mask, cpos, scores, pages = tier_setup(layout=layout)
     tier.park_prefill("r", 0, 1, 3, positions, x, mask, cpos, scores)
     ios = tier.io[1:3]
-    before = [io.read(pages.slots(cpos[[0, 1]]), BLOCK) for io in ios]
-    # query favouring parked unit 4 (tokens 8, 9): it takes the slots of the weaker active unit
-    q = query_towards(tier, "r", 4)
+    before = {
+        u: [io.read(pages.slots(cpos[i]), BLOCK) for io in ios]
+        for u, i in ((0, [0, 1]), (1, [6, 7]))
+    }
+    # parked unit 4 (tokens 8, 9) takes the slots of active unit 0 (one swap, so the
+    # restore projects exactly the rows parked_truth does)
     units = tier.units[("r", 0)]
-    weaker = min(units.active, key=lambda u: float((q * units.digests[u]).sum()))
+    weaker = 0
     slots = pages.slots(units.active[weaker])
-    delta = tier.reroute("r", 0, q, 1.0, [pages, pages])
-    assert delta["restored_blocks"] >= 1 and 4 in units.active and weaker in units.parked
+    delta = _delta()
+    tier._swap_all("r", 0, units, [Swap(weaker, 4)], {0: 0.0, 4: 1.0}, [pages, pages], delta)
+    assert delta["restored_blocks"] == 1 and 4 in units.active and weaker in units.parked
     tk, tv = parked_truth(layers, positions, x, torch.tensor([8, 9]))
     target = pages.slots(units.active[4])
     assert torch.equal(target, slots)
     for i, io in enumerate(ios):
         k, v = io.read(target, BLOCK)
         assert torch.equal(k, tk[i]) and torch.equal(v, tv[i])
-    # the evicted unit's page bytes are in the pool, bit for bit
-    if weaker == 0:
-        k, v = tier.pool.restore(ParkedKey("r", 0, 0))
-        tier.pool.park(ParkedKey("r", 0, 0), k, v, 0.0)
-        for i in range(2):
-            assert torch.equal(k[i], before[i][0]) and torch.equal(v[i], before[i][1])
+    # the evicted unit parks as the K/V it had in the pages, bit for bit
+    key = ParkedKey("r", 0, weaker)
+    digest, parked = tier.pool.digest(key), tier.pool.restore(key)
+    assert isinstance(parked, ParkedKV)
+    for i in range(2):
+        assert torch.equal(parked.k[i], before[weaker][i][0])
+        assert torch.equal(parked.v[i], before[weaker][i][1])
+    tier.pool.park(key, *parked, 0.0)
+    assert torch.equal(tier.pool.digest(key), digest)
     # and a query favouring it brings exactly those bytes back
     tier.reroute("r", 0, query_towards(tier, "r", weaker), 1.0, [pages, pages])
     assert weaker in units.active
+    for i, io in enumerate(ios):
+        k, v = io.read(pages.slots(units.active[weaker]), BLOCK)
+        assert torch.equal(k, before[weaker][i][0]) and torch.equal(v, before[weaker][i][1])
+
+
+def test_one_reroute_restores_a_state_and_a_kv_unit_into_the_right_slots():
+    """A plan mixing both forms: the K/V unit listed first, the state second. Whatever
+    slots each restored unit gets, its K/V must be its own at every stage layer."""
+    tier, layers, x, positions, mask, cpos, scores, pages = tier_setup()
+    tier.park_prefill("r", 0, 1, 3, positions, x, mask, cpos, scores)
+    units = tier.units[("r", 0)]
+    ios = tier.io[1:3]
+    kv0 = [io.read(pages.slots(units.active[0]), BLOCK) for io in ios]
+    tier._swap_all("r", 0, units, [Swap(0, 2)], {0: 0.0, 2: 1.0}, [pages, pages], _delta())
+    assert isinstance(tier.pool._entries[ParkedKey("r", 0, 0)].kind(1, 2), ParkedKV)
+    delta = _delta()
+    tier._swap_all(
+        "r",
+        0,
+        units,
+        [Swap(1, 0), Swap(2, 5)],
+        {0: 1.0, 1: 0.0, 2: 0.0, 5: 1.0},
+        [pages, pages],
+        delta,
+    )
+    assert sorted(units.active) == [0, 5] and delta["restored_blocks"] == 2
+    tk, tv = parked_truth(layers, positions, x, torch.tensor([10, 11]))
+    for i, io in enumerate(ios):
+        k, v = io.read(pages.slots(units.active[0]), BLOCK)
+        assert torch.equal(k, kv0[i][0]) and torch.equal(v, kv0[i][1])
+        k, v = io.read(pages.slots(units.active[5]), BLOCK)
+        assert torch.equal(k, tk[i]) and torch.equal(v, tv[i])
+    assert sorted(units.parked) == [1, 2, 3, 4]
+
+
+def _delta() -> dict[str, int]:
+    return {"restored_blocks": 0, "parked_blocks": 0, "parked_blocks_dropped": 0}
 
 
 def test_int8_swap_is_within_half_a_step():
+    """int8 quantizes the state (per hidden channel over the unit's tokens): the state comes
+    back within half a step, and the pages hold exactly the layer's K/V of that
+    dequantized state."""
     tier, layers, x, positions, mask, cpos, scores, pages = tier_setup("int8")
     tier.park_prefill("r", 0, 1, 3, positions, x, mask, cpos, scores)
-    tier.reroute("r", 0, query_towards(tier, "r", 3), 1.0, [pages, pages])
+    key = ParkedKey("r", 0, 3)
+    digest, state = tier.pool.digest(key), tier.pool.restore(key)
+    rows = torch.tensor([4, 5])
+    step = x[rows].abs().amax(0, keepdim=True) / 127
+    assert bool(((state.x - x[rows]).abs() <= step / 2 + 1e-6).all())
+    assert not torch.equal(state.x, x[rows])  # really compressed
+    assert torch.equal(state.positions, positions[rows])  # positions never are
+    tier.pool.park_state(key, state, digest[0], 1.0)
     units = tier.units[("r", 0)]
+    tier._swap_all("r", 0, units, [Swap(1, 3)], {1: 0.0, 3: 1.0}, [pages, pages], _delta())
     assert 3 in units.active
-    tk, tv = parked_truth(layers, positions, x, torch.tensor([4, 5]))
     for i, io in enumerate(tier.io[1:3]):
         k, v = io.read(pages.slots(units.active[3]), BLOCK)
-        step_k = tk[i].abs().amax(0, keepdim=True) / 127
-        assert bool(((k - tk[i]).abs() <= step_k / 2 + 1e-6).all())
-        assert not torch.equal(k, tk[i]) or not torch.equal(v, tv[i])  # really compressed
+        tk, tv = _key_values(layers[1 + i], state.positions, state.x)
+        assert torch.equal(k, tk) and torch.equal(v, tv)
 
 
 def test_full_pool_drops_least_useful_units_and_never_restores_them():
-    tier, layers, x, positions, mask, cpos, scores, pages = tier_setup()
-    k, v = parked_truth(layers, positions, x, torch.tensor([2, 3]))
-    tier.pool.capacity_bytes = 2 * tier.pool.entry_bytes(k, v)  # room for two units
+    tier, _layers, x, positions, mask, cpos, scores, pages = tier_setup()
+    state = ParkedState(x[[2, 3]], positions[[2, 3]])
+    unit_bytes = tier.pool.state_bytes(state, torch.zeros(KV_HEADS, DIM))
+    tier.pool.capacity_bytes = 2 * unit_bytes  # room for two units
     delta = tier.park_prefill("r", 0, 1, 3, positions, x, mask, cpos, scores)
     assert delta == {"parked_blocks": 4, "parked_blocks_dropped": 2}
+    assert tier.pool.used_bytes == 2 * unit_bytes
     units = tier.units[("r", 0)]
     # scores rise with the token index: units 2 (tokens 2,3) and 3 (4,5) were the weakest
     assert sorted(units.parked) == [4, 5]
@@ -304,9 +395,11 @@ def test_a_kept_turn_comes_back_bit_exact_in_another_requests_pages(layout, fmt)
     turns, apply = _turn_store(tier)
     store = turns.store
     tier.park_prefill("t1", 0, 1, 3, positions, x, mask, cpos, scores)
-    parked = {uid: tier.pool.restore(ParkedKey("t1", 0, uid)) for uid in (2, 3, 4, 5)}
-    for uid, (k, v) in parked.items():  # (restore took them out; put them back)
-        tier.pool.park(ParkedKey("t1", 0, uid), k, v, 1.0)
+    keys = {uid: ParkedKey("t1", 0, uid) for uid in (2, 3, 4, 5)}
+    digests = {uid: tier.pool.digest(key) for uid, key in keys.items()}
+    parked = {uid: tier.pool.restore(key) for uid, key in keys.items()}
+    for uid, state in parked.items():  # (restore took them out; put them back)
+        tier.pool.park_state(keys[uid], state, digests[uid][0], 1.0)
     store.put("t1", RouteState((Stage(1, 3, 0.5),), (8,), 1))
     n = 5 + V  # tokens with KV: 5 text rows and the image; 8 visual tokens are deferred
     g = torch.Generator().manual_seed(3)
@@ -330,8 +423,11 @@ def test_a_kept_turn_comes_back_bit_exact_in_another_requests_pages(layout, fmt)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert store.get("t2").deferred == (8,) and store.wants_reroute("t2")
     assert sorted(tier.units[("t2", 0)].parked) == [2, 3, 4, 5]
-    for uid, (k, v) in parked.items():
-        k2, v2 = tier.pool.restore(ParkedKey("t2", 0, uid))
-        assert torch.equal(k2, k) and torch.equal(v2, v)
+    for uid, state in parked.items():  # the states, as the pool gave them out
+        key = ParkedKey("t2", 0, uid)
+        assert torch.equal(tier.pool.digest(key), digests[uid])
+        again = tier.pool.restore(key)
+        assert isinstance(again, ParkedState)
+        assert torch.equal(again.x, state.x) and torch.equal(again.positions, state.positions)
     apply([7], [], [])
     assert turns.records == {}

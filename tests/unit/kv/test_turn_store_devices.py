@@ -96,10 +96,13 @@ def test_a_kept_turn_is_host_memory_and_loads_back_onto_the_device():
         assert [k.shape[0] for k, _ in record.kv] == rows
         for (k, v), (tk, tv) in zip(record.kv, truth, strict=True):
             assert torch.equal(k, tk) and torch.equal(v, tv)
-        k, v, score = record.parked[(0, 1)]
+        unit = record.parked[(0, 1)]
+        (k, v), digest, score = unit.payload, unit.digest, unit.score
         assert torch.equal(k, pk) and torch.equal(v, pv) and score == 0.5
+        assert torch.equal(digest, pk.float().mean(1))
         kv_bytes = sum(t.nbytes for kv in truth for t in kv)
-        assert record.nbytes == kv_bytes + pk.nbytes + pv.nbytes  # host bytes
+        parked_bytes = pk.nbytes + pv.nbytes + digest.nbytes
+        assert record.nbytes == kv_bytes + parked_bytes  # host bytes
         assert turns.gauges()["turn_store_bytes"] == record.nbytes
         assert (fc.d2h, fc.d2h_bytes) == (2 * LAYERS, kv_bytes)  # the rows, nothing more
         fc.reset()
