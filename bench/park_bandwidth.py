@@ -15,6 +15,12 @@ it into the same slots with the backend's own writer, `--swaps-per-step` units p
 re-routing step batched as `ParkingTier` does (one read and one write per layer). A swap
 moves the unit's bytes both ways; GB/s are per direction, like the copy rows.
 
+The first table is the host bytes of one deferred unit as the pool counts them, parked as
+its K/V for the stage's layers (the design before #24) and as its stage-entry state
+(`--hidden` values a token, what prefill parks now). The swap rows move K/V units (what a
+re-route evicts and later restores); a unit restored from its state also pays the K/V
+projection of its rows at each stage layer (compute, not copy; not in these rows).
+
     python bench/park_bandwidth.py [--blocks 2000] [--layers 8] [--dtype float32]
 """
 
@@ -50,6 +56,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (blocks are small)")
     ap.add_argument("--swaps-per-step", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=576, help="hidden size (a parked state)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -100,10 +107,35 @@ def main() -> None:
         f"median of {args.repeats}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads\n"
     )
+    _unit_bytes(args)
     print("| path | park GB/s | restore GB/s | park time / copy_ |")
     print("|---|---:|---:|---:|")
     for name, tp, tr in rows:
         print(f"| {name} | {_gbps(nbytes, tp):.2f} | {_gbps(nbytes, tr):.2f} | {tp / t_copy:.2f} |")
+
+
+def _unit_bytes(args) -> None:
+    """Host bytes one deferred unit occupies in the pool (payload, scales, positions,
+    digest) parked as its K/V for the stage's layers (before #24) and as its stage-entry
+    state (now), by the pool's own accounting."""
+    from vllm_recroute.kv.parked_pool import ParkedState
+
+    print("| dtype | format | as K/V (bytes) | as state (bytes) | state / K/V |")
+    print("|---|---|---:|---:|---:|")
+    shape = (args.layers, args.tokens, args.heads, args.dim)
+    for dtype in (torch.float32, torch.bfloat16):
+        k = torch.zeros(shape, dtype=dtype)
+        state = ParkedState(
+            torch.zeros(args.tokens, args.hidden, dtype=dtype), torch.arange(args.tokens)
+        )
+        digest = torch.zeros(args.heads, args.dim)
+        for fmt in ("none", "int8"):
+            pool = ParkedPool(1, compress=fmt)
+            kv, st = pool.entry_bytes(k, k), pool.state_bytes(state, digest)
+            print(
+                f"| {str(dtype).removeprefix('torch.')} | {fmt} | {kv:,} | {st:,} | {st / kv:.3f} |"
+            )
+    print()
 
 
 class _CpuKernelWriter:

@@ -290,8 +290,9 @@ def _refuse_sleep_mode(vllm_config: Any) -> None:
 
 
 def _refuse_unsupported_parking(vllm_config: Any) -> None:
-    # Tensor parallelism is supported: every rank parks its own KV-head shard, unit scores
-    # are averaged over the ranks (worker/tp.py), so all ranks swap the same units;
+    # Tensor parallelism is supported: every rank parks the replicated states and projects
+    # its own KV-head shard at restore, unit scores are averaged over the ranks
+    # (worker/tp.py), so all ranks swap the same units;
     # ``parked_bytes`` is per rank (each worker process's host pool).
     dtype = vllm_config.cache_config.cache_dtype
     if dtype not in ("auto", None):

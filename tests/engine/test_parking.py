@@ -212,9 +212,10 @@ def int8_parked_llm(tiny_idefics3):
 def test_int8_parking_holds_fewer_bytes_and_restores(
     int8_parked_llm, engine, hf_model, tiny_idefics3
 ):
-    """park_format int8 reaches the pool: the same units in about half the bytes of this
-    fp32 model's (payload a quarter, plus scales and digests); without re-routing the
-    tokens are the oracle's, with it units come back."""
+    """park_format int8 reaches the pool: the same units (stage-entry states) in fewer
+    bytes than this fp32 model's (payload a quarter, plus one scale a hidden channel,
+    positions and digests, which this tiny model's hidden size makes 0.6 of the total);
+    without re-routing the tokens are the oracle's, with it units come back."""
     cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 0}
     for name, llm in (("none", engine), ("int8", int8_parked_llm)):
         outs = generate(llm, tiny_idefics3, [cfg] * len(REQUESTS))
@@ -224,7 +225,7 @@ def test_int8_parking_holds_fewer_bytes_and_restores(
     held = {name: _held_mid_request(llm, tiny_idefics3) for name, llm in
             (("none", engine), ("int8", int8_parked_llm))}  # fmt: skip
     assert held["int8"][0] == held["none"][0] > 0  # the same units parked
-    assert held["int8"][1] < 0.6 * held["none"][1]
+    assert held["int8"][1] < 0.65 * held["none"][1]
     restored0 = prom_counter("recroute:restored_blocks")
     generate(int8_parked_llm, tiny_idefics3, [{**cfg, "reroute_every": 1}] * len(REQUESTS))
     flush(int8_parked_llm)

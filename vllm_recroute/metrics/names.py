@@ -126,7 +126,7 @@ METRICS: tuple[MetricSpec, ...] = (
         "recroute:parked_pool_blocks",
         "gauge",
         "Units currently held in the parked host pools, summed over the engine's tensor-parallel "
-        "ranks (each rank parks its own KV-head shard; parked_bytes is per rank).",
+        "ranks (each rank keeps its own pool; parked_bytes is per rank).",
     ),
     MetricSpec(
         "recroute:parked_pool_bytes",
