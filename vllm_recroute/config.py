@@ -88,10 +88,10 @@ class RoutingConfig(pydantic.BaseModel):
     kv_release: bool = False
     # Engine-wide parked tier (docs/architecture.md, "Parked tier"): deferred visual tokens
     # (reroute mode) are kept, as their stage-entry hidden state, in a bounded host pool of
-    # this many bytes (0 = off) in units of ``park_block_tokens`` tokens, as ``park_format`` ("none" = bit-exact copy,
-    # "int8" = per-channel int8). Every ``reroute_every`` decode steps (0 = never) each stage
-    # re-scores its parked and active units against the current query and swaps them, keeping
-    # the stage's active budget (and so its pages) constant.
+    # this many bytes (0 = off) in units of ``park_block_tokens`` tokens, as ``park_format``
+    # ("none" = bit-exact copy, "int8" = per-channel int8). Every ``reroute_every`` decode
+    # steps (0 = never) each stage re-scores its parked and active units against the current
+    # query and swaps them, keeping the stage's active budget (and so its pages) constant.
     parked_bytes: StrictInt = 0
     park_format: Literal["none", "int8"] = "none"
     park_block_tokens: StrictInt = 16
