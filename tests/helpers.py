@@ -293,14 +293,18 @@ def generate_as_parked_reference(
     return restored
 
 
-def hold_request(llm, model_dir, name: str = "held", max_tokens: int = 100) -> None:
-    """Start REQUESTS[0] (routed by the server's config) and run three steps: it is
-    mid-decode afterwards; abort it with ``llm.llm_engine.abort_request([name])``."""
+def hold_request(
+    llm, model_dir, name: str = "held", max_tokens: int = 100, cfg: dict | None = None
+) -> None:
+    """Start REQUESTS[0] (routed by the server's config, or by ``cfg``) and run three
+    steps: it is mid-decode afterwards; abort it with
+    ``llm.llm_engine.abort_request([name])``."""
     from vllm import SamplingParams
 
     core = llm.llm_engine
     prompt, images = request_inputs(str(model_dir), REQUESTS[0])
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    extra = {} if cfg is None else {"extra_args": xargs(cfg)}
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **extra)
     core.add_request(name, {"prompt": prompt, "multi_modal_data": {"image": images}}, params)
     for _ in range(3):
         core.step()
