@@ -215,7 +215,7 @@ class ParkingTier:
         """``[units, kv_heads, dim]`` host float32: each unit's mean post-RoPE key at
         ``layer`` (chunks index the visual rows), projected once, one copy back."""
         if not chunks:
-            return torch.empty(0)
+            return torch.empty(0, device="cpu")  # host, as the digests (the device rule)
         rows = torch.cat(chunks).to(x.device, non_blocking=True)
         keys = _keys(self.layers[layer], take_positions(positions, rows), x[rows])
         sizes = [int(c.numel()) for c in chunks]
@@ -408,12 +408,6 @@ class ParkingTier:
             return {}
         self._reported = now
         return {"parked_pool_blocks": now[0], "parked_pool_bytes": now[1]}
-
-
-def _unit_means(keys: torch.Tensor, chunks: list[torch.Tensor]) -> torch.Tensor:
-    """``[units, kv_heads, dim]`` float32: each unit's mean key (its digest), on the keys'
-    device."""
-    return torch.stack([keys[idx.to(keys.device)].float().mean(0) for idx in chunks])
 
 
 def _keys(layer: Any, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
