@@ -10,9 +10,10 @@ digests, int8 quantisation, bookkeeping.
 
 The "swap" rows run the engine's decode-time data path on real paged caches in vLLM's CPU
 kernel layout (`cpu_attn_reshape_and_cache`, keys packed per block): per unit and layer,
-read the evicted unit's slots (`KVPageIO.read`), park it, restore another unit and write
-it into the same slots with the backend's own writer, `--swaps-per-step` units per
-re-routing step batched as `ParkingTier` does (one read and one write per layer). A swap
+read the evicted unit's slots, park it, restore another unit and write it into the same
+slots with the backend's own writer, `--swaps-per-step` units per re-routing step batched
+as `ParkingTier` does (worker/stage_pages.py: one slot index per KV group, one read and
+one write per layer). A swap
 moves the unit's bytes both ways; GB/s are per direction, like the copy rows.
 
 The first table is the host bytes of one deferred unit as the pool counts them, parked as
@@ -39,6 +40,7 @@ import torch
 from bench import common
 from vllm_recroute.kv.pages import KVPageIO
 from vllm_recroute.kv.parked_pool import ParkedKey, ParkedPool
+from vllm_recroute.worker.stage_pages import PageRow, read_stage, restored_kv, write_stage
 
 
 def _gbps(nbytes: int, seconds: float) -> float:
@@ -166,6 +168,8 @@ def _swap_rows(args, dtype, ks, vs, t_copy) -> list[tuple[str, float, float]]:
         )
         ios.append(KVPageIO(attn, args.heads, args.dim))
     unit_slots = [torch.arange(i * slots_per_unit, (i + 1) * slots_per_unit) for i in range(n)]
+    # one KV group: every layer's page row is this one (identity table: positions = slots)
+    rows = [PageRow(torch.arange(num_pages), page)] * args.layers
     for layer, io in enumerate(ios):  # fill pages with the "active" units
         for i in range(n):
             io.write(ks[i][layer], vs[i][layer], unit_slots[i])
@@ -181,12 +185,9 @@ def _swap_rows(args, dtype, ks, vs, t_copy) -> list[tuple[str, float, float]]:
             for first in range(0, n, step):
                 units = range(first, min(first + step, n))
                 slots = torch.cat([unit_slots[i] for i in units])
-                old = [io.read(slots, page) for io in ios]
+                indices, old = read_stage(ios, rows, slots)
                 back = [pool.restore(ParkedKey("r", 1, n + i)) for i in units]
-                k = torch.cat([a for a, _ in back], dim=1)
-                v = torch.cat([b for _, b in back], dim=1)
-                for layer, io in enumerate(ios):
-                    io.write(k[layer], v[layer], slots)
+                write_stage(ios, indices, restored_kv(ios, back, torch.device("cpu"), False))
                 old_k = torch.stack([a for a, _ in old]).split(args.tokens, dim=1)
                 old_v = torch.stack([b for _, b in old]).split(args.tokens, dim=1)
                 for i, ek, ev in zip(units, old_k, old_v, strict=True):

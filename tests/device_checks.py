@@ -28,9 +28,10 @@ from vllm_recroute.routing import SCORERS, Stage, get_scorer, query_indices, rou
 from vllm_recroute.routing.scorers import ScoreInputs
 from vllm_recroute.vllm_view.kv import GroupInfo
 from vllm_recroute.vllm_view.step import StepBatch
-from vllm_recroute.worker.parking import PageRow, ParkingTier, page_io
+from vllm_recroute.worker.parking import ParkingTier
 from vllm_recroute.worker.rows import PrefillRoute
 from vllm_recroute.worker.runtime import LayerCost, WorkerRuntime
+from vllm_recroute.worker.stage_pages import PageRow, page_io
 from vllm_recroute.worker.state import RouteStore
 from vllm_recroute.worker.step import StepRouter
 from vllm_recroute.worker.tp import DecisionCheck, TPGroup
@@ -259,7 +260,7 @@ def check_parking() -> None:
 
 
 def _check_restored(tier, units, uid, layers, route, pos, hidden, residual) -> None:
-    from vllm_recroute.worker.parking import _key_values
+    from vllm_recroute.worker.stage_pages import key_values as _key_values
 
     mask = route.masks[0]
     deferred = route.visual_rows[~mask]

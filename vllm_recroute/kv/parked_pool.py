@@ -161,7 +161,7 @@ class ParkedPool:
         """Bytes a unit parked as K/V occupies in this pool (payload, scales, digest)."""
         _check_kv(k, v)
         layers, _, heads, dim = k.shape
-        digest = layers * heads * dim * 4
+        digest = heads * dim * 4  # float32, the stage's first layer (the one scored)
         if self.compress == "none":
             return _nbytes(k, v) + digest
         scales = layers * heads * (dim + v.shape[-1]) * 4  # float32, one per channel
@@ -202,12 +202,21 @@ class ParkedPool:
     # ------------------------------------------------------------------ park / restore
 
     def park(
-        self, key: ParkedKey, k: torch.Tensor, v: torch.Tensor, score: float
+        self,
+        key: ParkedKey,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        score: float,
+        digest: torch.Tensor | None = None,
     ) -> list[ParkedKey]:
-        """Store a copy of a unit's K/V. Returns the keys dropped to make room, or
-        ``[key]`` when the unit itself is dropped (too big, or least useful)."""
+        """Store a copy of a unit's K/V. ``digest``: its mean key at the stage's first layer
+        ``[kv_heads, head_dim]`` when the caller has it (a re-route's evicted unit), else
+        computed from ``k[0]``. Returns the keys dropped to make room, or ``[key]`` when
+        the unit itself is dropped (too big, or least useful)."""
         nbytes = self.entry_bytes(k, v)
-        digest = k.detach().to("cpu", torch.float32).mean(dim=1)
+        if digest is None:
+            digest = k[0].detach().to("cpu", torch.float32).mean(dim=0)
+        digest = digest.detach().to("cpu", torch.float32)[None]
         return self._admit(key, nbytes, float(score), lambda: self._store_kv(k, v, digest))
 
     def park_state(
@@ -242,8 +251,8 @@ class ParkedPool:
     # ------------------------------------------------------------------ scoring support
 
     def digest(self, key: ParkedKey) -> torch.Tensor:
-        """Mean key of the unit per layer and head, ``[layers, kv_heads, head_dim]`` (a
-        state's: its stage's first layer only, ``[1, ...]``)."""
+        """Mean post-RoPE key of the unit at its stage's first layer, per head,
+        ``[1, kv_heads, head_dim]`` float32 (what a re-route scores; either form)."""
         return self._entries[key].digest
 
     def score(self, key: ParkedKey) -> float:

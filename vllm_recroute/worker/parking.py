@@ -46,10 +46,11 @@ import torch
 
 from vllm_recroute.config import RoutingConfig
 from vllm_recroute.kv.pages import KVPageIO
-from vllm_recroute.kv.parked_pool import Parked, ParkedKey, ParkedKV, ParkedPool, ParkedState
+from vllm_recroute.kv.parked_pool import Parked, ParkedKey, ParkedPool, ParkedState
 from vllm_recroute.routing.rerouting import chunk_units, plan_swaps, unit_scores
 from vllm_recroute.worker.compaction import take_positions
-from vllm_recroute.worker.projections import project_qkv
+from vllm_recroute.worker.stage_pages import PageRow, read_stage, restored_kv, write_stage
+from vllm_recroute.worker.stage_pages import keys as stage_keys
 
 
 @dataclass(frozen=True)
@@ -78,33 +79,7 @@ class StageUnits:
     parked: set[int] = field(default_factory=set)  # uids stored in the pool
 
 
-@dataclass(frozen=True)
-class PageRow:
-    """Where compacted position c of a request lives for one layer: block table + size."""
-
-    table: torch.Tensor  # live block ids of the request's row in the layer's group
-    block_size: int
-
-    @classmethod
-    def of_ids(cls, block_ids: Sequence[int], block_size: int) -> PageRow:
-        """A row given as the scheduler's block ids (a kept turn's job)."""
-        return cls(torch.tensor(block_ids, dtype=torch.long), block_size)
-
-    def slots(self, positions: torch.Tensor) -> torch.Tensor:
-        b = self.block_size
-        return self.table[positions // b].long() * b + positions % b
-
-
 # -- tier geometry: where a request's rows of a stage live ------------------------------
-
-
-def page_io(layers: Sequence[Any]) -> list[KVPageIO]:
-    """Slot reads and writes of each decoder layer's KV cache (the runtime owns them and
-    hands them to the tier and the turn store)."""
-    return [
-        KVPageIO(layer.self_attn.attn, layer.self_attn.num_kv_heads, layer.self_attn.head_dim)
-        for layer in layers
-    ]
 
 
 def compacted_positions(
@@ -118,13 +93,6 @@ def compacted_positions(
     active = torch.ones(num_rows, dtype=torch.bool, device="cpu")
     active[visual[~mask]] = False
     return (cached + torch.cumsum(active.long(), 0) - 1)[visual]
-
-
-def stage_page_rows(row_of: Callable[[int], torch.Tensor], groups: Sequence[Any]) -> list[PageRow]:
-    """Per layer of a stage (``groups``: each layer's KV group, with ``gid`` and
-    ``block_size``): where the request's compacted positions live; ``row_of(gid)`` is the
-    request's live block-table row in that group."""
-    return [PageRow(row_of(group.gid), group.block_size) for group in groups]
 
 
 class ParkingTier:
@@ -217,7 +185,7 @@ class ParkingTier:
         if not chunks:
             return torch.empty(0, device="cpu")  # host, as the digests (the device rule)
         rows = torch.cat(chunks).to(x.device, non_blocking=True)
-        keys = _keys(self.layers[layer], take_positions(positions, rows), x[rows])
+        keys = stage_keys(self.layers[layer], take_positions(positions, rows), x[rows])
         sizes = [int(c.numel()) for c in chunks]
         return torch.stack([part.float().mean(0) for part in keys.split(sizes)]).cpu()
 
@@ -277,11 +245,10 @@ class ParkingTier:
         positions = [units.active.pop(swap.evict) for swap in plan]
         sizes = [int(pos.numel()) for pos in positions]
         ios = self._stage_io(units)
-        slots = [p.slots(torch.cat(positions)) for p in pages]
-        old = [io.read(sl, p.block_size) for io, sl, p in zip(ios, slots, pages, strict=True)]
-        new = self._restored_kv(units, back, ios[0].cache.device)
-        for (nk, nv), io, sl in zip(new, ios, slots, strict=True):
-            io.write(nk, nv, sl)
+        indices, old = read_stage(ios, pages, torch.cat(positions))
+        layers = self.layers[units.start : units.end]
+        new = restored_kv(layers, back, ios[0].cache.device, self.pool.pin_memory)
+        write_stage(ios, indices, new)
         # the evicted units' K/V to the host in one copy per re-route
         old_k = torch.stack([kk for kk, _ in old]).cpu().split(sizes, dim=1)
         old_v = torch.stack([vv for _, vv in old]).cpu().split(sizes, dim=1)
@@ -289,46 +256,11 @@ class ParkingTier:
             units.parked.discard(swap.restore)
             units.active[swap.restore] = pos
             units.digests[swap.restore] = digests[swap.restore]
-            del units.digests[swap.evict]
+            digest = units.digests.pop(swap.evict)
             delta["restored_blocks"] += 1
             key = ParkedKey(req_id, k, swap.evict)
-            self._admitted(key, self.pool.park(key, ek, ev, score[swap.evict]), delta)
-
-    def _restored_kv(
-        self, units: StageUnits, back: list[Parked], device: torch.device
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer of the stage, K/V ``[n, kv_heads, dim]`` of the restored units in
-        ``back``'s order (states first): states go to the device in one copy and through
-        each layer's input norm, K/V projection and RoPE at their original positions (the
-        kernels the model caches with); K/V units go in one copy."""
-        states = [p for p in back if isinstance(p, ParkedState)]
-        kvs = [p for p in back if isinstance(p, ParkedKV)]
-        parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-        if states:
-            x = self._to_device([s.x for s in states], 0, device)
-            pos = self._to_device([s.positions for s in states], -1, device)
-            parts.append(
-                [_key_values(self.layers[i], pos, x) for i in range(units.start, units.end)]
-            )
-        if kvs:
-            kk = self._to_device([p.k for p in kvs], 1, device)
-            vv = self._to_device([p.v for p in kvs], 1, device)
-            parts.append(list(zip(kk.unbind(0), vv.unbind(0), strict=True)))
-        if len(parts) == 1:
-            return parts[0]
-        return [
-            (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(*parts, strict=True)
-        ]
-
-    def _to_device(self, parts: list[torch.Tensor], dim: int, device: torch.device) -> torch.Tensor:
-        """The pool's host tensors concatenated into one (pinned where the pool pins, so
-        the copy is asynchronous: the device rule) and copied to ``device`` at once."""
-        shape = list(parts[0].shape)
-        shape[dim] = sum(int(p.shape[dim]) for p in parts)
-        pin = self.pool.pin_memory
-        host = torch.empty(shape, dtype=parts[0].dtype, device="cpu", pin_memory=pin)
-        torch.cat(parts, dim=dim, out=host)
-        return host.to(device, non_blocking=pin)
+            dropped = self.pool.park(key, ek, ev, score[swap.evict], digest)
+            self._admitted(key, dropped, delta)
 
     def _stage_io(self, units: StageUnits) -> list[KVPageIO]:
         return self.io[units.start : units.end]
@@ -398,7 +330,7 @@ class ParkingTier:
     def _repark(self, key: ParkedKey, unit: HandedUnit) -> list[ParkedKey]:
         if isinstance(unit.payload, ParkedState):
             return self.pool.park_state(key, unit.payload, unit.digest[0], unit.score)
-        return self.pool.park(key, *unit.payload, unit.score)
+        return self.pool.park(key, *unit.payload, unit.score, unit.digest[0])
 
     def gauges(self) -> dict[str, int]:
         """Pool fill, only when it changed since the last call (keeps stats sparse)."""
@@ -410,22 +342,9 @@ class ParkingTier:
         return {"parked_pool_blocks": now[0], "parked_pool_bytes": now[1]}
 
 
-def _keys(layer: Any, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return project_qkv(layer, positions, x)[1]
-
-
-def _key_values(layer: Any, positions: torch.Tensor, x: torch.Tensor):
-    """Post-RoPE K and V ``[n, kv_heads, dim]`` the layer would cache for rows ``x``."""
-    _, k, v, _ = project_qkv(layer, positions, x)
-    return k, v
-
-
 __all__ = [
     "HandedUnit",
-    "PageRow",
     "ParkingTier",
     "StageUnits",
     "compacted_positions",
-    "page_io",
-    "stage_page_rows",
 ]

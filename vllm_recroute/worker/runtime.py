@@ -39,8 +39,9 @@ from vllm_recroute.routing import Stage, spec_stage
 from vllm_recroute.routing.reentry import reenters, reentry_flops
 from vllm_recroute.vllm_view import StepBatch
 from vllm_recroute.worker.compaction import LayerGroups
-from vllm_recroute.worker.parking import PageRow, ParkingTier, page_io
+from vllm_recroute.worker.parking import ParkingTier
 from vllm_recroute.worker.rows import Lookups, StepRows, classify_rows
+from vllm_recroute.worker.stage_pages import PageRow, page_io
 from vllm_recroute.worker.state import DeferredOutbox, RouteState, RouteStore
 from vllm_recroute.worker.tp import DecisionCheck, TPGroup
 from vllm_recroute.worker.turns import TurnStore

@@ -41,10 +41,11 @@ from vllm_recroute.routing import (
 )
 from vllm_recroute.routing.reentry import Reentry, reenters
 from vllm_recroute.worker.compaction import Segment, StepTables, compact_segment, take_positions
-from vllm_recroute.worker.parking import compacted_positions, stage_page_rows
+from vllm_recroute.worker.parking import compacted_positions
 from vllm_recroute.worker.projections import project_qkv
 from vllm_recroute.worker.rows import PrefillRoute, StepRows
 from vllm_recroute.worker.runtime import WorkerRuntime
+from vllm_recroute.worker.stage_pages import stage_page_rows
 from vllm_recroute.worker.state import RouteState
 
 __all__ = ["StepRouter"]

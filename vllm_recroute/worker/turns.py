@@ -36,7 +36,8 @@ from vllm_recroute.kv.pages import KVPageIO
 from vllm_recroute.messages import TurnLoad, TurnSave
 from vllm_recroute.metrics.accounting import Ledger
 from vllm_recroute.routing import stage_at
-from vllm_recroute.worker.parking import HandedUnit, PageRow, ParkingTier, StageUnits
+from vllm_recroute.worker.parking import HandedUnit, ParkingTier, StageUnits
+from vllm_recroute.worker.stage_pages import PageRow
 from vllm_recroute.worker.state import RouteState, RouteStore
 
 # Where a layer's rows of a request live, from the scheduler's block ids per KV group.

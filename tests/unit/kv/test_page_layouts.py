@@ -10,13 +10,22 @@ one device->host crossing to measure the layout, no host/device mix.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tests.devices import FakeCuda, is_device
-from tests.kv_layouts import LAYOUTS, NON_CONTIGUOUS, flash_attn, flash_caches, flash_read
+from tests.kv_layouts import (
+    LAYOUTS,
+    NON_CONTIGUOUS,
+    FlashImpl,
+    flash_attn,
+    flash_caches,
+    flash_read,
+)
 from vllm_recroute.kv.pages import KVPageIO
 
 HEADS, BLOCK, BLOCKS = 2, 16, 64
@@ -87,9 +96,43 @@ class AllocatedBytes(TorchDispatchMode):
 
 
 def read_bound(n: int, dim: int, itemsize: int) -> int:
-    """Outputs K, V (n x H x D items), one int64 gather index each, and a few int64
-    per-slot temporaries (device slots, block base, in-block offset)."""
-    return 2 * n * HEADS * dim * (itemsize + 8) + 8 * 8 * n
+    """Outputs K, V (n x H x D items), one int64 gather index each per run of ``dim``
+    adjacent elements (not per element), and a few int64 per-slot temporaries (device
+    slots, block base, in-block offset)."""
+    return 2 * n * HEADS * dim * itemsize + 2 * n * HEADS * 8 + 8 * 8 * n
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_read_gathers_whole_head_rows(layout):
+    """FlashAttention keeps each head's ``dim`` K (or V) values adjacent in every layout, so
+    a read indexes runs of ``dim`` elements: one index per head and slot."""
+    cache = flash_caches(layout, BLOCKS, BLOCK, HEADS, 32, torch.float16)[1]
+    layout_of = KVPageIO(flash_attn(cache, 32), HEADS, 32).layout(BLOCK)
+    assert layout_of.key_run == layout_of.value_run == 32
+    assert layout_of.key_start.shape == layout_of.value_start.shape == (BLOCK, HEADS)
+
+
+class ReversedImpl:
+    """A backend that stores each head's values in reverse order: no two adjacent elements
+    of K or V are in order, so the layout has runs of one element."""
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        FlashImpl(key.shape[-1]).do_kv_cache_update(
+            layer, key.flip(-1), value.flip(-1), kv_cache, slot_mapping
+        )
+
+
+def test_a_layout_without_runs_is_read_element_by_element():
+    caches = flash_caches("LBNHC", BLOCKS, BLOCK, HEADS, 32, torch.float16)
+    attn = SimpleNamespace(impl=ReversedImpl(), kv_cache=caches[1])
+    io = KVPageIO(attn, HEADS, 32)
+    k, v = kv(len(SLOTS), 32, torch.float16)
+    io.write(k, v, SLOTS)
+    assert io.layout(BLOCK).key_run == io.layout(BLOCK).value_run == 1  # guard: per element
+    rk, rv = io.read(SLOTS, BLOCK)
+    assert torch.equal(rk, k) and torch.equal(rv, v)
+    fk, _ = flash_read(caches[1], 32, SLOTS)
+    assert torch.equal(fk, k.flip(-1))  # the bytes really are reversed in the pages
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -159,5 +202,5 @@ def test_the_layout_probe_runs_on_the_cache_device():
         attn.impl.do_kv_cache_update(attn, fc.tensor(k), fc.tensor(v), cache, fc.tensor(SLOTS))
         io = KVPageIO(attn, HEADS, dim)
         rk, rv = io.read(SLOTS, BLOCK)
-        assert io.layout(BLOCK).key_offset.device.type == "cuda"  # the gather index
+        assert io.layout(BLOCK).key_start.device.type == "cuda"  # the gather index
         assert is_device(rk) and torch.equal(rk.cpu(), k) and torch.equal(rv.cpu(), v)

@@ -15,12 +15,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import vllm_recroute.worker.parking as parking
+import vllm_recroute.worker.stage_pages as stage_pages
 from vllm_recroute.config import RoutingConfig
 from vllm_recroute.kv.pages import KVPageIO
 from vllm_recroute.kv.parked_pool import ParkedKey, ParkedKV, ParkedState
 from vllm_recroute.routing.rerouting import Swap
-from vllm_recroute.worker.parking import PageRow, ParkingTier, _key_values, _keys, page_io
+from vllm_recroute.worker.parking import ParkingTier
+from vllm_recroute.worker.stage_pages import PageRow, page_io
+from vllm_recroute.worker.stage_pages import key_values as _key_values
+from vllm_recroute.worker.stage_pages import keys as _keys
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -198,13 +201,13 @@ def test_parking_projects_one_layer_and_a_state_is_smaller_than_its_kv(monkeypat
     projects K/V at every stage layer for the restored units only. The guard: the old
     design projected K/V at both stage layers for all 8 deferred rows."""
     calls = []
-    real = parking.project_qkv
+    real = stage_pages.project_qkv
 
     def counting(layer, positions, x):
         calls.append((layer, int(x.shape[0])))
         return real(layer, positions, x)
 
-    monkeypatch.setattr(parking, "project_qkv", counting)
+    monkeypatch.setattr(stage_pages, "project_qkv", counting)
     tier, layers, x, positions, mask, cpos, scores, pages = tier_setup()
     tier.park_prefill("r", 0, 1, 3, positions, x, mask, cpos, scores)
     assert calls == [(layers[1], V)]
@@ -231,7 +234,7 @@ def test_swap_moves_bytes_exactly_and_back(layout):
     # restore projects exactly the rows parked_truth does)
     units = tier.units[("r", 0)]
     weaker = 0
-    slots = pages.slots(units.active[weaker])
+    slots, active_digest = pages.slots(units.active[weaker]), units.digests[weaker]
     delta = _delta()
     tier._swap_all("r", 0, units, [Swap(weaker, 4)], {0: 0.0, 4: 1.0}, [pages, pages], delta)
     assert delta["restored_blocks"] == 1 and 4 in units.active and weaker in units.parked
@@ -248,7 +251,9 @@ def test_swap_moves_bytes_exactly_and_back(layout):
     for i in range(2):
         assert torch.equal(parked.k[i], before[weaker][i][0])
         assert torch.equal(parked.v[i], before[weaker][i][1])
-    tier.pool.park(key, *parked, 0.0)
+    # it keeps the digest it was scored by while active (a unit's digest never changes)
+    assert torch.equal(digest[0], active_digest)
+    tier.pool.park(key, *parked, 0.0, digest[0])
     assert torch.equal(tier.pool.digest(key), digest)
     # and a query favouring it brings exactly those bytes back
     tier.reroute("r", 0, query_towards(tier, "r", weaker), 1.0, [pages, pages])

@@ -22,7 +22,8 @@ from vllm_recroute.kv.parked_pool import ParkedKey
 from vllm_recroute.messages import TurnLoad, TurnSave
 from vllm_recroute.metrics.accounting import Ledger
 from vllm_recroute.routing import Stage
-from vllm_recroute.worker.parking import PageRow, ParkingTier, StageUnits, page_io
+from vllm_recroute.worker.parking import ParkingTier, StageUnits
+from vllm_recroute.worker.stage_pages import PageRow, page_io
 from vllm_recroute.worker.state import RouteState, RouteStore
 from vllm_recroute.worker.turns import TurnStore
 
@@ -99,7 +100,7 @@ def test_a_kept_turn_is_host_memory_and_loads_back_onto_the_device():
         unit = record.parked[(0, 1)]
         (k, v), digest, score = unit.payload, unit.digest, unit.score
         assert torch.equal(k, pk) and torch.equal(v, pv) and score == 0.5
-        assert torch.equal(digest, pk.float().mean(1))
+        assert torch.equal(digest, pk[:1].float().mean(1))  # the first layer's mean key
         kv_bytes = sum(t.nbytes for kv in truth for t in kv)
         parked_bytes = pk.nbytes + pv.nbytes + digest.nbytes
         assert record.nbytes == kv_bytes + parked_bytes  # host bytes
