@@ -25,6 +25,7 @@ def test_a_failing_routed_forward_restores_ops_and_drops_the_step(monkeypatch):
     monkeypatch.setattr(vllm_view, "use_forwards", lambda ops, kernels: switched.append(kernels))
     dec = RoutedDecoder.__new__(RoutedDecoder)
     dec._step, dec._native_ops = None, ["rms_norm"]
+    dec._unhooks, dec._hooked = [], {}
     dec.forwards = Counter()
     dec._begin_step = lambda num_rows: SimpleNamespace(needs_eager=True)
     model = Exploding()
