@@ -77,6 +77,9 @@ class RoutedDecoder:
         # forwards by path: "eager" (rows move), "installed" (compacted attention installed,
         # then the ordinary forward), "plain" (no routing); read by tests and bench
         self.forwards: Counter[str] = Counter()
+        # of those, the forwards where the parked tier re-routes a decode, by path, and
+        # "hooks": stage-start attention ops that re-routed (tests, bench)
+        self.reroute_forwards: Counter[str] = Counter()
         # Under inductor vLLM's CustomOps (norms, activation, rotary) run their native
         # PyTorch forward, for the graph to fuse; the eager routed forward switches them to
         # the kernels vLLM itself runs in eager mode (patch P3), and back afterwards.
@@ -138,12 +141,15 @@ class RoutedDecoder:
         self._step = step
         if step is None:
             self.forwards["plain"] += 1
-        elif step.needs_eager:
-            self.forwards["eager"] += 1
+            return
+        path = "eager" if step.needs_eager else "installed"
+        self.forwards[path] += 1
+        if step.reroutes:
+            self.reroute_forwards[path] += 1
+        if step.needs_eager:
             vllm_view.run_eager_this_forward()
             vllm_view.use_forwards(self._native_ops, kernels=True)
         else:
-            self.forwards["installed"] += 1
             step.install_all()
             self._hook_reroutes(step)
 
@@ -164,6 +170,7 @@ class RoutedDecoder:
                 if self._hooked.get(_idx) is not False:
                     return  # once per forward (and never after the forward)
                 self._hooked[_idx] = True
+                self.reroute_forwards["hooks"] += 1
                 step.reroute_from_query(_idx, query)
 
             attn = self.layers[idx].self_attn.attn
