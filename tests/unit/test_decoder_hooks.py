@@ -153,7 +153,7 @@ def test_reroute_hooks_only_the_due_stage_start_layers_and_only_for_the_forward(
 def test_reroute_hooks_are_removed_when_the_forward_raises(monkeypatch):
     monkeypatch.setattr(vllm_view, "current_step", lambda: object())
     layers = _layers()
-    router, calls = _router(layers)
+    router, _ = _router(layers)
     model = Attending(layers, [torch.randn(3, HEADS, DIM) for _ in layers], fail_at=3)
     dec = _decoder(layers, router)
     dec._install_hooks(model)
