@@ -181,6 +181,21 @@ def runtime_of(worker):
     return worker.model_runner.model.recroute.runtime
 
 
+def _reroute_forwards(worker) -> dict:
+    return dict(worker.model_runner.model.recroute.reroute_forwards)
+
+
+def reroute_forwards(llm) -> dict:
+    """The routed decoder's re-routing forwards by path ("eager", "installed") and
+    "hooks": stage-start attention ops that re-routed (worker/decoder.py), rank 0."""
+    return llm.collective_rpc(_reroute_forwards)[0]
+
+
+def delta(after: dict, before: dict) -> dict:
+    """Per key, ``after - before`` (counters read before and after a test's requests)."""
+    return {key: after.get(key, 0) - before.get(key, 0) for key in set(after) | set(before)}
+
+
 def pool_state(worker):
     """(entries, bytes, request units) of the worker's parked tier (collective_rpc)."""
     tier = runtime_of(worker).tier
