@@ -77,8 +77,10 @@ class RoutedDecoder:
         # forwards by path: "eager" (rows move), "installed" (compacted attention installed,
         # then the ordinary forward), "plain" (no routing); read by tests and bench
         self.forwards: Counter[str] = Counter()
-        # of those, the forwards where the parked tier re-routes a decode, by path, and
-        # "hooks": stage-start attention ops that re-routed (tests, bench)
+        # of those, the forwards where the parked tier re-routes a decode: "installed" (the
+        # compiled step, swaps in the attention op), "eager" (a pure-decode step run eager:
+        # the fallback), "with_prefill" (beside a routed prefill: eager anyway); "hooks":
+        # stage-start attention ops that re-routed (tests, bench)
         self.reroute_forwards: Counter[str] = Counter()
         # Under inductor vLLM's CustomOps (norms, activation, rotary) run their native
         # PyTorch forward, for the graph to fuse; the eager routed forward switches them to
@@ -145,7 +147,7 @@ class RoutedDecoder:
         path = "eager" if step.needs_eager else "installed"
         self.forwards[path] += 1
         if step.reroutes:
-            self.reroute_forwards[path] += 1
+            self.reroute_forwards["with_prefill" if step.prefills else path] += 1
         if step.needs_eager:
             vllm_view.run_eager_this_forward()
             vllm_view.use_forwards(self._native_ops, kernels=True)
