@@ -4,6 +4,7 @@ engine construction, the routing configs and reference checks of the engine test
 from __future__ import annotations
 
 import gc
+from collections import Counter
 from functools import lru_cache
 
 from vllm_recroute.tiny import make_test_image
@@ -191,9 +192,10 @@ def reroute_forwards(llm) -> dict:
     return llm.collective_rpc(_reroute_forwards)[0]
 
 
-def delta(after: dict, before: dict) -> dict:
-    """Per key, ``after - before`` (counters read before and after a test's requests)."""
-    return {key: after.get(key, 0) - before.get(key, 0) for key in set(after) | set(before)}
+def delta(after: dict, before: dict) -> Counter:
+    """Per key, ``after - before`` (counters read before and after a test's requests; a
+    key neither has reads 0)."""
+    return Counter({k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)})
 
 
 def pool_state(worker):
