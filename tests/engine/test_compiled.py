@@ -117,6 +117,9 @@ def test_compiled_decode_rerouting_matches_the_parked_reference(
     # eager (a later prefill beside decoding requests re-routes them there: eager anyway)
     assert rerouting["installed"] >= MAX_TOKENS - 1 and rerouting["eager"] == 0
     assert forwards["eager"] == 1 + rerouting["with_prefill"]
+    # guard: the token budget splits the batch's prefills, so one re-routes the requests
+    # already decoding in its step (the eager tier path of a mixed step)
+    assert rerouting["with_prefill"] >= 1
     assert forwards["installed"] == rerouting["installed"]
     # pdrop: 3 stages, so 3 stage-start layers hooked (and fired) per re-routing step
     assert rerouting["hooks"] == 3 * rerouting["installed"]
