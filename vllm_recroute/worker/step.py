@@ -17,7 +17,10 @@ park or re-route (a stage's first layer, parked tier), the segment's compacted a
 installed, the layer run on the active rows only; deferred rows carry their (hidden,
 residual) pair unchanged. A step that moves no rows installs every routed layer's
 attention before the (compiled) forward instead (`install_all`); both go through one
-install helper. Attention inside a stage sees the active set only (worker/compaction.py).
+install helper. Such a step's due decode re-routes (parked tier) run inside the attention
+op of their stages' first layers, with the query it receives (`reroute_from_query`, hooked
+by the decoder for that forward); on the eager path `tier_before` projects the query.
+Attention inside a stage sees the active set only (worker/compaction.py).
 The state the step changes is the runtime's, through its methods (``remember``,
 ``record``) and the parked tier's.
 """
