@@ -20,6 +20,10 @@ than pdrop's 307 active per layer on average), and the questions alone (no visua
 all: the ceiling of every visual-token reduction).
 
     python bench/throughput.py [--concurrency 8] [--max-tokens 48] [--out docs/bench_throughput.md]
+
+The parked-tier row re-routes every 8th decode step; ``--reroute-path eager`` runs those
+steps eager (the fallback) instead of compiled, and the decode-step p90 / max columns show
+what a re-routing step costs (the median is an ordinary decode step).
 """
 
 from __future__ import annotations
@@ -147,7 +151,7 @@ def _pass(llm, requests: list[dict], max_tokens: int, tag: str) -> dict:
     # Phases: until every request has its first token (all prompts prefilled), then the
     # steps that only decode: their median is the cost of one decode step of the batch.
     prefilled = max(first.values())
-    decode_steps = [end - start for start, end in steps if start >= prefilled]
+    decode_steps = sorted(end - start for start, end in steps if start >= prefilled)
     return {
         "wall_s": wall,
         "output_tok_s": generated / wall,
@@ -157,14 +161,32 @@ def _pass(llm, requests: list[dict], max_tokens: int, tag: str) -> dict:
         "prompt_tokens": statistics.median(prompt_tokens),
         "prefill_phase_s": prefilled - t0,
         "decode_step_median_s": statistics.median(decode_steps) if decode_steps else float("nan"),
+        # the slow tail: a re-routing decode step (every reroute_every-th) shows here
+        "decode_step_p90_s": _quantile(decode_steps, 0.9),
+        "decode_step_max_s": decode_steps[-1] if decode_steps else float("nan"),
+        "decode_steps": len(decode_steps),
     }
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank) of sorted values."""
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def routing_of(engine: Engine, reroute_path: str | None) -> dict | None:
+    """The engine's recroute config; ``reroute_path`` set on the rows with a parked tier."""
+    if engine.routing is None or reroute_path is None or not engine.routing.get("parked_bytes"):
+        return engine.routing
+    return {**engine.routing, "reroute_path": reroute_path}
 
 
 def run_engine(name: str, args: argparse.Namespace) -> dict:
     """One engine (in this process): warm pass, measured pass."""
     engine = ENGINES[name]
     llm = common.make_llm(
-        args.model, engine.routing, max_model_len=2048,
+        args.model, routing_of(engine, args.reroute_path), max_model_len=2048,
         kv_cache_memory_bytes=args.kv_mib << 20, max_num_seqs=max(8, args.concurrency),
         enable_prefix_caching=False, disable_log_stats=False,
     )  # fmt: skip
@@ -216,6 +238,12 @@ def main() -> None:
         default="all",
         help=f"comma-separated subset of {', '.join(ROW_IDS)} (plain vLLM always runs, twice)",
     )
+    ap.add_argument(
+        "--reroute-path",
+        choices=("compiled", "eager"),
+        default=None,
+        help="recroute.reroute_path of the parked-tier row (default: the plugin's, compiled)",
+    )
     ap.add_argument("--engine", default=None, help=argparse.SUPPRESS)  # child process
     ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -240,6 +268,8 @@ def main() -> None:
         ]
         cmd += ["--concurrency", str(args.concurrency), "--max-tokens", str(args.max_tokens)]
         cmd += ["--image-size", str(args.image_size), "--kv-mib", str(args.kv_mib)]
+        if args.reroute_path is not None:
+            cmd += ["--reroute-path", args.reroute_path]
         with log.open("w") as f:
             subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, env=os.environ)
         results[name] = json.loads(out.read_text()) | {"threads": _binding(log.read_text())}
@@ -257,12 +287,13 @@ def main() -> None:
         f"tokens each ({args.image_size}-px image; the bound rows fewer, see their prompt "
         f"tokens), model {Path(args.model).name}; second of "
         "two identical passes, one process per engine. Ratios (x plain) against the mean of "
-        f"the two plain vLLM runs (first and last). {_pdrop_budget(args.model)}",
+        f"the two plain vLLM runs (first and last). {_pdrop_budget(args.model)} Parked-tier "
+        f"re-routing steps: {args.reroute_path or 'compiled (the default)'}.",
         "",
         "| engine | prompt tokens | compile | chunked prefill | output tok/s | x plain | "
         "TTFT median (s) | x plain | TPOT median (ms) | x plain | all prefilled (s) | "
-        "decode step median (ms) |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "decode step median (ms) | p90 / max (ms) |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
         lines.append(
@@ -271,7 +302,8 @@ def main() -> None:
             f"{r['output_tok_s']:.1f} | {r['output_tok_s'] / base['output_tok_s']:.2f} | "
             f"{r['ttft_median_s']:.2f} | {r['ttft_median_s'] / base['ttft_median_s']:.2f} | "
             f"{1000 * r['tpot_median_s']:.1f} | {r['tpot_median_s'] / base['tpot_median_s']:.2f} | "
-            f"{r['prefill_phase_s']:.2f} | {1000 * r['decode_step_median_s']:.1f} |"
+            f"{r['prefill_phase_s']:.2f} | {1000 * r['decode_step_median_s']:.1f} | "
+            f"{1000 * r['decode_step_p90_s']:.1f} / {1000 * r['decode_step_max_s']:.1f} |"
         )
     lines += ["", "Worker thread binding per engine (from the engine logs):", ""]
     lines += [f"- {name}: {r['threads']}" for name, r in results.items()]

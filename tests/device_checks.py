@@ -249,7 +249,7 @@ def check_parking() -> None:
         delta = {"restored_blocks": 0, "parked_blocks": 0, "parked_blocks_dropped": 0}
         tier._swap_all("r0", 0, units, [Swap(evict, uid)], {evict: 0.0, uid: 1.0}, pages, delta)
         assert uid in units.active and evict in units.parked
-        _check_restored(tier, units, uid, layers, step.prefills[0], pos, hidden, residual)
+        _check_restored(tier, units, [uid], layers, step.prefills[0], pos, hidden, residual)
         aim = max(units.parked - {evict})
         digest = tier.pool.digest(ParkedKey("r0", 0, aim))[0]
         group = shape.heads // shape.kv_heads
@@ -259,18 +259,48 @@ def check_parking() -> None:
         assert aim in units.active and aim not in units.parked
 
 
-def _check_restored(tier, units, uid, layers, route, pos, hidden, residual) -> None:
+def check_reroute_in_attention() -> None:
+    """A compiled decode step's re-route (vllm_view.hook_attention_query): the query vLLM's
+    attention op receives is on the device; the due row's q crosses to the host in one copy
+    and the swap restores into the device cache, bit-exact, as the eager re-route does."""
+    for shape in SHAPES:
+        step, layers, _ = _router(shape, "reroute", parked=True)
+        hidden, residual, pos = (x.to(DEV) for x in _activations(shape, 34))
+        step.score_before(0, layers[0], pos, hidden, residual)
+        route = step.prefills[0]
+        step._park(route, 0, pos, hidden, residual)
+        tier = step.rt.tier
+        units = tier.units[("r0", 0)]
+        uid, parked = min(units.parked), set(units.parked)
+        digest = tier.pool.digest(ParkedKey("r0", 0, uid))[0]
+        group = shape.heads // shape.kv_heads
+        # the op's query: [tokens, heads, dim] on the device, the request's last row aimed
+        query = torch.zeros(34, shape.heads, shape.dim)
+        query[33] = 50.0 * digest.repeat_interleave(group, dim=0)
+        step.reroutes = {1: [(0, 0, route.stages[0])]}
+        restored = step.rt.ledger.totals["restored_blocks"]
+        step.reroute_from_query(1, query.to(DEV))
+        assert step.rt.ledger.totals["restored_blocks"] > restored, f"{shape.name}: vacuous"
+        assert uid in units.active and uid not in units.parked
+        # every restored unit, in the order the swap projected them (plan order)
+        restored = [u for u in units.active if u in parked]
+        _check_restored(tier, units, restored, layers, route, pos, hidden, residual)
+
+
+def _check_restored(tier, units, uids, layers, route, pos, hidden, residual) -> None:
+    """The K/V of the units ``uids`` restored by one swap equal their rows projected
+    together, in that order, as the restore does (a projection's bits depend on how many
+    rows it multiplies)."""
     from vllm_recroute.worker.stage_pages import key_values as _key_values
 
     mask = route.masks[0]
     deferred = route.visual_rows[~mask]
     # park_prefill numbers the active units first (units of 2 tokens), then the deferred
     first_deferred_uid = (int(mask.sum()) + 1) // 2
-    lo = (uid - first_deferred_uid) * 2
-    # the unit's two rows, projected alone, as a one-unit restore does
-    rows = deferred[lo : lo + 2].to(hidden.device)
+    lows = [(uid - first_deferred_uid) * 2 for uid in uids]
+    rows = torch.cat([deferred[lo : lo + 2] for lo in lows]).to(hidden.device)
     page = PageRow(torch.arange(8, device="cpu"), BLOCK)
-    slots = page.slots(units.active[uid])
+    slots = torch.cat([page.slots(units.active[uid]) for uid in uids])
     for i in (1, 2):
         k, v = _key_values(layers[i], pos[..., rows], hidden[rows] + residual[rows])
         rk, rv = tier.io[i].read(slots, BLOCK)
@@ -336,6 +366,7 @@ CHECKS: dict[str, Callable[[], None]] = {
     "block_decision": check_block_decision,
     "step_router": check_step_router,
     "parking": check_parking,
+    "reroute_in_attention": check_reroute_in_attention,
     "turns": check_turns,
     "tp_decision": check_tp_decision,
 }

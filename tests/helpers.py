@@ -4,6 +4,7 @@ engine construction, the routing configs and reference checks of the engine test
 from __future__ import annotations
 
 import gc
+from collections import Counter
 from functools import lru_cache
 
 from vllm_recroute.tiny import make_test_image
@@ -179,6 +180,22 @@ def runtime_of(worker):
     """The routed worker runtime of a worker (worker/runtime.py; inside collective_rpc):
     its routing state (store, ledger, parked tier, turn store, TP group)."""
     return worker.model_runner.model.recroute.runtime
+
+
+def _reroute_forwards(worker) -> dict:
+    return dict(worker.model_runner.model.recroute.reroute_forwards)
+
+
+def reroute_forwards(llm) -> dict:
+    """The routed decoder's re-routing forwards by path ("eager", "installed") and
+    "hooks": stage-start attention ops that re-routed (worker/decoder.py), rank 0."""
+    return llm.collective_rpc(_reroute_forwards)[0]
+
+
+def delta(after: dict, before: dict) -> Counter:
+    """Per key, ``after - before`` (counters read before and after a test's requests; a
+    key neither has reads 0)."""
+    return Counter({k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)})
 
 
 def pool_state(worker):

@@ -96,6 +96,12 @@ class RoutingConfig(pydantic.BaseModel):
     park_format: Literal["none", "int8"] = "none"
     park_block_tokens: StrictInt = 16
     reroute_every: StrictInt = 0
+    # Engine-wide: how a pure-decode step that re-routes runs. "compiled": the ordinary
+    # (compiled) decode step; each due stage's swaps happen inside vLLM's attention op of the
+    # stage's first layer, from the query it receives (worker/decoder.py, "Compilation").
+    # "eager": the whole text model runs eager through the routed layers (the fallback, also
+    # taken when the attention op cannot be hooked). Same decisions and tokens either way.
+    reroute_path: Literal["compiled", "eager"] = "compiled"
     # Engine-wide later-turn restore (docs/architecture.md, "Later turns"): when a request with
     # images finishes, its stage KV (pages and parked units) is kept in a host store of this
     # many bytes (0 = off, LRU). A later request whose prompt starts with that request's

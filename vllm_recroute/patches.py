@@ -451,6 +451,38 @@ PATCHES: tuple[Patch, ...] = (
         ),
         where="vllm_recroute/models/",
     ),
+    Patch(
+        "P15",
+        what="For one forward only (a pure-decode step where the parked tier re-routes), "
+        "sets forward on the impl instance of each due stage-start layer's Attention "
+        "(attn.impl.forward, called by the vllm::unified_attention_with_output op as "
+        "self.impl.forward(self, query, ...)) to a wrapper that hands the query to the step "
+        "router, then calls the impl; removed after the forward (always_call forward hook), "
+        "a raising one included. Reads Attention.use_direct_call (the op is opaque: CPU, "
+        "CUDA, ROCm) and Attention.query_quant (no quantized query) to decide whether the "
+        "hook can see the query; otherwise re-routes run eager.",
+        why="A re-route scores units with the request's post-RoPE query at the stage's first "
+        "layer and swaps K/V in the stage's pages before that layer's attention reads them. "
+        "The attention op is the one point of a compiled forward that runs outside the "
+        "graph (CPU: an opaque call inside the inductor graph; CUDA: a splitting op between "
+        "piecewise graphs) and already receives that query, so the step stays compiled "
+        "instead of running the whole text model eager (130-180 ms against 87 ms a step).",
+        upstream="No per-layer pre-attention hook in vLLM 0.32 (the KV connector's "
+        "wait_for_layer_load sees the layer name, not the query).",
+        remove_when="vLLM offers a pre-attention hook with the layer's query, or the swap "
+        "becomes a registered custom op of the routed layer.",
+        targets=(
+            "vllm.model_executor.layers.attention.attention:unified_attention_with_output",
+            "vllm.model_executor.layers.attention.attention:get_attention_context",
+            "vllm.model_executor.layers.attention.attention:Attention.impl",
+            "vllm.model_executor.layers.attention.attention:Attention.use_direct_call",
+            "vllm.model_executor.layers.attention.attention:Attention.query_quant",
+            "vllm.v1.attention.backend:AttentionImpl.forward",
+            "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.forward",
+        ),
+        where="vllm_recroute/vllm_view/step.py (hook_attention_query), "
+        "vllm_recroute/worker/decoder.py",
+    ),
 )
 
 # Public vLLM APIs the plugin imports without a record entry (documented extension points
@@ -495,7 +527,7 @@ _applied = False
 
 
 def apply_patches() -> None:
-    """Apply P1 (idempotent, thread-safe). P2..P14 are applied where their entry says."""
+    """Apply P1 (idempotent, thread-safe). P2..P15 are applied where their entry says."""
     global _applied
     with _lock:
         if _applied:

@@ -21,6 +21,8 @@ RELEASE = {**PDROP, "kv_release": True}
 ENGINES: dict[str, tuple[dict, dict]] = {
     "release": (RELEASE, {}),
     "parked": ({**PDROP, **PARKING}, {}),
+    # the fallback: re-routing decode steps run eager through the routed layers
+    "parked-eager-reroute": ({**PDROP, **PARKING, "reroute_path": "eager"}, {}),
     # kv_release keeps prefix caching: routed stages cache text only
     "parked-released": ({**RELEASE, **PARKING}, {"enable_prefix_caching": True}),
     "turns": ({**PDROP, **TURNS}, {}),

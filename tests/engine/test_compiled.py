@@ -2,9 +2,11 @@
 
 vLLM CPU compiles by default (``CompilationMode.DYNAMO_TRACE_ONCE``, inductor): the text
 model is traced once, with the layer wrappers traced as plain layers. A step whose routing
-moves rows runs eager (``skip_compiled``); every other step, the decode steps of routed
-requests included, runs the compiled graph with compacted attention installed before it
-(worker/decoder.py, "Compilation").
+moves rows (a routed prefill) runs eager (``skip_compiled``); every other step, the decode
+steps of routed requests included, runs the compiled graph with compacted attention
+installed before it; a decode step where the parked tier re-routes does its swaps inside
+the attention op of each due stage's first layer (worker/decoder.py, "Compilation"), or
+runs eager with ``reroute_path: eager``.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from tests.helpers import (
     PARKING,
     REQUESTS,
     ROUTED_IDEFICS3,
+    delta,
     generate,
     generate_as_parked_reference,
     make_llm,
     oracle,
+    reroute_forwards,
+    route_counters,
     shutdown,
 )
 
@@ -29,8 +34,8 @@ pytestmark = pytest.mark.engine
 
 @pytest.fixture(scope="module")
 def compiled_llm(tiny_idefics3):
-    # reroute_every 0: the parked tier parks, but decode steps never re-route, so every
-    # decode step can take the compiled path (the re-routing one is eager: tested below)
+    # reroute_every 0: the parked tier parks, but decode steps never re-route unless a
+    # request asks (recroute_reroute_every: its re-routing steps stay compiled, below)
     llm = make_llm(
         tiny_idefics3,
         routed_arch=ROUTED_IDEFICS3,
@@ -96,12 +101,58 @@ def test_compiled_mixed_batch_matches_oracle(compiled_llm, hf_eager, tiny_idefic
 def test_compiled_decode_rerouting_matches_the_parked_reference(
     compiled_llm, hf_model, tiny_idefics3
 ):
-    """Re-routing decode steps (parked tier, per-request reroute_every 1) go eager, the
-    others stay compiled; the tokens are the parked reference's."""
-    before = _view(compiled_llm)["forwards"]
+    """Re-routing decode steps (parked tier, per-request reroute_every 1: every decode step
+    of the batch's three requests re-routes) stay compiled: the swaps run inside the
+    attention op of each stage's first layer; the tokens are the parked reference's."""
+    before, ops_before = _view(compiled_llm)["forwards"], reroute_forwards(compiled_llm)
+    restored_before = route_counters(compiled_llm)["restored_blocks"]
     cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 1}
     restored = generate_as_parked_reference(compiled_llm, hf_model, tiny_idefics3, cfg)
-    assert restored > 0  # guard: units really came back at decode
-    after = _view(compiled_llm)["forwards"]
-    # the prefill and every decode step of the batch re-route: all eager
-    assert after["eager"] - before.get("eager", 0) >= MAX_TOKENS
+    assert restored > 0  # guard: the reference's units really came back at decode
+    # guard: the engine restored as many (the swaps happened, in the hooks)
+    assert route_counters(compiled_llm)["restored_blocks"] - restored_before == restored
+    forwards = delta(_view(compiled_llm)["forwards"], before)
+    rerouting = delta(reroute_forwards(compiled_llm), ops_before)
+    # every pure-decode step re-routes, on the compiled path; only the prefill steps are
+    # eager (a later prefill beside decoding requests re-routes them there: eager anyway)
+    assert rerouting["installed"] >= MAX_TOKENS - 1 and rerouting["eager"] == 0
+    assert forwards["eager"] == 1 + rerouting["with_prefill"]
+    # guard: the token budget splits the batch's prefills, so one re-routes the requests
+    # already decoding in its step (the eager tier path of a mixed step)
+    assert rerouting["with_prefill"] >= 1
+    assert forwards["installed"] == rerouting["installed"]
+    # pdrop: 3 stages, so 3 stage-start layers hooked (and fired) per re-routing step
+    assert rerouting["hooks"] == 3 * rerouting["installed"]
+
+
+@pytest.fixture(scope="module")
+def eager_rerouting_llm(tiny_idefics3):
+    """The same compiled engine with the fallback: re-routing decode steps run eager."""
+    llm = make_llm(
+        tiny_idefics3,
+        routed_arch=ROUTED_IDEFICS3,
+        recroute={"mode": "reroute", **PARKING, "reroute_every": 0, "reroute_path": "eager"},
+        enforce_eager=False,
+    )
+    yield llm
+    shutdown(llm)
+
+
+def test_eager_rerouting_fallback_matches_the_parked_reference(
+    eager_rerouting_llm, hf_model, tiny_idefics3
+):
+    """reroute_path 'eager': every re-routing step goes eager (the layer wrappers' tier
+    path), no attention op is hooked; the same tokens and restores."""
+    llm = eager_rerouting_llm
+    before, ops_before = _view(llm)["forwards"], reroute_forwards(llm)
+    restored_before = route_counters(llm)["restored_blocks"]
+    cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 1}
+    restored = generate_as_parked_reference(llm, hf_model, tiny_idefics3, cfg)
+    assert restored > 0
+    assert route_counters(llm)["restored_blocks"] - restored_before == restored
+    forwards = delta(_view(llm)["forwards"], before)
+    rerouting = delta(reroute_forwards(llm), ops_before)
+    assert rerouting["eager"] >= MAX_TOKENS - 1
+    assert rerouting["installed"] == 0 and rerouting["hooks"] == 0
+    assert forwards["eager"] == 1 + rerouting["with_prefill"] + rerouting["eager"]
+    assert forwards["installed"] == 0  # every decode step of the batch re-routes

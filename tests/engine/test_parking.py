@@ -14,6 +14,7 @@ from tests.helpers import (
     PARKING,
     REQUESTS,
     ROUTED_IDEFICS3,
+    delta,
     flush,
     generate,
     generate_as_parked_reference,
@@ -25,6 +26,7 @@ from tests.helpers import (
     pool_state,
     prom_counter,
     request_inputs,
+    reroute_forwards,
     shutdown,
     xargs,
 )
@@ -42,16 +44,26 @@ SWAPPING = {
 
 
 @pytest.mark.parametrize("name", list(SWAPPING))
-@pytest.mark.parametrize("engine", ["parked"], indirect=True)
+@pytest.mark.parametrize("engine", ["parked", "parked-eager-reroute"], indirect=True)
 def test_rerouting_matches_the_never_parked_reference(engine, hf_model, tiny_idefics3, name):
+    """Both re-routing paths: in the stage-start layers' attention op of the ordinary
+    decode step ("parked", the default), or eager through the routed layers (the
+    fallback, ``reroute_path: eager``)."""
     cfg = {**SWAPPING[name], "reroute_every": 1}
     before = prom_counter("recroute:restored_blocks")
     dropped = prom_counter("recroute:parked_blocks_dropped")  # (the registry is per process)
+    paths = reroute_forwards(engine)
     restored = generate_as_parked_reference(engine, hf_model, tiny_idefics3, cfg)
+    paths = delta(reroute_forwards(engine), paths)
     flush(engine)
     assert restored > 0  # the reference swapped units: the test exercises restores
     assert prom_counter("recroute:restored_blocks") - before == restored
     assert prom_counter("recroute:parked_blocks_dropped") == dropped  # reference: no drops
+    # every decode step of the batch re-routes; pure-decode ones on the engine's path
+    hooked = engine.llm_engine.vllm_config.additional_config["recroute"].get("reroute_path")
+    taken, other = ("eager", "installed") if hooked == "eager" else ("installed", "eager")
+    assert paths[taken] >= MAX_TOKENS - 1 and paths[other] == 0
+    assert (paths["hooks"] > 0) == (taken == "installed")
 
 
 @pytest.mark.parametrize("name", ["pdrop-reroute", "fastv-reroute", "pdrop-remove"])

@@ -15,6 +15,7 @@ from tests.helpers import (
     NEXT_QUESTION,
     REQUESTS,
     TURNS,
+    delta,
     flush,
     generate,
     generate_as_parked_reference,
@@ -24,6 +25,7 @@ from tests.helpers import (
     pool_state,
     prom_counter,
     request_inputs,
+    reroute_forwards,
     route_counters,
     runtime_of,
     two_turns,
@@ -70,10 +72,15 @@ def test_tp2_mixed_per_request_batch(engine, hf_eager, tiny_idefics3):
 @pytest.mark.parametrize("engine", ["tp2"], indirect=True)
 def test_tp2_parked_tier_reroutes_as_the_reference(engine, hf_model, tiny_idefics3):
     before = prom_counter("recroute:restored_blocks")
+    paths = reroute_forwards(engine)
     cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": PARKING["reroute_every"]}
     restored = generate_as_parked_reference(engine, hf_model, tiny_idefics3, cfg, PARKING)
+    paths = delta(reroute_forwards(engine), paths)
     flush(engine)
     assert restored > 0
+    # the decode re-routes ran in the stage-start attention ops (every rank's, in step:
+    # the tier's head mean over ranks is a collective), none eager
+    assert paths["installed"] > 0 and paths["hooks"] > 0 and paths["eager"] == 0
     # counted once per engine, not once per rank
     assert prom_counter("recroute:restored_blocks") - before == restored
 

@@ -158,3 +158,55 @@ def run_eager_this_forward() -> None:
     from vllm.forward_context import get_forward_context
 
     get_forward_context().skip_compiled = True
+
+
+def attention_query_hookable(attn: Any) -> tuple[bool, str]:
+    """Whether ``hook_attention_query`` sees ``attn``'s query at run time, and why not.
+
+    vLLM's ``Attention.forward`` calls its impl through the opaque custom op
+    ``vllm::unified_attention_with_output`` (``use_direct_call`` False: CPU, CUDA, ROCm),
+    which runs outside any compiled graph (CPU: an opaque call inside the inductor graph;
+    CUDA: a splitting op between piecewise graphs) and reaches ``attn.impl.forward`` with the
+    layer's post-RoPE query. With a direct call Dynamo would trace the impl into the graph,
+    and a quantized query (``query_quant``) is not the query the scores need."""
+    impl = getattr(attn, "impl", None)
+    if impl is None or not callable(getattr(impl, "forward", None)):
+        return False, "the attention layer has no impl.forward"
+    if getattr(attn, "use_direct_call", True):
+        return False, "attention is not vLLM's opaque custom op on this platform"
+    if getattr(attn, "query_quant", None) is not None:
+        return False, "the attention query is quantized"
+    return True, ""
+
+
+def hook_attention_query(attn: Any, fn: Any) -> Any:
+    """Call ``fn(query)`` in ``attn``'s attention op before its kernel runs, on every call
+    until the returned remover is called. ``query``: ``[tokens, heads, head_dim]``, the
+    layer's post-RoPE query of the step's rows (padding rows included). ``fn`` runs before
+    this layer's attention reads the cache; the step's own new K/V may already be written
+    (CPU: ``unified_kv_cache_update`` runs before the op) or be written by the impl after
+    ``fn``: what ``fn`` writes must not be the step's own slots.
+
+    Installed on the impl instance (``attn.impl.forward``: the op calls
+    ``self.impl.forward(self, query, ...)``, ``unified_attention_with_output``); the remover
+    puts back exactly what was there (an instance attribute, or none)."""
+    impl = attn.impl
+    had = "forward" in vars(impl)
+    previous = vars(impl).get("forward")
+    inner = impl.forward
+
+    def forward(layer: Any, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        fn(query)
+        return inner(layer, query, *args, **kwargs)
+
+    impl.forward = forward
+
+    def remove() -> None:
+        if vars(impl).get("forward") is not forward:
+            return  # already removed
+        if had:
+            impl.forward = previous
+        else:
+            del impl.forward
+
+    return remove

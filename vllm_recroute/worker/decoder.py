@@ -11,22 +11,34 @@ Deferred rows carry their (hidden, residual) pair unchanged.
 
 Compilation. The text model compiles as in plain vLLM (its ``@support_torch_compile``);
 Dynamo traces the wrappers as the plain layers (``torch.compiler.is_compiling()``), so
-the graph holds no routing. A step whose routing moves rows (a routed prefill, a decode
-re-route by the parked tier) runs the text model eager through the wrappers
-(``forward_context.skip_compiled``, vLLM's own bypass); every other step, pure decode of
-routed requests included, is the ordinary compiled one: their compacted per-stage
-attention is installed in the forward context before it, where vLLM's attention op reads
-it at run time.
+the graph holds no routing. A step whose routing moves rows (a routed prefill) runs the
+text model eager through the wrappers (``forward_context.skip_compiled``, vLLM's own
+bypass); every other step, pure decode of routed requests included, is the ordinary
+compiled one: their compacted per-stage attention is installed in the forward context
+before it, where vLLM's attention op reads it at run time.
+
+A pure-decode step where the parked tier re-routes (every ``reroute_every``-th output)
+is compiled too: for that forward only, the decoder hooks vLLM's attention op of each
+stage-start layer where a request is due (``vllm_view.hook_attention_query``, patch P15:
+the op runs outside the compiled graph and receives the layer's post-RoPE query); the
+hook takes the due rows' q (one small copy to the host) and lets the parked tier score
+and swap the stage's units in its pages for layers [start, end) (``StepRouter.
+reroute_from_query``), then attention runs. The hooks are removed after the forward, a
+raising one included. ``reroute_path: eager`` (or an attention op that cannot be hooked,
+with a warning at startup) re-routes on the eager path instead, as a routed prefill's
+step (with one in it) always does.
 
 The decoder only installs: the layer wrappers, the stage-spec reports (kv_release, patch
-P4), the CustomOp switch and the forward hooks. The worker's routing state and the
-connector's worker API are the runtime's (worker/runtime.py, ``self.runtime``); each
-forward's routing is a `StepRouter` over it.
+P4), the CustomOp switch, the forward hooks and the attention hooks of a re-routing
+decode. The worker's routing state and the connector's worker API are the runtime's
+(worker/runtime.py, ``self.runtime``); each forward's routing is a `StepRouter` over it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,6 +52,8 @@ from vllm_recroute.worker.runtime import LayerCost, WorkerRuntime
 from vllm_recroute.worker.step import StepRouter
 
 __all__ = ["RoutedDecoder"]
+
+logger = logging.getLogger("vllm_recroute")
 
 
 class RoutedDecoder:
@@ -56,9 +70,18 @@ class RoutedDecoder:
         cost = LayerCost.of(self.layers[0], vllm_config)
         self.runtime = WorkerRuntime(config, self.layers, names, cost, image_token_id, stages)
         self._step: StepRouter | None = None
+        # a re-routing decode step stays compiled: its swaps run in the attention op
+        self.reroute_in_attention = self._attention_hookable(config)
+        self._unhooks: list[Callable[[], None]] = []  # this forward's attention hooks
+        self._hooked: dict[int, bool] = {}  # hooked layer -> fired in this forward
         # forwards by path: "eager" (rows move), "installed" (compacted attention installed,
         # then the ordinary forward), "plain" (no routing); read by tests and bench
         self.forwards: Counter[str] = Counter()
+        # of those, the forwards where the parked tier re-routes a decode: "installed" (the
+        # compiled step, swaps in the attention op), "eager" (a pure-decode step run eager:
+        # the fallback), "with_prefill" (beside a routed prefill: eager anyway); "hooks":
+        # stage-start attention ops that re-routed (tests, bench)
+        self.reroute_forwards: Counter[str] = Counter()
         # Under inductor vLLM's CustomOps (norms, activation, rotary) run their native
         # PyTorch forward, for the graph to fuse; the eager routed forward switches them to
         # the kernels vLLM itself runs in eager mode (patch P3), and back afterwards.
@@ -90,6 +113,18 @@ class RoutedDecoder:
             attn.get_kv_cache_spec = get_kv_cache_spec
         return stage_of_layer
 
+    def _attention_hookable(self, config: RoutingConfig) -> bool:
+        """Whether decode re-routes run in the attention op (``reroute_path: compiled``)
+        on this model: every layer's op must show its query (else eager, warned once)."""
+        if config.parked_bytes == 0 or config.reroute_path != "compiled":
+            return False
+        for layer in self.layers:
+            ok, why = vllm_view.attention_query_hookable(layer.self_attn.attn)
+            if not ok:
+                logger.warning("vllm-recroute: decode re-routes run eager (%s)", why)
+                return False
+        return True
+
     # -- the forward ------------------------------------------------------------------------
 
     def _install_hooks(self, model: torch.nn.Module) -> None:
@@ -108,18 +143,55 @@ class RoutedDecoder:
         self._step = step
         if step is None:
             self.forwards["plain"] += 1
-        elif step.needs_eager:
-            self.forwards["eager"] += 1
+            return
+        path = "eager" if step.needs_eager else "installed"
+        self.forwards[path] += 1
+        if step.reroutes:
+            self.reroute_forwards["with_prefill" if step.prefills else path] += 1
+        if step.needs_eager:
             vllm_view.run_eager_this_forward()
             vllm_view.use_forwards(self._native_ops, kernels=True)
         else:
-            self.forwards["installed"] += 1
             step.install_all()
+            self._hook_reroutes(step)
 
-    def _after_forward(self, *_: Any) -> None:
+    def _after_forward(self, _module: Any, _args: Any, output: Any) -> None:
+        """``output`` is None when the forward raised (``always_call``)."""
         if self._step is not None and self._step.needs_eager:
             vllm_view.use_forwards(self._native_ops, kernels=False)
+        self._unhook_reroutes(finished=output is not None)
         self._step = None  # never seen by another forward
+
+    def _hook_reroutes(self, step: StepRouter) -> None:
+        """For this forward only: the attention op of each stage-start layer where a
+        request re-routes calls the step's ``reroute_from_query`` with its query, once."""
+        for idx in step.reroute_layers():
+            self._hooked[idx] = False
+
+            def on_query(query: torch.Tensor, _idx: int = idx) -> None:
+                if self._hooked.get(_idx) is not False:
+                    return  # once per forward (and never after the forward)
+                self._hooked[_idx] = True
+                self.reroute_forwards["hooks"] += 1
+                step.reroute_from_query(_idx, query)
+
+            attn = self.layers[idx].self_attn.attn
+            self._unhooks.append(vllm_view.hook_attention_query(attn, on_query))
+
+    def _unhook_reroutes(self, finished: bool) -> None:
+        for remove in self._unhooks:
+            remove()
+        missed = sorted(idx for idx, fired in self._hooked.items() if not fired)
+        self._unhooks, self._hooked = [], {}
+        if finished and missed:
+            # the op never showed the query (a backend that bypasses it): those re-routes
+            # did not happen; from now on they run on the eager path
+            logger.warning(
+                "vllm-recroute: attention of layers %s was not hooked; decode re-routes "
+                "run eager from now on",
+                missed,
+            )
+            self.reroute_in_attention = False
 
     def _wrap(self, idx: int, layer: Any, inner: Any) -> Any:
         def forward(positions, hidden_states, residual, *args, **kwargs):
@@ -138,4 +210,4 @@ class RoutedDecoder:
         step = vllm_view.current_step()
         if step is None:
             return None  # dummy/profiling run: plain model
-        return StepRouter.start(self.runtime, step.runner, num_rows)
+        return StepRouter.start(self.runtime, step.runner, num_rows, self.reroute_in_attention)

@@ -17,7 +17,10 @@ park or re-route (a stage's first layer, parked tier), the segment's compacted a
 installed, the layer run on the active rows only; deferred rows carry their (hidden,
 residual) pair unchanged. A step that moves no rows installs every routed layer's
 attention before the (compiled) forward instead (`install_all`); both go through one
-install helper. Attention inside a stage sees the active set only (worker/compaction.py).
+install helper. Such a step's due decode re-routes (parked tier) run inside the attention
+op of their stages' first layers, with the query it receives (`reroute_from_query`, hooked
+by the decoder for that forward); on the eager path `tier_before` projects the query.
+Attention inside a stage sees the active set only (worker/compaction.py).
 The state the step changes is the runtime's, through its methods (``remember``,
 ``record``) and the parked tier's.
 """
@@ -55,14 +58,26 @@ class StepRouter:
     """Routing of one forward pass, over the rows the runtime classified at step start."""
 
     @classmethod
-    def start(cls, rt: WorkerRuntime, runner: Any, num_rows: int) -> StepRouter | None:
-        """This forward's router, or None when it routes and installs nothing."""
+    def start(
+        cls, rt: WorkerRuntime, runner: Any, num_rows: int, reroute_in_attention: bool = False
+    ) -> StepRouter | None:
+        """This forward's router, or None when it routes and installs nothing.
+        ``reroute_in_attention``: a pure-decode step's re-routes may run inside the
+        attention op of their stages' first layers (the decoder hooks it), so the step
+        stays the ordinary (compiled) one."""
         if rt.routes_nothing(runner):
             return None
-        router = cls(rt, runner, rt.begin_step(runner), num_rows)
+        router = cls(rt, runner, rt.begin_step(runner), num_rows, reroute_in_attention)
         return router if router.active else None
 
-    def __init__(self, rt: WorkerRuntime, runner: Any, rows: StepRows, num_rows: int) -> None:
+    def __init__(
+        self,
+        rt: WorkerRuntime,
+        runner: Any,
+        rows: StepRows,
+        num_rows: int,
+        reroute_in_attention: bool = False,
+    ) -> None:
         self.rt = rt
         self.batch = rows.batch
         self.num_rows = num_rows
@@ -78,15 +93,25 @@ class StepRouter:
         self.boundaries = sorted(starts | {0, rt.num_layers})
         self.stage_starts = starts
         self.active = bool(self.prefills or self.decodes)
-        # Rows move (gathers, scoring, parking, re-routing) only for a routed prefill or a
-        # due decode re-route; every other routed step is the ordinary (compiled) forward
-        # with its compacted attention installed before it (decoder.py, "Compilation").
-        self.needs_eager = bool(self.prefills) or self._reroute_due()
+        # decode re-routes due at this forward: stage-start layer -> (row, k, stage)
+        self.reroutes = self._due_reroutes()
+        # Rows move (gathers, scoring, parking) only for a routed prefill: that step runs
+        # eager, its re-routes included (tier_before). Every other routed step is the
+        # ordinary (compiled) forward with its compacted attention installed before it; its
+        # due re-routes run inside the attention op of their stages' first layers
+        # (reroute_from_query), unless that is off (eager, as a prefill).
+        self.needs_eager = bool(self.prefills) or (bool(self.reroutes) and not reroute_in_attention)
+        self.reroutes_in_attention = bool(self.reroutes) and not self.needs_eager
 
-    def _reroute_due(self) -> bool:
+    def _due_reroutes(self) -> dict[int, list[tuple[int, int, Stage]]]:
+        out: dict[int, list[tuple[int, int, Stage]]] = {}
         if self.rt.tier is None:
-            return False
-        return any(self._due(row, state) for row, state in self.decodes.items())
+            return out
+        for row, state in self.decodes.items():
+            if self._due(row, state):
+                for k, stage in enumerate(state.stages):
+                    out.setdefault(stage.start, []).append((row, k, stage))
+        return out
 
     def _due(self, row: int, state: RouteState) -> bool:
         output_index = int(self.batch.num_computed[row]) - self.batch.prompt_lens[row] + 1
@@ -239,11 +264,8 @@ class StepRouter:
             for k, stage in enumerate(route.stages):
                 if stage.start == layer_idx and route.cfg.mode == "reroute":
                     self._park(route, k, positions, hidden, residual)
-        for row, state in self.decodes.items():
-            due = self._due(row, state)
-            for k, stage in enumerate(state.stages):
-                if stage.start == layer_idx and due:
-                    self._reroute(row, k, stage, positions, hidden, residual)
+        for row, k, stage in self.reroutes.get(layer_idx, ()):
+            self._reroute(row, k, stage, positions, hidden, residual)
 
     def _park(self, route: PrefillRoute, k: int, positions, hidden, residual) -> None:
         tier = self.rt.tier
@@ -266,15 +288,41 @@ class StepRouter:
         self.rt.record(delta, tier.gauges())
 
     def _reroute(self, row: int, k: int, stage: Stage, positions, hidden, residual) -> None:
-        rt = self.rt
+        """Eager: the request's last row's q projected from the layer's input."""
         end = int(self.batch.qsl[row + 1])
         last = slice(end - 1, end)  # the request's last row
         x = hidden[last] + residual[last]
-        q, _, _, scale = project_qkv(rt.layers[stage.start], _rows_of(positions, last), x)
+        q, _, _, scale = project_qkv(self.rt.layers[stage.start], _rows_of(positions, last), x)
+        # the plan is made on the host (a few digests per unit): one small copy
+        self._swap(row, k, stage, q[0].cpu(), scale)
+
+    def reroute_layers(self) -> list[int]:
+        """The stage-start layers whose attention op re-routes at this forward (none when
+        the step runs eager: then ``tier_before`` does)."""
+        return sorted(self.reroutes) if self.reroutes_in_attention else []
+
+    def reroute_from_query(self, layer_idx: int, query: torch.Tensor) -> None:
+        """Inside vLLM's attention op of stage-start layer ``layer_idx``, before its kernel:
+        re-route every request due there with the post-RoPE query the op received
+        (``[tokens, heads, head_dim]``, the layer's own, as ``project_qkv`` would give it).
+        The swaps write the stage's pages for layers ``[start, end)``: this layer's
+        attention and the stage's later layers run after them. Host work outside any
+        compiled region; the due rows' q cross to the host in one copy."""
+        todo = self.reroutes[layer_idx]
+        attn = self.rt.layers[layer_idx].self_attn
+        last = [int(self.batch.qsl[row + 1]) - 1 for row, _, _ in todo]  # host ints
+        q = torch.stack([query[i] for i in last]).reshape(len(last), -1, attn.head_dim).cpu()
+        scale = float(attn.scaling)
+        for (row, k, stage), q_row in zip(todo, q, strict=True):
+            self._swap(row, k, stage, q_row, scale)
+
+    def _swap(self, row: int, k: int, stage: Stage, q: torch.Tensor, scale: float) -> None:
+        """The parked tier's re-route of the request at ``row``, stage ``k``, for its host
+        query ``q`` ``[heads, head_dim]``."""
+        rt = self.rt
         groups = [rt.groups.of_layer(i) for i in range(stage.start, stage.end)]
         pages = stage_page_rows(lambda gid: self.tables(gid)[row], groups)
-        # the plan is made on the host (a few digests per unit): one small copy
-        delta = rt.tier.reroute(self.batch.req_ids[row], k, q[0].cpu(), scale, pages)
+        delta = rt.tier.reroute(self.batch.req_ids[row], k, q, scale, pages)
         rt.record(delta, rt.tier.gauges())
 
     # -- segments ---------------------------------------------------------------------
