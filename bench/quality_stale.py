@@ -53,7 +53,7 @@ def _hf_first_tokens(
         resolve_stages,
         scoring_layer,
     )
-    from vllm_recroute.routing.schedule import stage_at
+    from vllm_recroute.routing.budget import stage_at
 
     cfg = config_for_extra_args(RoutingConfig(mode="reroute"), xargs)
     lm = oracle.language_model(hf)

@@ -206,7 +206,7 @@ def _pdrop_budget(model: str, num_visual: int = 640) -> str:
     """PyramidDrop's schedule on this model: its mean active visual tokens per layer."""
     from vllm_recroute.config import RoutingConfig
     from vllm_recroute.routing import resolve_stages
-    from vllm_recroute.routing.schedule import average_retention
+    from vllm_recroute.routing.budget import average_retention
 
     layers = common.num_layers(model)
     stages = resolve_stages(RoutingConfig(**PDROP), layers, num_visual)

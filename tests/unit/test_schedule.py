@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 
 from vllm_recroute.config import RoutingConfig, RoutingConfigError
-from vllm_recroute.routing.schedule import (
-    Stage,
-    average_retention,
-    num_keep,
-    resolve_stages,
-    router_points,
-    stage_at,
-)
+from vllm_recroute.routing.budget import Stage, average_retention, num_keep, stage_at
+from vllm_recroute.routing.schedule import resolve_stages, router_points
 
 
 def _cfg(**kw) -> RoutingConfig:

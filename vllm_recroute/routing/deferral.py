@@ -14,7 +14,8 @@ produce (at most ``max(keep, block_size)`` active); the worker's report settles 
 
 from __future__ import annotations
 
-from vllm_recroute.routing.schedule import num_keep, resolve_stages
+from vllm_recroute.routing.budget import num_keep
+from vllm_recroute.routing.schedule import resolve_stages
 from vllm_recroute.routing.settings import RoutingSettings
 
 __all__ = ["planned_deferred"]

@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from vllm_recroute.errors import RoutingConfigError
+from vllm_recroute.routing.budget import (
+    Keeps,
+    Stage,
+    average_retention,
+    bisect_keeps,
+    check_in_range,
+    num_keep,
+    retention_of,
+    round_half_up,
+    scaled_points,
+    solve_pdrop,
+)
 from vllm_recroute.routing.settings import RoutingSettings
 
 __all__ = [
@@ -35,7 +45,6 @@ _DEFAULT_KEEP = 0.5
 _PDROP_FRACTIONS = (0.25, 0.5, 0.75)
 # SparseVLM's pruning layers 2, 6 and 15 of LLaVA-1.5's 32 (as fractions of depth).
 _SPARSEVLM_FRACTIONS = (2 / 32, 6 / 32, 15 / 32)
-_BISECTION_STEPS = 60  # λ in [0, 1] to ~1e-18: far below any meaningful retention difference
 # The layouts of "Reroute, Don't Remove"'s released configs (elmma/mllm-reroute,
 # configs/experiment/llava15/*, 32-layer LLaVA-1.5): reroute matched to FastV keeps one keep
 # at layers 3, 7, 15, 23; matched to PyramidDrop it keeps α, α, α/2, α/4 at 2, 7, 15, 23,
@@ -43,19 +52,6 @@ _BISECTION_STEPS = 60  # λ in [0, 1] to ~1e-18: far below any meaningful retent
 _FASTV_MATCHED_FRACTIONS = (3 / 32, 7 / 32, 15 / 32, 23 / 32)
 _EARLY_FRACTIONS = (2 / 32, 7 / 32, 15 / 32, 23 / 32)
 _PDROP_MATCHED_SHAPE = (1.0, 1.0, 0.5, 0.25)
-
-
-@dataclass(frozen=True)
-class Stage:
-    """Decoder layers ``[start, end)`` routed with one active set.
-
-    ``keep`` is a fraction of the request's *total* visual tokens (not of the previous
-    stage's active set), so stages are independent and reroute can grow the active set.
-    """
-
-    start: int
-    end: int
-    keep: float
 
 
 def resolve_stages(
@@ -80,38 +76,6 @@ def router_points(cfg: RoutingSettings, num_layers: int) -> tuple[int, ...]:
     if not cfg.enabled:
         return ()
     return _points_and_keeps(cfg, num_layers)[0]
-
-
-def num_keep(keep: float, num_visual: int) -> int:
-    """Number of visual tokens a keep fraction means: at least one (a routed stage always has an
-    active visual token when there are any), at most all. Halves round up (not Python's
-    round-half-to-even) so the count does not depend on the parity of ``num_visual``."""
-    if num_visual <= 0:
-        return 0
-    return min(num_visual, max(1, _round_half_up(keep * num_visual)))
-
-
-def stage_at(stages: Sequence[Stage], layer_idx: int) -> int | None:
-    """Index of the stage whose layers hold ``layer_idx``; None before the first router
-    point (those layers see every token)."""
-    for k, stage in enumerate(stages):
-        if stage.start <= layer_idx < stage.end:
-            return k
-    return None
-
-
-def average_retention(stages: Sequence[Stage], num_layers: int) -> float:
-    """Mean over all ``num_layers`` layers of the visual-token fraction active in that layer
-    (layers before the first router point count 1). This is the paper budget divided by the
-    visual-token count: ``avg_visual_tokens / num_visual``."""
-    if num_layers <= 0:
-        raise ValueError(f"num_layers must be > 0, got {num_layers}")
-    first = stages[0].start if stages else num_layers
-    total = first + sum((s.end - s.start) * s.keep for s in stages)
-    return total / num_layers
-
-
-# ---------------------------------------------------------------------- the registry
 
 
 class Schedule(ABC):
@@ -157,9 +121,6 @@ class Schedule(ABC):
             )
 
 
-Keeps = tuple[float, ...]
-
-
 class FastV(Schedule):
     """FastV: one router point at layer 2 of 32 (scaled to depth), keep λ (default 0.5)."""
 
@@ -171,10 +132,10 @@ class FastV(Schedule):
 
     def _points(self, cfg: RoutingSettings, num_layers: int) -> tuple[int, ...]:
         if cfg.router_layers is not None:
-            _check_in_range("router_layers", cfg.router_layers, num_layers)
+            check_in_range("router_layers", cfg.router_layers, num_layers)
             return cfg.router_layers
-        point = max(1, _round_half_up(_FASTV_LAYER * num_layers / cfg.reference_layers))
-        _check_in_range("schedule", (point,), num_layers)
+        point = max(1, round_half_up(_FASTV_LAYER * num_layers / cfg.reference_layers))
+        check_in_range("schedule", (point,), num_layers)
         return (point,)
 
     def budget_keeps(
@@ -207,11 +168,11 @@ class PyramidDrop(Schedule):
         reading the schedule layer by layer gives.
         """
         if cfg.router_layers is not None:
-            _check_in_range("router_layers", cfg.router_layers, num_layers)
+            check_in_range("router_layers", cfg.router_layers, num_layers)
             return cfg.router_layers, tuple(range(1, len(cfg.router_layers) + 1))
         by_point: dict[int, int] = {}
         for i, frac in enumerate(_PDROP_FRACTIONS):
-            point = max(1, _round_half_up(frac * num_layers))
+            point = max(1, round_half_up(frac * num_layers))
             if point < num_layers:
                 by_point[point] = i + 1
         if not by_point:
@@ -227,7 +188,7 @@ class PyramidDrop(Schedule):
     ) -> Keeps:
         points, exponents = self._points(cfg, num_layers)
         lengths = [e - s for s, e in zip(points, (*points[1:], num_layers), strict=True)]
-        return _solve_pdrop(points[0], lengths, exponents, num_layers, target, floor)
+        return solve_pdrop(points[0], lengths, exponents, num_layers, target, floor)
 
 
 class Custom(Schedule):
@@ -241,7 +202,7 @@ class Custom(Schedule):
     def layout(self, cfg: RoutingSettings, num_layers: int) -> tuple[tuple[int, ...], Keeps]:
         assert cfg.custom is not None  # guaranteed by validate()
         points = tuple(layer for layer, _ in cfg.custom)
-        _check_in_range("custom", points, num_layers)
+        check_in_range("custom", points, num_layers)
         return points, tuple(keep for _, keep in cfg.custom)
 
     def budget_keeps(
@@ -286,7 +247,7 @@ class SparseVLM(Schedule):
         return points, tuple(lam ** (i + 1) for i in range(len(points)))
 
     def _points(self, cfg: RoutingSettings, num_layers: int) -> tuple[int, ...]:
-        return _scaled_points(self.name, cfg, _SPARSEVLM_FRACTIONS, num_layers, _round_half_up)
+        return scaled_points(self.name, cfg, _SPARSEVLM_FRACTIONS, num_layers, round_half_up)
 
     def budget_keeps(
         self, cfg: RoutingSettings, num_layers: int, target: float, floor: float
@@ -294,7 +255,7 @@ class SparseVLM(Schedule):
         points = self._points(cfg, num_layers)
         lengths = [e - s for s, e in zip(points, (*points[1:], num_layers), strict=True)]
         exponents = tuple(range(1, len(points) + 1))
-        return _solve_pdrop(points[0], lengths, exponents, num_layers, target, floor)
+        return solve_pdrop(points[0], lengths, exponents, num_layers, target, floor)
 
 
 class _FourPoints(Schedule):
@@ -319,7 +280,7 @@ class _FourPoints(Schedule):
         return points, self.keeps(_lam(cfg), len(points))
 
     def _points(self, cfg: RoutingSettings, num_layers: int) -> tuple[int, ...]:
-        return _scaled_points(self.name, cfg, self.fractions, num_layers, math.floor)
+        return scaled_points(self.name, cfg, self.fractions, num_layers, math.floor)
 
     def budget_keeps(
         self, cfg: RoutingSettings, num_layers: int, target: float, floor: float
@@ -327,9 +288,9 @@ class _FourPoints(Schedule):
         points = self._points(cfg, num_layers)
         lengths = [e - s for s, e in zip(points, (*points[1:], num_layers), strict=True)]
         n = len(points)
-        return _bisect(
+        return bisect_keeps(
             lambda lam: tuple(max(floor, k) for k in self.keeps(lam, n)),
-            lambda keeps: _retention(points[0], lengths, keeps, num_layers),
+            lambda keeps: retention_of(points[0], lengths, keeps, num_layers),
             target,
             self.lam_max,
         )
@@ -401,43 +362,6 @@ def _points_and_keeps(
     return get_schedule(cfg.schedule).layout(cfg, num_layers)
 
 
-def _scaled_points(
-    name: str,
-    cfg: RoutingSettings,
-    fractions: tuple[float, ...],
-    num_layers: int,
-    to_layer: Callable[[float], int],
-) -> tuple[int, ...]:
-    """``router_layers`` if given, else the layers at ``fractions`` of the depth (``to_layer``
-    rounds), a colliding point moved one layer later, one at or past the last dropped."""
-    if cfg.router_layers is not None:
-        _check_in_range("router_layers", cfg.router_layers, num_layers)
-        return tuple(cfg.router_layers)
-    points: list[int] = []
-    for frac in fractions:
-        point = max(points[-1] + 1 if points else 1, to_layer(frac * num_layers))
-        if point < num_layers:
-            points.append(point)
-    if not points:
-        raise RoutingConfigError(
-            "recroute.schedule",
-            f"{name} needs a model with at least 2 decoder layers (got {num_layers})",
-        )
-    return tuple(points)
-
-
-def _check_in_range(name: str, points: tuple[int, ...], num_layers: int) -> None:
-    # A router point at num_layers would route no layer; silently ignoring it would hide a
-    # config written for a deeper model.
-    bad = [p for p in points if not 1 <= p < num_layers]
-    if bad:
-        raise RoutingConfigError(
-            f"recroute.{name}",
-            f"router layer(s) {bad} out of range for a model with {num_layers} decoder layers; "
-            f"must be in [1, {num_layers - 1}]",
-        )
-
-
 # ---------------------------------------------------------------------- average budgets
 
 
@@ -457,47 +381,3 @@ def _keeps_for_budget(
     target = min(1.0, cfg.avg_visual_tokens / num_visual)
     floor = 1.0 / num_visual  # one token: num_keep never goes below it either
     return get_schedule(cfg.schedule).budget_keeps(cfg, num_layers, target, floor)
-
-
-def _solve_pdrop(
-    first: int,
-    lengths: list[int],
-    exponents: tuple[int, ...],
-    num_layers: int,
-    target: float,
-    floor: float,
-) -> tuple[float, ...]:
-    """λ for stages that keep max(λ^e, one token)."""
-    return _bisect(
-        lambda lam: tuple(max(floor, lam**e) for e in exponents),
-        lambda keeps: _retention(first, lengths, keeps, num_layers),
-        target,
-    )
-
-
-def _retention(first: int, lengths: list[int], keeps: Keeps, num_layers: int) -> float:
-    return (first + sum(n * k for n, k in zip(lengths, keeps, strict=True))) / num_layers
-
-
-def _bisect(
-    keeps: Callable[[float], Keeps],
-    retention: Callable[[Keeps], float],
-    target: float,
-    lam_max: float = 1.0,
-) -> Keeps:
-    """Bisection on λ in [0, lam_max]. Retention is continuous and non-decreasing in λ, and
-    a fixed step count keeps the result deterministic."""
-    lo, hi = 0.0, lam_max
-    if retention(keeps(lo)) >= target:
-        return keeps(lo)
-    for _ in range(_BISECTION_STEPS):
-        mid = (lo + hi) / 2
-        if retention(keeps(mid)) < target:
-            lo = mid
-        else:
-            hi = mid
-    return keeps(hi)
-
-
-def _round_half_up(x: float) -> int:
-    return math.floor(x + 0.5)
