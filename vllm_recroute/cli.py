@@ -8,7 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vllm_recroute.config import DEFAULT_ROUTING, RoutingConfigError, parse_routing_arg
+from vllm_recroute.config import RoutingConfigError
+from vllm_recroute.defaults import DEFAULT_ROUTING, parse_routing_arg
 
 
 def default_model() -> Path:

@@ -105,7 +105,7 @@ def test_serve_defaults_to_the_savings_on(monkeypatch, tmp_path, capsys):
     """No --routing: pdrop reroute, kv_release and the parked tier sized from the host's
     available memory (5%, 64 MiB..4 GiB), printed at startup; the argv carries it."""
     import vllm_recroute.server.launcher as launcher
-    from vllm_recroute.config import default_parked_bytes
+    from vllm_recroute.defaults import default_parked_bytes
 
     execs = []
     monkeypatch.setattr(launcher.os, "execv", lambda exe, argv: execs.append(argv))

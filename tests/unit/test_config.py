@@ -7,7 +7,8 @@ import json
 import pydantic
 import pytest
 
-from vllm_recroute.config import RoutingConfig, RoutingConfigError, parse_routing_arg
+from vllm_recroute.config import RoutingConfig, RoutingConfigError
+from vllm_recroute.defaults import parse_routing_arg
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,7 @@ LAYERS: list[list[str]] = [
         "routing.stage_numbers",
     ],
     ["config"],
+    ["defaults"],
     [
         "messages",
         "requests",
@@ -130,7 +131,9 @@ LAYERS: list[list[str]] = [
 ]
 # Registered for GPU hosts; importing them needs torchvision (not on this CPU host).
 NOT_IMPORTABLE_HERE = ["models.qwen2_5_vl", "models.qwen3_vl", "models.llava"]
-PURE = [m for m in LAYERS[1] + LAYERS[4] if m.startswith(("routing", "kv.")) or m == "kv"]
+ROUTING_LAYER = next(layer for layer in LAYERS if "routing" in layer)
+KV_LAYER = next(layer for layer in LAYERS if "kv" in layer)
+PURE = [m for m in ROUTING_LAYER + KV_LAYER if m.startswith(("routing", "kv.")) or m == "kv"]
 
 LAYER_OF = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 LAYER_OF.update({m: len(LAYERS) - 2 for m in NOT_IMPORTABLE_HERE})
@@ -174,8 +177,10 @@ WORKER_STACK = [
     "worker.runtime",
     "worker.turns",
     "worker.parking",
+    "worker.stage_pages",
 ]
-WORKER_LEAVES = [m for m in LAYERS[7] if m.startswith("worker.") and m not in WORKER_STACK]
+WORKER_LAYER = next(layer for layer in LAYERS if "worker" in layer)
+WORKER_LEAVES = [m for m in WORKER_LAYER if m.startswith("worker.") and m not in WORKER_STACK]
 
 
 @pytest.mark.parametrize("module", WORKER_STACK + WORKER_LEAVES)

@@ -15,7 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vllm_recroute.config import DEFAULT_ROUTING, RoutingConfig, parse_routing_arg
+from vllm_recroute.config import RoutingConfig
+from vllm_recroute.defaults import DEFAULT_ROUTING, parse_routing_arg
 from vllm_recroute.models import ROUTED_ARCHITECTURES, ROUTED_FOR_HF_ARCH
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
