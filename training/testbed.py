@@ -70,10 +70,15 @@ def describe_answer(scene: shapes.Scene) -> str:
 
 
 def dense_row(
-    scene: shapes.Scene, rng: random.Random, cell_share: float = 0.5
+    scene: shapes.Scene, rng: random.Random, cell_share: float = 0.5, where_share: float = 0.0
 ) -> tuple[str, str, str]:
-    """A one-cell row (``cell_share`` of the time) or a describe row, drawn from the scene's
-    own RNG."""
+    """A ``where`` row (``where_share`` of the time: an object named, its cell asked, the
+    inverse of a one-cell row), else a one-cell row (``cell_share``) or a describe row,
+    drawn from the scene's own RNG."""
+    if where_share > 0 and rng.random() < where_share:
+        qa = shapes.make_question(scene, "where", rng)
+        if qa is not None:
+            return qa[0], qa[1], "where"
     if rng.random() < 1 - cell_share:  # (0.5: the draws of the steps before the field)
         return DESCRIBE_Q, describe_answer(scene), "describe"
     r, c = rng.randrange(shapes.GRID_ROWS), rng.randrange(shapes.GRID_COLS)
@@ -104,6 +109,11 @@ class Hyper:
     # but a named cell at chance (52% vs 49%): it had learned a positional sweep, not a
     # lookup by the question, and the lookup is what the questions need.
     cell_share: float = 0.5
+    # of the dense rows, the share that names an object and asks for its cell (the task's
+    # own ``where`` question). From step ~7,900 of the 2026-12-03 run 0.5, with 5 rows a
+    # scene of which 2 dense: the cell -> content lookup was at 96% of rows but ``where``
+    # (content -> cell) at 2-10% and every question type at the prior for 3,000 steps.
+    where_share: float = 0.0
 
 
 def lr_at(step: int, h: Hyper) -> float:
@@ -132,7 +142,13 @@ def step_rows(h: Hyper, step: int) -> list[tuple[shapes.Scene, list[tuple[str, s
     for _ in range(h.batch_scenes):
         srng = random.Random(rng.randrange(0, shapes.HELDOUT_SEED_BASE))
         scene = shapes.make_scene(srng)
-        rows = [dense_row(scene, srng, h.cell_share) for _ in range(h.dense_rows)]
+        rows: list[tuple[str, str, str]] = []
+        for _ in range(8 * h.dense_rows):  # distinct dense rows (a second describe is waste)
+            if len(rows) == h.dense_rows:
+                break
+            row = dense_row(scene, srng, h.cell_share, h.where_share)
+            if all(row[0] != q for q, _, _ in rows):
+                rows.append(row)
         for _ in range(8 * h.rows_per_scene):
             if len(rows) == h.rows_per_scene:
                 break

@@ -56,6 +56,23 @@ def test_every_scene_gets_its_dense_rows_and_steps_are_pure(testbed):
     assert all(s.objects for s, _ in rows)
 
 
+def test_where_rows_name_an_object_and_answer_its_cell(testbed):
+    h = testbed.Hyper(batch_scenes=8, rows_per_scene=5, dense_rows=2, where_share=0.5)
+    kinds = []
+    for scene, qas in testbed.step_rows(h, 11):
+        assert len(qas) == 5 and len({q for q, _, _ in qas}) == 5  # no row twice
+        for q, a, t in qas[:2]:
+            kinds.append(t)
+            if t == "where":  # the object it names sits in the cell it answers
+                o = next(o for o in scene.objects if q == f"Where is the {o.color} {o.shape}?")
+                assert a == shapes.cell_name(o.row, o.col)
+    assert "where" in kinds and set(kinds) - {"where"}, kinds  # guard: both kinds drawn
+    # the default (0.0) draws exactly what the steps before the field drew
+    assert testbed.step_rows(testbed.Hyper(), 3) == testbed.step_rows(
+        testbed.Hyper(where_share=0.0), 3
+    )
+
+
 def test_compact_state_drops_the_optimiser_and_stores_float16(testbed, tmp_path):
     import torch
 
