@@ -4,18 +4,21 @@ Generic over decoder layers with the usual vLLM signature
 ``layer(positions, hidden_states, residual) -> (hidden_states, residual)``. Each layer's
 ``forward`` is wrapped on the instance (patch record P3; module names, and so weight
 loading, are untouched). A forward pre-hook on the model builds the step's `StepRouter`
-(worker/step.py: the routing decision) before the decoder stack runs; on the eager path
-each wrapper hands its layer to the router (``StepRouter.run_layer``: score, park, the
-stage's compacted attention, the layer on the active rows only; worker/compaction.py).
-Deferred rows carry their (hidden, residual) pair unchanged.
+(worker/step.py: the routing decision) before the decoder stack runs; on the routed path
+the wrapper of each segment's first layer hands the segment to the router
+(``StepRouter.run_layer``: score, park, the segment's compacted attention, its layers as
+one piece on the active rows, gathered once and scattered back once); the wrappers of its
+later layers pass the stream on. Deferred rows carry their (hidden, residual) pair.
 
 Compilation. The text model compiles as in plain vLLM (its ``@support_torch_compile``);
 Dynamo traces the wrappers as the plain layers (``torch.compiler.is_compiling()``), so
-the graph holds no routing. A step whose routing moves rows (a routed prefill) runs the
-text model eager through the wrappers (``forward_context.skip_compiled``, vLLM's own
-bypass); every other step, pure decode of routed requests included, is the ordinary
-compiled one: their compacted per-stage attention is installed in the forward context
-before it, where vLLM's attention op reads it at run time.
+the graph holds no routing. A step whose routing moves rows (a routed prefill) bypasses
+that graph (``forward_context.skip_compiled``, vLLM's own bypass) and runs the routed
+path, each segment's layers one compiled piece (``self.runs``, worker/layer_runs.py;
+``prefill_path: compiled``) or eager on vLLM's kernels (``prefill_path: eager``, or
+``enforce_eager``); every other step, pure decode of routed requests included, is the
+ordinary compiled one: their compacted per-stage attention is installed in the forward
+context before it, where vLLM's attention op reads it at run time.
 
 A pure-decode step where the parked tier re-routes (every ``reroute_every``-th output)
 is compiled too: for that forward only, the decoder hooks vLLM's attention op of each
@@ -25,7 +28,7 @@ hook takes the due rows' q (one small copy to the host) and lets the parked tier
 and swap the stage's units in its pages for layers [start, end) (``StepRouter.
 reroute_from_query``), then attention runs. The hooks are removed after the forward, a
 raising one included. ``reroute_path: eager`` (or an attention op that cannot be hooked,
-with a warning at startup) re-routes on the eager path instead, as a routed prefill's
+with a warning at startup) re-routes on the routed path instead, as a routed prefill's
 step (with one in it) always does.
 
 The decoder only installs: the layer wrappers, the stage-spec reports (kv_release, patch
