@@ -28,9 +28,12 @@ from vllm_recroute.routing import SCORERS, Stage, get_scorer, query_indices, rou
 from vllm_recroute.routing.scorers import ScoreInputs
 from vllm_recroute.vllm_view.kv import GroupInfo
 from vllm_recroute.vllm_view.step import StepBatch
+from vllm_recroute.worker.compaction import Segment
+from vllm_recroute.worker.layer_runs import LayerRuns
 from vllm_recroute.worker.parking import ParkingTier
-from vllm_recroute.worker.rows import PrefillRoute
+from vllm_recroute.worker.rows import PrefillRoute, StepRows
 from vllm_recroute.worker.runtime import LayerCost, WorkerRuntime
+from vllm_recroute.worker.segments import gather, scatter
 from vllm_recroute.worker.stage_pages import PageRow, page_io
 from vllm_recroute.worker.state import RouteStore
 from vllm_recroute.worker.step import StepRouter
@@ -112,7 +115,15 @@ def fake_layer(shape: LayerShape, seed: int, device, num_blocks: int = 8) -> Sim
         scaling=d**-0.5,
         attn=attn,
     )
-    return SimpleNamespace(self_attn=self_attn, input_layernorm=_rms)
+    mix = torch.randn(shape.hidden, shape.hidden, generator=g).to(device) * shape.hidden**-0.5
+
+    def forward(positions, hidden, residual):
+        """Row-wise, in vLLM's fused-residual form (the stream is hidden + residual)."""
+        residual = hidden if residual is None else hidden + residual
+        p = (positions[0] if positions.dim() == 2 else positions).float()[:, None]
+        return torch.tanh(_rms(residual) @ mix) + 0.01 * p, residual
+
+    return SimpleNamespace(self_attn=self_attn, input_layernorm=_rms, forward=forward)
 
 
 def _positions(shape: LayerShape, n: int, device) -> torch.Tensor:
@@ -181,14 +192,19 @@ def _router(shape: LayerShape, mode: str, parked: bool, granularity: str = "toke
         prompt_lens=(t + 1,),
         token_ids=torch.zeros(t, dtype=torch.long, device="cpu"),
     )
-    step = StepRouter.__new__(StepRouter)
-    step.rt, step.batch, step.num_rows = rt, batch, t
-    step.decodes, step._segments, step._device_rows, step.forced = {}, {}, {}, set()
     stages = (Stage(1, 3, 0.5), Stage(3, 4, 0.25))
-    step.prefills = [PrefillRoute("r0", 0, 0, t, vis, stages, cfg)]
+    rows = StepRows(batch, prefills=[PrefillRoute("r0", 0, 0, t, vis, stages, cfg)])
+    step = StepRouter(rt, None, rows, t, runs=LayerRuns([layer.forward for layer in layers]))
     table = torch.arange(8, device="cpu")  # the request's block table (host, as vLLM's)
-    step.tables = lambda gid: table[None]
+    step.tables = step.segs.tables = lambda gid: table[None]
+    # the fake layers attend to nothing: segments without compacted attention
+    step.segs._build = lambda start, end: _unattended_segment(step.segs, start, end)
     return step, layers, cfg
+
+
+def _unattended_segment(segs, start: int, end: int) -> Segment:
+    active, _ = segs.rows(start)
+    return Segment(start, end, None if bool(active.all()) else torch.nonzero(active).flatten())
 
 
 def _activations(shape: LayerShape, t: int, seed: int = 3):
@@ -199,7 +215,7 @@ def _activations(shape: LayerShape, t: int, seed: int = 3):
 
 
 def check_step_router() -> None:
-    """Scoring at both router points, segment rows and the layer's gather/scatter: masks
+    """Scoring at both router points, segment rows and a segment's gather/scatter: masks
     and rows on the host, activations on the device, results equal to the host run."""
     for shape in SHAPES:
         for mode, gran in (("reroute", "token"), ("remove", "block")):
@@ -211,11 +227,12 @@ def check_step_router() -> None:
                     step.score_before(layer_idx, layers[layer_idx], pos, hidden, residual)
                 route = step.prefills[0]
                 assert all(_on_host(m) for m in route.masks), "masks must be host tensors"
-                active, offsets = step.segment_rows(1)
+                active, offsets = step.segs.rows(1)
                 assert _on_host(active) and _on_host(offsets)
-                rows = torch.nonzero(active).flatten()
-                seg = SimpleNamespace(start=1, active_rows=rows, device_rows=None)
-                h, r = step.run_on_rows(_double, seg, pos, hidden, residual)
+                seg = Segment(1, 3, torch.nonzero(active).flatten())
+                rows = step.segs.device_rows(seg, hidden.device)
+                p, h, r = gather((pos, hidden, residual), rows)
+                h, r = scatter((hidden, residual), rows, *_double(p, h, r))
                 assert h.device.type == hidden.device.type
                 results.append((route.masks, h.cpu(), r.cpu()))
             (m1, h1, r1), (m0, h0, r0) = results
@@ -225,6 +242,43 @@ def check_step_router() -> None:
 
 def _double(positions, hidden, residual):
     return hidden * 2 + positions.float().reshape(-1, positions.shape[-1]).sum(0)[:, None], residual
+
+
+def check_segment_runs() -> None:
+    """A routed forward through the step router as vLLM's layer loop drives it: one
+    gather and one scatter per segment that moves rows (one host -> device copy of its
+    rows), the scoring layer inside segment [1, 3) on the full stream; masks and stream
+    equal to the per-layer reference (every layer gathers and scatters), on the host."""
+    for shape in SHAPES:
+        step, layers, _ = _router(shape, "reroute", False, "token", DEV)
+        hidden, _, pos = (x.to(DEV) for x in _activations(shape, 34))
+        h, r = hidden, None  # vLLM's first layer takes no residual
+        for idx, layer in enumerate(layers):
+            h, r = step.run_layer(idx, layer, pos, h, r)
+        assert h.device.type == DEV.type and r.device.type == DEV.type
+        assert step.moves == {"gather": 2, "scatter": 2, "materialize": 1}, step.moves
+        assert step.runs.counts["eager"] == 4  # [0, 1), [1, 2), [2, 3), [3, 4)
+        assert sorted(step.segs._device_rows) == [1, 3]  # one copy per segment
+        masks, want_h, want_r = _per_layer_reference(shape, hidden.cpu(), pos.cpu())
+        route = step.prefills[0]
+        assert all(torch.equal(a, b) for a, b in zip(route.masks, masks, strict=True))
+        assert torch.allclose(h.cpu(), want_h) and torch.allclose(r.cpu(), want_r), shape.name
+
+
+def _per_layer_reference(shape: LayerShape, hidden, pos):
+    """The routed forward as it ran before segments ran whole: per layer, score on the
+    full stream, gather the layer's active rows, run it, scatter them back."""
+    step, layers, _ = _router(shape, "reroute", False, "token", "cpu")
+    h, r = hidden, None
+    for idx, layer in enumerate(layers):
+        step.score_before(idx, layer, pos, h, r)
+        seg = step.segs.at(idx)
+        if seg is None or seg.active_rows is None:
+            h, r = layer.forward(pos, h, r)
+            continue
+        p, hh, rr = gather((pos, h, r), seg.active_rows)
+        h, r = scatter((h, r), seg.active_rows, *layer.forward(p, hh, rr))
+    return step.prefills[0].masks, h, r
 
 
 def check_parking() -> None:
@@ -365,6 +419,7 @@ CHECKS: dict[str, Callable[[], None]] = {
     "scorers": check_scorers,
     "block_decision": check_block_decision,
     "step_router": check_step_router,
+    "segment_runs": check_segment_runs,
     "parking": check_parking,
     "reroute_in_attention": check_reroute_in_attention,
     "turns": check_turns,

@@ -83,6 +83,13 @@ CONFIGS = {
         "score_query": "question",
     },
     "pdrop-avg-tokens": {"mode": "reroute", "schedule": "pdrop", "avg_visual_tokens": 30},
+    # a two-layer stage scored before its next router point: the scoring layer (2) sits
+    # inside segment [1, 3), which runs as two pieces around it (worker/step.py)
+    "custom-reroute-wide": {
+        "mode": "reroute",
+        "schedule": "custom",
+        "custom": [[1, 0.5], [3, 0.25]],
+    },
     # scored at the router layer itself (the paper's convention), with the paper's layout
     "custom-reroute-question-at": {
         "mode": "reroute",
@@ -190,6 +197,33 @@ def reroute_forwards(llm) -> dict:
     """The routed decoder's re-routing forwards by path ("eager", "installed") and
     "hooks": stage-start attention ops that re-routed (worker/decoder.py), rank 0."""
     return llm.collective_rpc(_reroute_forwards)[0]
+
+
+def _routed_path(worker) -> dict:
+    from torch._dynamo.utils import counters
+
+    dec = worker.model_runner.model.recroute
+    return {
+        "forwards": dict(dec.forwards),
+        "moves": dict(dec.row_moves),
+        "pieces": dict(dec.runs.counts),
+        # graphs Dynamo traced in this worker so far (vLLM's text model, the pieces)
+        "graphs": {"traced": counters["stats"]["unique_graphs"]},
+    }
+
+
+def routed_path(llm) -> list[dict]:
+    """Per rank, the routed decoder's counters (worker/decoder.py): forwards by path,
+    "moves" (the routed path's gathers, scatters, materializations), "pieces" (layer
+    runs by kind, "eager" or "compiled"; worker/layer_runs.py) and "graphs" (traced)."""
+    return llm.collective_rpc(_routed_path)
+
+
+def routed_path_delta(llm, before: list[dict]) -> list[dict[str, Counter]]:
+    return [
+        {key: delta(now[key], then[key]) for key in now}
+        for now, then in zip(routed_path(llm), before, strict=True)
+    ]
 
 
 def delta(after: dict, before: dict) -> Counter:

@@ -100,6 +100,12 @@ class RoutingConfig(pydantic.BaseModel):
     # "eager": the whole text model runs eager through the routed layers (the fallback, also
     # taken when the attention op cannot be hooked). Same decisions and tokens either way.
     reroute_path: Literal["compiled", "eager"] = "compiled"
+    # Engine-wide: how a step whose routing moves rows (a routed prefill) runs each segment's
+    # layers over its active rows (gathered once, scattered back once per segment).
+    # "compiled": one torch.compile'd piece per segment (row count dynamic), where vLLM
+    # compiles the text model (not under enforce_eager); "eager": the layers' own forwards,
+    # vLLM's eager kernels (the fallback). Same decisions; tokens within float tolerance.
+    prefill_path: Literal["compiled", "eager"] = "compiled"
     # Engine-wide later-turn restore (docs/architecture.md, "Later turns"): when a request with
     # images finishes, its stage KV (pages and parked units) is kept in a host store of this
     # many bytes (0 = off, LRU). A later request whose prompt starts with that request's

@@ -107,12 +107,15 @@ PATCHES: tuple[Patch, ...] = (
     ),
     Patch(
         "P3",
-        what="Replaces each decoder layer's forward on the instance with a wrapper that runs "
-        "the layer on the stage's active rows and installs the stage's compacted attention; "
-        "for a forward that runs eager under compilation, sets the text model's native "
-        "CustomOps' _forward_method to their platform kernel (forward_cpu / forward_hip / "
-        "forward_cuda) and back afterwards, only for ops whose class overrides it (the base "
-        "CustomOp.forward_cuda raises NotImplementedError).",
+        what="Replaces each decoder layer's forward on the instance with a wrapper: on a "
+        "forward whose routing moves rows, the wrapper of a segment's first layer installs "
+        "the segment's compacted attention and runs the segment's layers (their own "
+        "forwards, called directly) as one piece on its active rows, gathered once and "
+        "scattered back once; the wrappers of its later layers return the stream they get. "
+        "When those pieces run eager under compilation (prefill_path: eager), sets the text "
+        "model's native CustomOps' _forward_method to their platform kernel (forward_cpu / "
+        "forward_hip / forward_cuda) and back afterwards, only for ops whose class "
+        "overrides it (the base CustomOp.forward_cuda raises NotImplementedError).",
         why="Deferred tokens must skip a stage's layers; wrapping instances leaves module "
         "names (and so weight loading) untouched and works for any decoder layer with the "
         "(positions, hidden_states, residual) signature.",
@@ -241,6 +244,33 @@ PATCHES: tuple[Patch, ...] = (
             "vllm.v1.worker.gpu_input_batch:CachedRequestState.sampling_params",
         ),
         where="vllm_recroute/vllm_view/",
+    ),
+    Patch(
+        "R3",
+        what="prefill_path: compiled. Reads CompilationConfig.mode, backend and "
+        "inductor_compile_config (vllm_view.piece_compiler, mirroring init_backend for "
+        "DYNAMO_TRACE_ONCE) and torch.compile's each routed segment's run of decoder layers "
+        "(their forwards called directly, CustomOps on the native forms vLLM's compiled "
+        "mode set) with its own backend; relies on vLLM's attention being the opaque "
+        "custom ops unified_kv_cache_update / unified_attention_with_output, which read "
+        "the (installed, compacted) metadata from the forward context at run time.",
+        why="A routed prefill's rows move between segments (data-dependent shapes), so it "
+        "bypasses vLLM's compiled text model (P5); compiling each segment's layers over its "
+        "active rows (row count dynamic) gives it compiled layers again.",
+        upstream="torch.compile is public; the config fields are vLLM's documented "
+        "compilation settings; the attention ops' run-time metadata read is internal.",
+        remove_when="vLLM compiles a model whose row set changes between layers (a "
+        "per-layer token-selection hook with compiled pieces).",
+        targets=(
+            "vllm.config:CompilationMode.NONE",
+            "vllm.config:CompilationMode.VLLM_COMPILE",
+            "vllm.config:CompilationMode.DYNAMO_TRACE_ONCE",
+            "vllm.config.compilation:CompilationConfig.init_backend",
+            "vllm.model_executor.layers.attention.attention:unified_kv_cache_update",
+            "vllm.model_executor.layers.attention.attention:unified_attention_with_output",
+        ),
+        where="vllm_recroute/vllm_view/engine.py (piece_compiler), "
+        "vllm_recroute/worker/layer_runs.py",
     ),
     Patch(
         "P8",

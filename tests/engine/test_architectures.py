@@ -315,8 +315,8 @@ def test_positions_survive_compaction(routed, text_model, captured, model_dir):
     cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 0}
 
     def break_positions(worker):
-        # the gather of a segment's active rows lives in the step router (run_on_rows)
-        import vllm_recroute.worker.step as step
+        # the gather of a segment's active rows (worker/segments.py, once per segment)
+        import vllm_recroute.worker.segments as step
 
         original = step.take_positions
 
@@ -329,7 +329,7 @@ def test_positions_survive_compaction(routed, text_model, captured, model_dir):
         step.take_positions = renumbered
 
     def restore(worker):
-        import vllm_recroute.worker.step as step
+        import vllm_recroute.worker.segments as step
 
         step.take_positions = worker._recroute_take_positions
 

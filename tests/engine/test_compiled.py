@@ -2,14 +2,18 @@
 
 vLLM CPU compiles by default (``CompilationMode.DYNAMO_TRACE_ONCE``, inductor): the text
 model is traced once, with the layer wrappers traced as plain layers. A step whose routing
-moves rows (a routed prefill) runs eager (``skip_compiled``); every other step, the decode
-steps of routed requests included, runs the compiled graph with compacted attention
-installed before it; a decode step where the parked tier re-routes does its swaps inside
-the attention op of each due stage's first layer (worker/decoder.py, "Compilation"), or
-runs eager with ``reroute_path: eager``.
+moves rows (a routed prefill) bypasses that graph (``skip_compiled``) and runs each
+segment's layers as one compiled piece over its active rows (``prefill_path: compiled``;
+eager pieces with ``prefill_path: eager``); every other step, the decode steps of routed
+requests included, runs the compiled graph with compacted attention installed before it;
+a decode step where the parked tier re-routes does its swaps inside the attention op of
+each due stage's first layer (worker/decoder.py, "Compilation"), or runs on the routed
+path with ``reroute_path: eager``.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import pytest
 
@@ -26,6 +30,8 @@ from tests.helpers import (
     oracle,
     reroute_forwards,
     route_counters,
+    routed_path,
+    routed_path_delta,
     shutdown,
 )
 
@@ -75,19 +81,55 @@ def test_engine_runs_compiled(compiled_llm):
     assert view["native_ops"] > 0 and view["restored"]
 
 
-@pytest.mark.parametrize("name", ["fastv-reroute", "fastv-remove", "pdrop-reroute", "pdrop-remove"])
+# name -> (segments that move rows, scoring layers inside a segment) on the 4-layer model
+SEGMENTS = {
+    "fastv-reroute": (1, 0),
+    "fastv-remove": (1, 0),
+    "pdrop-reroute": (3, 0),
+    "pdrop-remove": (3, 0),
+    "custom-reroute-wide": (2, 1),
+}
+
+
+def _assert_pieces(d: dict, name: str, kind: str) -> None:
+    """Per routed-path forward: one gather and one scatter per segment that moves rows,
+    every layer run once in pieces of ``kind`` (stage 0, each segment, one more around
+    an inner scoring layer)."""
+    moving, inside = SEGMENTS[name]
+    forwards = d["forwards"]["eager"]
+    assert forwards >= 1  # guard: the routed prefills took the routed path
+    want = {"gather": moving, "scatter": moving, "materialize": inside}
+    assert d["moves"] == Counter({k: n * forwards for k, n in want.items()})
+    assert d["pieces"] == Counter({kind: (1 + moving + inside) * forwards})
+
+
+@pytest.mark.parametrize("name", sorted(SEGMENTS))
 def test_compiled_batch_matches_oracle(compiled_llm, hf_eager, tiny_idefics3, name):
     cfg = CONFIGS[name]
-    before = _view(compiled_llm)["forwards"]
+    before = routed_path(compiled_llm)
     outputs = generate(compiled_llm, tiny_idefics3, [cfg] * len(REQUESTS))
     for spec, out in zip(REQUESTS, outputs, strict=True):
         _, expected = oracle(hf_eager, tiny_idefics3, spec, cfg)
         assert list(out.outputs[0].token_ids) == expected, (name, spec)
-    after = _view(compiled_llm)["forwards"]
-    # one eager forward for the routed prefill; the decode steps of the routed requests
-    # (their stages hold fewer tokens) are the compiled forward with compacted attention
-    assert after.get("eager", 0) - before.get("eager", 0) >= 1
-    assert after.get("installed", 0) - before.get("installed", 0) >= MAX_TOKENS - 1
+    [d] = routed_path_delta(compiled_llm, before)
+    # the routed prefills ran their segments as compiled pieces; the decode steps of the
+    # routed requests (their stages hold fewer tokens) are the compiled forward with
+    # compacted attention
+    _assert_pieces(d, name, "compiled")
+    assert d["forwards"]["installed"] >= MAX_TOKENS - 1
+
+
+def test_compiled_pieces_take_any_row_count_without_recompiling(compiled_llm, tiny_idefics3):
+    """The row dimension of a piece is dynamic: once pdrop's pieces are compiled, other
+    keep counts (other active row counts per segment) and another batch mix trace no
+    new graph."""
+    generate(compiled_llm, tiny_idefics3, [CONFIGS["pdrop-reroute"]] * len(REQUESTS))
+    before = routed_path(compiled_llm)
+    generate(compiled_llm, tiny_idefics3, [CONFIGS["pdrop-avg-tokens"]] * len(REQUESTS))
+    generate(compiled_llm, tiny_idefics3, [CONFIGS["pdrop-reroute"]] * 2 + [CONFIGS["off"]])
+    [d] = routed_path_delta(compiled_llm, before)
+    assert d["pieces"]["compiled"] >= 8 and d["pieces"]["eager"] == 0  # guard: they ran
+    assert d["graphs"]["traced"] == 0
 
 
 def test_compiled_mixed_batch_matches_oracle(compiled_llm, hf_eager, tiny_idefics3):
@@ -127,22 +169,43 @@ def test_compiled_decode_rerouting_matches_the_parked_reference(
 
 @pytest.fixture(scope="module")
 def eager_rerouting_llm(tiny_idefics3):
-    """The same compiled engine with the fallback: re-routing decode steps run eager."""
+    """The same compiled engine with the fallbacks: re-routing decode steps run eager,
+    and the routed path runs its segments' layers eager (vLLM's eager kernels)."""
+    fallbacks = {"reroute_path": "eager", "prefill_path": "eager"}
     llm = make_llm(
         tiny_idefics3,
         routed_arch=ROUTED_IDEFICS3,
-        recroute={"mode": "reroute", **PARKING, "reroute_every": 0, "reroute_path": "eager"},
+        recroute={"mode": "reroute", **PARKING, "reroute_every": 0, **fallbacks},
         enforce_eager=False,
     )
     yield llm
     shutdown(llm)
 
 
+@pytest.mark.parametrize("name", ["pdrop-reroute", "custom-reroute-wide"])
+def test_eager_prefill_fallback_matches_oracle(eager_rerouting_llm, hf_eager, tiny_idefics3, name):
+    """prefill_path 'eager' on a compiled engine: the same segments, gathered and
+    scattered once each, their layers run eager on vLLM's kernels (switched for the
+    forward and back), the oracle's tokens."""
+    llm, cfg = eager_rerouting_llm, CONFIGS[name]
+    before = routed_path(llm)
+    outputs = generate(llm, tiny_idefics3, [cfg] * len(REQUESTS))
+    for spec, out in zip(REQUESTS, outputs, strict=True):
+        _, expected = oracle(hf_eager, tiny_idefics3, spec, cfg)
+        assert list(out.outputs[0].token_ids) == expected, (name, spec)
+    [d] = routed_path_delta(llm, before)
+    _assert_pieces(d, name, "eager")
+    view = _view(llm)
+    assert view["mode"] == "DYNAMO_TRACE_ONCE" and view["compiled"] is True
+    assert view["native_ops"] > 0 and view["restored"]
+
+
 def test_eager_rerouting_fallback_matches_the_parked_reference(
     eager_rerouting_llm, hf_model, tiny_idefics3
 ):
     """reroute_path 'eager': every re-routing step goes eager (the layer wrappers' tier
-    path), no attention op is hooked; the same tokens and restores."""
+    path), no attention op is hooked; the same tokens and restores. (Its segments run
+    eager too here; with prefill_path 'compiled' they run compiled, as in a prefill.)"""
     llm = eager_rerouting_llm
     before, ops_before = _view(llm)["forwards"], reroute_forwards(llm)
     restored_before = route_counters(llm)["restored_blocks"]

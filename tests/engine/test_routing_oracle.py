@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from tests.helpers import (
@@ -11,6 +13,8 @@ from tests.helpers import (
     oracle,
     request_inputs,
     route_counters,
+    routed_path,
+    routed_path_delta,
     runtime_of,
     xargs,
 )
@@ -26,6 +30,27 @@ def test_batch_matches_oracle(routed_llm, hf_eager, tiny_idefics3, name):
         prompt_ids, expected = oracle(hf_eager, tiny_idefics3, spec, cfg)
         assert out.prompt_token_ids == prompt_ids
         assert list(out.outputs[0].token_ids) == expected, (name, spec)
+
+
+# name -> (segments that move rows, scoring layers inside a segment) on the 4-layer model
+SEGMENTS = {"fastv-reroute": (1, 0), "pdrop-reroute": (3, 0), "custom-reroute-wide": (2, 1)}
+
+
+@pytest.mark.parametrize("name", sorted(SEGMENTS))
+def test_a_routed_prefill_moves_rows_once_per_segment(routed_llm, tiny_idefics3, name):
+    """The routed path (enforce_eager: eager pieces) gathers a segment's active rows once
+    and scatters them once, not at every layer; a scoring layer inside a segment sees
+    the full stream through one more scatter. Every layer runs once, in pieces."""
+    moving, inside = SEGMENTS[name]
+    before = routed_path(routed_llm)
+    generate(routed_llm, tiny_idefics3, [CONFIGS[name]] * len(REQUESTS))
+    [d] = routed_path_delta(routed_llm, before)
+    forwards = d["forwards"]["eager"]
+    assert forwards >= 1  # guard: routed prefills took the routed path
+    want = {"gather": moving, "scatter": moving, "materialize": inside}
+    assert d["moves"] == Counter({k: n * forwards for k, n in want.items()})
+    # stage 0 and each segment, one piece more around each inner scoring layer
+    assert d["pieces"] == Counter(eager=(1 + moving + inside) * forwards)
 
 
 def test_mixed_batch_matches_oracle(routed_llm, hf_eager, tiny_idefics3):

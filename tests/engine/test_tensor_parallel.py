@@ -6,6 +6,8 @@ the same requests give other tokens."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from reference.oracle import oracle_generate_parked
@@ -27,6 +29,8 @@ from tests.helpers import (
     request_inputs,
     reroute_forwards,
     route_counters,
+    routed_path,
+    routed_path_delta,
     runtime_of,
     two_turns,
 )
@@ -67,6 +71,25 @@ def test_tp2_mixed_per_request_batch(engine, hf_eager, tiny_idefics3):
     outs = generate(engine, tiny_idefics3, [{**c, **NO_SWAPS} for c in cfgs])
     for spec, cfg, tokens in zip(REQUESTS, cfgs, _tokens(outs), strict=True):
         assert tokens == oracle(hf_eager, tiny_idefics3, spec, cfg)[1], (cfg, spec)
+
+
+@pytest.mark.parametrize("engine", ["tp2"], indirect=True)
+def test_tp2_every_rank_moves_rows_once_per_segment(engine, hf_eager, tiny_idefics3):
+    """Both ranks run the same routed path: per routed forward, one gather and one
+    scatter for each of the two segments that move rows, and one scatter more for the
+    scoring layer inside segment [1, 3); the oracle's tokens."""
+    cfg = CONFIGS["custom-reroute-wide"]
+    before = routed_path(engine)
+    outs = generate(engine, tiny_idefics3, [{**cfg, **NO_SWAPS}] * len(REQUESTS))
+    for spec, tokens in zip(REQUESTS, _tokens(outs), strict=True):
+        assert tokens == oracle(hf_eager, tiny_idefics3, spec, cfg)[1], spec
+    rank0, rank1 = routed_path_delta(engine, before)
+    assert rank0 == rank1
+    forwards = rank0["forwards"]["eager"]
+    assert forwards >= 1
+    assert rank0["moves"] == Counter(
+        gather=2 * forwards, scatter=2 * forwards, materialize=forwards
+    )
 
 
 @pytest.mark.parametrize("engine", ["tp2"], indirect=True)

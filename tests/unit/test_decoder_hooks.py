@@ -13,6 +13,7 @@ import torch
 
 from vllm_recroute import vllm_view
 from vllm_recroute.worker.decoder import RoutedDecoder
+from vllm_recroute.worker.layer_runs import LayerRuns
 
 
 class Exploding(torch.nn.Module):
@@ -28,7 +29,8 @@ def test_a_failing_routed_forward_restores_ops_and_drops_the_step(monkeypatch):
     dec = RoutedDecoder.__new__(RoutedDecoder)
     dec._step, dec._native_ops = None, ["rms_norm"]
     dec._unhooks, dec._hooked = [], {}
-    dec.forwards = Counter()
+    dec.forwards, dec.row_moves, dec._kernels_on = Counter(), Counter(), False
+    dec.runs = LayerRuns([])  # eager pieces: the eager forward switches to the kernels
     dec._begin_step = lambda num_rows: SimpleNamespace(needs_eager=True, reroutes={})
     model = Exploding()
     dec._install_hooks(model)
@@ -122,6 +124,7 @@ def _decoder(layers, router):
     dec.layers, dec._step, dec._native_ops = layers, None, []
     dec._unhooks, dec._hooked = [], {}
     dec.forwards, dec.reroute_forwards = Counter(), Counter()
+    dec.row_moves, dec._kernels_on, dec.runs = Counter(), False, LayerRuns([])
     dec.reroute_in_attention = True
     dec._begin_step = lambda num_rows: router
     return dec

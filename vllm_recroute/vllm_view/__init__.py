@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from vllm_recroute.vllm_view.engine import (
     num_decoder_layers,
+    piece_compiler,
     tensor_parallel_rank,
     tensor_parallel_size,
     tp_all_gather,
@@ -99,6 +100,7 @@ __all__ = [
     "native_custom_ops",
     "null_block_id",
     "num_decoder_layers",
+    "piece_compiler",
     "prompt_length",
     "routed_stage_managers",
     "routing_free_prefix",

@@ -52,3 +52,23 @@ def tp_all_gather(t: torch.Tensor) -> torch.Tensor:
     from vllm.distributed import tensor_model_parallel_all_gather
 
     return tensor_model_parallel_all_gather(t.unsqueeze(0), dim=0)
+
+
+def piece_compiler(vllm_config: Any) -> tuple[str, dict[str, Any]] | None:
+    """``(backend, options)`` for compiling a routed segment's layers the way vLLM compiles
+    this engine's text model, or None where vLLM does not compile it (``enforce_eager``,
+    ``CompilationMode.NONE``). CPU (``DYNAMO_TRACE_ONCE``, as the CPU platform sets it):
+    vLLM's own backend name (inductor, or eager in its CPU CI mode) with its
+    ``inductor_compile_config``; ``VLLM_COMPILE`` (CUDA): plain inductor, not vLLM's
+    piecewise backend, whose pieces are split at attention for CUDA graphs a routed
+    prefill does not replay."""
+    from vllm.config import CompilationMode
+
+    cc = vllm_config.compilation_config
+    if cc.mode in (None, CompilationMode.NONE):
+        return None
+    if cc.mode == CompilationMode.VLLM_COMPILE:
+        return "inductor", {}
+    backend = cc.backend or "inductor"
+    options = dict(cc.inductor_compile_config) if backend == "inductor" else {}
+    return backend, options

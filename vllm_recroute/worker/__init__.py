@@ -4,7 +4,7 @@ A straight stack, each module importing only those after it (tests/unit/test_lay
 
 - ``decoder``: `RoutedDecoder`, installs routing on a vLLM decoder stack (one per model):
   layer wrappers, stage-spec reports, the CustomOp switch, forward hooks;
-- ``step``: `StepRouter`, one forward pass: scoring, decisions, the eager routed layer;
+- ``step``: `StepRouter`, one forward pass: scoring, decisions, the routed path;
 - ``runtime``: `WorkerRuntime`, the one owner of a worker's routing state and the
   connector's worker API;
 - ``turns``: `TurnStore`, kept turns (save, load);
@@ -14,6 +14,8 @@ A straight stack, each module importing only those after it (tests/unit/test_lay
 and its leaves:
 
 - ``rows``: which rows of a step are routed (classification, no state changed);
+- ``segments``: a step's segments, their rows, the once-per-segment gather and scatter;
+- ``layer_runs``: a range of decoder layers as one piece (eager, or compiled);
 - ``compaction``: segments of layers, compacted attention metadata, live block tables;
 - ``state``: `RouteStore`, per-request routing state across steps;
 - ``projections``: q/k/v of residual-stream rows through a layer's attention input path;

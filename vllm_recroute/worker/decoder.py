@@ -4,18 +4,21 @@ Generic over decoder layers with the usual vLLM signature
 ``layer(positions, hidden_states, residual) -> (hidden_states, residual)``. Each layer's
 ``forward`` is wrapped on the instance (patch record P3; module names, and so weight
 loading, are untouched). A forward pre-hook on the model builds the step's `StepRouter`
-(worker/step.py: the routing decision) before the decoder stack runs; on the eager path
-each wrapper hands its layer to the router (``StepRouter.run_layer``: score, park, the
-stage's compacted attention, the layer on the active rows only; worker/compaction.py).
-Deferred rows carry their (hidden, residual) pair unchanged.
+(worker/step.py: the routing decision) before the decoder stack runs; on the routed path
+the wrapper of each segment's first layer hands the segment to the router
+(``StepRouter.run_layer``: score, park, the segment's compacted attention, its layers as
+one piece on the active rows, gathered once and scattered back once); the wrappers of its
+later layers pass the stream on. Deferred rows carry their (hidden, residual) pair.
 
 Compilation. The text model compiles as in plain vLLM (its ``@support_torch_compile``);
 Dynamo traces the wrappers as the plain layers (``torch.compiler.is_compiling()``), so
-the graph holds no routing. A step whose routing moves rows (a routed prefill) runs the
-text model eager through the wrappers (``forward_context.skip_compiled``, vLLM's own
-bypass); every other step, pure decode of routed requests included, is the ordinary
-compiled one: their compacted per-stage attention is installed in the forward context
-before it, where vLLM's attention op reads it at run time.
+the graph holds no routing. A step whose routing moves rows (a routed prefill) bypasses
+that graph (``forward_context.skip_compiled``, vLLM's own bypass) and runs the routed
+path, each segment's layers one compiled piece (``self.runs``, worker/layer_runs.py;
+``prefill_path: compiled``) or eager on vLLM's kernels (``prefill_path: eager``, or
+``enforce_eager``); every other step, pure decode of routed requests included, is the
+ordinary compiled one: their compacted per-stage attention is installed in the forward
+context before it, where vLLM's attention op reads it at run time.
 
 A pure-decode step where the parked tier re-routes (every ``reroute_every``-th output)
 is compiled too: for that forward only, the decoder hooks vLLM's attention op of each
@@ -25,7 +28,7 @@ hook takes the due rows' q (one small copy to the host) and lets the parked tier
 and swap the stage's units in its pages for layers [start, end) (``StepRouter.
 reroute_from_query``), then attention runs. The hooks are removed after the forward, a
 raising one included. ``reroute_path: eager`` (or an attention op that cannot be hooked,
-with a warning at startup) re-routes on the eager path instead, as a routed prefill's
+with a warning at startup) re-routes on the routed path instead, as a routed prefill's
 step (with one in it) always does.
 
 The decoder only installs: the layer wrappers, the stage-spec reports (kv_release, patch
@@ -38,7 +41,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -48,6 +51,7 @@ from vllm_recroute.config import RoutingConfig
 from vllm_recroute.engine_setup import check_routing_requirements
 from vllm_recroute.patches import apply_patches
 from vllm_recroute.routing import router_points
+from vllm_recroute.worker.layer_runs import LayerRuns
 from vllm_recroute.worker.runtime import LayerCost, WorkerRuntime
 from vllm_recroute.worker.step import StepRouter
 
@@ -60,8 +64,16 @@ class RoutedDecoder:
     """Routing on a vLLM decoder stack (``text_model.layers``)."""
 
     def __init__(
-        self, model: torch.nn.Module, text_model: Any, vllm_config: Any, image_token_id: int
+        self,
+        model: torch.nn.Module,
+        text_model: Any,
+        vllm_config: Any,
+        image_token_id: int,
+        run_breaks: Iterable[int] = (),
     ) -> None:
+        """``run_breaks``: layers before which the model changes the stream outside its
+        layers (Qwen3-VL's deepstack adds after each of its first layers): the routed path
+        never runs one piece across them."""
         apply_patches()
         config = check_routing_requirements(vllm_config)
         self.layers = list(text_model.layers)
@@ -86,6 +98,18 @@ class RoutedDecoder:
         # PyTorch forward, for the graph to fuse; the eager routed forward switches them to
         # the kernels vLLM itself runs in eager mode (patch P3), and back afterwards.
         self._native_ops = vllm_view.native_custom_ops(text_model)
+        self._kernels_on = False  # this forward switched them (the eager routed path)
+        # the routed path runs each segment's layers as one piece: compiled where vLLM
+        # compiles the text model (prefill_path: compiled; their CustomOps stay native, as
+        # in vLLM's graph), else the layers' own forwards in a loop
+        compiler = vllm_view.piece_compiler(vllm_config)
+        self.runs = LayerRuns(
+            [layer.forward for layer in self.layers],
+            compiler if config.prefill_path == "compiled" else None,
+            run_breaks,
+        )
+        # gathers / scatters / materializations of the routed path, over all forwards
+        self.row_moves: Counter[str] = Counter()
         for idx, layer in enumerate(self.layers):
             layer.forward = self._wrap(idx, layer, layer.forward)
         self._install_hooks(model)
@@ -150,15 +174,20 @@ class RoutedDecoder:
             self.reroute_forwards["with_prefill" if step.prefills else path] += 1
         if step.needs_eager:
             vllm_view.run_eager_this_forward()
-            vllm_view.use_forwards(self._native_ops, kernels=True)
+            self._kernels_on = not self.runs.compiled and bool(self._native_ops)
+            if self._kernels_on:
+                vllm_view.use_forwards(self._native_ops, kernels=True)
         else:
             step.install_all()
             self._hook_reroutes(step)
 
     def _after_forward(self, _module: Any, _args: Any, output: Any) -> None:
         """``output`` is None when the forward raised (``always_call``)."""
-        if self._step is not None and self._step.needs_eager:
+        if self._kernels_on:
             vllm_view.use_forwards(self._native_ops, kernels=False)
+            self._kernels_on = False
+        if self._step is not None and output is not None:
+            self.row_moves.update(self._step.moves)
         self._unhook_reroutes(finished=output is not None)
         self._step = None  # never seen by another forward
 
@@ -200,9 +229,7 @@ class RoutedDecoder:
                 # plain layer: no routing, or attention installed before the forward,
                 # or Dynamo tracing the compiled graph (which must not contain routing)
                 return inner(positions, hidden_states, residual, *args, **kwargs)
-            return step.run_layer(
-                idx, layer, inner, positions, hidden_states, residual, *args, **kwargs
-            )
+            return step.run_layer(idx, layer, positions, hidden_states, residual, *args, **kwargs)
 
         return forward
 
@@ -210,4 +237,6 @@ class RoutedDecoder:
         step = vllm_view.current_step()
         if step is None:
             return None  # dummy/profiling run: plain model
-        return StepRouter.start(self.runtime, step.runner, num_rows, self.reroute_in_attention)
+        return StepRouter.start(
+            self.runtime, step.runner, num_rows, self.reroute_in_attention, self.runs
+        )

@@ -1,4 +1,4 @@
-"""One forward pass of a routed decoder: scoring, decisions, and the eager routed layer.
+"""One forward pass of a routed decoder: scoring, decisions, and the routed path.
 
 The routing *decision* is made here, at the layer just before each router point: scores
 from `routing/scorers.py`, top-k by `routing/decision.py`. The step's rows come classified
@@ -12,21 +12,23 @@ from the runtime (worker/rows.py, read at step start by `WorkerRuntime.begin_ste
     stage 2 layers:      t t . v v . v . t t    t             t v . v . t   (reroute:
                          a token deferred at stage 1 may be active again)
 
-`StepRouter.run_layer` is the whole eager routed layer: score (before a router point),
-park or re-route (a stage's first layer, parked tier), the segment's compacted attention
-installed, the layer run on the active rows only; deferred rows carry their (hidden,
-residual) pair unchanged. A step that moves no rows installs every routed layer's
-attention before the (compiled) forward instead (`install_all`); both go through one
-install helper. Such a step's due decode re-routes (parked tier) run inside the attention
-op of their stages' first layers, with the query it receives (`reroute_from_query`, hooked
-by the decoder for that forward); on the eager path `tier_before` projects the query.
-Attention inside a stage sees the active set only (worker/compaction.py).
+`StepRouter.run_layer` is the routed path: at a segment's first layer it scores (before
+a router point), parks or re-routes (a stage's first layer, parked tier), installs the
+segment's compacted attention and runs the segment's layers as one piece (worker/
+layer_runs.py: eager, or compiled) on its active rows, gathered once and scattered back
+once (worker/segments.py); deferred rows carry their (hidden, residual) pair unchanged. A
+step that moves no rows installs every routed layer's attention before the (compiled)
+forward instead (`install_all`). Such a step's due decode re-routes (parked tier) run in
+the attention op of their stages' first layers (`reroute_from_query`, hooked by the
+decoder); on the routed path `tier_before` projects the query. Attention inside a stage
+sees the active set only (worker/compaction.py).
 The state the step changes is the runtime's, through its methods (``remember``,
 ``record``) and the parked tier's.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
@@ -40,14 +42,15 @@ from vllm_recroute.routing import (
     query_indices,
     route_with,
     scoring_layer,
-    stage_at,
 )
 from vllm_recroute.routing.reentry import Reentry, reenters
-from vllm_recroute.worker.compaction import Segment, StepTables, compact_segment, take_positions
+from vllm_recroute.worker.compaction import Segment, StepTables, take_positions
+from vllm_recroute.worker.layer_runs import LayerRuns
 from vllm_recroute.worker.parking import compacted_positions
 from vllm_recroute.worker.projections import project_qkv
 from vllm_recroute.worker.rows import PrefillRoute, StepRows
 from vllm_recroute.worker.runtime import WorkerRuntime
+from vllm_recroute.worker.segments import StepSegments, Stream, gather, materialize, scatter
 from vllm_recroute.worker.stage_pages import stage_page_rows
 from vllm_recroute.worker.state import RouteState
 
@@ -59,7 +62,12 @@ class StepRouter:
 
     @classmethod
     def start(
-        cls, rt: WorkerRuntime, runner: Any, num_rows: int, reroute_in_attention: bool = False
+        cls,
+        rt: WorkerRuntime,
+        runner: Any,
+        num_rows: int,
+        reroute_in_attention: bool = False,
+        runs: LayerRuns | None = None,
     ) -> StepRouter | None:
         """This forward's router, or None when it routes and installs nothing.
         ``reroute_in_attention``: a pure-decode step's re-routes may run inside the
@@ -67,7 +75,7 @@ class StepRouter:
         stays the ordinary (compiled) one."""
         if rt.routes_nothing(runner):
             return None
-        router = cls(rt, runner, rt.begin_step(runner), num_rows, reroute_in_attention)
+        router = cls(rt, runner, rt.begin_step(runner), num_rows, reroute_in_attention, runs)
         return router if router.active else None
 
     def __init__(
@@ -77,21 +85,36 @@ class StepRouter:
         rows: StepRows,
         num_rows: int,
         reroute_in_attention: bool = False,
+        runs: LayerRuns | None = None,
     ) -> None:
         self.rt = rt
+        self.runs = runs  # how the routed path runs a segment's layers (the decoder's)
         self.batch = rows.batch
         self.num_rows = num_rows
         self.prefills: list[PrefillRoute] = rows.prefills
         self.decodes: dict[int, RouteState] = rows.decodes  # batch row -> state
         self.forced = rows.forced  # decode rows re-routed at this forward (later turns)
-        self._segments: dict[int, Segment] = {}
         self._reentries: dict[str, Reentry] = {}  # per prefill request, this forward only
-        self._device_rows: dict[int, torch.Tensor] = {}  # segment start -> its rows there
         self.tables = StepTables(runner, self.batch, rt.released)
         starts = {s.start for p in self.prefills for s in p.stages}
         starts |= {s.start for st in self.decodes.values() for s in st.stages}
         self.boundaries = sorted(starts | {0, rt.num_layers})
         self.stage_starts = starts
+        self.segs = StepSegments(
+            self.batch,
+            self.prefills,
+            self.decodes,
+            rt.groups,
+            self.tables,
+            num_rows,
+            self.boundaries,
+        )
+        # layers where a prefill request is scored (a segment's piece stops before them)
+        self.score_layers = {
+            scoring_layer(s.start, p.cfg.score_layer) for p in self.prefills for s in p.stages
+        }
+        self._ran_to = 0  # the routed path ran every layer below this (its segments' pieces)
+        self.moves: Counter[str] = Counter()  # gathers / scatters of this forward (tests)
         self.active = bool(self.prefills or self.decodes)
         # decode re-routes due at this forward: stage-start layer -> (row, k, stage)
         self.reroutes = self._due_reroutes()
@@ -119,27 +142,59 @@ class StepRouter:
 
     # -- the two paths: eager routed layers, or attention installed before the forward ------
 
-    def run_layer(self, idx: int, layer: Any, inner: Any, positions, hidden, residual, *a, **kw):
-        """The eager routed layer ``idx`` (``inner``: its own forward): score before a
-        router point, park / re-route at a stage's first layer, install the segment's
-        compacted attention, run the layer on the segment's active rows."""
+    def run_layer(self, idx: int, layer: Any, positions, hidden, residual, *a, **kw):
+        """The routed path at layer ``idx``. A segment runs whole at its first layer: score
+        before a router point, re-enter / park / re-route at a stage's first layer, install
+        the segment's compacted attention, then its layers as one piece on its active rows
+        (`_run_segment`). The wrappers of its later layers pass the stream on unchanged:
+        their layers already ran."""
+        if idx < self._ran_to:
+            return hidden, residual
         self.score_before(idx, layer, positions, hidden, residual)
-        seg = self.segment(idx)
+        seg = self.segs.at(idx)
         if idx in self.stage_starts:
             hidden, residual = self.reenter(idx, hidden, residual)
-        if self.rt.tier is not None and idx in self.stage_starts:
-            self.tier_before(idx, positions, hidden, residual)
-        if seg is None or not self._install(idx, seg):
-            return inner(positions, hidden, residual, *a, **kw)
-        if seg.active_rows is None:
-            return inner(positions, hidden, residual, *a, **kw)
-        return self.run_on_rows(inner, seg, positions, hidden, residual, *a, **kw)
+            if self.rt.tier is not None:
+                self.tier_before(idx, positions, hidden, residual)
+        _, end = self.segs.span(idx)
+        assert self.runs is not None, "the routed path needs the decoder's layer runs"
+        end = min([end, *(b for b in self.runs.breaks if idx < b < end)])
+        self._ran_to = end
+        return self._run_segment(idx, end, seg, (positions, hidden, residual), a, kw)
+
+    def _run_segment(self, start: int, end: int, seg: Segment | None, stream: Stream, a, kw):
+        """Layers ``[start, end)`` on the segment's active rows: one gather, the layers as
+        one piece (two around a scoring layer inside, which sees the full stream), one
+        scatter. Stage 0, or a segment where every row is active, runs on the stream as is."""
+        positions, hidden, residual = stream
+        rows = None
+        if seg is not None:
+            for i in range(start, end):
+                self._install(i, seg)
+            if seg.active_rows is not None:
+                rows = self.segs.device_rows(seg, hidden.device)
+        pos, h, r = stream if rows is None else self._count("gather", gather(stream, rows))
+        for split in sorted(x for x in self.score_layers if start < x < end):
+            h, r = self.runs.run(start, split, pos, h, r, *a, **kw)
+            full = materialize((hidden, residual), rows, h, r)
+            self._count("materialize", full, rows is not None)
+            self.score_before(split, self.rt.layers[split], positions, *full)
+            start = split
+        h, r = self.runs.run(start, end, pos, h, r, *a, **kw)
+        if rows is None:
+            return h, r
+        return self._count("scatter", scatter((hidden, residual), rows, h, r))
+
+    def _count(self, move: str, out: Any, moved: bool = True) -> Any:
+        if moved:
+            self.moves[move] += 1
+        return out
 
     def install_all(self) -> None:
         """A step that moves no rows: install every routed layer's compacted attention
         now, before the (compiled) forward runs."""
         for start in self.boundaries[1:-1]:
-            seg = self.segment(start)
+            seg = self.segs.at(start)
             if seg is None or not seg.slot_mapping:
                 continue
             if seg.active_rows is not None:  # only padding rows may be inactive here
@@ -324,67 +379,6 @@ class StepRouter:
         pages = stage_page_rows(lambda gid: self.tables(gid)[row], groups)
         delta = rt.tier.reroute(self.batch.req_ids[row], k, q, scale, pages)
         rt.record(delta, rt.tier.gauges())
-
-    # -- segments ---------------------------------------------------------------------
-
-    def segment(self, layer_idx: int) -> Segment | None:
-        """The segment containing layer_idx, built on first use (after its scoring)."""
-        start = max(b for b in self.boundaries if b <= layer_idx)
-        if start == 0:
-            return None  # stage 0: every token, vLLM's own metadata
-        seg = self._segments.get(start)
-        if seg is None:
-            end = min(b for b in self.boundaries if b > layer_idx)
-            seg = self._build_segment(start, end)
-            self._segments[start] = seg
-        return seg
-
-    def device_rows(self, seg: Segment, device: torch.device) -> torch.Tensor:
-        """The segment's active rows on the activations' device: the gather/scatter index
-        of every layer of the segment. Normally carried by the segment's packed metadata
-        copy (``compact_segment``); else copied once per segment and step."""
-        if seg.device_rows is not None and seg.device_rows.device == device:
-            return seg.device_rows
-        rows = self._device_rows.get(seg.start)
-        if rows is None:
-            assert seg.active_rows is not None
-            rows = seg.active_rows.to(device, non_blocking=True)
-            self._device_rows[seg.start] = rows
-        return rows
-
-    def run_on_rows(self, inner, seg: Segment, positions, hidden, residual, *args, **kwargs):
-        """Run one layer (``inner``) on the segment's active rows only; deferred rows carry
-        their (hidden, residual) unchanged. Gather and scatter on the activations' device."""
-        rows = self.device_rows(seg, hidden.device)
-        h, r = inner(take_positions(positions, rows), hidden[rows], residual[rows], *args, **kwargs)
-        return hidden.index_copy(0, rows, h), residual.index_copy(0, rows, r)
-
-    def segment_rows(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Host bookkeeping of the segment starting at ``start``: which step rows run it
-        (bool per row) and, per request, the tokens absent from its KV before this step."""
-        active = torch.ones(self.num_rows, dtype=torch.bool, device="cpu")
-        active[self.batch.num_rows :] = False  # padding rows, if any
-        offsets = torch.zeros(self.batch.num_reqs, dtype=torch.long, device="cpu")
-        for route in self.prefills:
-            k = stage_at(route.stages, start)
-            if k is not None:
-                active[route.visual_rows[~route.masks[k]]] = False
-        for row, state in self.decodes.items():
-            k = stage_at(state.stages, start)
-            if k is not None:
-                offsets[row] = state.deferred[k]
-        return active, offsets
-
-    def _build_segment(self, start: int, end: int) -> Segment:
-        # host bookkeeping (crosses to the device once, in compact_segment and device_rows)
-        active, offsets = self.segment_rows(start)
-        if bool(active.all()) and not bool(offsets.any()):
-            return Segment(start, end, None)
-        active_rows = None if bool(active.all()) else torch.nonzero(active).flatten()
-        seg = Segment(start, end, active_rows)
-        groups = self.rt.groups.of_layers(start, end)
-        compact_segment(seg, self.batch, active, offsets, groups, self.tables)
-        return seg
 
 
 def _rows_of(positions: torch.Tensor, rows: slice) -> torch.Tensor:
