@@ -12,6 +12,7 @@ native PyTorch forms there, as in vLLM's own compiled graph.
 
 from __future__ import annotations
 
+import logging
 import types
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -20,6 +21,8 @@ from typing import Any
 import torch
 
 __all__ = ["LayerRuns"]
+
+logger = logging.getLogger("vllm_recroute")
 
 LayerForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -38,7 +41,7 @@ class LayerRuns:
         # layers before which the model changes the stream outside its layers (Qwen3-VL's
         # deepstack): a piece never runs across one, so each segment ends there
         self.breaks = frozenset(breaks)
-        self._compiled: dict[tuple[int, int], Callable[..., Any]] = {}
+        self._compiled: dict[tuple[int, int], Callable[..., Any] | None] = {}
         self.counts: Counter[str] = Counter()  # pieces run, by kind (tests, bench)
 
     @property
@@ -47,22 +50,32 @@ class LayerRuns:
 
     def run(self, a: int, b: int, positions, hidden, residual, *args, **kwargs):
         """Layers ``[a, b)`` on these rows; returns their (hidden, residual)."""
-        if self.compiler is None:
-            self.counts["eager"] += 1
-            for forward in self.forwards[a:b]:
-                hidden, residual = forward(positions, hidden, residual, *args, **kwargs)
-            return hidden, residual
-        self.counts["compiled"] += 1
-        _mark_rows_dynamic(positions, hidden, residual)
-        return self._piece(a, b)(positions, hidden, residual, *args, **kwargs)
+        piece = None if self.compiler is None else self._piece(a, b)
+        if piece is not None:
+            _mark_rows_dynamic(positions, hidden, residual)
+            try:
+                out = piece(positions, hidden, residual, *args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as e:
+                # raised while tracing or compiling, before the graph ran anything (no KV
+                # written): this range runs eager from now on, the request goes on
+                logger.warning("vllm-recroute: layers [%d, %d) run eager (%s)", a, b, e)
+                self._compiled[(a, b)] = None
+            else:
+                self.counts["compiled"] += 1
+                return out
+        self.counts["eager"] += 1
+        for forward in self.forwards[a:b]:
+            hidden, residual = forward(positions, hidden, residual, *args, **kwargs)
+        return hidden, residual
 
-    def _piece(self, a: int, b: int) -> Callable[..., Any]:
-        piece = self._compiled.get((a, b))
-        if piece is None:
-            backend, options = self.compiler  # type: ignore[misc]
-            fn = _own_code(_layers(tuple(self.forwards[a:b])), f"recroute_layers_{a}_{b}")
-            piece = torch.compile(fn, backend=backend, options=options or None, fullgraph=True)
-            self._compiled[(a, b)] = piece
+    def _piece(self, a: int, b: int) -> Callable[..., Any] | None:
+        """The compiled range (None: it failed to compile, eager)."""
+        if (a, b) in self._compiled:
+            return self._compiled[(a, b)]
+        backend, options = self.compiler  # type: ignore[misc]
+        fn = _own_code(_layers(tuple(self.forwards[a:b])), f"recroute_layers_{a}_{b}")
+        piece = torch.compile(fn, backend=backend, options=options or None, fullgraph=True)
+        self._compiled[(a, b)] = piece
         return piece
 
 
