@@ -48,7 +48,7 @@ class PageRow:
     @classmethod
     def of_ids(cls, block_ids: Sequence[int], block_size: int) -> PageRow:
         """A row given as the scheduler's block ids (a kept turn's job)."""
-        return cls(torch.tensor(block_ids, dtype=torch.long), block_size)
+        return cls(torch.tensor(block_ids, dtype=torch.long, device="cpu"), block_size)  # host
 
     def slots(self, positions: torch.Tensor) -> torch.Tensor:
         b = self.block_size
