@@ -60,6 +60,8 @@ ENGINES: dict[str, Engine] = {
     "plain vLLM (defaults)": Engine(None),
     "routed, mode off": Engine({"mode": "off"}),
     "routed, pdrop reroute": Engine(PDROP),
+    # the default's two parts apart: its page releases alone (four KV groups, no tier)
+    "routed, pdrop + kv_release": Engine({**PDROP, "kv_release": True}),
     "routed, pdrop + kv_release + parked tier": Engine(
         {**PDROP, "kv_release": True, "parked_bytes": 256 << 20, "reroute_every": 8}
     ),
@@ -71,7 +73,11 @@ ENGINES: dict[str, Engine] = {
 }
 # short names for --rows (a subset keeps both plain rows: they are the base of every ratio)
 ROW_IDS: dict[str, str] = dict(
-    zip(("off", "pdrop", "default", "bound256", "boundtext"), list(ENGINES)[1:6], strict=True)
+    zip(
+        ("off", "pdrop", "kvrelease", "default", "bound256", "boundtext"),
+        list(ENGINES)[1:7],
+        strict=True,
+    )
 )
 PLAIN_ROWS = ("plain vLLM (defaults)", "plain vLLM (defaults), again")
 

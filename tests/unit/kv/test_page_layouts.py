@@ -204,3 +204,74 @@ def test_the_layout_probe_runs_on_the_cache_device():
         rk, rv = io.read(SLOTS, BLOCK)
         assert io.layout(BLOCK).key_start.device.type == "cuda"  # the gather index
         assert is_device(rk) and torch.equal(rk.cpu(), k) and torch.equal(rv.cpu(), v)
+
+
+# ------------------------------------------------------------------ vLLM's CPU kernel
+
+
+class CpuKernelImpl:
+    """vLLM's CPU backend writer (``do_kv_cache_update``: ``[blocks, heads, 2 * block_size,
+    dim]`` halves, keys packed ``[dim, block_size]`` per head, or in 16-token tiles)."""
+
+    def __init__(self, isa: str) -> None:
+        self.isa = isa
+
+    def do_kv_cache_update(self, layer, k, v, cache, slots) -> None:
+        import vllm._custom_ops as ops
+
+        nb, h, b, _ = cache.shape
+        kc, vc = cache.view(nb, h, b * 2, -1).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, self.isa)
+
+
+CPU_BLOCK, CPU_DIM = 32, 32
+
+
+def cpu_io(isa: str, dtype=torch.float32) -> KVPageIO:
+    cache = torch.zeros(BLOCKS, HEADS, CPU_BLOCK, 2 * CPU_DIM, dtype=dtype)
+    return KVPageIO(SimpleNamespace(impl=CpuKernelImpl(isa), kv_cache=cache), HEADS, CPU_DIM)
+
+
+@pytest.mark.parametrize(
+    ("isa", "tile", "value_run"), [("vec", CPU_BLOCK, CPU_DIM), ("amx", 16, 16)]
+)
+def test_the_cpu_kernel_keys_run_along_the_tokens(isa, tile, value_run):
+    layout = cpu_io(isa).layout(CPU_BLOCK)
+    assert layout.key_run == 1 and layout.key_token_run == tile  # keys: [dim, tokens]
+    assert layout.value_run == value_run and layout.value_token_run == 1  # values: rows
+
+
+@pytest.mark.parametrize("isa", ["vec", "amx"])
+@pytest.mark.parametrize(
+    ("slots", "vec_run", "amx_run"),
+    [
+        (torch.arange(2 * CPU_BLOCK, 4 * CPU_BLOCK), 32, 16),  # whole blocks
+        (torch.cat([torch.arange(80, 96), torch.arange(320, 336)]), 16, 16),  # two units
+        (torch.cat([torch.arange(8, 16), torch.arange(1000, 1008)]), 8, 8),
+        (torch.arange(3, 19), 1, 1),  # consecutive but not aligned: element by element
+        (SLOTS, 1, 1),
+    ],
+)
+def test_a_cpu_read_of_aligned_units_gathers_runs_of_slots(isa, slots, vec_run, amx_run):
+    io = cpu_io(isa)
+    n = BLOCKS * CPU_BLOCK
+    k, v = kv(n, CPU_DIM, torch.float32, seed=3)
+    io.write(k, v, torch.arange(n))
+    index = io.index(slots, CPU_BLOCK)
+    run = vec_run if isa == "vec" else amx_run
+    assert index.key_token_run == run and index.value_token_run == 1
+    # guard: one index entry per run of slots and channel, not per slot and channel
+    assert index.key.numel() == slots.numel() // run * HEADS * CPU_DIM
+    rk, rv = io.read_at(index)
+    assert torch.equal(rk, k[slots]) and torch.equal(rv, v[slots])
+
+
+def test_slot_runs_are_found_on_the_host_only():
+    """Finding runs reads the slots; a device's slots would be a sync, so a device index
+    gathers element by element (FlashAttention, the GPU layout, has channel runs anyway)."""
+    from vllm_recroute.kv.pages import _slot_run
+
+    slots = torch.arange(64)
+    assert _slot_run(slots, 32) == 32
+    with FakeCuda() as dev:
+        assert _slot_run(dev.tensor(slots), 32) == 1
