@@ -173,6 +173,9 @@ def _swap_rows(args, dtype, ks, vs, t_copy) -> list[tuple[str, float, float]]:
     for layer, io in enumerate(ios):  # fill pages with the "active" units
         for i in range(n):
             io.write(ks[i][layer], vs[i][layer], unit_slots[i])
+    # an evicted unit parks with the digest it was scored by (worker/parking.py): computed
+    # when it was parked or scored, not by the swap
+    digests = [ks[i][0].float().mean(dim=0) for i in range(n)]
     out = []
     for compress in ("none", "int8"):
         times = []
@@ -191,7 +194,7 @@ def _swap_rows(args, dtype, ks, vs, t_copy) -> list[tuple[str, float, float]]:
                 old_k = torch.stack([a for a, _ in old]).split(args.tokens, dim=1)
                 old_v = torch.stack([b for _, b in old]).split(args.tokens, dim=1)
                 for i, ek, ev in zip(units, old_k, old_v, strict=True):
-                    pool.park(ParkedKey("r", 1, i), ek, ev, 1.0)
+                    pool.park(ParkedKey("r", 1, i), ek, ev, 1.0, digests[i])
             times.append(time.perf_counter() - t0)
         t = statistics.median(times) / 2  # two directions: GB/s per direction, like copy_
         name = f"swap via pages (CPU kernel layout, {args.swaps_per_step}/step), {compress}"

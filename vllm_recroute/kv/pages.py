@@ -252,7 +252,8 @@ def _slot_run(slots: torch.Tensor, tile: int) -> int:
             continue
         runs = slots.view(-1, r)
         first = runs[:, :1]
-        if bool((first % r == 0).all()) and bool((runs - first == torch.arange(r)).all()):
+        step = torch.arange(r, device="cpu")  # host slots only (above)
+        if bool((first % r == 0).all()) and bool((runs - first == step).all()):
             return r
     return 1
 
