@@ -21,8 +21,8 @@ setup: $(VENV)/.installed
 serve: setup  ## serve the embedded default model with routing on (OpenAI API on :8000)
 	$(VENV)/bin/vllm-recroute serve $(ARGS)
 
-test: setup  ## the whole suite (unit, engine, HTTP)
-	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
+test: setup  ## the whole suite (unit, engine, HTTP); the unit tests beside the rest (tools/run_suite.py)
+	$(PY) tools/run_suite.py $(ARGS)
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit $(ARGS)
