@@ -23,13 +23,7 @@ and for V, the longest common run within a token's ``heads * dim`` values (Flash
 ``dim``; the CPU backend: ``dim`` for V, 1 for its transposed K) and the gather takes rows
 of an overlapping ``[span - run + 1, run]`` view with one 1-D ``index_select`` (an index
 per run; on the CPU 2-6x faster than advanced indexing per element, and one kernel on a
-GPU). A layout with no run along the channels may have one along the tokens (the CPU
-kernel's keys: ``[dim, block_size]`` per head, so a channel of adjacent slots is adjacent
-in storage); the layout also records that token run (its tile), and a read whose slots
-come in aligned runs of consecutive slots (a unit's tokens sit side by side in a block)
-gathers one run of slots per channel and transposes it back (``SlotIndex.token_run``).
-The slots' runs are found on the host only: a device's slots are never read back (the
-device rule), and FlashAttention's channel runs need none.
+GPU).
 
 Devices: K/V, slots and the gather index live on the cache's device; inputs are moved there
 explicitly (asynchronously from pinned host memory), and reads come back on the device.
@@ -62,10 +56,6 @@ class BlockLayout:
     # each run's first element: long [block_size, heads * dim // run]
     key_start: torch.Tensor
     value_start: torch.Tensor
-    # adjacent slots whose every channel is adjacent in storage (an aligned tile of the
-    # block; 1: none), for layouts without channel runs (run 1)
-    key_token_run: int = 1
-    value_token_run: int = 1
 
 
 @dataclass(frozen=True)
@@ -78,10 +68,6 @@ class SlotIndex:
     slots: torch.Tensor  # long [n], on the cache's device (a write's slots, too)
     key: torch.Tensor  # long [n * runs per token], on the cache's device
     value: torch.Tensor
-    # slots per gathered run of K (V): > 1 when the index runs along the tokens, then
-    # ``key`` holds one start per run of slots and channel, [n / run * heads * dim]
-    key_token_run: int = 1
-    value_token_run: int = 1
 
     @property
     def n(self) -> int:
@@ -122,19 +108,11 @@ class KVPageIO:
     def index(self, slots: torch.Tensor, block_size: int) -> SlotIndex:
         """The run indices of flat slots ``[n]`` in this layer's layout."""
         layout = self.layout(block_size)
-        k_tokens = _slot_run(slots, layout.key_token_run)
-        v_tokens = _slot_run(slots, layout.value_token_run)
         slots = _onto(slots, self.cache.device)
         base = (slots // block_size) * layout.block_stride
         offsets = slots % block_size
-        return SlotIndex(
-            self._key,
-            slots,
-            _index_of(layout.key_start, offsets, base, k_tokens),
-            _index_of(layout.value_start, offsets, base, v_tokens),
-            k_tokens,
-            v_tokens,
-        )
+        key = _run_index(layout.key_start, offsets, base)
+        return SlotIndex(self._key, slots, key, _run_index(layout.value_start, offsets, base))
 
     def read_at(self, index: SlotIndex) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V ``[n, heads, dim]`` at an index made by a layer of the same layout."""
@@ -143,19 +121,9 @@ class KVPageIO:
             raise ValueError(f"a slot index of layout {index.layout} read in {self._key}")
         # a view, never a copy: reshaping a non-contiguous layer view would copy the layer
         flat = self.cache.as_strided((_span(self.cache),), (1,))
-        k = self._read_runs(flat, layout.key_run, index.key, index.key_token_run, index.n)
-        v = self._read_runs(flat, layout.value_run, index.value, index.value_token_run, index.n)
-        return k, v
-
-    def _read_runs(
-        self, flat: torch.Tensor, run: int, index: torch.Tensor, tokens: int, n: int
-    ) -> torch.Tensor:
-        shape = (n, self.heads, self.dim)
-        if tokens == 1:
-            return _gather(flat, run, index).view(shape)
-        # [runs of slots, channels, tokens] -> [slots, channels]: one transposing copy
-        runs = _gather(flat, tokens, index).view(n // tokens, self.heads * self.dim, tokens)
-        return runs.transpose(1, 2).reshape(shape)
+        shape = (index.n, self.heads, self.dim)
+        k = _gather(flat, layout.key_run, index.key).view(shape)
+        return k, _gather(flat, layout.value_run, index.value).view(shape)
 
     def layout_key(self, block_size: int) -> tuple:
         """What a layout depends on: cache shape, strides, dtype, device, block size."""
@@ -184,11 +152,7 @@ class KVPageIO:
         k_run, v_run = _common_run(offsets[0]), _common_run(offsets[1])
         k_start = offsets[0, :, ::k_run].to(cache.device)
         v_start = offsets[1, :, ::v_run].to(cache.device)
-        k_tokens = _common_run(offsets[0].T) if k_run == 1 else 1
-        v_tokens = _common_run(offsets[1].T) if v_run == 1 else 1
-        return BlockLayout(
-            block_dim, cache.stride(block_dim), k_run, v_run, k_start, v_start, k_tokens, v_tokens
-        )
+        return BlockLayout(block_dim, cache.stride(block_dim), k_run, v_run, k_start, v_start)
 
     def _probe(self, block_size: int, probe_shape: list[int]) -> tuple[torch.Tensor, ...]:
         """Per probe position (row-major): +1 key / -1 value / 0 untouched, and the index of
@@ -240,32 +204,9 @@ def _common_run(offsets: torch.Tensor) -> int:
     return 1
 
 
-def _slot_run(slots: torch.Tensor, tile: int) -> int:
-    """The longest ``r`` (a divisor of ``tile``) such that ``slots`` is aligned runs of
-    ``r`` consecutive slots: then each channel of a run is ``r`` adjacent elements of a
-    layout whose token tile is ``tile``. Host slots only (a device's would be a sync)."""
-    n = slots.numel()
-    if tile == 1 or n == 0 or slots.device.type != "cpu":
-        return 1
-    for r in range(min(tile, n), 1, -1):
-        if tile % r or n % r:
-            continue
-        runs = slots.view(-1, r)
-        first = runs[:, :1]
-        step = torch.arange(r, device="cpu")  # host slots only (above)
-        if bool((first % r == 0).all()) and bool((runs - first == step).all()):
-            return r
-    return 1
-
-
-def _index_of(
-    starts: torch.Tensor, offsets: torch.Tensor, base: torch.Tensor, tokens: int
-) -> torch.Tensor:
-    """Storage offsets of each slot's runs, flat ``[n * runs per token]``; along the tokens
-    (``tokens`` > 1): of each run of slots' first slot, per channel."""
-    if tokens > 1:
-        offsets, base = offsets[::tokens], base[::tokens]
-    idx = starts[offsets]  # [slots or runs of slots, runs per token]
+def _run_index(starts: torch.Tensor, offsets: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Storage offsets of each slot's runs, flat ``[n * runs per token]``."""
+    idx = starts[offsets]  # [n, runs per token]
     idx += base[:, None]  # in place: one index tensor per read of K or V
     return idx.view(-1)
 
