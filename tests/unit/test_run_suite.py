@@ -46,7 +46,10 @@ def test_the_unit_tests_run_beside_the_rest_on_the_last_core(monkeypatch):
     assert rest[-2:] == ["--ignore", "tests/unit"]  # guard: the rest does not run them again
 
 
-@pytest.mark.parametrize(("rest_rc", "unit_rc", "rc"), [(0, 1, 1), (2, 0, 2), (1, 5, 1)])
+@pytest.mark.parametrize(
+    ("rest_rc", "unit_rc", "rc"),
+    [(0, 1, 1), (2, 0, 2), (1, 5, 1), (5, 0, 0), (0, 5, 0), (5, 5, 5), (5, 2, 2)],
+)
 def test_a_failure_in_either_run_fails_the_suite(monkeypatch, rest_rc, unit_rc, rc):
     fake(monkeypatch, [0, 1], rest_rc, unit_rc)
     assert run_suite.main([]) == rc
