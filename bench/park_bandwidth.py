@@ -40,7 +40,10 @@ import torch
 from bench import common
 from vllm_recroute.kv.pages import KVPageIO
 from vllm_recroute.kv.parked_pool import ParkedKey, ParkedPool
+from vllm_recroute.worker.projections import Projections
 from vllm_recroute.worker.stage_pages import PageRow, read_stage, restored_kv, write_stage
+
+CPU = torch.device("cpu")
 
 
 def _gbps(nbytes: int, seconds: float) -> float:
@@ -190,7 +193,9 @@ def _swap_rows(args, dtype, ks, vs, t_copy) -> list[tuple[str, float, float]]:
                 slots = torch.cat([unit_slots[i] for i in units])
                 indices, old = read_stage(ios, rows, slots)
                 back = [pool.restore(ParkedKey("r", 1, n + i)) for i in units]
-                write_stage(ios, indices, restored_kv(ios, back, torch.device("cpu"), False))
+                # K/V units only: nothing is projected (the layers are never read)
+                new = restored_kv(Projections([]), range(len(ios)), back, CPU, False)
+                write_stage(ios, indices, new)
                 old_k = torch.stack([a for a, _ in old]).split(args.tokens, dim=1)
                 old_v = torch.stack([b for _, b in old]).split(args.tokens, dim=1)
                 for i, ek, ev in zip(units, old_k, old_v, strict=True):

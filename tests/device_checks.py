@@ -8,7 +8,8 @@ that each tensor is on the side the rule says (docs/architecture.md, "GPU path")
 
 ``run_all("fake")`` runs them on this CPU under ``tests.devices.FakeCuda`` (mixes CUDA
 refuses raise); ``run_all("cuda")`` on real CUDA tensors (``tools/gpu_check.py --phase
-micro`` on a GPU host). Torch only: nothing here imports vLLM.
+micro`` on a GPU host). Torch only: nothing here needs vLLM (``_plain_method`` uses its
+class where it is installed).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from vllm_recroute.vllm_view.step import StepBatch
 from vllm_recroute.worker.compaction import Segment
 from vllm_recroute.worker.layer_runs import LayerRuns
 from vllm_recroute.worker.parking import ParkingTier
+from vllm_recroute.worker.projections import Projections
 from vllm_recroute.worker.rows import PrefillRoute, StepRows
 from vllm_recroute.worker.runtime import LayerCost, WorkerRuntime
 from vllm_recroute.worker.segments import gather, scatter
@@ -88,6 +90,28 @@ def flash_cache(num_blocks: int, heads: int, dim: int, device) -> torch.Tensor:
     return raw.permute(0, 2, 1, 3)
 
 
+def _plain_method() -> object:
+    """vLLM's UnquantizedLinearMethod where vLLM is installed, else a class of its name
+    (what vllm_view.fused_kv_rows checks without vLLM): the fakes' fused weight is a plain
+    matrix, so routing projects keys and values from its K/V rows, as on a real layer."""
+    try:
+        from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    except ImportError:
+        return type("UnquantizedLinearMethod", (), {})()
+    return UnquantizedLinearMethod()
+
+
+class FusedQKV:
+    """vLLM's QKVParallelLinear as routing sees it: ``(x @ W^T, None)``, its weight and
+    quant method."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight, self.bias, self.quant_method = weight, None, _plain_method()
+
+    def __call__(self, x: torch.Tensor):
+        return x @ self.weight.T, None
+
+
 def fake_layer(shape: LayerShape, seed: int, device, num_blocks: int = 8) -> SimpleNamespace:
     """A decoder layer as the routed worker sees it (vLLM's attribute names)."""
     g = torch.Generator().manual_seed(seed)
@@ -104,7 +128,7 @@ def fake_layer(shape: LayerShape, seed: int, device, num_blocks: int = 8) -> Sim
         impl=FlashLikeImpl(), kv_cache=flash_cache(num_blocks, shape.kv_heads, d, device)
     )
     self_attn = SimpleNamespace(
-        qkv_proj=lambda x: (x @ w.T, None),
+        qkv_proj=FusedQKV(w),
         rotary_emb=rotary,
         q_norm=norm,
         k_norm=norm,
@@ -221,10 +245,10 @@ def check_step_router() -> None:
         for mode, gran in (("reroute", "token"), ("remove", "block")):
             results = []
             for device in (DEV, "cpu"):
-                step, layers, _ = _router(shape, mode, False, gran, device)
+                step, _, _ = _router(shape, mode, False, gran, device)
                 hidden, residual, pos = (x.to(device) for x in _activations(shape, 34))
                 for layer_idx in (0, 2):
-                    step.score_before(layer_idx, layers[layer_idx], pos, hidden, residual)
+                    step.score_before(layer_idx, pos, hidden, residual)
                 route = step.prefills[0]
                 assert all(_on_host(m) for m in route.masks), "masks must be host tensors"
                 active, offsets = step.segs.rows(1)
@@ -271,7 +295,7 @@ def _per_layer_reference(shape: LayerShape, hidden, pos):
     step, layers, _ = _router(shape, "reroute", False, "token", "cpu")
     h, r = hidden, None
     for idx, layer in enumerate(layers):
-        step.score_before(idx, layer, pos, h, r)
+        step.score_before(idx, pos, h, r)
         seg = step.segs.at(idx)
         if seg is None or seg.active_rows is None:
             h, r = layer.forward(pos, h, r)
@@ -291,7 +315,7 @@ def check_parking() -> None:
     for shape in SHAPES:
         step, layers, _ = _router(shape, "reroute", parked=True)
         hidden, residual, pos = (x.to(DEV) for x in _activations(shape, 34))
-        step.score_before(0, layers[0], pos, hidden, residual)
+        step.score_before(0, pos, hidden, residual)
         step._park(step.prefills[0], 0, pos, hidden, residual)
         tier = step.rt.tier
         units = tier.units[("r0", 0)]
@@ -320,7 +344,7 @@ def check_reroute_in_attention() -> None:
     for shape in SHAPES:
         step, layers, _ = _router(shape, "reroute", parked=True)
         hidden, residual, pos = (x.to(DEV) for x in _activations(shape, 34))
-        step.score_before(0, layers[0], pos, hidden, residual)
+        step.score_before(0, pos, hidden, residual)
         route = step.prefills[0]
         step._park(route, 0, pos, hidden, residual)
         tier = step.rt.tier
@@ -345,8 +369,6 @@ def _check_restored(tier, units, uids, layers, route, pos, hidden, residual) -> 
     """The K/V of the units ``uids`` restored by one swap equal their rows projected
     together, in that order, as the restore does (a projection's bits depend on how many
     rows it multiplies)."""
-    from vllm_recroute.worker.stage_pages import key_values as _key_values
-
     mask = route.masks[0]
     deferred = route.visual_rows[~mask]
     # park_prefill numbers the active units first (units of 2 tokens), then the deferred
@@ -356,7 +378,7 @@ def _check_restored(tier, units, uids, layers, route, pos, hidden, residual) -> 
     page = PageRow(torch.arange(8, device="cpu"), BLOCK)
     slots = torch.cat([page.slots(units.active[uid]) for uid in uids])
     for i in (1, 2):
-        k, v = _key_values(layers[i], pos[..., rows], hidden[rows] + residual[rows])
+        k, v = Projections(layers).key_values(i, pos[..., rows], hidden[rows] + residual[rows])
         rk, rv = tier.io[i].read(slots, BLOCK)
         assert torch.equal(rk.cpu(), k.cpu()) and torch.equal(rv.cpu(), v.cpu()), "restore"
 
@@ -370,7 +392,7 @@ def check_turns() -> None:
     shape = SHAPES[0]
     layers = [fake_layer(shape, seed, DEV) for seed in range(3)]
     cfg = RoutingConfig(mode="reroute", parked_bytes=1 << 20, park_block_tokens=2)
-    tier = ParkingTier(cfg, layers, page_io(layers))
+    tier = ParkingTier(cfg, Projections(layers), page_io(layers))
     store = RouteStore(hold_finished=True)
 
     def pages(layer_idx, block_ids):  # block tables are host tensors

@@ -238,6 +238,15 @@ def pool_state(worker):
     return len(tier.pool), tier.pool.used_bytes, len(tier.units)
 
 
+def projection_rows(worker):
+    """(layers with K/V weight rows kept, layers whose fused qkv weight vLLM dropped,
+    layers) of the worker's routed decoder (collective_rpc)."""
+    rt = runtime_of(worker)
+    kept = sum(rt.proj.kv_rows(i) is not None for i in range(rt.num_layers))
+    dropped = sum(layer.self_attn.qkv_proj.weight.numel() == 0 for layer in rt.layers)
+    return kept, dropped, rt.num_layers
+
+
 def kv_usage(llm) -> float:
     return {m.name: m for m in llm.get_metrics()}["vllm:kv_cache_usage_perc"].value
 

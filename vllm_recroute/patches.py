@@ -402,9 +402,17 @@ PATCHES: tuple[Patch, ...] = (
         "module's q_size, kv_size, num_kv_heads, head_dim, scaling, qkv_proj, rotary_emb "
         "(Qwen3: q_norm, k_norm), the layer's input_layernorm; the Attention layer's kv_cache "
         "and writes K/V pages through its impl's do_kv_cache_update (the op vLLM's own "
-        "attention uses).",
+        "attention uses). Keys and K/V are projected from the K/V rows of qkv_proj's weight "
+        "and bias (vllm_view.fused_kv_rows, only where its quant_method is "
+        "UnquantizedLinearMethod): the routed decoder wraps its own model instance's "
+        "load_weights, which BaseModelLoader.load_model calls before "
+        "process_weights_after_loading, whose CPU dispatch (dispatch_cpu_unquantized_gemm, "
+        "remove_weight=True) drops the fused weight after packing it; the rows are copied "
+        "there (CPU) and are views of the kept weight elsewhere.",
         why="Scores need the layer's own q/k projection before attention runs; parked "
-        "blocks are copied out of and back into vLLM's paged cache in its layout.",
+        "blocks are copied out of and back into vLLM's paged cache in its layout. Keys "
+        "alone are a fifth of the fused projection's work (SmolVLM's 9:3 heads), K/V two "
+        "fifths: the queries were discarded.",
         upstream="Module attributes of vLLM's model code (not an API); do_kv_cache_update is "
         "the attention backends' common interface.",
         remove_when="vLLM exposes a per-layer scoring hook and a KV page copy API.",
@@ -420,13 +428,18 @@ PATCHES: tuple[Patch, ...] = (
             "vllm.model_executor.models.qwen3:Qwen3Attention.k_norm",
             "vllm.model_executor.models.llama:LlamaDecoderLayer.input_layernorm",
             "vllm.model_executor.layers.attention.attention:Attention.kv_cache",
+            "vllm.model_executor.layers.linear:UnquantizedLinearMethod",
+            "vllm.model_executor.layers.linear:UnquantizedLinearMethod.process_weights_after_loading",
+            "vllm.model_executor.layers.utils:dispatch_cpu_unquantized_gemm",
+            "vllm.model_executor.model_loader.base_loader:BaseModelLoader.load_model",
             # AttentionImpl declares no do_kv_cache_update (only MLAAttentionImpl does):
             # each backend defines its own; these are the CPU and the CUDA defaults
             "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.do_kv_cache_update",
             "vllm.v1.attention.backends.flash_attn:FlashAttentionImpl.do_kv_cache_update",
             "vllm.v1.attention.backends.triton_attn:TritonAttentionImpl.do_kv_cache_update",
         ),
-        where="vllm_recroute/worker/projections.py, vllm_recroute/kv/pages.py",
+        where="vllm_recroute/worker/projections.py, vllm_recroute/vllm_view/engine.py, "
+        "vllm_recroute/worker/decoder.py, vllm_recroute/kv/pages.py",
     ),
     Patch(
         "P13",

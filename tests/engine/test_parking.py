@@ -24,6 +24,7 @@ from tests.helpers import (
     make_llm,
     oracle,
     pool_state,
+    projection_rows,
     prom_counter,
     request_inputs,
     reroute_forwards,
@@ -64,6 +65,15 @@ def test_rerouting_matches_the_never_parked_reference(engine, hf_model, tiny_ide
     taken, other = ("eager", "installed") if hooked == "eager" else ("installed", "eager")
     assert paths[taken] >= MAX_TOKENS - 1 and paths[other] == 0
     assert (paths["hooks"] > 0) == (taken == "installed")
+
+
+@pytest.mark.parametrize("engine", ["parked"], indirect=True)
+def test_keys_and_values_are_projected_from_kept_weight_rows(engine):
+    """Every layer kept its K/V weight rows at load (worker/projections.py), so routing
+    projects no queries for keys and restores. The guard: vLLM's CPU dispatch dropped the
+    fused weight after packing it, so these rows exist only because they were kept."""
+    [(kept, dropped, layers)] = engine.collective_rpc(projection_rows)
+    assert layers > 0 and kept == layers and dropped == layers
 
 
 @pytest.mark.parametrize("name", ["pdrop-reroute", "fastv-reroute", "pdrop-remove"])

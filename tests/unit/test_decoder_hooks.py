@@ -94,7 +94,7 @@ def _router(layers, reroute_in_attention=True):
     calls = []
     tier = SimpleNamespace(
         due=lambda i, every: every > 0 and i > 0 and i % every == 0,
-        reroute=lambda req, k, q, scale, pages: calls.append((req, k, q, scale)) or {},
+        reroute_all=lambda due: calls.extend((d.req_id, d.k, d.q, d.scale) for d in due) or {},
         gauges=dict,
     )
     groups = SimpleNamespace(of_layer=lambda i: SimpleNamespace(gid=0, block_size=4))

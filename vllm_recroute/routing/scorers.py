@@ -34,7 +34,9 @@ __all__ = [
 class ScoreInputs:
     """One request's tensors at the scoring layer (``T`` = the request's tokens, in order)."""
 
-    q: torch.Tensor  # [T, num_heads, head_dim] post-RoPE queries
+    # [T, num_heads, head_dim] post-RoPE queries; only the rows at query_idx are read (the
+    # engine projects no other), and None for a scorer that reads none (needs_queries)
+    q: torch.Tensor | None
     k: torch.Tensor  # [T, num_kv_heads, head_dim] post-RoPE keys (num_heads % num_kv_heads == 0)
     visual_idx: torch.Tensor  # [V] long, indices into T of the visual tokens, increasing
     query_idx: torch.Tensor  # [Q] long, indices of the tokens whose attention is used
@@ -46,6 +48,8 @@ class Scorer(ABC):
     # True if a token's score depends only on tokens up to it. Only causal scorers are safe when
     # chunked prefill splits a prompt before the question (or the last token) has arrived.
     causal: ClassVar[bool]
+    # False: scores from keys alone, so the engine projects no queries for it
+    needs_queries: ClassVar[bool] = True
 
     @abstractmethod
     def score(self, x: ScoreInputs) -> torch.Tensor:
@@ -69,6 +73,8 @@ class AttentionScorer(Scorer):
             return torch.zeros(0, dtype=torch.float32, device=x.k.device)
         if x.query_idx.numel() == 0:
             raise ValueError("attention scorer needs at least one query token")
+        if x.q is None:
+            raise ValueError("attention scorer needs queries")
         num_heads, num_kv = x.q.shape[1], x.k.shape[1]
         if num_heads % num_kv:
             raise ValueError(f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv}")
@@ -99,6 +105,7 @@ class KeyNormScorer(Scorer):
 
     name = "key_norm"
     causal = True
+    needs_queries = False
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
         keys = x.k[x.visual_idx.to(x.k.device)].float()  # [V, KV, D]

@@ -13,6 +13,7 @@ request. Other modules get frozen values (``StepBatch``, ``GroupInfo``) or small
 from __future__ import annotations
 
 from vllm_recroute.vllm_view.engine import (
+    fused_kv_rows,
     num_decoder_layers,
     piece_compiler,
     tensor_parallel_rank,
@@ -85,6 +86,7 @@ __all__ = [
     "current_step",
     "embed_positions_in",
     "first_image_offset",
+    "fused_kv_rows",
     "gone_request_ids",
     "has_prompt_rows",
     "hook_attention_query",

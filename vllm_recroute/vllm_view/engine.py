@@ -72,3 +72,26 @@ def piece_compiler(vllm_config: Any) -> tuple[str, dict[str, Any]] | None:
     backend = cc.backend or "inductor"
     options = dict(cc.inductor_compile_config) if backend == "inductor" else {}
     return backend, options
+
+
+def fused_kv_rows(qkv_proj: Any, q_size: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The K and V rows of a fused ``QKVParallelLinear``'s weight ``[2 * kv_size, hidden]``
+    (and of its bias), as views, for projecting keys and values without the queries; None
+    where the weight is not a plain matrix this plugin can multiply by: a quantized layer
+    (its ``quant_method`` is not ``UnquantizedLinearMethod``), or a weight vLLM's CPU
+    gemm dispatch already dropped after packing it for oneDNN (``numel() == 0``)."""
+    if not _unquantized(getattr(qkv_proj, "quant_method", None)):
+        return None
+    weight = getattr(qkv_proj, "weight", None)
+    if weight is None or weight.dim() != 2 or weight.shape[0] <= q_size:
+        return None
+    bias = getattr(qkv_proj, "bias", None)
+    return weight.data[q_size:], None if bias is None else bias.data[q_size:]
+
+
+def _unquantized(method: Any) -> bool:
+    try:
+        from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    except ImportError:  # vLLM-free (the GPU check's micro phase): its fakes carry the name
+        return type(method).__name__ == "UnquantizedLinearMethod"
+    return isinstance(method, UnquantizedLinearMethod)

@@ -113,6 +113,7 @@ class RoutedDecoder:
         for idx, layer in enumerate(self.layers):
             layer.forward = self._wrap(idx, layer, layer.forward)
         self._install_hooks(model)
+        self._keep_kv_rows_on_load(model)
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -148,6 +149,22 @@ class RoutedDecoder:
                 logger.warning("vllm-recroute: decode re-routes run eager (%s)", why)
                 return False
         return True
+
+    def _keep_kv_rows_on_load(self, model: torch.nn.Module) -> None:
+        """Right after the model's own ``load_weights`` (vLLM's loader calls it before its
+        post-load processing, which drops the fused qkv weight on CPU): the runtime keeps
+        each layer's K/V weight rows, so routing projects keys without queries
+        (worker/projections.py). A model loaded without it (dummy weights) projects through
+        the fused layer."""
+        inner = model.load_weights
+
+        def load_weights(*args: Any, **kwargs: Any) -> Any:
+            loaded = inner(*args, **kwargs)
+            kept = self.runtime.proj.keep_kv_rows()
+            logger.debug("vllm-recroute: K/V weight rows kept for %d layers", kept)
+            return loaded
+
+        model.load_weights = load_weights
 
     # -- the forward ------------------------------------------------------------------------
 

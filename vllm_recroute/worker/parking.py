@@ -40,7 +40,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import torch
 
@@ -49,8 +48,8 @@ from vllm_recroute.kv.pages import KVPageIO
 from vllm_recroute.kv.parked_pool import Parked, ParkedKey, ParkedPool, ParkedState
 from vllm_recroute.routing.rerouting import chunk_units, plan_swaps, unit_scores
 from vllm_recroute.worker.compaction import take_positions
-from vllm_recroute.worker.stage_pages import PageRow, read_stage, restored_kv, write_stage
-from vllm_recroute.worker.stage_pages import keys as stage_keys
+from vllm_recroute.worker.projections import Projections
+from vllm_recroute.worker.stage_pages import PageRow, read_stage, restored_kv
 
 
 @dataclass(frozen=True)
@@ -65,6 +64,27 @@ class HandedUnit:
     @property
     def nbytes(self) -> int:
         return self.payload.nbytes + self.digest.numel() * self.digest.element_size()
+
+
+@dataclass(frozen=True, eq=False)
+class DueReroute:
+    """One request's re-route at a stage-start layer: its query ``q`` ``[heads, dim]``
+    (host) and, per layer of the stage, where its compacted positions live."""
+
+    req_id: str
+    k: int
+    q: torch.Tensor
+    scale: float
+    pages: list[PageRow]
+
+
+@dataclass(frozen=True, eq=False)
+class Restore:
+    """A unit out of the pool whose K/V are not yet in the pages: its payload and, per
+    layer of its stage, the slots it takes (on the cache's device)."""
+
+    payload: Parked
+    slots: tuple[torch.Tensor, ...]
 
 
 @dataclass
@@ -101,12 +121,12 @@ class ParkingTier:
     def __init__(
         self,
         cfg: RoutingConfig,
-        layers: list[Any],
+        proj: Projections,
         io: Sequence[KVPageIO],
         head_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.layers = layers
+        self.proj = proj  # the decoder layers' projections (keys, K/V; no queries)
         self.io = list(io)  # per layer: the runtime's page I/O (page_io)
         # tensor parallelism: unit scores are head means over this rank's shard; the mean
         # over ranks makes every rank plan the same swaps (worker/tp.py)
@@ -185,7 +205,7 @@ class ParkingTier:
         if not chunks:
             return torch.empty(0, device="cpu")  # host, as the digests (the device rule)
         rows = torch.cat(chunks).to(x.device, non_blocking=True)
-        keys = stage_keys(self.layers[layer], take_positions(positions, rows), x[rows])
+        keys = self.proj.keys(layer, take_positions(positions, rows), x[rows])
         sizes = [int(c.numel()) for c in chunks]
         return torch.stack([part.float().mean(0) for part in keys.split(sizes)]).cpu()
 
@@ -204,51 +224,68 @@ class ParkingTier:
         scale: float,
         pages: list[PageRow],
     ) -> dict[str, int]:
-        """Swap units so the stage's active set is the best for query ``q``.
+        """Swap units so the stage's active set is the best for query ``q`` (one request:
+        ``reroute_all``)."""
+        return self.reroute_all([DueReroute(req_id, k, q, scale, pages)])
 
-        ``pages``: per layer of the stage (in order), where the request's compacted
-        positions live.
-        """
-        units = self.units.get((req_id, k))
+    def reroute_all(self, due: Sequence[DueReroute]) -> dict[str, int]:
+        """Every re-route due at one stage-start layer of a step, in order. The pool's
+        side runs request by request, as if each re-routed alone (plan from the pool as
+        the earlier ones left it, restore, park the evicted, drops included); the K/V of
+        every restored unit is projected and written at the end, one projection and one
+        write per stage layer for all of them (per request, the projections of a few
+        rows each were the re-route step's largest cost)."""
         delta = {"restored_blocks": 0, "parked_blocks": 0, "parked_blocks_dropped": 0}
-        if units is None or not units.parked:
-            return delta
+        pending: dict[tuple[int, int], list[Restore]] = {}
+        for job in due:
+            units = self.units.get((job.req_id, job.k))
+            plan = None if units is None else self._plan(job, units)
+            if plan:
+                restores = self._swap_pool(job.req_id, job.k, units, *plan, job.pages, delta)
+                pending.setdefault((units.start, units.end), []).extend(restores)
+        for span, restores in pending.items():
+            self._write_restored(span, restores)
+        return delta
+
+    def _plan(self, job: DueReroute, units: StageUnits):
+        """``(swaps, scores)`` of one request's stage for its query, or None."""
+        if not units.parked:
+            return None
         full = self.cfg.park_block_tokens
         act = [uid for uid in units.active if units.sizes[uid] == full]
         par = [uid for uid in sorted(units.parked) if units.sizes[uid] == full]
         if not act or not par:
-            return delta
+            return None
         digests = [units.digests[uid] for uid in act]
-        digests += [self.pool.digest(ParkedKey(req_id, k, uid))[0] for uid in par]
-        scores = self.head_mean(unit_scores(q, torch.stack(digests), scale))
+        digests += [self.pool.digest(ParkedKey(job.req_id, job.k, uid))[0] for uid in par]
+        scores = self.head_mean(unit_scores(job.q, torch.stack(digests), job.scale))
         score = dict(zip(act + par, scores.tolist(), strict=True))
         plan = plan_swaps({u: score[u] for u in act}, {u: score[u] for u in par})
-        if plan:
-            self._swap_all(req_id, k, units, plan, score, pages, delta)
-        return delta
+        return (plan, score) if plan else None
 
     def _swap_all(self, req_id, k, units, plan, score, pages, delta) -> None:
-        """Every swap of one re-routing at once: one slot read and one backend write per
-        layer, one copy each way (per-unit small copies would be dominated by per-op
-        overhead). Restores run before parks, so the pool has the restored units' room for
-        the evicted ones. A restored unit parked as a state gets its K/V projected here,
-        for the stage's layers; an evicted unit parks as the K/V it has in the pages (its
-        stage-entry state was never kept)."""
+        """One request's swaps, written at once (``reroute_all`` for one request)."""
+        restores = self._swap_pool(req_id, k, units, plan, score, pages, delta)
+        self._write_restored((units.start, units.end), restores)
+
+    def _swap_pool(self, req_id, k, units, plan, score, pages, delta) -> list[Restore]:
+        """The pool's side of one request's swaps: restored units leave the pool, the
+        evicted units' K/V are read from the pages (one slot read per layer, one copy to
+        the host) and parked. Restores run before parks, so the pool has the restored
+        units' room for the evicted ones. Returns what the pages still need: each
+        restored unit and, per stage layer, the slots it takes (an evicted unit's)."""
         keys = [ParkedKey(req_id, k, swap.restore) for swap in plan]
         digests = {key.unit: self.pool.digest(key)[0] for key in keys}
         back = [self.pool.restore(key) for key in keys]
-        # which evicted unit's slots a restored unit takes is free (units are equal size):
-        # states first, so each layer's new K/V is one concatenation
-        order = sorted(range(len(plan)), key=lambda i: not isinstance(back[i], ParkedState))
-        plan = [plan[i] for i in order]
-        back = [back[i] for i in order]
         positions = [units.active.pop(swap.evict) for swap in plan]
         sizes = [int(pos.numel()) for pos in positions]
         ios = self._stage_io(units)
         indices, old = read_stage(ios, pages, torch.cat(positions))
-        layers = self.layers[units.start : units.end]
-        new = restored_kv(layers, back, ios[0].cache.device, self.pool.pin_memory)
-        write_stage(ios, indices, new)
+        # per layer, each swap's share of the evicted slots (units are equal size)
+        slots = [index.slots.split(sizes) for index in indices]
+        restores = [
+            Restore(payload, tuple(layer[i] for layer in slots)) for i, payload in enumerate(back)
+        ]
         # the evicted units' K/V to the host in one copy per re-route
         old_k = torch.stack([kk for kk, _ in old]).cpu().split(sizes, dim=1)
         old_v = torch.stack([vv for _, vv in old]).cpu().split(sizes, dim=1)
@@ -261,6 +298,22 @@ class ParkingTier:
             key = ParkedKey(req_id, k, swap.evict)
             dropped = self.pool.park(key, ek, ev, score[swap.evict], digest)
             self._admitted(key, dropped, delta)
+        return restores
+
+    def _write_restored(self, span: tuple[int, int], restores: list[Restore]) -> None:
+        """K/V of restored units into their slots at every layer of ``span``: a unit
+        parked as a state gets its K/V projected here (states first, so each layer's new
+        K/V is one projection and one concatenation), a K/V unit is copied; one
+        host->device copy each, one backend write per layer."""
+        if not restores:
+            return
+        restores = sorted(restores, key=lambda r: not isinstance(r.payload, ParkedState))
+        ios = self.io[span[0] : span[1]]
+        layers = range(*span)
+        back = [r.payload for r in restores]
+        new = restored_kv(self.proj, layers, back, ios[0].cache.device, self.pool.pin_memory)
+        for i, (io, (kk, vv)) in enumerate(zip(ios, new, strict=True)):
+            io.write(kk, vv, torch.cat([r.slots[i] for r in restores]))
 
     def _stage_io(self, units: StageUnits) -> list[KVPageIO]:
         return self.io[units.start : units.end]
@@ -343,6 +396,7 @@ class ParkingTier:
 
 
 __all__ = [
+    "DueReroute",
     "HandedUnit",
     "ParkingTier",
     "StageUnits",

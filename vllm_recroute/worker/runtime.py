@@ -13,6 +13,7 @@ connector's worker side (connector/worker.py); there are no module-level registr
     page I/O (per layer)                handed to the parked tier and the turn store
     ParkingTier (parked_bytes)          the step router, through its methods
     TurnStore (turn_cache_bytes)        apply_turn_jobs
+    Projections (K/V weight rows)       keep_kv_rows, once the weights are loaded
     LayerGroups, TP group, DecisionCheck, LayerCost: bound or fixed at startup
 
 Nothing here caches the model runner: each step's runner comes with the call
@@ -40,6 +41,7 @@ from vllm_recroute.routing.reentry import reenters, reentry_flops
 from vllm_recroute.vllm_view import StepBatch
 from vllm_recroute.worker.compaction import LayerGroups
 from vllm_recroute.worker.parking import ParkingTier
+from vllm_recroute.worker.projections import Projections
 from vllm_recroute.worker.rows import Lookups, StepRows, classify_rows
 from vllm_recroute.worker.stage_pages import PageRow, page_io
 from vllm_recroute.worker.state import DeferredOutbox, RouteState, RouteStore
@@ -87,6 +89,7 @@ class WorkerRuntime:
         self.routings = RoutingResolver(config, vllm_view.worker_request_options)
         self.image_token_id = int(image_token_id)
         self.layers = layers
+        self.proj = Projections(layers)  # the layers' attention input path (keys, K/V)
         self.num_layers = len(layers)
         self.layer_names = layer_names
         self.cost = cost
@@ -107,7 +110,7 @@ class WorkerRuntime:
         self.io = page_io(layers) if parked or keep_turns else []
         self.tier: ParkingTier | None = None
         if parked:
-            self.tier = ParkingTier(config, layers, self.io, self.tp.mean)
+            self.tier = ParkingTier(config, self.proj, self.io, self.tp.mean)
             self.store.on_forget(self._forget_parked)
         self.turns = TurnStore(self.io, self.store, self.ledger, self.tier) if keep_turns else None
 

@@ -3,8 +3,9 @@ re-route's swaps move (the parked tier decides, worker/parking.py; this moves).
 
     pages ──read_stage──► evicted units' K/V, per layer (one slot index per KV group)
     restored units ──restored_kv──► per layer K/V: states projected (input norm, K/V
-        projection, RoPE at their original positions), K/V units copied; one host->device
-        copy each ──write_stage──► the evicted units' slots (the backend's own writer)
+        projection without the queries, RoPE at their original positions), K/V units
+        copied; one host->device copy each ──write_stage──► the evicted units' slots
+        (the backend's own writer)
 
 Layers of one KV group share their page row and (in vLLM) their cache layout, so one slot
 index serves all of them: the per-read index arithmetic runs once per group and re-route,
@@ -21,12 +22,10 @@ import torch
 
 from vllm_recroute.kv.pages import KVPageIO, SlotIndex
 from vllm_recroute.kv.parked_pool import Parked, ParkedKV, ParkedState
-from vllm_recroute.worker.projections import project_qkv
+from vllm_recroute.worker.projections import Projections
 
 __all__ = [
     "PageRow",
-    "key_values",
-    "keys",
     "page_io",
     "read_stage",
     "restored_kv",
@@ -98,12 +97,12 @@ def write_stage(ios: Sequence[KVPageIO], indices: Sequence[SlotIndex], kv: Seque
 
 
 def restored_kv(
-    layers: Sequence[Any], back: Sequence[Parked], device: torch.device, pin: bool
+    proj: Projections, layers: range, back: Sequence[Parked], device: torch.device, pin: bool
 ) -> list[KV]:
-    """Per layer of ``layers`` (the stage's), K/V ``[n, kv_heads, dim]`` of the restored
-    units in ``back``'s order, states first: states go to the device in one copy and
-    through each layer's input norm, K/V projection and RoPE at their original positions
-    (the kernels the model caches with); K/V units go in one copy."""
+    """Per layer of ``layers`` (the stage's indices), K/V ``[n, kv_heads, dim]`` of the
+    restored units in ``back``'s order, states first: states go to the device in one copy
+    and through each layer's input norm, K/V projection and RoPE at their original
+    positions (``proj``: no queries); K/V units go in one copy."""
     states = [p for p in back if isinstance(p, ParkedState)]
     kvs = [p for p in back if isinstance(p, ParkedKV)]
     if any(isinstance(p, ParkedState) for p in back[len(states) :]):
@@ -112,7 +111,7 @@ def restored_kv(
     if states:
         x = to_device([s.x for s in states], 0, device, pin)
         pos = to_device([s.positions for s in states], -1, device, pin)
-        parts.append([key_values(layer, pos, x) for layer in layers])
+        parts.append([proj.key_values(idx, pos, x) for idx in layers])
     if kvs:
         kk = to_device([p.k for p in kvs], 1, device, pin)
         vv = to_device([p.v for p in kvs], 1, device, pin)
@@ -132,14 +131,3 @@ def to_device(
     host = torch.empty(shape, dtype=parts[0].dtype, device="cpu", pin_memory=pin)
     torch.cat(list(parts), dim=dim, out=host)
     return host.to(device, non_blocking=pin)
-
-
-def keys(layer: Any, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Post-RoPE keys ``[n, kv_heads, dim]`` the layer would cache for rows ``x``."""
-    return project_qkv(layer, positions, x)[1]
-
-
-def key_values(layer: Any, positions: torch.Tensor, x: torch.Tensor) -> KV:
-    """Post-RoPE K and V ``[n, kv_heads, dim]`` the layer would cache for rows ``x``."""
-    _, k, v, _ = project_qkv(layer, positions, x)
-    return k, v

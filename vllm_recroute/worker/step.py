@@ -46,8 +46,7 @@ from vllm_recroute.routing import (
 from vllm_recroute.routing.reentry import Reentry, reenters
 from vllm_recroute.worker.compaction import Segment, StepTables, take_positions
 from vllm_recroute.worker.layer_runs import LayerRuns
-from vllm_recroute.worker.parking import compacted_positions
-from vllm_recroute.worker.projections import project_qkv
+from vllm_recroute.worker.parking import DueReroute, compacted_positions
 from vllm_recroute.worker.rows import PrefillRoute, StepRows
 from vllm_recroute.worker.runtime import WorkerRuntime
 from vllm_recroute.worker.segments import StepSegments, Stream, gather, materialize, scatter
@@ -150,7 +149,7 @@ class StepRouter:
         their layers already ran."""
         if idx < self._ran_to:
             return hidden, residual
-        self.score_before(idx, layer, positions, hidden, residual)
+        self.score_before(idx, positions, hidden, residual)
         seg = self.segs.at(idx)
         if idx in self.stage_starts:
             hidden, residual = self.reenter(idx, hidden, residual)
@@ -178,7 +177,7 @@ class StepRouter:
             h, r = self.runs.run(start, split, pos, h, r, *a, **kw)
             full = materialize((hidden, residual), rows, h, r)
             self._count("materialize", full, rows is not None)
-            self.score_before(split, self.rt.layers[split], positions, *full)
+            self.score_before(split, positions, *full)
             start = split
         h, r = self.runs.run(start, end, pos, h, r, *a, **kw)
         if rows is None:
@@ -220,7 +219,6 @@ class StepRouter:
     def score_before(
         self,
         layer_idx: int,
-        layer: Any,
         positions: torch.Tensor,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
@@ -241,7 +239,8 @@ class StepRouter:
         if not todo:
             return
         on_device = [
-            self._scores_on_device(route, layer, positions, hidden, residual) for route, _ in todo
+            self._scores_on_device(route, layer_idx, positions, hidden, residual)
+            for route, _ in todo
         ]
         # every rank scores its own head shard: the mean over ranks is the model's
         scores = self.rt.tp.mean(torch.cat(on_device)).cpu()
@@ -273,14 +272,29 @@ class StepRouter:
                 residual = residual.index_add(0, rows, update)
         return hidden, residual
 
-    def _scores_on_device(self, route: PrefillRoute, layer, positions, hidden, residual):
+    def _scores_on_device(self, route: PrefillRoute, layer_idx: int, positions, hidden, residual):
+        """One request's scores at layer ``layer_idx``: keys of all its rows (no queries
+        or values projected for them), queries of its query tokens only."""
         rows = slice(route.start, route.prompt_end)  # a request's rows are contiguous
         x = hidden[rows] if residual is None else hidden[rows] + residual[rows]
-        q, kk, _, scale = project_qkv(layer, _rows_of(positions, rows), x)
+        pos = _rows_of(positions, rows)
         vis = route.visual_rows - route.start
         n = route.prompt_end - route.start
-        inputs = ScoreInputs(q, kk, vis, query_indices(n, vis, route.cfg.score_query), scale)
-        return get_scorer(route.cfg.scorer).score(inputs)
+        # the query rows on the activations' device once (the scorer reads them there)
+        qi = query_indices(n, vis, route.cfg.score_query).to(x.device, non_blocking=True)
+        proj = self.rt.proj
+        scorer = get_scorer(route.cfg.scorer)
+        kk = proj.keys(layer_idx, pos, x)
+        q = self._queries(layer_idx, pos, x, qi, kk) if scorer.needs_queries else None
+        return scorer.score(ScoreInputs(q, kk, vis, qi, proj.scale(layer_idx)))
+
+    def _queries(self, layer_idx: int, pos, x, qi: torch.Tensor, kk: torch.Tensor):
+        """``[T, heads, dim]`` queries, projected (fused layer) at rows ``qi`` only: the
+        scorers read no other row's (ScoreInputs)."""
+        q_rows = self.rt.proj.qkv(layer_idx, take_positions(pos, qi), x[qi])[0]
+        q = q_rows.new_zeros((kk.shape[0], *q_rows.shape[1:]))
+        q[qi] = q_rows
+        return q
 
     def _decide(self, route: PrefillRoute, k: int, scores: torch.Tensor) -> None:
         """One request's active set at its k-th stage, from host scores."""
@@ -319,8 +333,9 @@ class StepRouter:
             for k, stage in enumerate(route.stages):
                 if stage.start == layer_idx and route.cfg.mode == "reroute":
                     self._park(route, k, positions, hidden, residual)
-        for row, k, stage in self.reroutes.get(layer_idx, ()):
-            self._reroute(row, k, stage, positions, hidden, residual)
+        todo = self.reroutes.get(layer_idx, [])
+        if todo:
+            self._reroute(layer_idx, todo, positions, hidden, residual)
 
     def _park(self, route: PrefillRoute, k: int, positions, hidden, residual) -> None:
         tier = self.rt.tier
@@ -342,14 +357,15 @@ class StepRouter:
         )
         self.rt.record(delta, tier.gauges())
 
-    def _reroute(self, row: int, k: int, stage: Stage, positions, hidden, residual) -> None:
-        """Eager: the request's last row's q projected from the layer's input."""
-        end = int(self.batch.qsl[row + 1])
-        last = slice(end - 1, end)  # the request's last row
-        x = hidden[last] + residual[last]
-        q, _, _, scale = project_qkv(self.rt.layers[stage.start], _rows_of(positions, last), x)
-        # the plan is made on the host (a few digests per unit): one small copy
-        self._swap(row, k, stage, q[0].cpu(), scale)
+    def _reroute(self, layer_idx: int, todo, positions, hidden, residual) -> None:
+        """Eager: each due request's last row's q projected from the layer's input (one
+        projection for all of them)."""
+        last = torch.tensor([int(self.batch.qsl[row + 1]) - 1 for row, _, _ in todo])  # host
+        rows = last.to(hidden.device, non_blocking=True)
+        x = hidden[rows] + residual[rows]
+        q, _, _, scale = self.rt.proj.qkv(layer_idx, take_positions(positions, rows), x)
+        # the plans are made on the host (a few digests per unit): one small copy
+        self._swap(todo, q.cpu(), scale)
 
     def reroute_layers(self) -> list[int]:
         """The stage-start layers whose attention op re-routes at this forward (none when
@@ -367,18 +383,19 @@ class StepRouter:
         attn = self.rt.layers[layer_idx].self_attn
         last = [int(self.batch.qsl[row + 1]) - 1 for row, _, _ in todo]  # host ints
         q = torch.stack([query[i] for i in last]).reshape(len(last), -1, attn.head_dim).cpu()
-        scale = float(attn.scaling)
-        for (row, k, stage), q_row in zip(todo, q, strict=True):
-            self._swap(row, k, stage, q_row, scale)
+        self._swap(todo, q, float(attn.scaling))
 
-    def _swap(self, row: int, k: int, stage: Stage, q: torch.Tensor, scale: float) -> None:
-        """The parked tier's re-route of the request at ``row``, stage ``k``, for its host
-        query ``q`` ``[heads, head_dim]``."""
+    def _swap(self, todo, q: torch.Tensor, scale: float) -> None:
+        """The parked tier's re-routes of the requests due at one layer (``todo``: row,
+        stage index, stage), for their host queries ``q`` ``[len(todo), heads, dim]``:
+        one ``reroute_all``."""
         rt = self.rt
-        groups = [rt.groups.of_layer(i) for i in range(stage.start, stage.end)]
-        pages = stage_page_rows(lambda gid: self.tables(gid)[row], groups)
-        delta = rt.tier.reroute(self.batch.req_ids[row], k, q, scale, pages)
-        rt.record(delta, rt.tier.gauges())
+        due = []
+        for (row, k, stage), q_row in zip(todo, q, strict=True):
+            groups = [rt.groups.of_layer(i) for i in range(stage.start, stage.end)]
+            pages = stage_page_rows(lambda gid, _row=row: self.tables(gid)[_row], groups)
+            due.append(DueReroute(self.batch.req_ids[row], k, q_row, scale, pages))
+        rt.record(rt.tier.reroute_all(due), rt.tier.gauges())
 
 
 def _rows_of(positions: torch.Tensor, rows: slice) -> torch.Tensor:

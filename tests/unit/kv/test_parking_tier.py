@@ -15,15 +15,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import vllm_recroute.worker.stage_pages as stage_pages
+import vllm_recroute.worker.projections as projections
 from vllm_recroute.config import RoutingConfig
 from vllm_recroute.kv.pages import KVPageIO
 from vllm_recroute.kv.parked_pool import ParkedKey, ParkedKV, ParkedState
 from vllm_recroute.routing.rerouting import Swap
 from vllm_recroute.worker.parking import ParkingTier
+from vllm_recroute.worker.projections import Projections
 from vllm_recroute.worker.stage_pages import PageRow, page_io
-from vllm_recroute.worker.stage_pages import key_values as _key_values
-from vllm_recroute.worker.stage_pages import keys as _keys
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -80,14 +79,28 @@ class Rotary:
         return q, k * (1.0 + 0.01 * positions.float()[:, None])
 
 
+class FusedQKV(torch.nn.Linear):
+    """vLLM's QKVParallelLinear as routing sees it: ``(out, None)``, an unquantized
+    method, its weight."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+        super().__init__(weight.shape[1], weight.shape[0], bias=False)
+        self.quant_method = UnquantizedLinearMethod()
+        with torch.no_grad():
+            self.weight.copy_(weight)
+
+    def forward(self, x):
+        return super().forward(x), None
+
+
 def make_layer(seed: int, layout: str = "plain"):
     g = torch.Generator().manual_seed(seed)
-    qkv = torch.nn.Linear(HIDDEN, (HEADS + 2 * KV_HEADS) * DIM, bias=False)
-    with torch.no_grad():
-        qkv.weight.copy_(torch.randn(qkv.weight.shape, generator=g) * 0.3)
+    weight = torch.randn((HEADS + 2 * KV_HEADS) * DIM, HIDDEN, generator=g) * 0.3
     impl = CpuImpl() if layout == "cpu" else PlainImpl()
     self_attn = SimpleNamespace(
-        qkv_proj=lambda x, _m=qkv: (_m(x), None),
+        qkv_proj=FusedQKV(weight),
         rotary_emb=Rotary(),
         q_size=HEADS * DIM,
         kv_size=KV_HEADS * DIM,
@@ -142,7 +155,7 @@ def tier_setup(fmt: str = "none", parked_bytes: int = 1 << 20, layout: str = "pl
         reroute_every=1,
     )
     layers = [make_layer(i, layout) for i in range(3)]
-    tier = ParkingTier(cfg, layers, page_io(layers))
+    tier = ParkingTier(cfg, Projections(layers), page_io(layers))
     g = torch.Generator().manual_seed(7)
     x = torch.randn(V, HIDDEN, generator=g)
     positions = torch.arange(5, 5 + V)
@@ -166,7 +179,7 @@ def parked_truth(layers, positions, x, idx):
     """K/V the stage's layers cache for visual rows ``idx``, projected over those rows
     alone, as a re-route restoring them does (a matmul over another set of rows may
     round differently)."""
-    kv = [_key_values(layers[i], positions[idx], x[idx]) for i in (1, 2)]
+    kv = [Projections(layers).key_values(i, positions[idx], x[idx]) for i in (1, 2)]
     return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
 
 
@@ -184,7 +197,7 @@ def test_prefill_parks_deferred_units_as_their_stage_entry_state():
     assert sorted(units.active) == [0, 1] and sorted(units.parked) == [2, 3, 4, 5]
     assert delta == {"parked_blocks": 4, "parked_blocks_dropped": 0}
     # digests: mean key at the stage's first layer, projected once over every visual row
-    keys = _keys(layers[1], positions, x)
+    keys = Projections(layers).keys(1, positions, x)
     for uid, idx in zip([0, 1], [[0, 1], [6, 7]], strict=True):
         assert torch.equal(units.digests[uid], keys[idx].mean(0))
     for uid, idx in zip([2, 3, 4, 5], DEFERRED.split(2), strict=True):
@@ -197,24 +210,30 @@ def test_prefill_parks_deferred_units_as_their_stage_entry_state():
 
 
 def test_parking_projects_one_layer_and_a_state_is_smaller_than_its_kv(monkeypatch):
-    """Prefill projects keys at the stage's first layer only (the digests); a re-route
-    projects K/V at every stage layer for the restored units only. The guard: the old
-    design projected K/V at both stage layers for all 8 deferred rows."""
-    calls = []
-    real = stage_pages.project_qkv
+    """Prefill projects keys alone at the stage's first layer (the digests); a re-route
+    projects K and V alone at every stage layer for the restored units only, no query
+    (the fused layer never runs). The guards: the old design projected K/V at both stage
+    layers for all 8 deferred rows, and the fused qkv (queries included) every time."""
+    calls, fused = [], []
+    real_project, real_fused = projections.KVRows.project, projections.project_qkv
 
-    def counting(layer, positions, x):
-        calls.append((layer, int(x.shape[0])))
-        return real(layer, positions, x)
+    def counting(rows, normed, kv_size, values):
+        calls.append((int(normed.shape[0]), values))
+        return real_project(rows, normed, kv_size, values)
 
-    monkeypatch.setattr(stage_pages, "project_qkv", counting)
+    def counting_fused(layer, positions, x):
+        fused.append(int(x.shape[0]))
+        return real_fused(layer, positions, x)
+
+    monkeypatch.setattr(projections.KVRows, "project", counting)
+    monkeypatch.setattr(projections, "project_qkv", counting_fused)
     tier, layers, x, positions, mask, cpos, scores, pages = tier_setup()
     tier.park_prefill("r", 0, 1, 3, positions, x, mask, cpos, scores)
-    assert calls == [(layers[1], V)]
+    assert calls == [(V, False)]
     calls.clear()
     delta = tier.reroute("r", 0, query_towards(tier, "r", 4), 1.0, [pages, pages])
     n = 2 * delta["restored_blocks"]  # the restored units' rows, at each stage layer
-    assert n and calls == [(layers[1], n), (layers[2], n)]
+    assert n and calls == [(n, True), (n, True)] and fused == []
     state = ParkedState(x[[10, 11]], positions[[10, 11]])  # one unit, both forms
     k, v = parked_truth(layers, positions, x, torch.tensor([10, 11]))
     digest = torch.zeros(KV_HEADS, DIM)
@@ -316,7 +335,7 @@ def test_int8_swap_is_within_half_a_step():
     assert 3 in units.active
     for i, io in enumerate(tier.io[1:3]):
         k, v = io.read(pages.slots(units.active[3]), BLOCK)
-        tk, tv = _key_values(layers[1 + i], state.positions, state.x)
+        tk, tv = Projections(layers).key_values(1 + i, state.positions, state.x)
         assert torch.equal(k, tk) and torch.equal(v, tv)
 
 
@@ -436,3 +455,63 @@ def test_a_kept_turn_comes_back_bit_exact_in_another_requests_pages(layout, fmt)
         assert torch.equal(again.x, state.x) and torch.equal(again.positions, state.positions)
     apply([7], [], [])
     assert turns.records == {}
+
+
+def _two_requests(tier, x, positions, mask, cpos, scores, pages):
+    """ "r" as tier_setup made it, and "s" (the same prompt, other blocks: its own active
+    K/V written there) parked beside it."""
+    tier.park_prefill("r", 0, 1, 3, positions, x, mask, cpos, scores)
+    other = PageRow(torch.tensor([1, 3]), BLOCK)
+    g = torch.Generator().manual_seed(11)
+    for io in tier.io[1:3]:
+        k, v = torch.randn(2, 4, KV_HEADS, DIM, generator=g)
+        io.write(k, v, other.slots(cpos[mask]))
+    tier.park_prefill("s", 0, 1, 3, positions, x * -1.0, mask, cpos, scores)
+    return {"r": pages, "s": other}
+
+
+def _cache_state(tier):
+    return [io.cache.clone() for io in tier.io]
+
+
+def test_reroute_all_projects_once_per_layer_and_leaves_what_one_by_one_leaves(monkeypatch):
+    """Two requests due at one layer: the pool ends as if each re-routed alone, in order
+    (same active / parked units, same pool entries); the pages hold the same K/V (within
+    rounding: one projection over both requests' rows, not one each). The guard: one K/V
+    projection per stage layer for both, where one by one makes one per request."""
+    from vllm_recroute.worker.parking import DueReroute
+
+    results = []
+    for batched in (False, True):
+        tier, _, x, positions, mask, cpos, scores, pages = tier_setup()
+        rows = _two_requests(tier, x, positions, mask, cpos, scores, pages)
+        calls = []
+        real = projections.KVRows.project
+
+        def counting(self, normed, kv_size, values, _calls=calls, _real=real):
+            _calls.append(int(normed.shape[0]))
+            return _real(self, normed, kv_size, values)
+
+        monkeypatch.setattr(projections.KVRows, "project", counting)
+        due = [
+            DueReroute(r, 0, query_towards(tier, r, 4 + i), 1.0, [rows[r], rows[r]])
+            for i, r in enumerate("rs")
+        ]
+        if batched:
+            delta = tier.reroute_all(due)
+        else:
+            delta = _delta()
+            for d in due:
+                for key, n in tier.reroute_all([d]).items():
+                    delta[key] += n
+        monkeypatch.setattr(projections.KVRows, "project", real)
+        units = {r: tier.units[(r, 0)] for r in "rs"}
+        state = {r: (sorted(u.active), sorted(u.parked)) for r, u in units.items()}
+        results.append((delta, state, sorted(tier.pool.keys()), _cache_state(tier), calls))
+    (d1, s1, p1, c1, calls1), (d2, s2, p2, c2, calls2) = results
+    assert d1 == d2 and d1["restored_blocks"] >= 2  # both requests swapped: not vacuous
+    assert s1 == s2 and p1 == p2
+    for a, b in zip(c1, c2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(calls1) == 4 and len(calls2) == 2  # 2 stage layers x (2 requests | once)
+    assert sum(calls2) == sum(calls1)  # the same rows, projected together

@@ -15,6 +15,7 @@ import torch
 from tests.kv_layouts import flash_attn, flash_caches
 from vllm_recroute.kv.pages import KVPageIO
 from vllm_recroute.kv.parked_pool import ParkedKV, ParkedState
+from vllm_recroute.worker.projections import Projections
 from vllm_recroute.worker.stage_pages import (
     PageRow,
     read_stage,
@@ -88,8 +89,10 @@ def test_a_layer_of_another_layout_gets_its_own_index():
 def test_restored_kv_takes_states_first_and_refuses_another_order():
     layer = SimpleNamespace()  # never projected: K/V units only, then the order check
     kv = ParkedKV(torch.ones(2, 4, HEADS, DIM), torch.zeros(2, 4, HEADS, DIM))
-    out = restored_kv([layer, layer], [kv, kv], torch.device("cpu"), pin=False)
+    out = restored_kv(
+        Projections([layer, layer]), range(2), [kv, kv], torch.device("cpu"), pin=False
+    )
     assert [tuple(k.shape) for k, _ in out] == [(8, HEADS, DIM)] * 2
     state = ParkedState(torch.zeros(4, 8), torch.arange(4))
     with pytest.raises(ValueError, match="states first"):
-        restored_kv([layer], [kv, state], torch.device("cpu"), pin=False)
+        restored_kv(Projections([layer]), range(1), [kv, state], torch.device("cpu"), pin=False)

@@ -23,6 +23,7 @@ from vllm_recroute.messages import TurnLoad, TurnSave
 from vllm_recroute.metrics.accounting import Ledger
 from vllm_recroute.routing import Stage
 from vllm_recroute.worker.parking import ParkingTier, StageUnits
+from vllm_recroute.worker.projections import Projections
 from vllm_recroute.worker.stage_pages import PageRow, page_io
 from vllm_recroute.worker.state import RouteState, RouteStore
 from vllm_recroute.worker.turns import TurnStore
@@ -53,7 +54,7 @@ def setup(fc: FakeCuda):
         for c in caches
     ]
     cfg = RoutingConfig(mode="reroute", parked_bytes=1 << 20, park_block_tokens=2)
-    tier = ParkingTier(cfg, layers, page_io(layers))
+    tier = ParkingTier(cfg, Projections(layers), page_io(layers))
     store = RouteStore(hold_finished=True)
     store.on_forget(lambda gone: tier.forget(sorted(gone)))
     turns = TurnStore(tier.io, store, Ledger(), tier)
