@@ -204,7 +204,42 @@ def _swap_rows(args, dtype, ks, vs, t_copy) -> list[tuple[str, float, float]]:
         t = statistics.median(times) / 2  # two directions: GB/s per direction, like copy_
         name = f"swap via pages (CPU kernel layout, {args.swaps_per_step}/step), {compress}"
         out.append((name, t, t))
+    out += _page_io_rows(args, ios, rows, unit_slots, ks, vs)
     return out
+
+
+def _page_io_rows(args, ios, rows, unit_slots, ks, vs) -> list[tuple[str, float, float]]:
+    """The two page operations of a swap alone, over the same units and batches: the
+    slot read (index + gather out of the CPU kernel's layout, keys packed per block) and
+    the backend's write. Each is one direction of a swap, so each bounds it."""
+    step = args.swaps_per_step
+    batches = [
+        torch.cat([unit_slots[i] for i in range(first, min(first + step, args.blocks))])
+        for first in range(0, args.blocks, step)
+    ]
+
+    def read_all():
+        for slots in batches:
+            read_stage(ios, rows, slots)
+
+    t_read = common.median_seconds(read_all, args.repeats)
+    # what the writes put back: each batch's K/V, per layer, already stacked
+    writes = []
+    for first, slots in zip(range(0, args.blocks, step), batches, strict=True):
+        units = range(first, min(first + step, args.blocks))
+        indices, _ = read_stage(ios, rows, slots)
+        kv = [
+            (torch.cat([ks[i][layer] for i in units]), torch.cat([vs[i][layer] for i in units]))
+            for layer in range(args.layers)
+        ]
+        writes.append((indices, kv))
+    t_write = common.median_seconds(
+        lambda: [write_stage(ios, indices, kv) for indices, kv in writes], args.repeats
+    )
+    return [
+        ("of a swap: pages read alone (slot index + gather)", t_read, t_read),
+        ("of a swap: pages write alone (the backend's writer)", t_write, t_write),
+    ]
 
 
 if __name__ == "__main__":
