@@ -8,8 +8,7 @@ that each tensor is on the side the rule says (docs/architecture.md, "GPU path")
 
 ``run_all("fake")`` runs them on this CPU under ``tests.devices.FakeCuda`` (mixes CUDA
 refuses raise); ``run_all("cuda")`` on real CUDA tensors (``tools/gpu_check.py --phase
-micro`` on a GPU host). Torch only: nothing here needs vLLM (``_plain_method`` uses its
-class where it is installed).
+micro`` on a GPU host). Torch only: nothing here imports vLLM.
 """
 
 from __future__ import annotations
@@ -91,14 +90,10 @@ def flash_cache(num_blocks: int, heads: int, dim: int, device) -> torch.Tensor:
 
 
 def _plain_method() -> object:
-    """vLLM's UnquantizedLinearMethod where vLLM is installed, else a class of its name
-    (what vllm_view.fused_kv_rows checks without vLLM): the fakes' fused weight is a plain
-    matrix, so routing projects keys and values from its K/V rows, as on a real layer."""
-    try:
-        from vllm.model_executor.layers.linear import UnquantizedLinearMethod
-    except ImportError:
-        return type("UnquantizedLinearMethod", (), {})()
-    return UnquantizedLinearMethod()
+    """A class named as vLLM's UnquantizedLinearMethod (what vllm_view.fused_kv_rows
+    accepts; nothing here imports vLLM): the fakes' fused weight is a plain matrix, so
+    routing projects keys and values from its K/V rows, as on a real layer."""
+    return type("UnquantizedLinearMethod", (), {})()
 
 
 class FusedQKV:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -90,8 +91,10 @@ def fused_kv_rows(qkv_proj: Any, q_size: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _unquantized(method: Any) -> bool:
-    try:
-        from vllm.model_executor.layers.linear import UnquantizedLinearMethod
-    except ImportError:  # vLLM-free (the GPU check's micro phase): its fakes carry the name
-        return type(method).__name__ == "UnquantizedLinearMethod"
-    return isinstance(method, UnquantizedLinearMethod)
+    """vLLM's plain method (or a subclass), or a fake of its name (the GPU check's
+    vLLM-free micro phase). Never imports vLLM: a layer of vLLM's exists only where its
+    linear module is loaded already."""
+    if type(method).__name__ == "UnquantizedLinearMethod":
+        return True
+    linear = sys.modules.get("vllm.model_executor.layers.linear")
+    return linear is not None and isinstance(method, linear.UnquantizedLinearMethod)
