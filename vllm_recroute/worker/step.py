@@ -360,7 +360,8 @@ class StepRouter:
     def _reroute(self, layer_idx: int, todo, positions, hidden, residual) -> None:
         """Eager: each due request's last row's q projected from the layer's input (one
         projection for all of them)."""
-        last = torch.tensor([int(self.batch.qsl[row + 1]) - 1 for row, _, _ in todo])  # host
+        last = [int(self.batch.qsl[row + 1]) - 1 for row, _, _ in todo]
+        last = torch.tensor(last, dtype=torch.long, device="cpu")  # host, then one copy
         rows = last.to(hidden.device, non_blocking=True)
         x = hidden[rows] + residual[rows]
         q, _, _, scale = self.rt.proj.qkv(layer_idx, take_positions(positions, rows), x)
