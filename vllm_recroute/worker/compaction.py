@@ -22,7 +22,15 @@ from vllm_recroute import vllm_view
 from vllm_recroute.kv.table_view import ReleasedRows
 from vllm_recroute.vllm_view import GroupInfo, StepBatch
 
-__all__ = ["LayerGroups", "Segment", "StepTables", "compact_segment"]
+__all__ = [
+    "LayerGroups",
+    "Segment",
+    "StepTables",
+    "compact_segment",
+    "compacted_positions",
+    "padded_slots",
+    "rows_of",
+]
 
 
 @dataclass
@@ -177,3 +185,31 @@ def take_positions(positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Positions of ``rows``; M-RoPE models (Qwen2.5-VL) carry [3, T] positions through
     the same gather."""
     return positions[:, rows] if positions.dim() == 2 else positions[rows]
+
+
+def compacted_positions(
+    num_rows: int, visual: torch.Tensor, mask: torch.Tensor, cached: int
+) -> torch.Tensor:
+    """Compacted position at a stage of each of a prompt's visual rows: the cached prefix
+    (never deferred) plus its rank among the step's active rows (meaningful for active
+    ones). ``num_rows``: the prompt's rows in the step; ``visual``: its visual rows
+    (relative to its first row), ``mask``: active at the stage. Host bookkeeping (the
+    device rule)."""
+    active = torch.ones(num_rows, dtype=torch.bool, device="cpu")
+    active[visual[~mask]] = False
+    return (cached + torch.cumsum(active.long(), 0) - 1)[visual]
+
+
+def rows_of(positions: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Positions of a contiguous row range (a view: no index tensor crosses to the
+    device); M-RoPE positions are ``[3, T]``."""
+    return positions[:, rows] if positions.dim() == 2 else positions[rows]
+
+
+def padded_slots(slot_mapping: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """A compiled step may carry padding rows (CUDA graph sizes): they write nowhere
+    (slot -1, vLLM's PAD_SLOT_ID)."""
+    pad = num_rows - int(slot_mapping.numel())
+    if pad <= 0:
+        return slot_mapping
+    return torch.cat([slot_mapping, slot_mapping.new_full((pad,), -1)])

@@ -99,22 +99,6 @@ class StageUnits:
     parked: set[int] = field(default_factory=set)  # uids stored in the pool
 
 
-# -- tier geometry: where a request's rows of a stage live ------------------------------
-
-
-def compacted_positions(
-    num_rows: int, visual: torch.Tensor, mask: torch.Tensor, cached: int
-) -> torch.Tensor:
-    """Compacted position at a stage of each of a prompt's visual rows: the cached prefix
-    (never deferred) plus its rank among the step's active rows (meaningful for active
-    ones). ``num_rows``: the prompt's rows in the step; ``visual``: its visual rows
-    (relative to its first row), ``mask``: active at the stage. Host bookkeeping (the
-    device rule)."""
-    active = torch.ones(num_rows, dtype=torch.bool, device="cpu")
-    active[visual[~mask]] = False
-    return (cached + torch.cumsum(active.long(), 0) - 1)[visual]
-
-
 class ParkingTier:
     """The pool, the units of every request, and the park / swap operations."""
 
@@ -400,5 +384,4 @@ __all__ = [
     "HandedUnit",
     "ParkingTier",
     "StageUnits",
-    "compacted_positions",
 ]

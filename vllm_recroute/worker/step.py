@@ -44,9 +44,16 @@ from vllm_recroute.routing import (
     scoring_layer,
 )
 from vllm_recroute.routing.reentry import Reentry, reenters
-from vllm_recroute.worker.compaction import Segment, StepTables, take_positions
+from vllm_recroute.worker.compaction import (
+    Segment,
+    StepTables,
+    compacted_positions,
+    padded_slots,
+    rows_of,
+    take_positions,
+)
 from vllm_recroute.worker.layer_runs import LayerRuns
-from vllm_recroute.worker.parking import DueReroute, compacted_positions
+from vllm_recroute.worker.parking import DueReroute
 from vllm_recroute.worker.rows import PrefillRoute, StepRows
 from vllm_recroute.worker.runtime import WorkerRuntime
 from vllm_recroute.worker.segments import StepSegments, Stream, gather, materialize, scatter
@@ -210,7 +217,7 @@ class StepRouter:
         gid = self.rt.groups.of_layer(idx).gid
         slots = seg.slot_mapping[gid]
         if pad_to is not None:
-            slots = _padded(slots, pad_to)
+            slots = padded_slots(slots, pad_to)
         vllm_view.install_layer_attention(self.rt.layer_names[idx], seg.attn_metadata[gid], slots)
         return True
 
@@ -277,7 +284,7 @@ class StepRouter:
         or values projected for them), queries of its query tokens only."""
         rows = slice(route.start, route.prompt_end)  # a request's rows are contiguous
         x = hidden[rows] if residual is None else hidden[rows] + residual[rows]
-        pos = _rows_of(positions, rows)
+        pos = rows_of(positions, rows)
         vis = route.visual_rows - route.start
         n = route.prompt_end - route.start
         # the query rows on the activations' device once (the scorer reads them there)
@@ -397,18 +404,3 @@ class StepRouter:
             pages = stage_page_rows(lambda gid, _row=row: self.tables(gid)[_row], groups)
             due.append(DueReroute(self.batch.req_ids[row], k, q_row, scale, pages))
         rt.record(rt.tier.reroute_all(due), rt.tier.gauges())
-
-
-def _rows_of(positions: torch.Tensor, rows: slice) -> torch.Tensor:
-    """Positions of a contiguous row range (a view: no index tensor crosses to the
-    device); M-RoPE positions are ``[3, T]``."""
-    return positions[:, rows] if positions.dim() == 2 else positions[rows]
-
-
-def _padded(slot_mapping: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """A compiled step may carry padding rows (CUDA graph sizes): they write nowhere
-    (slot -1, vLLM's PAD_SLOT_ID)."""
-    pad = num_rows - int(slot_mapping.numel())
-    if pad <= 0:
-        return slot_mapping
-    return torch.cat([slot_mapping, slot_mapping.new_full((pad,), -1)])
