@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the root: ben
 from bench import common
 from bench import throughput as T
 from vllm_recroute.kv import pages
-from vllm_recroute.worker import decoder, parking, projections, step
+from vllm_recroute.worker import decoder, parking, projections, step, step_tier
 
 acc = defaultdict(float)
 cnt = defaultdict(int)
@@ -54,8 +54,8 @@ for owner, name in [
     (parking.ParkingTier, "_digests"),
     (step.StepRouter, "_scores_on_device"),
     (step.StepRouter, "score_before"),
-    (step.StepRouter, "tier_before"),
-    (step.StepRouter, "reroute_from_query"),
+    (step.StepRouter, "_tier_before"),
+    (step_tier.StepTier, "reroute_from_query"),
     (step.StepRouter, "run_layer"),
     (step.StepRouter, "install_all"),
     (step.StepRouter, "start"),

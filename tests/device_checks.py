@@ -215,7 +215,7 @@ def _router(shape: LayerShape, mode: str, parked: bool, granularity: str = "toke
     rows = StepRows(batch, prefills=[PrefillRoute("r0", 0, 0, t, vis, stages, cfg)])
     step = StepRouter(rt, None, rows, t, runs=LayerRuns([layer.forward for layer in layers]))
     table = torch.arange(8, device="cpu")  # the request's block table (host, as vLLM's)
-    step.tables = step.segs.tables = lambda gid: table[None]
+    step.tables = step.segs.tables = step.tier.tables = lambda gid: table[None]
     # the fake layers attend to nothing: segments without compacted attention
     step.segs._build = lambda start, end: _unattended_segment(step.segs, start, end)
     return step, layers, cfg
@@ -311,7 +311,7 @@ def check_parking() -> None:
         step, layers, _ = _router(shape, "reroute", parked=True)
         hidden, residual, pos = (x.to(DEV) for x in _activations(shape, 34))
         step.score_before(0, pos, hidden, residual)
-        step._park(step.prefills[0], 0, pos, hidden, residual)
+        step.tier.park(step.prefills[0], 0, pos, hidden, residual)
         tier = step.rt.tier
         units = tier.units[("r0", 0)]
         assert len(units.parked) >= 2, "too little parked: the check would be vacuous"
@@ -341,7 +341,7 @@ def check_reroute_in_attention() -> None:
         hidden, residual, pos = (x.to(DEV) for x in _activations(shape, 34))
         step.score_before(0, pos, hidden, residual)
         route = step.prefills[0]
-        step._park(route, 0, pos, hidden, residual)
+        step.tier.park(route, 0, pos, hidden, residual)
         tier = step.rt.tier
         units = tier.units[("r0", 0)]
         uid, parked = min(units.parked), set(units.parked)
@@ -350,9 +350,9 @@ def check_reroute_in_attention() -> None:
         # the op's query: [tokens, heads, dim] on the device, the request's last row aimed
         query = torch.zeros(34, shape.heads, shape.dim)
         query[33] = 50.0 * digest.repeat_interleave(group, dim=0)
-        step.reroutes = {1: [(0, 0, route.stages[0])]}
+        step.tier.due = {1: [(0, 0, route.stages[0])]}
         restored = step.rt.ledger.totals["restored_blocks"]
-        step.reroute_from_query(1, query.to(DEV))
+        step.tier.reroute_from_query(1, query.to(DEV))
         assert step.rt.ledger.totals["restored_blocks"] > restored, f"{shape.name}: vacuous"
         assert uid in units.active and uid not in units.parked
         # every restored unit, in the order the swap projected them (plan order)

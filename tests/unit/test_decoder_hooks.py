@@ -31,7 +31,8 @@ def test_a_failing_routed_forward_restores_ops_and_drops_the_step(monkeypatch):
     dec._unhooks, dec._hooked = [], {}
     dec.forwards, dec.row_moves, dec._kernels_on = Counter(), Counter(), False
     dec.runs = LayerRuns([])  # eager pieces: the eager forward switches to the kernels
-    dec._begin_step = lambda num_rows: SimpleNamespace(needs_eager=True, reroutes={})
+    step = SimpleNamespace(needs_eager=True, tier=SimpleNamespace(due={}))
+    dec._begin_step = lambda num_rows: step
     model = Exploding()
     dec._install_hooks(model)
     with pytest.raises(RuntimeError, match="kernel failure"):
@@ -114,7 +115,7 @@ def _router(layers, reroute_in_attention=True):
     c = RouteState((Stage(4, 6, 0.5),), (4,), reroute_every=2)  # output 4: due
     rows = StepRows(batch, decodes={0: a, 1: b, 2: c})
     router = StepRouter(rt, None, rows, 3, reroute_in_attention)
-    router.tables = lambda gid: torch.zeros(3, 4, dtype=torch.long)
+    router.tables = router.tier.tables = lambda gid: torch.zeros(3, 4, dtype=torch.long)
     router.install_all = lambda: None
     return router, calls
 
@@ -183,8 +184,8 @@ def test_reroute_path_eager_runs_the_step_eager_without_hooks():
     layers = _layers()
     router, _ = _router(layers, reroute_in_attention=False)
     assert router.needs_eager and not router.reroutes_in_attention
-    assert router.reroute_layers() == []  # the eager path re-routes in tier_before
-    assert sorted(router.reroutes) == [2, 4]
+    assert router.reroute_layers() == []  # the eager path re-routes on the routed path
+    assert sorted(router.tier.due) == [2, 4]
 
 
 def test_attention_query_hookable_and_the_hook_restores_what_was_there():

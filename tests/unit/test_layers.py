@@ -102,6 +102,7 @@ LAYERS: list[list[str]] = [
         "worker.parking",
         "worker.turns",
         "worker.runtime",
+        "worker.step_tier",
         "worker.step",
         "worker.decoder",
     ],
@@ -177,6 +178,7 @@ def test_pure_rooms_do_not_reach_the_worker_or_the_connector(module):
 WORKER_STACK = [
     "worker.decoder",
     "worker.step",
+    "worker.step_tier",
     "worker.runtime",
     "worker.turns",
     "worker.parking",

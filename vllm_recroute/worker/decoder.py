@@ -187,7 +187,7 @@ class RoutedDecoder:
             return
         path = "eager" if step.needs_eager else "installed"
         self.forwards[path] += 1
-        if step.reroutes:
+        if step.tier.due:
             self.reroute_forwards["with_prefill" if step.prefills else path] += 1
         if step.needs_eager:
             vllm_view.run_eager_this_forward()
@@ -210,7 +210,7 @@ class RoutedDecoder:
 
     def _hook_reroutes(self, step: StepRouter) -> None:
         """For this forward only: the attention op of each stage-start layer where a
-        request re-routes calls the step's ``reroute_from_query`` with its query, once."""
+        request re-routes calls the step tier's ``reroute_from_query`` with its query, once."""
         for idx in step.reroute_layers():
             self._hooked[idx] = False
 
@@ -219,7 +219,7 @@ class RoutedDecoder:
                     return  # once per forward (and never after the forward)
                 self._hooked[_idx] = True
                 self.reroute_forwards["hooks"] += 1
-                step.reroute_from_query(_idx, query)
+                step.tier.reroute_from_query(_idx, query)
 
             attn = self.layers[idx].self_attn.attn
             self._unhooks.append(vllm_view.hook_attention_query(attn, on_query))

@@ -20,7 +20,8 @@ once (worker/segments.py); deferred rows carry their (hidden, residual) pair unc
 step that moves no rows installs every routed layer's attention before the (compiled)
 forward instead (`install_all`). Such a step's due decode re-routes (parked tier) run in
 the attention op of their stages' first layers (`reroute_from_query`, hooked by the
-decoder); on the routed path `tier_before` projects the query. Attention inside a stage
+decoder); on the routed path the query is projected from the layer's input. Parking and
+re-routes are worker/step_tier.py's (`StepTier`). Attention inside a stage
 sees the active set only (worker/compaction.py).
 The state the step changes is the runtime's, through its methods (``remember``,
 ``record``) and the parked tier's.
@@ -36,7 +37,6 @@ import torch
 from vllm_recroute import vllm_view
 from vllm_recroute.routing import (
     ScoreInputs,
-    Stage,
     get_scorer,
     num_keep,
     query_indices,
@@ -47,18 +47,16 @@ from vllm_recroute.routing.reentry import Reentry, reenters
 from vllm_recroute.worker.compaction import (
     Segment,
     StepTables,
-    compacted_positions,
     padded_slots,
     rows_of,
     take_positions,
 )
 from vllm_recroute.worker.layer_runs import LayerRuns
-from vllm_recroute.worker.parking import DueReroute
 from vllm_recroute.worker.rows import PrefillRoute, StepRows
 from vllm_recroute.worker.runtime import WorkerRuntime
 from vllm_recroute.worker.segments import StepSegments, Stream, gather, materialize, scatter
-from vllm_recroute.worker.stage_pages import stage_page_rows
 from vllm_recroute.worker.state import RouteState
+from vllm_recroute.worker.step_tier import StepTier
 
 __all__ = ["StepRouter"]
 
@@ -122,29 +120,16 @@ class StepRouter:
         self._ran_to = 0  # the routed path ran every layer below this (its segments' pieces)
         self.moves: Counter[str] = Counter()  # gathers / scatters of this forward (tests)
         self.active = bool(self.prefills or self.decodes)
-        # decode re-routes due at this forward: stage-start layer -> (row, k, stage)
-        self.reroutes = self._due_reroutes()
+        # parking and the decode re-routes due at this forward (worker/step_tier.py)
+        self.tier = StepTier(rt, self.batch, self.tables, self.decodes, self.forced)
         # Rows move (gathers, scoring, parking) only for a routed prefill: that step runs
-        # eager, its re-routes included (tier_before). Every other routed step is the
+        # eager, its re-routes included (StepTier.reroute_eager). Every other routed step is the
         # ordinary (compiled) forward with its compacted attention installed before it; its
         # due re-routes run inside the attention op of their stages' first layers
         # (reroute_from_query), unless that is off (eager, as a prefill).
-        self.needs_eager = bool(self.prefills) or (bool(self.reroutes) and not reroute_in_attention)
-        self.reroutes_in_attention = bool(self.reroutes) and not self.needs_eager
-
-    def _due_reroutes(self) -> dict[int, list[tuple[int, int, Stage]]]:
-        out: dict[int, list[tuple[int, int, Stage]]] = {}
-        if self.rt.tier is None:
-            return out
-        for row, state in self.decodes.items():
-            if self._due(row, state):
-                for k, stage in enumerate(state.stages):
-                    out.setdefault(stage.start, []).append((row, k, stage))
-        return out
-
-    def _due(self, row: int, state: RouteState) -> bool:
-        output_index = int(self.batch.num_computed[row]) - self.batch.prompt_lens[row] + 1
-        return row in self.forced or self.rt.tier.due(output_index, state.reroute_every)
+        due = bool(self.tier.due)
+        self.needs_eager = bool(self.prefills) or (due and not reroute_in_attention)
+        self.reroutes_in_attention = due and not self.needs_eager
 
     # -- the two paths: eager routed layers, or attention installed before the forward ------
 
@@ -161,7 +146,7 @@ class StepRouter:
         if idx in self.stage_starts:
             hidden, residual = self.reenter(idx, hidden, residual)
             if self.rt.tier is not None:
-                self.tier_before(idx, positions, hidden, residual)
+                self._tier_before(idx, positions, hidden, residual)
         _, end = self.segs.span(idx)
         assert self.runs is not None, "the routed path needs the decoder's layer runs"
         end = min([end, *(b for b in self.runs.breaks if idx < b < end)])
@@ -329,78 +314,19 @@ class StepRouter:
         seq = computed + (route.visual_rows - route.start)
         return seq.long() // route.cfg.block_size
 
-    # -- parked tier (worker/parking.py) ------------------------------------------------
+    # -- parked tier (worker/step_tier.py) ---------------------------------------------
 
-    def tier_before(
-        self, layer_idx: int, positions: torch.Tensor, hidden: torch.Tensor, residual: Any
-    ) -> None:
-        """At a stage's first layer: park its deferred units (prefill), or re-route a
-        decoding request's units when due. Runs before the layer writes any KV."""
+    def _tier_before(self, layer_idx: int, positions, hidden, residual) -> None:
+        """At a stage's first layer, before it writes any KV: park the stage's deferred
+        units (prefill), then the re-routes due there (eager path)."""
         for route in self.prefills:
             for k, stage in enumerate(route.stages):
                 if stage.start == layer_idx and route.cfg.mode == "reroute":
-                    self._park(route, k, positions, hidden, residual)
-        todo = self.reroutes.get(layer_idx, [])
-        if todo:
-            self._reroute(layer_idx, todo, positions, hidden, residual)
-
-    def _park(self, route: PrefillRoute, k: int, positions, hidden, residual) -> None:
-        tier = self.rt.tier
-        vis = route.visual_rows
-        mask = route.masks[k]
-        cached = int(self.batch.num_computed[route.row])
-        cpos = compacted_positions(route.prompt_end - route.start, vis - route.start, mask, cached)
-        stage = route.stages[k]
-        delta = tier.park_prefill(
-            route.req_id,
-            k,
-            stage.start,
-            stage.end,
-            take_positions(positions, vis),
-            hidden[vis] + residual[vis],
-            mask,
-            cpos,
-            route.scores[k],
-        )
-        self.rt.record(delta, tier.gauges())
-
-    def _reroute(self, layer_idx: int, todo, positions, hidden, residual) -> None:
-        """Eager: each due request's last row's q projected from the layer's input (one
-        projection for all of them)."""
-        last = [int(self.batch.qsl[row + 1]) - 1 for row, _, _ in todo]
-        last = torch.tensor(last, dtype=torch.long, device="cpu")  # host, then one copy
-        rows = last.to(hidden.device, non_blocking=True)
-        x = hidden[rows] + residual[rows]
-        q, _, _, scale = self.rt.proj.qkv(layer_idx, take_positions(positions, rows), x)
-        # the plans are made on the host (a few digests per unit): one small copy
-        self._swap(todo, q.cpu(), scale)
+                    self.tier.park(route, k, positions, hidden, residual)
+        self.tier.reroute_eager(layer_idx, positions, hidden, residual)
 
     def reroute_layers(self) -> list[int]:
-        """The stage-start layers whose attention op re-routes at this forward (none when
-        the step runs eager: then ``tier_before`` does)."""
-        return sorted(self.reroutes) if self.reroutes_in_attention else []
-
-    def reroute_from_query(self, layer_idx: int, query: torch.Tensor) -> None:
-        """Inside vLLM's attention op of stage-start layer ``layer_idx``, before its kernel:
-        re-route every request due there with the post-RoPE query the op received
-        (``[tokens, heads, head_dim]``, the layer's own, as ``project_qkv`` would give it).
-        The swaps write the stage's pages for layers ``[start, end)``: this layer's
-        attention and the stage's later layers run after them. Host work outside any
-        compiled region; the due rows' q cross to the host in one copy."""
-        todo = self.reroutes[layer_idx]
-        attn = self.rt.layers[layer_idx].self_attn
-        last = [int(self.batch.qsl[row + 1]) - 1 for row, _, _ in todo]  # host ints
-        q = torch.stack([query[i] for i in last]).reshape(len(last), -1, attn.head_dim).cpu()
-        self._swap(todo, q, float(attn.scaling))
-
-    def _swap(self, todo, q: torch.Tensor, scale: float) -> None:
-        """The parked tier's re-routes of the requests due at one layer (``todo``: row,
-        stage index, stage), for their host queries ``q`` ``[len(todo), heads, dim]``:
-        one ``reroute_all``."""
-        rt = self.rt
-        due = []
-        for (row, k, stage), q_row in zip(todo, q, strict=True):
-            groups = [rt.groups.of_layer(i) for i in range(stage.start, stage.end)]
-            pages = stage_page_rows(lambda gid, _row=row: self.tables(gid)[_row], groups)
-            due.append(DueReroute(self.batch.req_ids[row], k, q_row, scale, pages))
-        rt.record(rt.tier.reroute_all(due), rt.tier.gauges())
+        """The stage-start layers whose attention op re-routes at this forward
+        (``tier.reroute_from_query``; none when the step runs eager: then the routed path
+        re-routes at those layers)."""
+        return sorted(self.tier.due) if self.reroutes_in_attention else []
