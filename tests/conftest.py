@@ -1,4 +1,5 @@
-"""Shared fixtures. Engines are expensive (~45 s each on CPU): one per kind per session."""
+"""Shared fixtures. Engines are expensive (about 20 s to start in processes of their own, 4 s
+in this one: tests/in_process.py): one per kind per session."""
 
 from __future__ import annotations
 
@@ -31,10 +32,13 @@ def tiny_paligemma():
 @pytest.fixture(scope="session")
 def routed_llm(tiny_idefics3):
     """Routed Idefics3 engine; routing config per request (vllm_xargs / extra_args)."""
+    # Session-wide engines run in processes of their own (tests/in_process.py): module
+    # engines started beside them run in this one.
     llm = make_llm(
         tiny_idefics3,
         routed_arch=ROUTED_IDEFICS3,
         recroute={"mode": "reroute"},
+        in_process=False,
         disable_log_stats=False,  # Prometheus stat logger on: tests/engine/test_metrics.py
     )
     yield llm
@@ -44,6 +48,6 @@ def routed_llm(tiny_idefics3):
 @pytest.fixture(scope="session")
 def plain_llm(tiny_idefics3):
     """Unmodified vLLM (registry architecture), the reference for keep=1.0."""
-    llm = make_llm(tiny_idefics3, routed_arch=None)
+    llm = make_llm(tiny_idefics3, routed_arch=None, in_process=False)
     yield llm
     shutdown(llm)

@@ -254,8 +254,19 @@ def kv_usage(llm) -> float:
 # ------------------------------------------------------------------ engines
 
 
-def make_llm(model, *, routed_arch: str | None, recroute: dict | None = None, **kwargs):
+def make_llm(
+    model,
+    *,
+    routed_arch: str | None,
+    recroute: dict | None = None,
+    in_process: bool | None = None,
+    **kwargs,
+):
+    """A test engine; ``in_process``: where its engine core and worker run
+    (tests/in_process.py; None: in this process when no other in-process engine is alive)."""
     from vllm import LLM
+
+    from tests import in_process as engines
 
     args = dict(
         model=str(model),
@@ -271,7 +282,12 @@ def make_llm(model, *, routed_arch: str | None, recroute: dict | None = None, **
         args["hf_overrides"] = {"architectures": [routed_arch]}
         args["additional_config"] = {"recroute": recroute or {}}
     args.update(kwargs)
-    return LLM(**args)
+    here = engines.wanted(in_process, args)
+    with engines.started(here):
+        llm = LLM(**args)
+    if here:
+        engines.register(llm)
+    return llm
 
 
 # vLLM's engine core on CPU does not exit within its 5 s grace period after SIGTERM (it
@@ -281,10 +297,14 @@ SHUTDOWN_GRACE_S = 1.0
 
 
 def shutdown(llm) -> None:
+    from tests import in_process as engines
+
     engine = getattr(llm, "llm_engine", None)
     core = getattr(engine, "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         core.shutdown(timeout=SHUTDOWN_GRACE_S)
+    if engines.is_in_process(llm):
+        engines.release(llm)
     del llm
     gc.collect()
 

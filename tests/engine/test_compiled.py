@@ -38,6 +38,9 @@ from tests.helpers import (
 pytestmark = pytest.mark.engine
 
 
+MIXED_STEP_BUDGET = 256
+
+
 @pytest.fixture(scope="module")
 def compiled_llm(tiny_idefics3):
     # reroute_every 0: the parked tier parks, but decode steps never re-route unless a
@@ -47,6 +50,10 @@ def compiled_llm(tiny_idefics3):
         routed_arch=ROUTED_IDEFICS3,
         recroute={"mode": "reroute", **PARKING, "reroute_every": 0},
         enforce_eager=False,  # vLLM's default compilation
+        # REQUESTS' prompts are 107 + 116 + 107 tokens: a batch of all three prefills in
+        # two steps, so the second step has a prefill beside decoding requests (in every
+        # engine mode: not left to when each request reaches the engine core)
+        max_num_batched_tokens=MIXED_STEP_BUDGET,
     )
     yield llm
     shutdown(llm)

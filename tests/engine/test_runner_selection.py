@@ -1,7 +1,8 @@
 """On a host where vLLM would pick Model Runner V2 (Triton present: every CUDA host), a
 routed architecture runs on the V1 runner (patch P9) and routes. The CPU build has no
 Triton, so the Triton host is simulated in-process: engine core and worker in this
-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, one worker), vLLM's HAS_TRITON set."""
+process (``make_llm(in_process=True)``: VLLM_ENABLE_V1_MULTIPROCESSING=0, one worker),
+vLLM's HAS_TRITON set."""
 
 from __future__ import annotations
 
@@ -26,9 +27,13 @@ def test_a_simulated_triton_host_runs_the_v1_runner_and_routes(tiny_idefics3, hf
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(vllm_config_module, "HAS_TRITON", True)
-        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         mp.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
-        llm = make_llm(tiny_idefics3, routed_arch=ROUTED_IDEFICS3, recroute={"schedule": "pdrop"})
+        llm = make_llm(
+            tiny_idefics3,
+            routed_arch=ROUTED_IDEFICS3,
+            recroute={"schedule": "pdrop"},
+            in_process=True,
+        )
         try:
             assert llm.llm_engine.vllm_config.use_v2_model_runner is False
             runner = llm.collective_rpc(lambda worker: type(worker.model_runner).__name__)
