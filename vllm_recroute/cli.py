@@ -124,6 +124,21 @@ def _serve(model: str, args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from vllm_recroute.tiny import build_tiny_model, get_arch
+
+    try:  # an architecture without the preset: refused before anything is written
+        get_arch(args.arch, args.preset)
+    except ValueError as err:
+        print(f"vllm-recroute make-tiny-model: --arch {args.arch} --preset {args.preset}: "
+              f"{err}", file=sys.stderr)  # fmt: skip
+        return 2
+    out = build_tiny_model(args.out_dir, arch=args.arch, seed=args.seed, preset=args.preset)
+    print(out)
+    print(f"serve it: {serve_command(out)}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, model = _split_serve_model(argv)
@@ -136,11 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(str(args.model or default_model()), args, rest)
         elif args.command == "make-tiny-model":
-            from vllm_recroute.tiny import build_tiny_model
-
-            out = build_tiny_model(args.out_dir, arch=args.arch, seed=args.seed, preset=args.preset)
-            print(out)
-            print(f"serve it: {serve_command(out)}", file=sys.stderr)
+            return _make_tiny_model(args)
         elif args.command == "show-config":
             print(parse_routing_arg(args.routing, args.keep).model_dump_json(indent=2))
     except RoutingConfigError as err:

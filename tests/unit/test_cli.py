@@ -163,3 +163,14 @@ def test_make_tiny_model_prints_how_to_serve_it(tmp_path, capsys):
     assert f"vllm-recroute serve {tmp_path / 'm'} --routing pdrop\n" in out.err
     (tmp_path / "m" / "preprocessor_config.json").write_text('{"auto_map": {}}')
     assert serve_command(tmp_path / "m").endswith("--routing pdrop --trust-remote-code")
+
+
+def test_make_tiny_model_refuses_a_preset_the_architecture_lacks(tmp_path, capsys):
+    from vllm_recroute.tiny import get_arch
+
+    get_arch("idefics3", "smolvlm-256m")  # guard: the preset exists, for another architecture
+    out = tmp_path / "k"
+    assert main(["make-tiny-model", str(out), "--arch", "keye", "--preset", "smolvlm-256m"]) == 2
+    err = capsys.readouterr().err
+    assert "--arch keye --preset smolvlm-256m" in err and "only the 'tiny' preset" in err
+    assert "Traceback" not in err and not out.exists()  # nothing written
