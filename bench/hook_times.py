@@ -5,10 +5,11 @@ so the worker's hooks are timed here), its warm pass and its measured pass, and 
 total wall time of each timed plugin function over the measured pass (timers reset after
 the warm pass; nested functions count in both). Not a ratio bench: a breakdown.
 
-    python bench/hook_times.py ["routed, pdrop + kv_release + parked tier"]
+    python bench/hook_times.py ["routed, pdrop + kv_release + parked tier"] [--set JSON]
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -110,7 +111,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("engine", nargs="?", default="routed, pdrop + kv_release + parked tier")
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--set", default=None, metavar="JSON", help="recroute fields over the engine's")
     args = ap.parse_args()
+    if args.set:
+        engine = T.ENGINES[args.engine]
+        T.ENGINES[args.engine] = dataclasses.replace(
+            engine, routing={**engine.routing, **json.loads(args.set)}
+        )
     run = argparse.Namespace(
         model=common.default_model(None), reroute_path=None, concurrency=args.concurrency,
         max_tokens=48, image_size=1536, kv_mib=1024,

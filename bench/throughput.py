@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the root: ben
 from bench import common
 
 PDROP = {"mode": "reroute", "schedule": "pdrop"}
+DEFAULT_LIKE = {**PDROP, "kv_release": True, "parked_bytes": 256 << 20, "reroute_every": 8}
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,10 @@ ENGINES: dict[str, Engine] = {
     "routed, pdrop reroute": Engine(PDROP),
     # the default's two parts apart: its page releases alone (four KV groups, no tier)
     "routed, pdrop + kv_release": Engine({**PDROP, "kv_release": True}),
-    "routed, pdrop + kv_release + parked tier": Engine(
-        {**PDROP, "kv_release": True, "parked_bytes": 256 << 20, "reroute_every": 8}
-    ),
+    "routed, pdrop + kv_release + parked tier": Engine(DEFAULT_LIKE),
+    # the same with each stage's re-route capped at one swap (fewer restored rows to project
+    # and write at a re-route step; not the served default)
+    "routed, the default + reroute_max_swaps 1": Engine({**DEFAULT_LIKE, "reroute_max_swaps": 1}),
     # upper bounds for pdrop's budget on this workload (module docstring)
     "bound: plain vLLM, 256 visual tokens": Engine(None, image="wide"),
     "bound: plain vLLM, text only": Engine(None, image="none"),
@@ -74,8 +76,8 @@ ENGINES: dict[str, Engine] = {
 # short names for --rows (a subset keeps both plain rows: they are the base of every ratio)
 ROW_IDS: dict[str, str] = dict(
     zip(
-        ("off", "pdrop", "kvrelease", "default", "bound256", "boundtext"),
-        list(ENGINES)[1:7],
+        ("off", "pdrop", "kvrelease", "default", "capped", "bound256", "boundtext"),
+        list(ENGINES)[1:8],
         strict=True,
     )
 )

@@ -389,6 +389,7 @@ def oracle_generate_parked(
         plan = plan_swaps(
             {j: score[j] for j in full if j in active_units[k]},
             {j: score[j] for j in full if j not in active_units[k]},
+            cfg.reroute_max_swaps,
         )
         for swap in plan:
             active_units[k].discard(swap.evict)

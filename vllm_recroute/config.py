@@ -94,6 +94,12 @@ class RoutingConfig(pydantic.BaseModel):
     park_format: Literal["none", "int8"] = "none"
     park_block_tokens: StrictInt = 16
     reroute_every: StrictInt = 0
+    # Engine-wide: at most this many units a stage swaps at one re-route (None: every unit
+    # that outranks an active one). The best-ranked returners take the worst-ranked active
+    # units' slots first, so a cap keeps the swaps that gain most; the rest compete again at
+    # the next re-route. Each swap's K/V are projected and written at the re-route step:
+    # the cap bounds that step's extra time.
+    reroute_max_swaps: StrictInt | None = None
     # Engine-wide: how a pure-decode step that re-routes runs. "compiled": the ordinary
     # (compiled) decode step; each due stage's swaps happen inside vLLM's attention op of the
     # stage's first layer, from the query it receives (worker/decoder.py, "Compilation").
@@ -189,7 +195,7 @@ class RoutingConfig(pydantic.BaseModel):
         return v
 
     @field_validator("parked_bytes", "reroute_every", "turn_cache_bytes", "incumbency",
-                     "max_returners")  # fmt: skip
+                     "max_returners", "reroute_max_swaps")  # fmt: skip
     @classmethod
     def _check_non_negative(cls, v: float | None, info: pydantic.ValidationInfo) -> float | None:
         if v is not None and not v >= 0:  # NaN too
@@ -303,6 +309,8 @@ _HELP: dict[str, str] = {
     "parked_bytes": "must be an integer >= 0 (bytes of host memory for parked K/V; 0 = off)",
     "park_block_tokens": "must be an integer > 0",
     "reroute_every": "must be an integer >= 0 (decode steps between re-routings; 0 = off)",
+    "reroute_max_swaps": "must be an integer >= 0 or null (units a stage swaps at one "
+    "re-route; null = no cap)",
     "turn_cache_bytes": "must be an integer >= 0 (bytes of host memory for finished turns' "
     "stage KV; 0 = off)",
     "incumbency": "must be a number >= 0 (a deferred token must beat an active one by the "

@@ -23,6 +23,8 @@ ENGINES: dict[str, tuple[dict, dict]] = {
     "parked": ({**PDROP, **PARKING}, {}),
     # the fallback: re-routing decode steps run eager through the routed layers
     "parked-eager-reroute": ({**PDROP, **PARKING, "reroute_path": "eager"}, {}),
+    # at most one unit a stage swaps at a re-route
+    "parked-capped": ({**PDROP, **PARKING, "reroute_max_swaps": 1}, {}),
     # kv_release keeps prefix caching: routed stages cache text only
     "parked-released": ({**RELEASE, **PARKING}, {"enable_prefix_caching": True}),
     "turns": ({**PDROP, **TURNS}, {}),

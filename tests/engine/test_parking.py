@@ -67,6 +67,27 @@ def test_rerouting_matches_the_never_parked_reference(engine, hf_model, tiny_ide
     assert (paths["hooks"] > 0) == (taken == "installed")
 
 
+@pytest.mark.parametrize("engine", ["parked-capped"], indirect=True)
+def test_capped_rerouting_matches_the_capped_reference(engine, hf_model, tiny_idefics3):
+    """reroute_max_swaps 1: each stage swaps at most its best returner for its weakest
+    active unit at a re-route, the reference's swaps under the same cap (its tokens, its
+    restores), and fewer than the uncapped reference's on the same requests."""
+    cfg = {**CONFIGS["pdrop-reroute"], "reroute_every": 1}
+    before = prom_counter("recroute:restored_blocks")
+    capped = {**PARKING, "reroute_max_swaps": 1}
+    restored = generate_as_parked_reference(engine, hf_model, tiny_idefics3, cfg, capped)
+    flush(engine)
+    assert restored > 0
+    assert prom_counter("recroute:restored_blocks") - before == restored
+    uncapped = RoutingConfig.from_dict({**cfg, **PARKING})
+    free = 0
+    for spec in REQUESTS:
+        prompt, images = request_inputs(str(tiny_idefics3), spec)
+        inputs = hf_inputs(str(tiny_idefics3), prompt, images)
+        free += oracle_generate_parked(hf_model, inputs, uncapped, MAX_TOKENS)[1]
+    assert free > restored  # guard: the cap binds on these requests
+
+
 @pytest.mark.parametrize("engine", ["parked"], indirect=True)
 def test_keys_and_values_are_projected_from_kept_weight_rows(engine):
     """Every layer kept its K/V weight rows at load (worker/projections.py), so routing

@@ -31,6 +31,8 @@ from vllm_recroute.defaults import parse_routing_arg
         ({"incumbency": float("nan")}, "incumbency", ">= 0"),
         ({"max_returners": -1}, "max_returners", ">= 0"),
         ({"max_returners": 1.5}, "max_returners", ">= 0"),
+        ({"reroute_max_swaps": -1}, "reroute_max_swaps", ">= 0"),
+        ({"reroute_max_swaps": "2"}, "reroute_max_swaps", ">= 0"),
         ({"incumbency": 0.5, "granularity": "block"}, "incumbency", "granularity 'block'"),
         ({"granularity": "page"}, "granularity", "allowed values: token, block"),
         ({"block_reduce": "sum"}, "block_reduce", "allowed values: max, mean"),

@@ -32,6 +32,15 @@ def test_plan_keeps_the_budget_and_pairs_best_restore_with_worst_evict():
     assert len(now) == len(active)
 
 
+def test_a_capped_plan_keeps_the_swaps_that_gain_most():
+    active = {0: 0.1, 1: 0.9, 2: 0.3}
+    parked = {3: 0.8, 4: 0.05, 5: 0.5}
+    assert len(plan_swaps(active, parked)) == 2  # guard: the cap below binds
+    assert plan_swaps(active, parked, 1) == [Swap(evict=0, restore=3)]  # best for worst
+    assert plan_swaps(active, parked, 0) == []
+    assert plan_swaps(active, parked, 5) == plan_swaps(active, parked)
+
+
 def test_plan_is_empty_when_the_active_set_is_already_best_and_ties_go_to_lower_ids():
     assert plan_swaps({0: 1.0, 1: 2.0}, {2: 0.5}) == []
     assert plan_swaps({5: 1.0}, {2: 1.0}) == [Swap(evict=5, restore=2)]

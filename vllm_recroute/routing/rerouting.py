@@ -44,14 +44,18 @@ class Swap:
     restore: int  # parked unit id that takes its slots
 
 
-def plan_swaps(active: dict[int, float], parked: dict[int, float]) -> list[Swap]:
-    """Swaps that make the ``len(active)`` best units of ``active | parked`` the active set.
+def plan_swaps(
+    active: dict[int, float], parked: dict[int, float], limit: int | None = None
+) -> list[Swap]:
+    """Swaps that make the ``len(active)`` best units of ``active | parked`` the active set,
+    or the first ``limit`` of them (``reroute_max_swaps``; None: all).
 
     Scores by unit id. Ties are broken by unit id (lower wins), so the plan is reproducible.
-    Pairs the best restored unit with the worst evicted one.
+    Pairs the best restored unit with the worst evicted one, so the first swaps are the
+    ones that gain most.
     """
     ranked = sorted([*active.items(), *parked.items()], key=lambda kv: (-kv[1], kv[0]))
     chosen = {uid for uid, _ in ranked[: len(active)]}
     restore = [uid for uid, _ in ranked if uid in parked and uid in chosen]
     evict = [uid for uid, _ in reversed(ranked) if uid in active and uid not in chosen]
-    return [Swap(e, r) for e, r in zip(evict, restore, strict=True)]
+    return [Swap(e, r) for e, r in zip(evict, restore, strict=True)][:limit]

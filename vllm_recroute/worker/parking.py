@@ -244,7 +244,9 @@ class ParkingTier:
         digests += [self.pool.digest(ParkedKey(job.req_id, job.k, uid))[0] for uid in par]
         scores = self.head_mean(unit_scores(job.q, torch.stack(digests), job.scale))
         score = dict(zip(act + par, scores.tolist(), strict=True))
-        plan = plan_swaps({u: score[u] for u in act}, {u: score[u] for u in par})
+        plan = plan_swaps(
+            {u: score[u] for u in act}, {u: score[u] for u in par}, self.cfg.reroute_max_swaps
+        )
         return (plan, score) if plan else None
 
     def _swap_all(self, req_id, k, units, plan, score, pages, delta) -> None:
