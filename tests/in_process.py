@@ -32,7 +32,9 @@ ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 # This process's CPUs and torch's thread setter before any in-process engine changed them.
 _CPUS = frozenset(os.sched_getaffinity(0))
 _SET_NUM_THREADS = torch.set_num_threads
-_live: set[int] = set()  # id() of the live in-process engine (at most one)
+# The live in-process engine (at most one), held until its shutdown: an id() could be
+# reused by a later engine after a collection.
+_live: set[object] = set()
 
 
 def wanted(in_process: bool | None, engine_args: dict) -> bool:
@@ -74,11 +76,11 @@ def started(in_process: bool):
 
 
 def register(llm) -> None:
-    _live.add(id(llm))
+    _live.add(llm)
 
 
 def is_in_process(llm) -> bool:
-    return id(llm) in _live
+    return llm in _live
 
 
 def release(llm) -> None:
@@ -87,7 +89,7 @@ def release(llm) -> None:
     from vllm.distributed import cleanup_dist_env_and_memory
     from vllm.distributed.kv_transfer.kv_transfer_state import ensure_kv_transfer_shutdown
 
-    _live.discard(id(llm))
+    _live.discard(llm)
     ensure_kv_transfer_shutdown()
     cleanup_dist_env_and_memory()
     torch.set_num_threads = _SET_NUM_THREADS
