@@ -13,6 +13,7 @@ thread binding and ``torch.set_num_threads`` shim), so:
   tensor- or data-parallel engine, or one asked for with ``in_process=False`` runs the
   usual way (the session-wide engines of tests/conftest.py do, so that the module engines
   started beside them can run here);
+- it computes on one torch thread, as vLLM's worker process would;
 - stopping an in-process engine gives that state back (``release``).
 
 What in-process does not exercise, the tests that need it keep: scheduler output and
@@ -29,9 +30,16 @@ import torch
 
 ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
-# This process's CPUs and torch's thread setter before any in-process engine changed them.
+# This process's CPUs, torch threads and thread setter before any in-process engine
+# changed them.
 _CPUS = frozenset(os.sched_getaffinity(0))
+_THREADS = torch.get_num_threads()
 _SET_NUM_THREADS = torch.set_num_threads
+# An in-process engine computes on this process's torch threads. vLLM's worker process
+# serves on one ("Reducing Torch threads ... for serving"; its CPU worker's shim keeps that
+# from taking effect in-process), so one here too: with two, every OpenMP region of the
+# engine waits on whatever else runs on the second core (the unit tests, beside the rest).
+ENGINE_THREADS = 1
 # The live in-process engine (at most one), held until its shutdown: an id() could be
 # reused by a later engine after a collection.
 _live: set[object] = set()
@@ -64,10 +72,16 @@ def started(in_process: bool):
     import vllm.envs as envs
 
     envs.disable_envs_cache()
+    if in_process:
+        torch.set_num_threads(ENGINE_THREADS)  # before the worker's shim replaces the setter
     before = os.environ.get(ENV)
     os.environ[ENV] = "0" if in_process else "1"
     try:
         yield
+    except BaseException:
+        if in_process:  # no engine to release: the threads at least go back
+            _restore_threads()
+        raise
     finally:
         if before is None:
             os.environ.pop(ENV, None)
@@ -92,5 +106,10 @@ def release(llm) -> None:
     _live.discard(llm)
     ensure_kv_transfer_shutdown()
     cleanup_dist_env_and_memory()
-    torch.set_num_threads = _SET_NUM_THREADS
+    _restore_threads()
     os.sched_setaffinity(0, _CPUS)
+
+
+def _restore_threads() -> None:
+    torch.set_num_threads = _SET_NUM_THREADS
+    torch.set_num_threads(_THREADS)

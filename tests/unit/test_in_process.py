@@ -10,6 +10,13 @@ import pytest
 from tests import in_process
 
 
+@pytest.fixture(autouse=True)
+def _threads_back():
+    """A start without an engine (no ``release``) leaves the engine's thread count set."""
+    yield
+    in_process._restore_threads()
+
+
 @pytest.fixture
 def live(monkeypatch):
     """An engine object and an empty registry of live in-process engines (restored after)."""
@@ -48,3 +55,16 @@ def test_mode_is_set_only_around_construction(monkeypatch, here):
     with in_process.started(here):
         pass
     assert in_process.ENV not in os.environ
+
+
+def test_an_in_process_start_serves_on_one_thread_and_a_failed_one_gives_them_back(
+    monkeypatch,
+):
+    import torch
+
+    own = in_process.ENGINE_THREADS + 1  # this process's threads before any engine
+    monkeypatch.setattr(in_process, "_THREADS", own)
+    with pytest.raises(ValueError), in_process.started(True):
+        assert torch.get_num_threads() == in_process.ENGINE_THREADS
+        raise ValueError("engine construction failed")
+    assert torch.get_num_threads() == own
