@@ -7,7 +7,8 @@ this CPU, paid by every engine fixture of the suite. In-process (vLLM's InprocCl
 its UniProcExecutor, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``) the start is the model's own
 (about 4 s). vLLM keeps per-process state for the engine it runs in-process (the
 distributed groups, the worker's KV-connector group, its env cache, the CPU worker's
-thread binding and ``torch.set_num_threads`` shim), so:
+``torch.set_num_threads`` shim; it binds no threads in-process: the process's CPUs stay
+as they were), so:
 
 - at most one in-process engine is alive at a time; any engine started while one is, a
   tensor- or data-parallel engine, or one asked for with ``in_process=False`` runs the
@@ -30,9 +31,7 @@ import torch
 
 ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
-# This process's CPUs, torch threads and thread setter before any in-process engine
-# changed them.
-_CPUS = frozenset(os.sched_getaffinity(0))
+# This process's torch threads and thread setter before any in-process engine changed them.
 _THREADS = torch.get_num_threads()
 _SET_NUM_THREADS = torch.set_num_threads
 # An in-process engine computes on this process's torch threads. vLLM's worker process
@@ -51,18 +50,11 @@ def wanted(in_process: bool | None, engine_args: dict) -> bool:
     parallel = any(
         engine_args.get(k, 1) > 1 for k in ("tensor_parallel_size", "data_parallel_size")
     )
-    if in_process and (parallel or _live):
-        raise RuntimeError(
-            "in_process=True: "
-            + (
-                "a parallel engine has worker processes"
-                if parallel
-                else "another in-process engine is alive"
-            )
-        )
-    if in_process is None:
-        in_process = not parallel and not _live
-    return in_process
+    if in_process and parallel:
+        raise RuntimeError("in_process=True: a parallel engine has worker processes")
+    if in_process and _live:
+        raise RuntimeError("in_process=True: another in-process engine is alive")
+    return (not parallel and not _live) if in_process is None else in_process
 
 
 @contextlib.contextmanager
@@ -99,7 +91,7 @@ def is_in_process(llm) -> bool:
 
 def release(llm) -> None:
     """After an in-process engine's shutdown: its distributed groups, KV-connector group,
-    thread binding and thread setter go, so that the next engine starts as the first did."""
+    threads and thread setter go, so that the next engine starts as the first did."""
     from vllm.distributed import cleanup_dist_env_and_memory
     from vllm.distributed.kv_transfer.kv_transfer_state import ensure_kv_transfer_shutdown
 
@@ -107,7 +99,6 @@ def release(llm) -> None:
     ensure_kv_transfer_shutdown()
     cleanup_dist_env_and_memory()
     _restore_threads()
-    os.sched_setaffinity(0, _CPUS)
 
 
 def _restore_threads() -> None:
